@@ -1,0 +1,1 @@
+"""Inference utilities: memory-bounded sliding-window aggregation to label maps."""

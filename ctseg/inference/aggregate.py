@@ -1,0 +1,376 @@
+"""Memory-bounded sliding-window inference: blend windows slab by slab, reduce each to labels.
+
+MONAI's `SlidingWindowInferer` stitches the full C x D x H x W logit volume before `argmax`.
+Here the windows are visited in order of their start along one spatial axis (the slab axis) and
+blended into a rolling accumulator that spans one window's extent along that axis. As soon as no
+remaining window touches the leading planes, they are normalised by the summed importance map,
+reduced to labels (and to the requested softmax channels) and dropped. Window grid, padding,
+importance map and normalisation are MONAI's own, so the labels equal
+`SlidingWindowInferer(...)(image, predictor).argmax(1)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.inferers.utils import _get_scan_interval
+from monai.utils import (
+    BlendMode,
+    convert_data_type,
+    ensure_tuple_rep,
+    fall_back_tuple,
+    optional_import,
+)
+
+tqdm, _ = optional_import("tqdm", name="tqdm")
+
+log = logging.getLogger(__name__)
+
+SPATIAL_DIMS = 3
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SlidingWindowResult:
+    """Labels (D, H, W) and softmax volumes of the kept classes from `sliding_window_predict`."""
+
+    labels: torch.Tensor
+    probabilities: dict[int, torch.Tensor] = field(default_factory=dict)
+    slab_axis: int = 0
+    num_classes: int = 0
+    num_windows: int = 0
+    accumulator_shape: tuple[int, ...] = ()
+    accumulator_bytes: int = 0
+
+
+def label_dtype(num_classes: int) -> torch.dtype:
+    """Smallest integer dtype holding labels 0..num_classes-1 (uint8, int16 or int32)."""
+    if num_classes <= 256:
+        return torch.uint8
+    if num_classes <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def sliding_window_labels(
+    image: torch.Tensor,
+    predictor: Predictor,
+    roi_size: Sequence[int] | int,
+    overlap: Sequence[float] | float = 0.25,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """(D, H, W) label map equal to MONAI sliding-window inference + argmax, with bounded memory."""
+    return sliding_window_predict(image, predictor, roi_size, overlap, **kwargs).labels
+
+
+@torch.no_grad()
+def sliding_window_predict(
+    image: torch.Tensor,
+    predictor: Predictor,
+    roi_size: Sequence[int] | int,
+    overlap: Sequence[float] | float = 0.25,
+    mode: str = "gaussian",
+    sigma_scale: Sequence[float] | float = 0.125,
+    sw_batch_size: int = 1,
+    slab_axis: int | None = None,
+    keep_channels: Sequence[int] = (),
+    cval: float = 0.0,
+    sw_device: torch.device | str | None = None,
+    device: torch.device | str | None = None,
+    output_device: torch.device | str | None = None,
+    accum_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> SlidingWindowResult:
+    """Sliding-window inference of `image` (1, C_in, D, H, W) reduced slab by slab to labels.
+
+    Args:
+        image: (1, C_in, D, H, W) tensor (a MetaTensor is treated as a plain tensor).
+        predictor: maps a (B, C_in, *roi_size) batch of windows to (B, C, *roi_size) logits.
+            Its output tensor is weighted in place, as MONAI does.
+        roi_size: window size; an int is used for every axis, non-positive entries take the image
+            size (MONAI's `fall_back_tuple`).
+        overlap: fraction in [0, 1) of overlap between windows, one value or one per axis.
+        mode: "gaussian" or "constant" blending (`monai.data.utils.compute_importance_map`).
+        sigma_scale: gaussian sigma as a fraction of the window size, one value or one per axis.
+        sw_batch_size: windows per predictor call.
+        slab_axis: spatial axis (0..2 or -3..-1) along which the volume is finished plane by plane;
+            None picks the axis with the smallest accumulator (ties: the lowest index). Axis 0
+            adds the windows in exactly MONAI's order, so the blended logits are bit-identical;
+            other axes reorder the additions, which can flip only floating-point ties.
+        keep_channels: class indices whose softmax (over all C classes) is returned as full
+            (D, H, W) float32 volumes in `SlidingWindowResult.probabilities`.
+        cval: constant used to pad an image smaller than `roi_size` (symmetric, like MONAI).
+        sw_device: device of the windows passed to `predictor` (default: the image's device).
+        device: device of the rolling accumulator (default: the image's device).
+        output_device: device of the returned volumes (default: `device`).
+        accum_dtype: dtype of the accumulator (default: the image's floating dtype, like MONAI;
+            torch.float16 halves the accumulator on CUDA).
+        progress: show a tqdm progress bar over predictor calls.
+    """
+    image = _check_image(image)
+    spatial = tuple(int(s) for s in image.shape[2:])
+    roi = _check_roi(roi_size, spatial)
+    overlaps = _check_overlap(overlap)
+    blend = _check_mode(mode)
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if accum_dtype is None:
+        accum_dtype = image.dtype if image.dtype.is_floating_point else torch.float32
+    if not accum_dtype.is_floating_point:
+        raise ValueError(f"accum_dtype must be a floating dtype, got {accum_dtype}")
+    keep = sorted(set(int(c) for c in keep_channels))
+    if keep and keep[0] < 0:
+        raise ValueError(f"keep_channels must be class indices >= 0, got {list(keep_channels)}")
+    sw_device = torch.device(sw_device) if sw_device is not None else image.device
+    device = torch.device(device) if device is not None else image.device
+    output_device = torch.device(output_device) if output_device is not None else device
+
+    image, pad = _pad_to_roi(image, roi, cval)
+    size = tuple(int(s) for s in image.shape[2:])
+    axis = _check_axis(slab_axis, size, roi)
+    interval = _get_scan_interval(size, roi, SPATIAL_DIMS, overlaps)
+    windows = [
+        tuple((int(a), int(b)) for a, b in w)
+        for w in dense_patch_slices(size, roi, interval, return_slice=False)
+    ]
+    windows.sort(key=lambda w: w[axis][0])  # stable: MONAI's order within one row of windows
+    weight = compute_importance_map(
+        roi, mode=blend, sigma_scale=sigma_scale, device=sw_device, dtype=accum_dtype
+    )
+    weight = weight.to(device=sw_device, dtype=accum_dtype)[None, None]
+    rest = [d for d in range(SPATIAL_DIMS) if d != axis]
+    slab_weight = weight[0, 0].movedim(axis, 0).unsqueeze(1).to(device)
+
+    stitch = _SlabStitcher(
+        size=size,
+        axis=axis,
+        planes=roi[axis],
+        keep=keep,
+        dtype=accum_dtype,
+        device=device,
+        output_device=output_device,
+    )
+    batches = range(0, len(windows), sw_batch_size)
+    for first in tqdm(batches) if progress else batches:
+        batch = windows[first : first + sw_batch_size]
+        data = torch.cat([image[(slice(0, 1), slice(None), *_slices(w))] for w in batch])
+        logits = _check_logits(predictor(data.to(sw_device)), len(batch), roi)
+        logits *= weight
+        for window, values in zip(batch, logits.to(device), strict=True):
+            stitch.add(window, values.movedim(axis + 1, 0), slab_weight, rest)
+    stitch.finish()
+    labels, probabilities = stitch.outputs(pad, spatial)
+    log.debug(
+        "stitched %d windows along axis %d with accumulator %s",
+        len(windows),
+        axis,
+        stitch.accumulator_shape,
+    )
+    return SlidingWindowResult(
+        labels=labels,
+        probabilities=probabilities,
+        slab_axis=axis,
+        num_classes=stitch.channels,
+        num_windows=len(windows),
+        accumulator_shape=stitch.accumulator_shape,
+        accumulator_bytes=stitch.accumulator_bytes,
+    )
+
+
+class _SlabStitcher:
+    """Rolling (planes, C, *rest) logit accumulator along the slab axis, flushed to labels."""
+
+    def __init__(
+        self,
+        size: tuple[int, ...],
+        axis: int,
+        planes: int,
+        keep: list[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        output_device: torch.device,
+    ) -> None:
+        self.size, self.axis, self.planes, self.keep = size, axis, planes, keep
+        self.dtype, self.device, self.output_device = dtype, device, output_device
+        self.rest_size = tuple(s for d, s in enumerate(size) if d != axis)
+        self.start = 0  # index along the slab axis of accumulator plane 0
+        self.channels = 0
+        self.values = torch.empty(0)
+        self.weights = torch.empty(0)
+        self.labels = torch.empty(0)
+        self.probabilities: dict[int, torch.Tensor] = {}
+
+    def _allocate(self, channels: int) -> None:
+        """Create the accumulator and the output volumes once the number of classes is known."""
+        if self.keep and self.keep[-1] >= channels:
+            raise ValueError(
+                f"keep_channels {self.keep} out of range for a predictor with {channels} classes"
+            )
+        self.channels = channels
+        shape = (self.planes, channels, *self.rest_size)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.weights = torch.zeros(
+            (self.planes, 1, *self.rest_size), dtype=self.dtype, device=self.device
+        )
+        self.labels = torch.zeros(self.size, dtype=label_dtype(channels), device=self.output_device)
+        self.probabilities = {
+            c: torch.zeros(self.size, dtype=torch.float32, device=self.output_device)
+            for c in self.keep
+        }
+
+    @property
+    def accumulator_shape(self) -> tuple[int, ...]:
+        """Shape (planes, C, *rest) of the rolling logit accumulator."""
+        return tuple(self.values.shape)
+
+    @property
+    def accumulator_bytes(self) -> int:
+        """Bytes held by the rolling logit and weight accumulators."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.weights))
+
+    def add(
+        self,
+        window: tuple[tuple[int, int], ...],
+        values: torch.Tensor,
+        weight: torch.Tensor,
+        rest: list[int],
+    ) -> None:
+        """Blend one weighted window, given as (planes, C, *rest), into the accumulator."""
+        if not self.channels:
+            self._allocate(values.shape[1])
+        row = window[self.axis][0]
+        if row > self.start:
+            self._flush(row - self.start)
+        region = (slice(None), slice(None), *(slice(*window[d]) for d in rest))
+        self.values[region] += values
+        self.weights[region] += weight
+
+    def finish(self) -> None:
+        """Flush the planes still open after the last window."""
+        self._flush(self.size[self.axis] - self.start)
+
+    def _flush(self, count: int) -> None:
+        """Normalise the first `count` planes, reduce them to outputs and roll the accumulator."""
+        logits = self.values[:count].div_(self.weights[:count])
+        done = slice(self.start, self.start + count)
+        self.labels.movedim(self.axis, 0)[done] = logits.argmax(1).to(
+            self.output_device, self.labels.dtype
+        )
+        if self.probabilities:
+            norm = torch.logsumexp(logits, dim=1)
+            for c, volume in self.probabilities.items():
+                volume.movedim(self.axis, 0)[done] = torch.exp(logits[:, c] - norm).to(
+                    self.output_device, torch.float32
+                )
+        for buffer in (self.values, self.weights):
+            _roll_planes(buffer, count)
+        self.start += count
+
+    def outputs(
+        self, pad: list[tuple[int, int]], spatial: tuple[int, ...]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Labels and kept probabilities cropped back from the padded grid to `spatial`."""
+        if not any(before or after for before, after in pad):
+            return self.labels, self.probabilities
+        crop = tuple(slice(before, before + s) for (before, _), s in zip(pad, spatial, strict=True))
+        return self.labels[crop].clone(), {
+            c: v[crop].clone() for c, v in self.probabilities.items()
+        }
+
+
+def _roll_planes(buffer: torch.Tensor, count: int) -> None:
+    """Move planes [count:] of `buffer` to the front in place and zero the freed tail."""
+    keep = buffer.shape[0] - count
+    for lo in range(0, keep, count):
+        hi = min(lo + count, keep)
+        buffer[lo:hi].copy_(buffer[lo + count : hi + count])
+    buffer[max(keep, 0) :].zero_()
+
+
+def _slices(window: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
+    """Spatial slices of one window given as (start, stop) pairs."""
+    return tuple(slice(a, b) for a, b in window)
+
+
+def _check_image(image: torch.Tensor) -> torch.Tensor:
+    """Plain (1, C_in, D, H, W) tensor, or ValueError naming the shape received."""
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"image must be a (1, C_in, D, H, W) torch.Tensor, got {type(image)}")
+    if image.ndim != 2 + SPATIAL_DIMS or image.shape[0] != 1:
+        raise ValueError(
+            f"image must have shape (1, C_in, D, H, W), got {tuple(image.shape)}; add batch and "
+            "channel axes with image[None, None] or EnsureChannelFirst"
+        )
+    return convert_data_type(image, torch.Tensor)[0]
+
+
+def _check_roi(roi_size: Sequence[int] | int, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """Window size with one entry per spatial axis (non-positive entries take the image size)."""
+    if isinstance(roi_size, Sequence) and len(roi_size) != SPATIAL_DIMS:
+        raise ValueError(
+            f"roi_size must have {SPATIAL_DIMS} entries (D, H, W), got {tuple(roi_size)}"
+        )
+    return tuple(int(r) for r in fall_back_tuple(ensure_tuple_rep(roi_size, SPATIAL_DIMS), spatial))
+
+
+def _check_overlap(overlap: Sequence[float] | float) -> tuple[float, ...]:
+    """Overlap per spatial axis, each in [0, 1)."""
+    if isinstance(overlap, Sequence) and len(overlap) != SPATIAL_DIMS:
+        raise ValueError(f"overlap must be one value or {SPATIAL_DIMS} values, got {overlap}")
+    overlaps = tuple(float(o) for o in ensure_tuple_rep(overlap, SPATIAL_DIMS))
+    if any(not 0 <= o < 1 for o in overlaps):
+        raise ValueError(f"overlap must be >= 0 and < 1, got {overlap}")
+    return overlaps
+
+
+def _check_mode(mode: str) -> BlendMode:
+    """Blend mode "gaussian" or "constant"."""
+    modes = {m.value: m for m in (BlendMode.GAUSSIAN, BlendMode.CONSTANT)}
+    if str(mode) not in modes:
+        raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
+    return modes[str(mode)]
+
+
+def _check_axis(slab_axis: int | None, size: tuple[int, ...], roi: tuple[int, ...]) -> int:
+    """Slab axis in 0..2; None picks the axis with the smallest accumulator roi[k] / size[k]."""
+    if slab_axis is None:
+        return min(range(SPATIAL_DIMS), key=lambda d: (roi[d] / size[d], d))
+    if not -SPATIAL_DIMS <= slab_axis < SPATIAL_DIMS:
+        raise ValueError(f"slab_axis must be in [-3, 2] or None, got {slab_axis}")
+    return slab_axis % SPATIAL_DIMS
+
+
+def _pad_to_roi(
+    image: torch.Tensor, roi: tuple[int, ...], cval: float
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Pad axes shorter than `roi` symmetrically with `cval`, exactly as MONAI does."""
+    pad = []
+    for s, r in zip(image.shape[2:], roi, strict=True):
+        diff = max(r - int(s), 0)
+        pad.append((diff // 2, diff - diff // 2))
+    if any(before or after for before, after in pad):
+        flat = [p for before_after in reversed(pad) for p in before_after]
+        image = F.pad(image, pad=flat, mode="constant", value=cval)
+    return image, pad
+
+
+def _check_logits(logits: object, batch: int, roi: tuple[int, ...]) -> torch.Tensor:
+    """Predictor output as a (B, C, *roi) tensor, or ValueError describing what came back."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            f"predictor must return one (B, C, *roi) tensor, got {type(logits).__name__}; "
+            "wrap deep-supervision or dict outputs so they return the final logits only"
+        )
+    if logits.ndim != 2 + SPATIAL_DIMS or logits.shape[0] != batch or logits.shape[2:] != roi:
+        raise ValueError(
+            f"predictor returned shape {tuple(logits.shape)} for {batch} window(s) of {roi}; "
+            f"expected ({batch}, C, {', '.join(map(str, roi))})"
+        )
+    return logits

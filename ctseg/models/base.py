@@ -1,0 +1,260 @@
+"""Shared LightningModule for ctseg segmentation networks: loss, optimiser, sliding-window Dice."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from monai.inferers import SlidingWindowInferer
+from monai.losses import DiceCELoss
+from monai.optimizers import WarmupCosineSchedule
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+from torchmetrics import Metric
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("cosine", "warmup_cosine")
+STAGES = ("train", "val", "test")
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
+# The MONAI wholeBody_ct_segmentation bundle's optimiser (configs/train.json).
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True,
+                     "lr": 1e-4, "weight_decay": 1e-5}
+
+
+class PerClassDice(Metric):
+    """Dice per class from voxel counts summed over every volume of an epoch and over DDP ranks.
+
+    `update` takes label maps (any shape, integer class indices) and keeps three (C,) count vectors,
+    so memory does not grow with the class count times the volume as one-hot metrics do. `compute`
+    returns a (C,) tensor, NaN for classes absent from the ground truth.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        """Count intersections, predicted and true voxels for classes 0..num_classes-1."""
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        for name in ("intersection", "pred_count", "target_count"):
+            self.add_state(name, default=torch.zeros(num_classes, dtype=torch.long),
+                           dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add the voxel counts of predicted and true label maps of the same shape."""
+        if preds.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(preds.shape)} differs from label shape "
+                             f"{tuple(target.shape)}")
+        preds, target = preds.reshape(-1).long(), target.reshape(-1).long()
+        top = int(torch.maximum(preds.max(), target.max())) if preds.numel() else 0
+        if top >= self.num_classes or min(int(preds.min()), int(target.min())) < 0:
+            raise ValueError(f"label value outside 0..{self.num_classes - 1} (found {top}); does "
+                             "the data's TotalSegmentator version match the model's num_classes?")
+        c = self.num_classes
+        self.intersection += torch.bincount(target[preds == target], minlength=c)
+        self.pred_count += torch.bincount(preds, minlength=c)
+        self.target_count += torch.bincount(target, minlength=c)
+
+    def compute(self) -> Tensor:
+        """Dice = 2|P∩T| / (|P|+|T|) per class; NaN where the class has no ground-truth voxel."""
+        dice = 2 * self.intersection.double() / (self.pred_count + self.target_count).double()
+        return torch.where(self.target_count > 0, dice, torch.nan).float()
+
+
+def _plain(value: Any) -> Any:
+    """`value` as builtins only (OmegaConf containers, paths, optimizer partials converted), so
+    checkpoints load with `weights_only=True` and loggers can write the hyper-parameters."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, functools.partial):
+        if value.args:
+            raise ValueError("optimizer must be a partial with keyword arguments only "
+                             f"(got positional {value.args})")
+        target = f"{value.func.__module__}.{value.func.__qualname__}"
+        return {"_target_": target, "_partial_": True, **_plain(value.keywords)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def optimizer_factory(spec: OptimizerFactory | Mapping[str, Any] | None) -> OptimizerFactory:
+    """A callable `params -> Optimizer` from a partial, a `{_target_: ..., **kwargs}` mapping or None
+    (the bundle's AdamW, lr 1e-4, weight decay 1e-5)."""
+    if spec is None:
+        spec = DEFAULT_OPTIMIZER
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, Mapping):
+        kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "_partial_")}
+        if "_target_" not in spec:
+            raise ValueError(f"optimizer config needs a _target_ (got keys {sorted(spec)})")
+        return functools.partial(get_class(spec["_target_"]), **kwargs)
+    if not callable(spec):
+        raise ValueError(f"optimizer must be a partial of a torch optimizer, got {spec!r}")
+    return spec
+
+
+class SegmentationModule(LightningModule):
+    """Base of ctseg's segmentation modules: DiceCE loss, sliding-window validation/test with
+    per-class Dice, optimiser and schedule. Subclasses implement `configure_models` (set `self.net`).
+
+    Batches are dicts with "image" (B, 1, D, H, W) float and "label" (B, 1, D, H, W) integer class
+    indices. Logged: `train/loss`, `{val,test}/loss`, `{val,test}/dice/<structure>` for each class
+    with ground truth in the epoch and `{val,test}/mean_dice` over those foreground classes.
+    """
+
+    monitor = "val/mean_dice"
+    mode = "max"
+
+    def __init__(
+        self,
+        num_classes: int,
+        label_names: Sequence[str] | None = None,
+        optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
+        scheduler: str | None = None,
+        warmup_epochs: int = 0,
+        roi_size: Sequence[int] = (96, 96, 96),
+        sw_batch_size: int = 4,
+        sw_overlap: float = 0.25,
+        sw_mode: str = "gaussian",
+    ) -> None:
+        """Validate and store hyper-parameters (for `load_from_checkpoint`), then build net, loss
+        and metrics through the `configure_*` hooks."""
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + structures), got {num_classes}")
+        label_names = (["background"] + [f"class_{i}" for i in range(1, num_classes)]
+                       if label_names is None else [str(n) for n in label_names])
+        if len(label_names) != num_classes:
+            raise ValueError(f"label_names has {len(label_names)} names but num_classes is "
+                             f"{num_classes}; they must match (index 0 is background)")
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {SCHEDULERS} or null")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.label_names = label_names
+        self._optimizer = optimizer_factory(optimizer)
+        self.save_hyperparameters()
+        self.save_hyperparameters(_plain({**self.hparams, "label_names": label_names,
+                                          "optimizer": self._optimizer}))
+        self.inferer = SlidingWindowInferer(
+            roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=sw_overlap, mode=sw_mode
+        )
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    def configure_models(self) -> None:
+        """Build `self.net`, mapping (B, C_in, D, H, W) to logits (B, num_classes, D, H, W)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement configure_models")
+
+    def configure_losses(self) -> None:
+        """DiceCE on softmax logits against integer labels, as in the MONAI bundle."""
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def configure_metrics(self) -> None:
+        """One per-class Dice metric, cloned for validation and test."""
+        dice = PerClassDice(self.hparams.num_classes)
+        self.val_dice = dice.clone()
+        self.test_dice = dice.clone()
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Logits (B, num_classes, D, H, W) of a (B, C_in, D, H, W) patch."""
+        return self.net(image)
+
+    def infer(self, image: Tensor) -> Tensor:
+        """Logits of a whole (B, C_in, D, H, W) volume by Gaussian-weighted sliding windows."""
+        return self.inferer(image, self)
+
+    def _shared_step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
+        """Loss (and, outside training, the Dice update) of one batch; one code path for all stages."""
+        image, label = batch["image"], batch["label"]
+        training = stage == "train"
+        logits = self(image) if training else self.infer(image)
+        loss = self.loss(logits, label)
+        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=training,
+                 batch_size=image.shape[0], sync_dist=not training)
+        if not training:
+            getattr(self, f"{stage}_dice").update(logits.argmax(dim=1), label[:, 0])
+        return loss
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        """DiceCE loss of a training patch batch."""
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        """Sliding-window loss and Dice counts of one validation volume."""
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        """Sliding-window loss and Dice counts of one test volume."""
+        self._shared_step(batch, "test")
+
+    def _log_dice(self, stage: str) -> None:
+        """Log the epoch's per-class and mean foreground Dice of `stage`, then reset its counts."""
+        metric = getattr(self, f"{stage}_dice")
+        if not metric.update_called:
+            return
+        dice = metric.compute()
+        metric.reset()
+        present = [c for c in range(1, len(dice)) if not torch.isnan(dice[c])]
+        values = {f"{stage}/dice/{self.label_names[c]}": dice[c] for c in present}
+        if present:
+            mean = torch.stack([dice[c] for c in present]).mean()
+        else:
+            rank_zero_warn(f"no foreground class in the {stage} ground truth; "
+                           f"{stage}/mean_dice is NaN this epoch")
+            mean = torch.tensor(torch.nan)
+        # Values come from counts already summed over ranks; syncing only keeps DDP logging quiet.
+        self.log_dict({**values, f"{stage}/mean_dice": mean}, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log validation Dice."""
+        self._log_dice("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log test Dice."""
+        self._log_dice("test")
+
+    def configure_optimizers(self) -> Optimizer | dict[str, Any]:
+        """The configured optimiser, with a per-step cosine schedule (optionally warmed up) that
+        spans the trainer's whole run when `scheduler` is set."""
+        optimizer = self._optimizer(self.parameters())
+        name = self.hparams.scheduler
+        if name is None:
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(f"scheduler {name!r} needs a finite run: set trainer.max_epochs or "
+                             "trainer.max_steps")
+        total = int(total)
+        scheduler: LRScheduler
+        if name == "cosine":
+            scheduler = CosineAnnealingLR(optimizer, T_max=total)
+        else:
+            epochs = self.trainer.max_epochs
+            warmup_epochs = self.hparams.warmup_epochs
+            if warmup_epochs and (epochs is None or epochs < 1):
+                raise ValueError("warmup_epochs needs trainer.max_epochs to convert epochs to steps")
+            warmup = warmup_epochs * total // epochs if warmup_epochs else 0
+            if warmup >= total:
+                raise ValueError(f"warmup_epochs={warmup_epochs} must be below trainer.max_epochs="
+                                 f"{epochs}")
+            scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

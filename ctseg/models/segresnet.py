@@ -1,0 +1,73 @@
+"""SegResNetModule: MONAI SegResNet with the wholeBody_ct_segmentation bundle's architecture."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from monai.networks.nets import SegResNet
+
+from ctseg.models.base import OptimizerFactory, SegmentationModule
+from ctseg.models.weights import SEGRESNET_HEAD, load_bundle_state_dict, load_into
+
+log = logging.getLogger(__name__)
+
+
+class SegResNetModule(SegmentationModule):
+    """SegResNet (defaults: the bundle's 3D, 1 channel, 32 filters, blocks (1,2,2,4)/(1,1,1),
+    dropout 0.2) at `self.net`, whose state dict has the keys of the bundle's `model.pt`.
+
+    `pretrained` is a bundle `model.pt` / `model_lowres.pt` or a ctseg `.ckpt` loaded at
+    construction; `reinit_head=True` keeps the output layer freshly initialised (fine-tuning to
+    another class count, e.g. 105-class v1 weights into a 118-class v2 model). Checkpoints written
+    by Lightning store `pretrained=None`: their own state dict already holds the weights.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 105,
+        label_names: Sequence[str] | None = None,
+        in_channels: int = 1,
+        init_filters: int = 32,
+        blocks_down: Sequence[int] = (1, 2, 2, 4),
+        blocks_up: Sequence[int] = (1, 1, 1),
+        dropout_prob: float | None = 0.2,
+        spatial_dims: int = 3,
+        pretrained: str | os.PathLike[str] | None = None,
+        reinit_head: bool = False,
+        optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
+        scheduler: str | None = None,
+        warmup_epochs: int = 0,
+        roi_size: Sequence[int] = (96, 96, 96),
+        sw_batch_size: int = 4,
+        sw_overlap: float = 0.25,
+        sw_mode: str = "gaussian",
+    ) -> None:
+        """Store the architecture and training settings; see SegmentationModule for the rest."""
+        super().__init__(
+            num_classes=num_classes, label_names=label_names, optimizer=optimizer,
+            scheduler=scheduler, warmup_epochs=warmup_epochs, roi_size=roi_size,
+            sw_batch_size=sw_batch_size, sw_overlap=sw_overlap, sw_mode=sw_mode,
+        )
+
+    def configure_models(self) -> None:
+        """Build the SegResNet and load `pretrained` weights into it when given."""
+        hp = self.hparams
+        self.net = SegResNet(
+            spatial_dims=hp.spatial_dims, in_channels=hp.in_channels, out_channels=hp.num_classes,
+            init_filters=hp.init_filters, blocks_down=tuple(hp.blocks_down),
+            blocks_up=tuple(hp.blocks_up), dropout_prob=hp.dropout_prob,
+        )
+        if hp.pretrained:
+            state = load_bundle_state_dict(hp.pretrained)
+            load_into(self.net, state, reinit_head=hp.reinit_head, source=hp.pretrained,
+                      head_prefix=SEGRESNET_HEAD)
+            log.info("loaded pretrained SegResNet weights from %s", hp.pretrained)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop `pretrained` from the saved hyper-parameters: the checkpoint holds the weights."""
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if hparams is not None:
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {**hparams, "pretrained": None}

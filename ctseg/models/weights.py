@@ -1,0 +1,136 @@
+"""Network weights: read MONAI bundle `model.pt` files or ctseg checkpoints, load them, save them back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+# Prefix of the network's keys inside a ctseg Lightning checkpoint (the module keeps it at `self.net`).
+NET_PREFIX = "net."
+# Keys of SegResNet's output layer (`conv_final`: GroupNorm, ReLU, 1x1x1 convolution to the classes).
+SEGRESNET_HEAD = "conv_final.2."
+# How many offending keys an error message lists.
+_SHOWN = 5
+
+
+def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
+    """The state dict inside a loaded file: plain, under "state_dict" / "model", else an error."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                return obj[key]
+        if obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+            return obj
+    raise ValueError(
+        f"{path}: not a network state dict (expected a mapping of parameter names to tensors, "
+        f"or one under a 'state_dict' or 'model' key); found {type(obj).__name__}"
+    )
+
+
+def load_bundle_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read the network weights of a bundle `model.pt`, a `{"state_dict"|"model": ...}` file or a
+    ctseg Lightning `.ckpt` (its `net.` prefix stripped, other module state dropped), on the CPU.
+
+    Loads with `torch.load(weights_only=True)`, so a file holding pickled Python objects is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if "weights_only" in str(err).lower() or "weights only" in str(err).lower():
+            problem = ("it holds Python objects besides tensors, which weights_only loading refuses; "
+                       "re-save only the network's state dict")
+        else:
+            problem = "it is not a readable PyTorch file (corrupt, truncated or another format)"
+        raise ValueError(f"{path}: cannot load weights: {problem} ({err})") from err
+    state = _unwrap(obj, path)
+    if any(k.startswith(NET_PREFIX) for k in state):
+        state = {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"{path}: not a network state dict; entries that are not tensors: "
+                         f"{', '.join(map(str, bad[:_SHOWN]))}")
+    return dict(state)
+
+
+def _listing(keys: list[str]) -> str:
+    """A few keys for an error message, with how many more there are."""
+    keys = sorted(keys)
+    more = f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def load_into(
+    net: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    reinit_head: bool = False,
+    source: str | os.PathLike[str] = "<state dict>",
+    head_prefix: str = SEGRESNET_HEAD,
+) -> None:
+    """Copy `state_dict` into `net`; every key and shape must match, except the output layer.
+
+    When only the output layer (keys under `head_prefix`) differs in shape, i.e. the weights were
+    trained for another class count, a ValueError says so unless `reinit_head` is set. With
+    `reinit_head=True` the output layer is never loaded and keeps its fresh initialisation.
+    """
+    own = net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    body_mismatch = [k for k in mismatched if not k.startswith(head_prefix)]
+    if body_mismatch:
+        shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in sorted(body_mismatch)[:_SHOWN]]
+        problems.append(f"shape mismatches (file vs model): {'; '.join(shapes)}")
+    if problems:
+        raise ValueError(f"{source}: weights do not fit the network architecture; "
+                         + "; ".join(problems))
+    head = [k for k in own if k.startswith(head_prefix)]
+    if mismatched and not reinit_head:
+        key = mismatched[0]
+        raise ValueError(
+            f"{source}: the weights have {state_dict[key].shape[0]} output classes but the model "
+            f"has {own[key].shape[0]}; set model.reinit_head=true to fine-tune from them with a "
+            "freshly initialised output layer"
+        )
+    if reinit_head:
+        state_dict = {**state_dict, **{k: own[k] for k in head}}
+        log.info("%s: loaded all weights except the output layer (%s), which stays freshly "
+                 "initialised", source, ", ".join(head))
+    net.load_state_dict(state_dict, strict=True)
+
+
+def bundle_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The plain network state dict of a ctseg module (keys as in a MONAI bundle `model.pt`), on CPU."""
+    return {k: v.detach().cpu().clone() for k, v in module.net.state_dict().items()}
+
+
+def save_bundle_state_dict(module: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write `bundle_state_dict(module)` atomically to `path` (e.g. a bundle's `models/model.pt`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(bundle_state_dict(module), f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

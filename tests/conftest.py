@@ -1,0 +1,80 @@
+"""Shared fixtures: the real TotalSegmentator crop in ../shared and writable copies of it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CTSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Point ctseg's default cache at a per-test folder so tests never touch ~/.cache."""
+    monkeypatch.setenv("CTSEG_CACHE", str(tmp_path_factory.mktemp("ctseg_cache")))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the shared real crop, `<shared>/data/totalseg_mini` (read-only)."""
+    root = SHARED_DATA / "totalseg_mini"
+    if not (root / "meta.csv").is_file():
+        pytest.fail(f"shared test data not found at {root}; set CTSEG_SHARED_DATA")
+    return root
+
+
+@pytest.fixture
+def mini_copy(shared_data: Path, tmp_path: Path) -> Path:
+    """A writable copy of the shared crop (without the v2 label file), for tests that break it."""
+    root = tmp_path / "totalseg_mini"
+    shutil.copytree(shared_data, root, ignore=shutil.ignore_patterns("label_totalseg_v2.nii.gz"))
+    return root
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    """sha256 and mtime of every file under root, keyed by relative path."""
+    return {str(p.relative_to(root)): f"{hashlib.sha256(p.read_bytes()).hexdigest()}:"
+            f"{p.stat().st_mtime_ns}" for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def tree_digest():
+    """Function giving the content hash and mtime of every file under a folder."""
+    return _tree_digest
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path):
+    """Compose `conf/train.yaml` with overrides, every path pointed into tmp_path."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from ctseg.config import CONFIG_DIR
+
+    def _compose(*overrides: str, config_name: str = "train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            cfg = compose(config_name=config_name, return_hydra_config=True,
+                          overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(REPO)
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.log_dir = str(tmp_path / "outputs")
+            cfg.paths.data_dir = str(tmp_path / "data")
+            cfg.paths.cache_dir = str(tmp_path / "cache")
+            cfg.paths.shared_data_dir = str(SHARED_DATA)
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            cfg.hydra.job.num = 0
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()

@@ -1,0 +1,109 @@
+"""Every config in conf/ and experiments/ composes, resolves and (where cheap) instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ctseg.config import CONFIG_DIR, instantiate_group
+
+EXPERIMENTS = CONFIG_DIR.parent / "experiments"
+
+
+def _group_options() -> list[str]:
+    """`group=option` for every YAML file under conf/ (the experiment link excluded)."""
+    overrides = []
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        rel = path.relative_to(CONFIG_DIR)
+        if rel.parts[0] == "experiment" or len(rel.parts) == 1:
+            continue
+        overrides.append(f"{rel.parent.as_posix()}={rel.stem}")
+    return overrides
+
+
+GROUP_OPTIONS = _group_options()
+EXPERIMENT_NAMES = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+
+
+def test_every_file_is_covered() -> None:
+    files = [p for p in CONFIG_DIR.rglob("*.yaml") if "experiment" not in p.relative_to(
+        CONFIG_DIR).parts]
+    assert len(GROUP_OPTIONS) + 1 == len(files)  # + conf/train.yaml
+    assert {"phantom_quick", "wholebody_highres", "wholebody_lowres"} <= set(EXPERIMENT_NAMES)
+    assert (CONFIG_DIR / "experiment").resolve() == EXPERIMENTS.resolve()
+
+
+@pytest.mark.parametrize("override", GROUP_OPTIONS)
+def test_group_option_composes_and_resolves(compose_cfg, override: str) -> None:
+    cfg = compose_cfg(override)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["num_classes"] in (105, 118)
+    assert resolved["data"]["version"] in ("v1", "v2")
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_NAMES)
+def test_experiment_composes_and_instantiates(compose_cfg, name: str) -> None:
+    cfg = compose_cfg(f"experiment={name}", "trainer=cpu", "trainer.precision=32")
+    assert cfg.task_name == name
+    OmegaConf.to_container(cfg, resolve=True)
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, L.LightningDataModule)
+    model = instantiate(cfg.model)
+    assert model.hparams.num_classes == datamodule.num_classes
+    callbacks = instantiate_group(cfg.callbacks)
+    loggers = instantiate_group(cfg.logger)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    assert isinstance(trainer, L.Trainer)
+
+
+def test_bundle_recipes_match_the_bundle(compose_cfg) -> None:
+    for name, spacing in (("wholebody_highres", 1.5), ("wholebody_lowres", 3.0)):
+        cfg = compose_cfg(f"experiment={name}")
+        assert cfg.data.spacing == spacing
+        assert list(cfg.data.patch_size) == [96, 96, 96]
+        assert cfg.model.num_classes == 105
+        assert (cfg.model.init_filters, cfg.model.dropout_prob) == (32, 0.2)
+        assert list(cfg.model.blocks_down) == [1, 2, 2, 4]
+        assert list(cfg.model.blocks_up) == [1, 1, 1]
+        assert cfg.model.optimizer.lr == 1e-4
+        assert cfg.model.sw_overlap == 0.25 and cfg.model.sw_mode == "gaussian"
+
+
+def test_v2_data_gives_118_channels(compose_cfg) -> None:
+    cfg = compose_cfg("data=totalseg_v2")
+    assert cfg.model.num_classes == 118
+    assert cfg.model.label_names[117] == "costal_cartilages"
+
+
+def test_instantiated_defaults(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("logger=many")
+    loggers = instantiate_group(cfg.logger)
+    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger", "TensorBoardLogger",
+                                                     "WandbLogger"]
+    callbacks = {type(c).__name__: c for c in instantiate_group(cfg.callbacks)}
+    checkpoint = callbacks["ModelCheckpoint"]
+    assert checkpoint.save_last and checkpoint.save_on_exception
+    assert checkpoint.monitor == "val/mean_dice"
+    assert Path(checkpoint.dirpath) == tmp_path / "run" / "checkpoints"
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message", "cause"),
+    [
+        ("data=nope", MissingConfigException, "Could not find 'data/nope'", None),
+        ("trainer=tpu_pod", MissingConfigException, "Could not find 'trainer/tpu_pod'", None),
+        ("seed=abc", ConfigCompositionException, "override seed=abc", "could not be converted"),
+        ("train=maybe", ConfigCompositionException, "override train=maybe", "not a valid bool"),
+    ],
+)
+def test_bad_overrides_fail_at_composition(compose_cfg, override: str, error: type,
+                                           message: str, cause: str | None) -> None:
+    with pytest.raises(error, match=message) as info:
+        compose_cfg(override)
+    if cause:
+        assert cause in str(info.value.__cause__)

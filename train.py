@@ -1,0 +1,20 @@
+"""Train a segmentation model: `python train.py [group=option ...] [key=value ...]` (see --help)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ctseg.config import CONFIG_DIR
+from ctseg.training import train
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Run training; return the metric named by `optimized_metric` for Hydra sweepers."""
+    metrics, _ = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
