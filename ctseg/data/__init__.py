@@ -1,0 +1,1 @@
+"""TotalSegmentator data: dataset layout, label merging, phantoms, transforms and DataModules."""

@@ -1,0 +1,121 @@
+"""Command line of the data tools: `python -m ctseg.data {prepare,check,phantoms} --help`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ctseg.data.layout import DatasetError, read_meta, subject_problems
+from ctseg.labels import VERSIONS, label_names
+
+console = Console()
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Merge each root and print per-split subject counts and per-class voxel totals."""
+    from ctseg.data.merge import prepare
+
+    for root in args.roots:
+        dataset = prepare(root, out=args.out, version=args.version, workers=args.workers,
+                          progress=True)
+        console.print(f"[bold]{escape(str(dataset.root))}[/] ({args.version}) -> "
+                      f"{escape(str(dataset.out_dir / args.version))}", soft_wrap=True)
+        splits = Table("split", "subjects", title="subjects per split")
+        for split, count in dataset.split_counts().items():
+            splits.add_row(split, str(count))
+        console.print(splits)
+        totals = dataset.voxel_totals()
+        names = label_names(args.version)
+        classes = Table("index", "class", "voxels", title="voxels per class (all subjects)")
+        for index, total in enumerate(totals):
+            if total or args.all_classes:
+                classes.add_row(str(index), names[index], f"{int(total):,}")
+        console.print(classes)
+        absent = [names[i] for i in range(1, len(names)) if not totals[i]]
+        if absent and not args.all_classes:
+            console.print(f"{len(absent)} classes have no voxel (--all-classes lists them)")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """List every problem of a download; exit status 1 when there is any."""
+    subjects = read_meta(args.root)
+    problems: list[str] = []
+    from rich.progress import track
+
+    for subject in track(subjects, description="checking subjects", console=console):
+        problems += subject_problems(subject, args.version)
+    if problems:
+        for line in problems:
+            console.print(f"[red]✗[/] {escape(line)}", soft_wrap=True)
+        console.print(f"{len(problems)} problem(s) in {len(subjects)} subject(s)")
+        return 1
+    console.print(f"[green]✓[/] {len(subjects)} subject(s) in {escape(str(args.root))} are a "
+                  f"complete TotalSegmentator {args.version} download", soft_wrap=True)
+    return 0
+
+
+def _phantoms(args: argparse.Namespace) -> int:
+    """Write synthetic CT phantoms in the TotalSegmentator layout."""
+    from ctseg.data.phantoms import write_phantoms
+
+    folders = write_phantoms(args.out, n=args.n, seed=args.seed, version=args.version,
+                             shape=tuple(args.shape), spacing=args.spacing, progress=True)
+    console.print(f"wrote {len(folders)} phantom(s) to {escape(str(args.out))}", soft_wrap=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `python -m ctseg.data`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ctseg.data", description="Prepare, check and synthesise TotalSegmentator "
+        "data. The raw download is only ever read.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    version = {"choices": VERSIONS, "default": "v1",
+               "help": "TotalSegmentator class table: v1 (104 classes) or v2 (117); default v1"}
+
+    p = sub.add_parser("prepare", help="merge per-structure masks into label maps (cached)")
+    p.add_argument("roots", nargs="+", type=Path, help="dataset root(s) holding meta.csv")
+    p.add_argument("--version", **version)
+    p.add_argument("--out", type=Path, default=None,
+                   help="prepared folder (default: $CTSEG_CACHE/prepared/<name>-<hash>)")
+    p.add_argument("--workers", type=int, default=4, help="parallel processes (default 4)")
+    p.add_argument("--all-classes", action="store_true", help="list classes with no voxel too")
+    p.set_defaults(func=_prepare)
+
+    c = sub.add_parser("check", help="validate a download and list every problem")
+    c.add_argument("root", type=Path, help="dataset root holding meta.csv")
+    c.add_argument("--version", **version)
+    c.set_defaults(func=_check)
+
+    g = sub.add_parser("phantoms", help="write synthetic CT phantoms in the download layout")
+    g.add_argument("out", type=Path, help="output folder")
+    g.add_argument("--n", type=int, default=12, help="number of phantoms (default 12)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--version", **version)
+    g.add_argument("--shape", type=int, nargs=3, default=(80, 80, 64), metavar=("X", "Y", "Z"),
+                   help="voxels per axis (default 80 80 64)")
+    g.add_argument("--spacing", type=float, default=3.0, help="voxel size in mm (default 3.0)")
+    g.set_defaults(func=_phantoms)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; errors are printed in one line naming the file, with exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DatasetError, ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

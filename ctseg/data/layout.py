@@ -1,0 +1,165 @@
+"""The TotalSegmentator download layout: meta.csv, subject folders, and checks of their files."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ctseg.labels import class_names
+
+SPLITS = ("train", "val", "test")
+META = "meta.csv"
+# Tolerance for comparing a mask's affine with its CT's (millimetres / direction cosines).
+AFFINE_ATOL = 1e-3
+
+
+class DatasetError(ValueError):
+    """A problem with one file of a dataset; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        """Remember the offending path and the problem."""
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One row of meta.csv: a subject folder `<root>/<image_id>` and its split."""
+
+    image_id: str
+    split: str
+    root: Path
+
+    @property
+    def folder(self) -> Path:
+        """The subject's folder."""
+        return self.root / self.image_id
+
+    @property
+    def ct(self) -> Path:
+        """The subject's CT volume."""
+        return self.folder / "ct.nii.gz"
+
+    def mask(self, name: str) -> Path:
+        """The binary mask of structure `name`."""
+        return self.folder / "segmentations" / f"{name}.nii.gz"
+
+
+def _sniff_delimiter(header: str) -> str:
+    """meta.csv is `;`-separated in the download; accept `,` for hand-made files."""
+    return ";" if header.count(";") >= header.count(",") else ","
+
+
+def read_meta(root: str | Path) -> list[Subject]:
+    """Parse `<root>/meta.csv` into subjects; raise DatasetError on any problem with it."""
+    root = Path(root)
+    path = root / META
+    if not path.is_file():
+        raise DatasetError(path, "meta.csv not found; is this the root of a TotalSegmentator "
+                                 "download (it holds meta.csv and the sXXXX folders)?")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(path, f"cannot read meta.csv ({err})") from err
+    lines = text.splitlines()
+    if not lines:
+        raise DatasetError(path, "meta.csv is empty")
+    reader = csv.DictReader(lines, delimiter=_sniff_delimiter(lines[0]))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in ("image_id", "split") if c not in columns]
+    if missing:
+        raise DatasetError(path, f"meta.csv lacks column(s) {', '.join(missing)} "
+                                 f"(found: {', '.join(columns) or 'none'})")
+    subjects: list[Subject] = []
+    seen: set[str] = set()
+    for line_no, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        image_id, split = row["image_id"], row["split"]
+        if not image_id:
+            raise DatasetError(path, f"line {line_no}: empty image_id")
+        if split not in SPLITS:
+            raise DatasetError(path, f"line {line_no}: split {split!r} of {image_id} is not one of "
+                                     f"{', '.join(SPLITS)}")
+        if image_id in seen:
+            raise DatasetError(path, f"line {line_no}: image_id {image_id} appears twice")
+        seen.add(image_id)
+        subjects.append(Subject(image_id, split, root))
+    if not subjects:
+        raise DatasetError(path, "meta.csv lists no subjects")
+    return subjects
+
+
+def by_split(subjects: Iterable[Subject]) -> dict[str, list[Subject]]:
+    """Group subjects by split, every split present (possibly empty)."""
+    groups: dict[str, list[Subject]] = {s: [] for s in SPLITS}
+    for subject in subjects:
+        groups[subject.split].append(subject)
+    return groups
+
+
+def load_nifti(path: str | Path) -> nib.Nifti1Image:
+    """Read a 3-D NIfTI file into memory; DatasetError if it is missing, corrupt or not 3-D."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "file not found")
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError,
+            nib.filebasedimages.ImageFileError) as err:
+        raise DatasetError(path, f"corrupt or truncated NIfTI file ({type(err).__name__}: {err}); "
+                                 "re-download it") from err
+    shape = data.shape
+    if len(shape) == 4 and shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DatasetError(path, f"expected a 3-D volume, found shape {shape}")
+    return nib.Nifti1Image(data, img.affine, img.header)
+
+
+def check_grid(ct: nib.Nifti1Image, mask: nib.Nifti1Image, mask_path: Path) -> None:
+    """Raise DatasetError if `mask` is not on the CT's voxel grid (shape and affine)."""
+    if mask.shape != ct.shape:
+        raise DatasetError(mask_path, f"mask shape {mask.shape} differs from the CT's {ct.shape}")
+    if not np.allclose(mask.affine, ct.affine, atol=AFFINE_ATOL):
+        raise DatasetError(
+            mask_path, "mask affine differs from the CT's (different voxel grid):\n"
+            f"mask\n{np.round(mask.affine, 4)}\nct\n{np.round(ct.affine, 4)}")
+
+
+def check_binary(data: np.ndarray, mask_path: Path) -> None:
+    """Raise DatasetError unless the mask holds only 0 and 1."""
+    values = np.unique(data)
+    if not np.isin(values, (0, 1)).all():
+        shown = ", ".join(f"{v:g}" for v in values[:8])
+        raise DatasetError(mask_path, f"mask is not binary; values found: {shown}"
+                                      f"{' ...' if len(values) > 8 else ''}")
+
+
+def subject_problems(subject: Subject, version: str) -> list[str]:
+    """Every problem with one subject's CT and masks for `version`, as 'path: problem' lines."""
+    problems: list[str] = []
+    try:
+        ct = load_nifti(subject.ct)
+    except DatasetError as err:
+        return [str(err)]
+    for name in class_names(version).values():
+        path = subject.mask(name)
+        try:
+            mask = load_nifti(path)
+            check_grid(ct, mask, path)
+            check_binary(np.asanyarray(mask.dataobj), path)
+        except DatasetError as err:
+            problem = err.problem
+            if problem == "file not found":
+                problem = f"mask of {name} missing (required by TotalSegmentator {version})"
+            problems.append(f"{err.path}: {problem}")
+    return problems

@@ -1,0 +1,226 @@
+"""Merge per-structure masks into one label map per subject, cached in a prepared folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from filelock import FileLock
+
+from ctseg.data.layout import (
+    DatasetError,
+    Subject,
+    check_binary,
+    check_grid,
+    load_nifti,
+    read_meta,
+)
+from ctseg.labels import check_version, class_names, num_classes
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+# Bump when the merged output changes for the same inputs, so old prepared folders are redone.
+MERGE_FORMAT = 1
+
+
+@dataclass
+class PreparedDataset:
+    """A dataset root with its merged label maps: one record per subject of meta.csv."""
+
+    root: Path
+    version: str
+    out_dir: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def by_split(self) -> dict[str, list[dict[str, Any]]]:
+        """Records grouped by split ("train", "val", "test"), every split present."""
+        groups: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
+        for record in self.records:
+            groups[record["split"]].append(record)
+        return groups
+
+    def split_counts(self) -> dict[str, int]:
+        """Number of subjects per split."""
+        return {split: len(records) for split, records in self.by_split().items()}
+
+    def voxel_totals(self) -> np.ndarray:
+        """Voxels per class index (0 = background) summed over all subjects."""
+        totals = np.zeros(num_classes(self.version), dtype=np.int64)
+        for record in self.records:
+            totals += np.asarray(record["voxels"], dtype=np.int64)
+        return totals
+
+
+def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> Path:
+    """Call `writer(tmp)` on a temp file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_nifti_atomic(img: nib.Nifti1Image, path: str | Path) -> Path:
+    """Save a NIfTI image atomically; the temp file keeps `.nii.gz` so nibabel compresses it."""
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def default_prepared_dir(root: str | Path) -> Path:
+    """`$CTSEG_CACHE/prepared/<root name>-<hash of its path>` (CTSEG_CACHE: ~/.cache/ctseg)."""
+    root = Path(root).resolve()
+    cache = Path(os.environ.get("CTSEG_CACHE") or Path.home() / ".cache" / "ctseg")
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    return cache / "prepared" / f"{root.name}-{digest}"
+
+
+def fingerprint(subject: Subject, version: str) -> str:
+    """Hash of the size and modification time of a subject's CT and masks, and the merge format."""
+    parts = [f"format={MERGE_FORMAT}", f"version={version}"]
+    paths = [subject.ct, *(subject.mask(n) for n in class_names(version).values())]
+    for path in paths:
+        try:
+            stat = path.stat()
+            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+        except FileNotFoundError:
+            parts.append(f"{path.name}:missing")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def label_dtype(version: str) -> type[np.integer]:
+    """Smallest unsigned integer type holding every class index of a version."""
+    return np.uint8 if num_classes(version) <= 256 else np.uint16
+
+
+def merge_subject(subject: Subject, version: str, out_path: Path) -> list[int]:
+    """Merge a subject's masks into `out_path` (later class wins); return voxels per class."""
+    ct = load_nifti(subject.ct)
+    dtype = label_dtype(version)
+    label = np.zeros(ct.shape, dtype=dtype)
+    for index, name in sorted(class_names(version).items()):
+        path = subject.mask(name)
+        if not path.is_file():
+            raise DatasetError(path, f"mask of {name} missing (required by TotalSegmentator "
+                                     f"{version}); re-download the subject or choose the other "
+                                     "version")
+        mask = load_nifti(path)
+        check_grid(ct, mask, path)
+        data = np.asanyarray(mask.dataobj)
+        check_binary(data, path)
+        label[data > 0] = index
+    img = nib.Nifti1Image(label, ct.affine, ct.header)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(1, 0)
+    img.header["descrip"] = f"ctseg TotalSegmentator {version} label map".encode()[:80]
+    save_nifti_atomic(img, out_path)
+    return np.bincount(label.ravel(), minlength=num_classes(version)).tolist()
+
+
+def _merge_job(args: tuple[Subject, str, Path]) -> list[int]:
+    """Process-pool entry point of merge_subject."""
+    return merge_subject(*args)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest's subject entries, or {} when missing or unreadable (everything is redone)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("subjects", {}) if data.get("format") == MERGE_FORMAT else {}
+
+
+def prepare(
+    root: str | Path,
+    out: str | Path | None = None,
+    version: str = "v1",
+    workers: int = 1,
+    progress: bool = False,
+) -> PreparedDataset:
+    """Merge every subject of `root` for `version` into `<out>/<version>/`; a no-op when done.
+
+    Subjects whose inputs are unchanged since the manifest was written are skipped. Two processes
+    preparing the same folder serialise on a file lock. The raw dataset is only read.
+    """
+    check_version(version)
+    root = Path(root).resolve()
+    subjects = read_meta(root)
+    out = Path(out).resolve() if out is not None else default_prepared_dir(root)
+    if out == root or root in out.parents:
+        raise DatasetError(out, f"the prepared folder must lie outside the raw dataset {root} "
+                                "(ctseg never writes into a download); choose another --out")
+    version_dir = out / version
+    version_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = version_dir / MANIFEST
+    with FileLock(str(version_dir / ".lock")):
+        done = _read_manifest(manifest_path)
+        entries: dict[str, dict[str, Any]] = {}
+        todo: list[tuple[Subject, str, Path]] = []
+        for subject in subjects:
+            label_path = version_dir / f"{subject.image_id}.nii.gz"
+            key = fingerprint(subject, version)
+            entry = done.get(subject.image_id)
+            if entry and entry.get("fingerprint") == key and label_path.is_file():
+                entries[subject.image_id] = entry
+            else:
+                todo.append((subject, version, label_path))
+                entries[subject.image_id] = {"fingerprint": key}
+        if todo:
+            log.info("merging %d of %d subjects of %s (%s) into %s", len(todo), len(subjects),
+                     root, version, version_dir)
+        for (subject, _, _), voxels in zip(todo, _run(todo, workers, progress), strict=True):
+            entries[subject.image_id]["voxels"] = voxels
+        if todo or set(done) != set(entries):
+            manifest = {"format": MERGE_FORMAT, "version": version, "root": str(root),
+                        "subjects": entries}
+            write_atomic(manifest_path,
+                         lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    records = [{"image_id": s.image_id, "split": s.split, "image": str(s.ct),
+                "label": str(version_dir / f"{s.image_id}.nii.gz"),
+                "voxels": entries[s.image_id]["voxels"]} for s in subjects]
+    return PreparedDataset(root=root, version=version, out_dir=out, records=records)
+
+
+def _run(todo: list[tuple[Subject, str, Path]], workers: int, progress: bool) -> list[list[int]]:
+    """Merge the subjects in `todo`, in a process pool when workers > 1, with a progress bar."""
+    if not todo:
+        return []
+    from rich.progress import track
+
+    description = f"merging {len(todo)} subjects"
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            results = pool.map(_merge_job, todo)
+            return list(track(results, total=len(todo), description=description,
+                              disable=not progress))
+    return [merge_subject(*job) for job in track(todo, description=description,
+                                                  disable=not progress)]
