@@ -1,0 +1,255 @@
+"""Synthetic CT phantoms in the TotalSegmentator download layout, for tests and smoke runs."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from rich.progress import track
+
+from ctseg.data.layout import META
+from ctseg.data.merge import write_atomic
+from ctseg.labels import check_version, class_names
+
+logger = logging.getLogger(__name__)
+
+# Value of meta.csv's study_type column that marks a folder as written by write_phantoms.
+PHANTOM_STUDY = "synthetic phantom"
+META_COLUMNS = ("image_id", "age", "gender", "institute", "study_type", "split")
+# Voxel-axis orientations of the phantoms (nibabel axcodes); RAS and LPS dominate real data.
+ORIENTATIONS = ("RAS", "LPS", "LAS", "RPS", "RAI", "PLS", "ARS", "LPI")
+AIR_HU, FAT_HU, MUSCLE_HU, TISSUE_HU = -1000.0, -100.0, 50.0, 20.0
+NOISE_HU = 20.0
+HU_RANGE = (-1024, 3071)
+GZIP_LEVEL = 1
+MIN_SIDE = 16
+
+
+@dataclass(frozen=True)
+class Blob:
+    """An ellipsoid (or, with infinite `axes[2]`, an elliptic tube along z) in body coordinates.
+
+    Body coordinates: u across the body (+1 = the subject's right skin), v front-back (+1 = anterior
+    skin), t along the field of view (-1 inferior edge, +1 superior edge).
+    """
+
+    name: str
+    center: tuple[float, float, float]
+    axes: tuple[float, float, float]
+    hu: float
+    shell_hu: float | None = None
+    absent_p: float = 0.0
+
+
+_VERTEBRAE = ("vertebrae_T11", "vertebrae_T12", "vertebrae_L1", "vertebrae_L2", "vertebrae_L3")
+_TUBE = float("inf")
+# Drawing order matters: a later structure overwrites an earlier one where they touch.
+_ANATOMY: tuple[Blob, ...] = (
+    Blob("lung_lower_lobe_right", (0.42, -0.05, 0.95), (0.36, 0.55, 0.6), -850.0),
+    Blob("lung_lower_lobe_left", (-0.42, -0.05, 0.95), (0.34, 0.55, 0.55), -850.0),
+    Blob("autochthon_right", (0.2, -0.8, 0.0), (0.13, 0.13, _TUBE), 50.0),
+    Blob("autochthon_left", (-0.2, -0.8, 0.0), (0.13, 0.13, _TUBE), 50.0),
+    Blob("liver", (0.4, 0.1, 0.3), (0.42, 0.5, 0.5), 90.0),
+    Blob("spleen", (-0.58, -0.25, 0.3), (0.17, 0.25, 0.28), 100.0),
+    Blob("stomach", (-0.28, 0.38, 0.35), (0.24, 0.24, 0.3), 25.0),
+    Blob("kidney_right", (0.38, -0.45, -0.35), (0.13, 0.16, 0.3), 150.0),
+    Blob("kidney_left", (-0.38, -0.45, -0.25), (0.13, 0.16, 0.3), 150.0),
+    Blob("pancreas", (-0.05, 0.15, -0.1), (0.3, 0.08, 0.09), 80.0),
+    Blob("gallbladder", (0.33, 0.48, -0.05), (0.09, 0.12, 0.15), 10.0, absent_p=0.25),
+    Blob("inferior_vena_cava", (0.14, -0.2, 0.0), (0.07, 0.1, _TUBE), 140.0),
+    Blob("aorta", (-0.08, -0.22, 0.0), (0.08, 0.12, _TUBE), 180.0),
+    *(Blob(name, (0.0, -0.55, 0.8 - 0.4 * i), (0.13, 0.17, 0.16), 300.0, shell_hu=700.0)
+      for i, name in enumerate(_VERTEBRAE)),
+)
+PHANTOM_STRUCTURES: tuple[str, ...] = tuple(blob.name for blob in _ANATOMY)
+
+
+def _check_args(n: int, shape: tuple[int, int, int], spacing: float, version: str) -> None:
+    """Raise ValueError for arguments write_phantoms cannot honour."""
+    check_version(version)
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"number of phantoms must be an integer >= 1, got {n!r}")
+    if (not isinstance(shape, tuple | list) or len(shape) != 3
+            or any(isinstance(s, bool) or not isinstance(s, int | np.integer) or s < MIN_SIDE
+                   for s in shape)):
+        raise ValueError(f"phantom shape must be 3 integers >= {MIN_SIDE}, got {shape!r}")
+    if isinstance(spacing, bool) or not isinstance(spacing, int | float) or not spacing > 0:
+        raise ValueError(f"phantom spacing must be a number > 0 (millimetres), got {spacing!r}")
+    missing = sorted(set(PHANTOM_STRUCTURES) - set(class_names(version).values()))
+    if missing:
+        raise ValueError(f"phantom structures {missing} are not TotalSegmentator {version} classes")
+
+
+def _check_overwrite(out: Path) -> None:
+    """Refuse to write into a folder whose meta.csv was not written by write_phantoms."""
+    meta = out / META
+    if not meta.is_file():
+        return
+    text = meta.read_text(encoding="utf-8-sig", errors="replace")
+    rows = list(csv.DictReader(text.splitlines(), delimiter=";"))
+    if not rows or any(row.get("study_type") != PHANTOM_STUDY for row in rows):
+        raise ValueError(f"{meta}: this folder holds a dataset not written by write_phantoms "
+                         "(study_type is not 'synthetic phantom'); refusing to overwrite it, "
+                         "choose an empty output folder")
+
+
+def split_assignment(n: int, rng: np.random.Generator) -> list[str]:
+    """Splits for n subjects: about 70/15/15 train/val/test, each non-empty when n >= 3."""
+    if n < 3:
+        return ["train", "val"][:n]
+    n_val = n_test = max(1, round(0.15 * n))
+    splits = ["train"] * (n - n_val - n_test) + ["val"] * n_val + ["test"] * n_test
+    return [splits[i] for i in rng.permutation(n)]
+
+
+def random_affine(shape: tuple[int, int, int], spacing: float, orientation: str,
+                  rng: np.random.Generator) -> np.ndarray:
+    """An axis-aligned affine in `orientation`, spacing jittered (anisotropic) around `spacing`."""
+    ornt = nib.orientations.axcodes2ornt(orientation)
+    in_plane = spacing * rng.uniform(0.85, 1.15)
+    along_z = spacing * rng.uniform(0.85, 1.3)
+    affine = np.eye(4)
+    for axis, (world, sign) in enumerate(ornt.astype(int)):
+        affine[world, axis] = sign * (along_z if world == 2 else in_plane)
+    center = np.array([rng.uniform(-20, 20), rng.uniform(-20, 20), rng.uniform(-300, 300)])
+    affine[:3, 3] = center - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    return affine
+
+
+def _body_coords(shape: tuple[int, int, int], affine: np.ndarray,
+                 ) -> tuple[list[np.ndarray], np.ndarray]:
+    """World x, y, z relative to the FOV centre, broadcastable to `shape`, and FOV half-extents."""
+    coords: list[np.ndarray] = [np.empty(0)] * 3
+    half = np.zeros(3)
+    for axis, size in enumerate(shape):
+        world = int(np.argmax(np.abs(affine[:3, axis])))
+        step = affine[world, axis]
+        line = affine[world, 3] + step * np.arange(size, dtype=np.float64)
+        line -= line.mean()
+        view = [1, 1, 1]
+        view[axis] = size
+        coords[world] = line.reshape(view).astype(np.float32)
+        half[world] = abs(step) * size / 2
+    return coords, half
+
+
+def _smooth(volume: np.ndarray) -> np.ndarray:
+    """Separable [1, 2, 1] / 4 blur along every axis (edges replicated)."""
+    for axis in range(volume.ndim):
+        padded = np.concatenate([volume.take([0], axis), volume, volume.take([-1], axis)], axis)
+        size = volume.shape[axis]
+        volume = (padded.take(range(size), axis) + 2 * padded.take(range(1, size + 1), axis)
+                  + padded.take(range(2, size + 2), axis)) / 4
+    return volume
+
+
+def render_subject(shape: tuple[int, int, int], affine: np.ndarray, rng: np.random.Generator,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one phantom on (shape, affine): int16 HU and labels (1 + PHANTOM_STRUCTURES index)."""
+    (x, y, z), half = _body_coords(shape, affine)
+    body_u = float(half[0] * rng.uniform(0.78, 0.9))
+    body_v = float(half[1] * rng.uniform(0.55, 0.68))
+    u, v = x / body_u, y / body_v
+    t = z / float(half[2]) - float(rng.uniform(-0.15, 0.15))
+    radius = np.broadcast_to(u * u + v * v, shape)
+    fat = rng.uniform(0.08, 0.16)
+    hu = np.where(radius <= 1, FAT_HU, AIR_HU).astype(np.float32)
+    hu[radius <= (1 - fat) ** 2] = MUSCLE_HU
+    hu[radius <= (1 - fat - 0.05) ** 2] = TISSUE_HU
+    labels = np.zeros(shape, np.uint8)
+    for index, blob in enumerate(_ANATOMY, start=1):
+        jitter = rng.normal(0, 0.03, 3)
+        scale = rng.uniform(0.85, 1.15, 3)
+        offset = float(rng.normal(0, 8))
+        if rng.random() < blob.absent_p:
+            continue
+        cu, cv, ct = (float(c) for c in np.add(blob.center, jitter))
+        au, av, at = (float(a) for a in np.multiply(blob.axes, scale))
+        dist = ((u - cu) / au) ** 2 + ((v - cv) / av) ** 2 + ((t - ct) / at) ** 2
+        inside = (dist <= 1) & (radius <= (1 - fat) ** 2)
+        labels[inside] = index
+        hu[inside] = blob.hu + offset
+        if blob.shell_hu is not None:
+            hu[inside & (dist > 0.55)] = blob.shell_hu + offset
+    hu = _smooth(hu) + rng.normal(0, NOISE_HU, shape).astype(np.float32)
+    return np.clip(np.rint(hu), *HU_RANGE).astype(np.int16), labels
+
+
+def _nifti_gz(data: np.ndarray, affine: np.ndarray) -> bytes:
+    """Gzipped NIfTI-1 bytes of `data` on `affine`, byte-identical for identical input (mtime 0)."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    return gzip.compress(img.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
+
+
+def _write_bytes(path: Path, blob: bytes) -> None:
+    """Write `blob` to `path` atomically."""
+    write_atomic(path, partial(Path.write_bytes, data=blob))
+
+
+def write_subject(folder: Path, version: str, hu: np.ndarray, labels: np.ndarray,
+                  affine: np.ndarray) -> None:
+    """Write ct.nii.gz and one mask per structure of `version` (empty where not drawn)."""
+    _write_bytes(folder / "ct.nii.gz", _nifti_gz(hu, affine))
+    seg = folder / "segmentations"
+    empty = _nifti_gz(np.zeros(labels.shape, np.uint8), affine)
+    drawn = {name: index for index, name in enumerate(PHANTOM_STRUCTURES, start=1)}
+    for name in class_names(version).values():
+        index = drawn.get(name)
+        mask = None if index is None else (labels == index)
+        blob = empty if mask is None or not mask.any() else _nifti_gz(mask.astype(np.uint8), affine)
+        _write_bytes(seg / f"{name}.nii.gz", blob)
+
+
+def _meta_text(rows: list[dict[str, str]]) -> str:
+    """meta.csv content, `;`-separated like the TotalSegmentator download."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=META_COLUMNS, delimiter=";", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
+                   shape: tuple[int, int, int] = (80, 80, 64), spacing: float = 3.0,
+                   progress: bool = False) -> list[Path]:
+    """Write n synthetic CT subjects `out/sXXXX/{ct.nii.gz,segmentations/*.nii.gz}` and meta.csv.
+
+    Always rewrites: meta.csv is removed first and written last (atomically), so a folder holding
+    meta.csv is complete. Subject i depends only on (seed, i, shape, spacing); splits depend on n.
+    Returns the subject folders in meta.csv order.
+    """
+    _check_args(n, shape, spacing, version)
+    out = Path(out)
+    shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+    _check_overwrite(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META).unlink(missing_ok=True)
+    started = time.perf_counter()
+    orientations = np.random.default_rng([seed, 1_000_003]).permutation(ORIENTATIONS)
+    splits = split_assignment(n, np.random.default_rng([seed, n, 1_000_004]))
+    rows: list[dict[str, str]] = []
+    folders: list[Path] = []
+    for i in track(range(n), description="Writing phantoms", disable=not progress):
+        rng = np.random.default_rng([seed, i])
+        orientation = str(orientations[i % len(orientations)])
+        affine = random_affine(shape, float(spacing), orientation, rng)
+        hu, labels = render_subject(shape, affine, rng)
+        image_id = f"s{i + 1:04d}"
+        write_subject(out / image_id, version, hu, labels, affine)
+        folders.append(out / image_id)
+        rows.append({"image_id": image_id, "age": str(int(rng.integers(25, 90))),
+                     "gender": str(rng.choice(["m", "f"])), "institute": "ctseg",
+                     "study_type": PHANTOM_STUDY, "split": splits[i]})
+    _write_bytes(out / META, _meta_text(rows).encode())
+    logger.info("wrote %d %s phantoms of shape %s to %s in %.1f s", n, version, shape, out,
+                time.perf_counter() - started)
+    return folders
