@@ -65,9 +65,8 @@ def _phantoms(args: argparse.Namespace) -> int:
     """Write synthetic CT phantoms in the TotalSegmentator layout."""
     from ctseg.data.phantoms import write_phantoms
 
-    folders = write_phantoms(args.out, n=args.n, seed=args.seed, version=args.version,
-                             shape=tuple(args.shape), spacing=args.spacing, progress=True)
-    console.print(f"wrote {len(folders)} phantom(s) to {escape(str(args.out))}", soft_wrap=True)
+    write_phantoms(args.out, n=args.n, seed=args.seed, version=args.version,
+                   shape=tuple(args.shape), spacing=args.spacing, progress=True)
     return 0
 
 
