@@ -1,0 +1,311 @@
+"""Lightning DataModules: TotalSegmentator folders and synthetic phantoms as cached MONAI data."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import torch
+from lightning import LightningDataModule
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
+from torch.utils.data import DistributedSampler
+
+from ctseg.data.layout import META, read_meta
+from ctseg.data.merge import PreparedDataset, default_prepared_dir, prepare
+from ctseg.data.phantoms import write_phantoms
+from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig, eval_transforms, train_transforms
+from ctseg.labels import check_version
+from ctseg.labels import label_names as version_label_names
+from ctseg.labels import num_classes as version_num_classes
+
+log = logging.getLogger(__name__)
+
+CACHES = ("disk", "memory", "none")
+# Record key holding the subject id. Not "image_id": MONAI treats keys starting with "image_" as
+# the image's metadata dictionary.
+SUBJECT = "subject"
+# Splits each stage reads; the first one must be non-empty.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
+def default_cache_dir() -> Path:
+    """`$CTSEG_CACHE/tensors`, or ~/.cache/ctseg/tensors when CTSEG_CACHE is unset."""
+    return Path(os.environ.get("CTSEG_CACHE") or Path.home() / ".cache" / "ctseg") / "tensors"
+
+
+def shard(records: Sequence[Any], rank: int, world_size: int, seed: int = 0) -> list[Any]:
+    """The records of DDP rank `rank`: a seeded permutation split round-robin, padded by repeating
+    records so every rank gets ceil(len / world_size); disjoint and covering before padding."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+    if not records:
+        return []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    total = math.ceil(len(order) / world_size) * world_size
+    padded = [order[i % len(order)] for i in range(total)]
+    return [records[i] for i in padded[rank::world_size]]
+
+
+def split_validation(train: list[dict], fraction: float,
+                     seed: int) -> tuple[list[dict], list[dict]]:
+    """Move a seeded `fraction` of `train` (at least one when it has >= 2 and fraction > 0, never
+    all of it) to validation; return (train, val)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    n_val = 0
+    if fraction > 0 and len(train) >= 2:
+        n_val = min(max(1, round(fraction * len(train))), len(train) - 1)
+    chosen = set(random.Random(seed).sample(range(len(train)), n_val))
+    return ([r for i, r in enumerate(train) if i not in chosen],
+            [r for i, r in enumerate(train) if i in chosen])
+
+
+def _stamp_hash(item: dict) -> bytes:
+    """Disk-cache key of a record: its paths plus the size and mtime of both files, so a CT or
+    label map rewritten in place is recomputed rather than served stale."""
+    stamp: dict[str, Any] = {}
+    for key in (IMAGE, LABEL):
+        stat = Path(item[key]).stat()
+        stamp[key] = (item[key], stat.st_size, stat.st_mtime_ns)
+    return pickle_hashing(stamp)
+
+
+def _plain_sequence(value: Any) -> Any:
+    """Lists of builtins for sequences (tuples, ListConfig), the value itself for scalars."""
+    if isinstance(value, str | os.PathLike):
+        return str(value)
+    if isinstance(value, Sequence) or hasattr(value, "__iter__"):
+        return [_plain_sequence(v) for v in value]
+    return value
+
+
+class TotalSegmentatorDataModule(LightningDataModule):
+    """Train/val/test loaders over one or more TotalSegmentator folders.
+
+    Labels are merged once per root by `ctseg.data.merge.prepare`; splits come from meta.csv (a
+    seeded `val_fraction` of train when it has no val rows). The deterministic transforms are
+    cached on disk (`cache_dir/<pipeline fingerprint>/`), in memory, or not at all. Under DDP each
+    rank keeps only its shard of every split. Training batches hold `batch_size *
+    samples_per_volume` random patches; validation/test batches one whole volume.
+    """
+
+    def __init__(
+        self,
+        root: str | Sequence[str],
+        version: str = "v1",
+        spacing: float | Sequence[float] = 1.5,
+        intensity: str = "segresnet",
+        hu_window: Sequence[float] = (-963.8, 1053.7),
+        cache: str = "disk",
+        cache_rate: float = 1.0,
+        cache_dir: str | None = None,
+        prepared_dir: str | None = None,
+        patch_size: int | Sequence[int] = (96, 96, 96),
+        batch_size: int = 2,
+        samples_per_volume: int = 1,
+        num_workers: int = 4,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        prepare_workers: int = 4,
+    ) -> None:
+        """Validate the settings; record them as plain hyper-parameters (predict reads them)."""
+        super().__init__()
+        check_version(version)
+        if cache not in CACHES:
+            raise ValueError(f"unknown cache {cache!r}; choose one of {', '.join(CACHES)}")
+        if not 0 < cache_rate <= 1:
+            raise ValueError(f"cache_rate must be in (0, 1], got {cache_rate}")
+        if batch_size < 1 or num_workers < 0 or prepare_workers < 1:
+            raise ValueError(f"need batch_size >= 1, num_workers >= 0, prepare_workers >= 1; got "
+                             f"{batch_size}, {num_workers}, {prepare_workers}")
+        roots = [str(root)] if isinstance(root, str | os.PathLike) else [str(r) for r in root]
+        if not roots:
+            raise ValueError("root must name at least one dataset folder")
+        self.pipeline = PipelineConfig(spacing=_plain_sequence(spacing), intensity=intensity,
+                                       hu_window=_plain_sequence(hu_window),
+                                       patch_size=_plain_sequence(patch_size),
+                                       samples_per_volume=samples_per_volume)
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.roots = roots
+        self.save_hyperparameters({
+            "root": roots[0] if isinstance(root, str | os.PathLike) else roots,
+            "version": version, "spacing": _plain_sequence(spacing), "intensity": intensity,
+            "hu_window": _plain_sequence(hu_window), "cache": cache, "cache_rate": cache_rate,
+            "cache_dir": None if cache_dir is None else str(cache_dir),
+            "prepared_dir": None if prepared_dir is None else str(prepared_dir),
+            "patch_size": _plain_sequence(patch_size), "batch_size": batch_size,
+            "samples_per_volume": samples_per_volume, "num_workers": num_workers,
+            "val_fraction": val_fraction, "seed": seed, "prepare_workers": prepare_workers,
+        })
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.world_size = 1
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of the dataset's version, background included."""
+        return version_num_classes(self.hparams.version)
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names in channel order, "background" first."""
+        return version_label_names(self.hparams.version)
+
+    @property
+    def tensor_cache_dir(self) -> Path:
+        """Folder of the disk cache for this pipeline: `<cache_dir>/<fingerprint>`."""
+        base = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir()
+        return base / self.pipeline.fingerprint()
+
+    def _prepared_out(self, root: str) -> Path | None:
+        """Where `root`'s merged labels go: prepared_dir itself for one root, a subfolder per root
+        (named like the default) when several share it; None for the default location."""
+        if self.hparams.prepared_dir is None:
+            return None
+        base = Path(self.hparams.prepared_dir)
+        return base if len(self.roots) == 1 else base / default_prepared_dir(root).name
+
+    def _prepare_all(self) -> list[PreparedDataset]:
+        """Merge (or find already merged) the label maps of every root."""
+        return [prepare(root, out=self._prepared_out(root), version=self.hparams.version,
+                        workers=self.hparams.prepare_workers) for root in self.roots]
+
+    def prepare_data(self) -> None:
+        """Merge label maps once per node (idempotent: unchanged subjects are skipped)."""
+        self._prepare_all()
+
+    def _split_records(self) -> dict[str, list[dict[str, Any]]]:
+        """Records of all roots by split, with the val_fraction fallback applied."""
+        splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
+        for prepared in self._prepare_all():
+            for split, records in prepared.by_split().items():
+                splits[split] += [{IMAGE: r["image"], LABEL: r["label"], SUBJECT: r["image_id"]}
+                                  for r in records]
+        if not splits["val"] and splits["train"]:
+            splits["train"], splits["val"] = split_validation(
+                splits["train"], self.hparams.val_fraction, self.hparams.seed)
+            log.info("no val rows in meta.csv: using %d of %d train subjects for validation",
+                     len(splits["val"]), len(splits["train"]) + len(splits["val"]))
+        return splits
+
+    def setup(self, stage: str | None = None, rank: int | None = None,
+              world_size: int | None = None) -> None:
+        """Build this rank's datasets for `stage` (fit, validate, test; None: all available).
+
+        `rank`/`world_size` default to the attached trainer's (0 and 1 without one).
+        """
+        trainer = self.trainer
+        rank = rank if rank is not None else (trainer.global_rank if trainer else 0)
+        if world_size is None:
+            world_size = trainer.world_size if trainer else 1
+        self.world_size = world_size
+        splits = self._split_records()
+        wanted = STAGE_SPLITS.get(stage, ()) if stage else ("train", "val", "test")
+        if stage in STAGE_SPLITS and not splits[wanted[0]]:
+            metas = ", ".join(str(Path(r) / META) for r in self.roots)
+            raise ValueError(f"{metas}: no {wanted[0]!r} subject for stage {stage!r}; set the "
+                             f"split column of meta.csv (train/val/test) or add a dataset root")
+        for split in wanted:
+            records = shard(splits[split], rank, world_size, self.hparams.seed)
+            if split in self.datasets and records == self.records.get(split):
+                continue
+            self.records[split] = records
+            if records:
+                self.datasets[split] = self._dataset(records, train=split == "train")
+            else:
+                log.warning("no %s subjects in %s", split, ", ".join(self.roots))
+                self.datasets.pop(split, None)
+
+    def _dataset(self, records: list[dict[str, Any]], train: bool) -> Dataset:
+        """A MONAI dataset over `records` with the configured cache."""
+        transform = train_transforms(self.pipeline) if train else eval_transforms(self.pipeline)
+        cache = self.hparams.cache
+        if cache == "memory":
+            return CacheDataset(records, transform, cache_rate=self.hparams.cache_rate,
+                                num_workers=self.hparams.num_workers or None, progress=False)
+        if cache == "disk":
+            cache_dir = self.tensor_cache_dir
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            return PersistentDataset(records, transform, cache_dir=cache_dir,
+                                     hash_func=_stamp_hash)
+        return Dataset(records, transform)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader | list:
+        """DataLoader over this rank's `split`; under DDP with a non-sharding DistributedSampler
+        so that Lightning does not split the already sharded records again."""
+        dataset = self.datasets.get(split)
+        if dataset is None:
+            return []
+        sampler = None
+        if self.world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle,
+                                         seed=self.hparams.seed)
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader | list:
+        """Shuffled batches of random patches (`batch_size` volumes x `samples_per_volume`)."""
+        return self._loader("train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Whole validation volumes, one per batch ([] when there is none)."""
+        return self._loader("val", 1, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Whole test volumes, one per batch."""
+        return self._loader("test", 1, shuffle=False)
+
+
+class PhantomDataModule(TotalSegmentatorDataModule):
+    """TotalSegmentatorDataModule over synthetic phantoms written on first use into `phantom_root`,
+    plus optional `extra_roots` (e.g. the real crop, whose subjects join their meta.csv split)."""
+
+    def __init__(
+        self,
+        phantom_root: str,
+        n_phantoms: int = 12,
+        phantom_seed: int = 0,
+        phantom_shape: Sequence[int] = (80, 80, 64),
+        extra_roots: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        """Remember the phantom settings; other arguments go to TotalSegmentatorDataModule."""
+        extras = [str(r) for r in extra_roots]
+        super().__init__(root=[str(phantom_root), *extras], **kwargs)
+        self.phantom_shape = tuple(int(s) for s in phantom_shape)
+        # root is rebuilt from phantom_root and extra_roots; keeping it would pass it twice.
+        self.remove_ignored_hparams(["root"])
+        self.save_hyperparameters({
+            "phantom_root": str(phantom_root), "n_phantoms": n_phantoms,
+            "phantom_seed": phantom_seed, "phantom_shape": list(self.phantom_shape),
+            "extra_roots": extras,
+        })
+
+    def _phantoms_current(self) -> bool:
+        """Whether phantom_root holds phantoms of the requested count and shape."""
+        root = Path(self.hparams.phantom_root)
+        if not (root / META).is_file():
+            return False
+        subjects = read_meta(root)
+        return (len(subjects) == self.hparams.n_phantoms
+                and nib.load(subjects[0].ct).shape == self.phantom_shape)
+
+    def prepare_data(self) -> None:
+        """Write the phantoms unless phantom_root already holds the same count and shape, then
+        merge the label maps of every root."""
+        if not self._phantoms_current():
+            write_phantoms(self.hparams.phantom_root, self.hparams.n_phantoms,
+                           seed=self.hparams.phantom_seed, version=self.hparams.version,
+                           shape=self.phantom_shape)
+        super().prepare_data()
