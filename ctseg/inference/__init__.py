@@ -1,1 +1,2 @@
-"""Inference utilities: memory-bounded sliding-window aggregation to label maps."""
+"""Inference: memory-bounded sliding-window aggregation and the `predict.py` pipeline (inputs,
+checkpoint loading, per-case prediction, outputs, batch runner)."""

@@ -146,7 +146,7 @@ def sliding_window_predict(
     )
     weight = weight.to(device=sw_device, dtype=accum_dtype)[None, None]
     rest = [d for d in range(SPATIAL_DIMS) if d != axis]
-    slab_weight = weight[0, 0].movedim(axis, 0).unsqueeze(1).to(device)
+    slab_weight = weight[0].movedim(axis + 1, 1).to(device)
 
     stitch = _SlabStitcher(
         size=size,
@@ -164,7 +164,7 @@ def sliding_window_predict(
         logits = _check_logits(predictor(data.to(sw_device)), len(batch), roi)
         logits *= weight
         for window, values in zip(batch, logits.to(device), strict=True):
-            stitch.add(window, values.movedim(axis + 1, 0), slab_weight, rest)
+            stitch.add(window, values.movedim(axis + 1, 1), slab_weight, rest)
     stitch.finish()
     labels, probabilities = stitch.outputs(pad, spatial)
     log.debug(
@@ -185,7 +185,7 @@ def sliding_window_predict(
 
 
 class _SlabStitcher:
-    """Rolling (planes, C, *rest) logit accumulator along the slab axis, flushed to labels."""
+    """Rolling (C, planes, *rest) logit accumulator along the slab axis, flushed to labels."""
 
     def __init__(
         self,
@@ -214,10 +214,10 @@ class _SlabStitcher:
                 f"keep_channels {self.keep} out of range for a predictor with {channels} classes"
             )
         self.channels = channels
-        shape = (self.planes, channels, *self.rest_size)
+        shape = (channels, self.planes, *self.rest_size)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.weights = torch.zeros(
-            (self.planes, 1, *self.rest_size), dtype=self.dtype, device=self.device
+            (1, self.planes, *self.rest_size), dtype=self.dtype, device=self.device
         )
         self.labels = torch.zeros(self.size, dtype=label_dtype(channels), device=self.output_device)
         self.probabilities = {
@@ -227,7 +227,7 @@ class _SlabStitcher:
 
     @property
     def accumulator_shape(self) -> tuple[int, ...]:
-        """Shape (planes, C, *rest) of the rolling logit accumulator."""
+        """Shape (C, planes, *rest) of the rolling logit accumulator."""
         return tuple(self.values.shape)
 
     @property
@@ -242,9 +242,9 @@ class _SlabStitcher:
         weight: torch.Tensor,
         rest: list[int],
     ) -> None:
-        """Blend one weighted window, given as (planes, C, *rest), into the accumulator."""
+        """Blend one weighted window, given as (C, planes, *rest), into the accumulator."""
         if not self.channels:
-            self._allocate(values.shape[1])
+            self._allocate(values.shape[0])
         row = window[self.axis][0]
         if row > self.start:
             self._flush(row - self.start)
@@ -258,19 +258,20 @@ class _SlabStitcher:
 
     def _flush(self, count: int) -> None:
         """Normalise the first `count` planes, reduce them to outputs and roll the accumulator."""
-        logits = self.values[:count].div_(self.weights[:count])
+        logits = self.values[:, :count].div_(self.weights[:, :count])
         done = slice(self.start, self.start + count)
-        self.labels.movedim(self.axis, 0)[done] = logits.argmax(1).to(
+        # max(...).indices is argmax (first maximum on ties) at about half the CPU time.
+        self.labels.movedim(self.axis, 0)[done] = logits.max(0).indices.to(
             self.output_device, self.labels.dtype
         )
         if self.probabilities:
-            norm = torch.logsumexp(logits, dim=1)
+            norm = torch.logsumexp(logits, dim=0)
             for c, volume in self.probabilities.items():
-                volume.movedim(self.axis, 0)[done] = torch.exp(logits[:, c] - norm).to(
+                volume.movedim(self.axis, 0)[done] = torch.exp(logits[c] - norm).to(
                     self.output_device, torch.float32
                 )
         for buffer in (self.values, self.weights):
-            _roll_planes(buffer, count)
+            _roll_planes(buffer.movedim(1, 0), count)
         self.start += count
 
     def outputs(
@@ -286,7 +287,8 @@ class _SlabStitcher:
 
 
 def _roll_planes(buffer: torch.Tensor, count: int) -> None:
-    """Move planes [count:] of `buffer` to the front in place and zero the freed tail."""
+    """Move planes [count:] of `buffer` (a view, planes first) to the front in place and zero
+    the freed tail."""
     keep = buffer.shape[0] - count
     for lo in range(0, keep, count):
         hi = min(lo + count, keep)

@@ -1,0 +1,113 @@
+"""Build the network and the preprocessing of a prediction from a ctseg checkpoint or a bundle
+state dict (`model.pt`), checking that the class count fits the configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctseg.data.transforms import PipelineConfig
+from ctseg.labels import label_names, num_classes
+from ctseg.models.segresnet import SegResNetModule
+from ctseg.models.weights import SEGRESNET_HEAD, load_bundle_state_dict, load_into
+
+log = logging.getLogger(__name__)
+
+HPARAMS, DATA_HPARAMS = "hyper_parameters", "datamodule_hyper_parameters"
+# Module arguments that make no sense at inference (weights come from the checkpoint itself).
+_SKIPPED = ("pretrained", "reinit_head", "optimizer", "scheduler", "warmup_epochs")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The network in eval mode, its class names, preprocessing and default window size."""
+
+    net: nn.Module
+    label_names: list[str]
+    pipeline: PipelineConfig
+    roi_size: tuple[int, int, int]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output channels (background included)."""
+        return len(self.label_names)
+
+
+def _read(path: Path) -> Any:
+    """The object stored in a checkpoint file; ValueError naming the file when unreadable."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read the checkpoint (corrupt, truncated, or not a "
+                         f"PyTorch file): {err}") from err
+
+
+def head_classes(state: Mapping[str, torch.Tensor], path: Path) -> int:
+    """Output classes of a SegResNet state dict (rows of its final convolution)."""
+    weights = [v for k, v in state.items() if k.startswith(SEGRESNET_HEAD) and k.endswith("weight")]
+    if not weights:
+        raise ValueError(f"{path}: no SegResNet output layer ({SEGRESNET_HEAD}*) in the weights; "
+                         "is this a SegResNet checkpoint?")
+    return int(weights[0].shape[0])
+
+
+def _pipeline(data: Mapping[str, Any]) -> PipelineConfig:
+    """PipelineConfig from the matching keys of datamodule hyper-parameters or `data` config."""
+    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    return PipelineConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                             for k, v in data.items() if k in names and v is not None})
+
+
+def _module_kwargs(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The SegResNetModule arguments among `hparams`, without the training-only ones."""
+    accepted = set(inspect.signature(SegResNetModule.__init__).parameters) - {"self", *_SKIPPED}
+    return {k: v for k, v in hparams.items() if k in accepted}
+
+
+def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]
+               ) -> LoadedModel:
+    """The network and preprocessing of `path`: a Lightning `.ckpt` (its saved hyper-parameters
+    win) or a bare state dict (architecture from `model_cfg`, preprocessing from `data_cfg`)."""
+    path = Path(path)
+    obj = _read(path)
+    state = load_bundle_state_dict(path)
+    found = head_classes(state, path)
+    if isinstance(obj, Mapping) and isinstance(obj.get(HPARAMS), Mapping):
+        hparams = dict(obj[HPARAMS])
+        data = dict(obj.get(DATA_HPARAMS) or {})
+        source = "the checkpoint's hyper_parameters"
+    else:
+        hparams, data = dict(model_cfg), dict(data_cfg)
+        source = "the model config (model.num_classes / data.version)"
+    version = data.get("version")
+    names = hparams.get("label_names") or (label_names(version) if version else None)
+    expected = int(hparams.get("num_classes") or len(names or ()))
+    if names is not None and len(names) != expected:
+        raise ValueError(f"{path}: {source} give {expected} classes but {len(names)} label names "
+                         f"(data.version={version})")
+    if version and num_classes(version) != expected:
+        raise ValueError(f"{path}: {source} give {expected} classes but TotalSegmentator "
+                         f"{version} has {num_classes(version)}; the checkpoint does not match "
+                         "its data version")
+    if found != expected:
+        raise ValueError(f"{path}: the weights have {found} output classes but {source} expect "
+                         f"{expected}; use a checkpoint trained for this class set or set "
+                         f"data.version / model.num_classes to match it")
+    hparams.update(num_classes=expected, label_names=names)
+    module = SegResNetModule(**_module_kwargs(hparams))
+    load_into(module.net, state, source=path)
+    pipeline = _pipeline(data)
+    roi = tuple(int(r) for r in hparams.get("roi_size") or pipeline.patch_size)
+    log.info("%s: %d classes, spacing %s mm, intensity %s", path, expected, pipeline.spacing,
+             pipeline.intensity)
+    return LoadedModel(module.net.eval(), list(module.label_names), pipeline, roi)

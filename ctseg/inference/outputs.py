@@ -1,0 +1,140 @@
+"""Outputs of `predict.py`: label map, per-structure masks, probabilities, label JSON and colour
+tables for 3D Slicer and ITK-SNAP, written into a case folder that appears atomically."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from ctseg.data.merge import write_atomic
+
+LABELS_FILE = "labels.nii.gz"
+LABELS_JSON = "labels.json"
+SLICER_TABLE = "labels_slicer.ctbl"
+ITKSNAP_TABLE = "labels_itksnap.txt"
+MASKS_DIR = "segmentations"
+PROBABILITIES_DIR = "probabilities"
+TIMING_FILE = "timing.json"
+
+
+def label_colours(count: int) -> list[tuple[int, int, int]]:
+    """Distinct, deterministic RGB colours for labels 0..count-1 (0, the background, is black)."""
+    colours = [(0, 0, 0)]
+    golden = 0.618033988749895
+    for i in range(1, count):
+        hue = (i * golden) % 1.0
+        value = 0.95 if i % 2 else 0.75
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.75, value)
+        colours.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colours
+
+
+def label_json(names: Sequence[str]) -> str:
+    """`{"0": "background", "1": "spleen", ...}` as indented JSON text."""
+    return json.dumps({str(i): n for i, n in enumerate(names)}, indent=2) + "\n"
+
+
+def slicer_table(names: Sequence[str]) -> str:
+    """3D Slicer colour table (.ctbl): `index name R G B A` per label."""
+    lines = ["# 3D Slicer colour table written by ctseg", f"# {len(names)} labels"]
+    for i, (name, (r, g, b)) in enumerate(zip(names, label_colours(len(names)), strict=True)):
+        lines.append(f"{i} {name} {r} {g} {b} {0 if i == 0 else 255}")
+    return "\n".join(lines) + "\n"
+
+
+def itksnap_table(names: Sequence[str]) -> str:
+    """ITK-SNAP label description file: index, RGB, alpha, visibility, mesh visibility, name."""
+    lines = ["# ITK-SnAP Label Description File written by ctseg",
+             "# Columns = Index, Red, Green, Blue, Alpha, Label visibility, Mesh visibility, Label"]
+    for i, (name, (r, g, b)) in enumerate(zip(names, label_colours(len(names)), strict=True)):
+        shown = 0 if i == 0 else 1
+        lines.append(f"{i:5d} {r:5d} {g:4d} {b:4d} {shown:8d} {shown:2d} {shown:2d}    \"{name}\"")
+    return "\n".join(lines) + "\n"
+
+
+def labels_dtype(num_classes: int) -> type[np.integer]:
+    """uint8 for fewer than 256 classes, else uint16."""
+    return np.uint8 if num_classes < 256 else np.uint16
+
+
+def nifti_like(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None
+               ) -> nib.Nifti1Image:
+    """A NIfTI image of `data` on the input's grid: its affine and (when given) a copy of its
+    header, with data type and scaling set for `data`."""
+    hdr = header.copy() if header is not None else nib.Nifti1Header()
+    img = nib.Nifti1Image(data, affine, hdr)
+    img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    if header is None:
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    return img
+
+
+def _save(img: nib.Nifti1Image, path: Path) -> None:
+    """Write a NIfTI file (inside the temporary case folder, so plain saving is enough)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+
+
+def write_case(
+    folder: Path,
+    labels: np.ndarray,
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None,
+    names: Sequence[str],
+    masks: bool,
+    probabilities: Mapping[int, np.ndarray],
+) -> None:
+    """Write every output of one case into `folder` (which must be empty or new)."""
+    labels = labels.astype(labels_dtype(len(names)), copy=False)
+    _save(nifti_like(labels, affine, header), folder / LABELS_FILE)
+    (folder / LABELS_JSON).write_text(label_json(names))
+    (folder / SLICER_TABLE).write_text(slicer_table(names))
+    (folder / ITKSNAP_TABLE).write_text(itksnap_table(names))
+    if masks:
+        for index, name in enumerate(names[1:], start=1):
+            mask = (labels == index).astype(np.uint8)
+            _save(nifti_like(mask, affine, header), folder / MASKS_DIR / f"{name}.nii.gz")
+    for index, volume in probabilities.items():
+        prob = volume.astype(np.float32, copy=False)
+        _save(nifti_like(prob, affine, header),
+              folder / PROBABILITIES_DIR / f"{names[index]}.nii.gz")
+
+
+@contextmanager
+def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target` that replaces `target` on success and is
+    deleted on failure, so a case folder is either complete or absent."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(f"{target}: output exists; set overwrite=true to replace it")
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.",
+                                        suffix=".old"))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write `payload` as indented JSON atomically."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))

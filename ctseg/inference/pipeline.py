@@ -1,0 +1,164 @@
+"""Prediction of one case: preprocess as in training, memory-bounded sliding window, argmax,
+invert to the input grid (nearest neighbour), save; with a per-stage timing report."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd, LoadImaged
+
+from ctseg.data.transforms import IMAGE, infer_transforms
+from ctseg.inference.aggregate import sliding_window_predict
+from ctseg.inference.inputs import Case, load_case
+from ctseg.inference.model import LoadedModel
+from ctseg.inference.outputs import atomic_folder, write_case
+
+log = logging.getLogger(__name__)
+
+PRED = "pred"
+STAGES = ("load", "preprocess", "inference", "postprocess", "save")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Sliding-window, device and output settings of a prediction run."""
+
+    roi_size: Sequence[int] | None = None
+    overlap: float = 0.25
+    mode: str = "gaussian"
+    sw_batch_size: int = 1
+    slab_axis: int | None = None
+    device: str = "cpu"
+    amp: bool = True
+    masks: bool = True
+    probabilities: Sequence[str | int] = field(default_factory=tuple)
+    series_uid: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available) as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} requested but CUDA is not available; use device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {name!r}")
+    return device
+
+
+def class_indices(names: Sequence[str], wanted: Sequence[str | int]) -> list[int]:
+    """Class indices of `wanted` structure names or indices; ValueError naming unknown ones."""
+    indices = []
+    for item in wanted:
+        if isinstance(item, int) or str(item).isdigit():
+            index = int(item)
+            if not 0 <= index < len(names):
+                raise ValueError(f"probabilities: class index {index} outside 0..{len(names) - 1}")
+        elif item in names:
+            index = list(names).index(item)
+        else:
+            raise ValueError(f"probabilities: unknown structure {item!r}; names are those of "
+                             "labels.json (e.g. liver, spleen)")
+        indices.append(index)
+    return sorted(set(indices))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class CasePredictor:
+    """Runs `LoadedModel` on cases: one instance per run, `predict(case, folder)` per case."""
+
+    def __init__(self, model: LoadedModel, options: PredictOptions) -> None:
+        """Prepare transforms, device and the network for `options`."""
+        self.model, self.options = model, options
+        self.device = resolve_device(options.device)
+        self.amp = options.amp and self.device.type == "cuda"
+        self.keep = class_indices(model.label_names, options.probabilities)
+        steps = list(infer_transforms(model.pipeline).transforms)
+        if isinstance(steps[0], LoadImaged):
+            steps = steps[1:]  # cases are loaded by ctseg.inference.inputs (NIfTI or DICOM)
+        self.transforms = Compose(steps)
+        self.roi = tuple(options.roi_size or model.roi_size)
+        self.net = model.net.to(self.device).eval()
+
+    def _logits(self, windows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of a batch of windows (autocast on CUDA when AMP is on)."""
+        with torch.autocast(self.device.type, enabled=self.amp):
+            return self.net(windows).float()
+
+    def _sync(self) -> None:
+        """Wait for queued CUDA work so stage timings are right."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _invert(self, data: dict[str, Any], volume: torch.Tensor, nearest: bool) -> np.ndarray:
+        """`volume` (D, H, W) on the preprocessed grid mapped back to the loaded input's grid."""
+        image = data[IMAGE]
+        pred = MetaTensor(volume[None].float(), meta=dict(image.meta),
+                          applied_operations=list(image.applied_operations))
+        inverter = Invertd(keys=PRED, transform=self.transforms, orig_keys=IMAGE,
+                           nearest_interp=nearest)
+        return np.asarray(inverter({IMAGE: image, PRED: pred})[PRED])[0]
+
+    def predict(self, case: Case, folder: Path, overwrite: bool = False) -> dict[str, Any]:
+        """Predict `case` and write its outputs to `folder` atomically; the timing report."""
+        times: dict[str, float] = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            self._sync()
+            now = time.perf_counter()
+            times[stage] = round(now - clock, 3)
+            clock = now
+
+        image, header = load_case(case, self.options.series_uid)
+        shape, affine = tuple(image.shape), np.asarray(image.affine, dtype=np.float64)
+        if header is not None:
+            affine = header.get_best_affine()
+        lap("load")
+        data = self.transforms({IMAGE: image})
+        lap("preprocess")
+        o = self.options
+        result = sliding_window_predict(
+            data[IMAGE][None], self._logits, self.roi, o.overlap, mode=o.mode,
+            sw_batch_size=o.sw_batch_size, slab_axis=o.slab_axis, keep_channels=self.keep,
+            sw_device=self.device, device=self.device, output_device="cpu",
+        )
+        lap("inference")
+        labels = np.rint(self._invert(data, result.labels, nearest=True))
+        probabilities = {c: self._invert(data, v, nearest=False)
+                         for c, v in result.probabilities.items()}
+        if labels.shape != shape:
+            raise RuntimeError(f"{case.path}: inverted labels have shape {labels.shape}, input "
+                               f"{shape}; the preprocessing is not invertible")
+        lap("postprocess")
+        with atomic_folder(folder, overwrite) as tmp:
+            write_case(tmp, labels, affine, header, self.model.label_names, o.masks,
+                       probabilities)
+        lap("save")
+        times["total"] = round(time.perf_counter() - start, 3)
+        report: dict[str, Any] = {
+            "case": case.name, "input": str(case.path), "output": str(folder),
+            "shape": list(shape), "model_grid": list(result.labels.shape),
+            "seconds": times, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "accumulator_mb": round(result.accumulator_bytes / 2**20, 1),
+        }
+        if self.device.type == "cuda":
+            report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return report

@@ -1,0 +1,83 @@
+"""Batch prediction behind `predict.py`: every case of the input, skip or overwrite existing
+outputs, keep going after a failed case and report failures at the end."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import Progress
+
+from ctseg.inference.inputs import discover_cases
+from ctseg.inference.model import load_model
+from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
+from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> Any:
+    """A DictConfig/ListConfig as builtins; anything else unchanged."""
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
+    """PredictOptions from the `sw`, device and output keys of conf/predict.yaml."""
+    sw = _plain(cfg.get("sw")) or {}
+    probabilities = _plain(cfg.get("probabilities")) or []
+    return PredictOptions(
+        roi_size=sw.get("roi_size"), overlap=float(sw.get("overlap", 0.25)),
+        mode=sw.get("mode", "gaussian"), sw_batch_size=int(sw.get("batch_size", 1)),
+        slab_axis=sw.get("slab_axis"), device=str(cfg.get("device", "cpu")),
+        amp=bool(cfg.get("amp", True)), masks=bool(cfg.get("masks", True)),
+        probabilities=list(probabilities), series_uid=cfg.get("series_uid"),
+    )
+
+
+def _summary_line(report: Mapping[str, Any]) -> str:
+    """One log line with the stage timings and peak memory of a case."""
+    times = report["seconds"]
+    stages = ", ".join(f"{s} {times[s]:.2f}s" for s in STAGES)
+    return (f"{report['case']}: {stages}, total {times['total']:.2f}s, peak RSS "
+            f"{report['peak_rss_mb']:.0f} MiB")
+
+
+def run(cfg: DictConfig | Mapping[str, Any]) -> int:
+    """Predict every case of `cfg.input` into `cfg.output`; 0 if all succeeded, 1 otherwise."""
+    output = Path(str(cfg["output"]))
+    cases = discover_cases(str(cfg["input"]))
+    model = load_model(str(cfg["ckpt"]), _plain(cfg.get("model")) or {},
+                       _plain(cfg.get("data")) or {})
+    predictor = CasePredictor(model, options_from(cfg))
+    overwrite = bool(cfg.get("overwrite", False))
+    reports, skipped, failures = [], [], []
+    with Progress(disable=not cfg.get("progress", True)) as progress:
+        task = progress.add_task("predict", total=len(cases))
+        for case in cases:
+            folder = output / case.name
+            progress.update(task, description=case.name)
+            if (folder / LABELS_FILE).exists() and not overwrite:
+                log.info("%s: output exists, skipped (overwrite=true to redo)", folder)
+                skipped.append(case.name)
+            else:
+                try:
+                    report = predictor.predict(case, folder, overwrite=overwrite)
+                    log.info(_summary_line(report))
+                    reports.append(report)
+                except Exception as err:
+                    log.error("%s failed: %s", case.path, err)
+                    failures.append({"case": case.name, "input": str(case.path),
+                                     "error": str(err)})
+            progress.advance(task)
+    write_json(output / TIMING_FILE, {"cases": reports, "skipped": skipped,
+                                      "failed": failures})
+    log.info("%d predicted, %d skipped, %d failed; timings in %s", len(reports), len(skipped),
+             len(failures), output / TIMING_FILE)
+    if failures:
+        log.error("failed cases:\n%s", "\n".join(f"  {f['input']}: {f['error']}"
+                                                  for f in failures))
+        return 1
+    return 0

@@ -1,0 +1,23 @@
+"""Segment CT volumes: `python predict.py ckpt=<.ckpt|model.pt> input=<path> output=<dir>`."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from ctseg.config import CONFIG_DIR
+from ctseg.inference.runner import run
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    """Predict every input case; exit non-zero when any case failed."""
+    status = run(cfg)
+    if status:
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Case folders appear atomically; colour tables and label JSON list every class."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctseg.inference.outputs import (
+    atomic_folder,
+    itksnap_table,
+    label_colours,
+    label_json,
+    labels_dtype,
+    slicer_table,
+)
+from ctseg.labels import label_names
+
+
+def test_failed_write_leaves_no_folder_and_no_temp(tmp_path) -> None:
+    target = tmp_path / "case"
+    with pytest.raises(RuntimeError, match="disk full"), atomic_folder(target, False) as tmp:
+        (tmp / "labels.nii.gz").write_bytes(b"partial")
+        raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_and_refuses_without_it(tmp_path) -> None:
+    target = tmp_path / "case"
+    with atomic_folder(target, False) as tmp:
+        (tmp / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="overwrite=true"), atomic_folder(target, False):
+        pass
+    with atomic_folder(target, True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+
+
+def test_tables_cover_every_class_with_distinct_colours() -> None:
+    names = label_names("v2")
+    colours = label_colours(len(names))
+    assert colours[0] == (0, 0, 0) and len(set(colours)) == len(names)
+    assert json.loads(label_json(names))["117"] == "costal_cartilages"
+    slicer = [line.split() for line in slicer_table(names).splitlines() if line[0] != "#"]
+    assert [int(row[0]) for row in slicer] == list(range(len(names)))
+    assert slicer[117][1] == "costal_cartilages" and slicer[117][2:5] == list(
+        map(str, colours[117]))
+    snap = [line for line in itksnap_table(names).splitlines() if line[0] != "#"]
+    assert snap[0].split()[:5] == ["0", "0", "0", "0", "0"]
+    assert snap[117].split()[:4] == ["117", *map(str, colours[117])]
+    assert snap[117].endswith('"costal_cartilages"')
+    assert labels_dtype(118).__name__ == "uint8" and labels_dtype(300).__name__ == "uint16"
