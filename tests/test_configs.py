@@ -87,11 +87,13 @@ def test_instantiated_defaults(compose_cfg, tmp_path: Path) -> None:
     loggers = instantiate_group(cfg.logger)
     assert [type(lg).__name__ for lg in loggers] == ["CSVLogger", "TensorBoardLogger",
                                                      "WandbLogger"]
-    callbacks = {type(c).__name__: c for c in instantiate_group(cfg.callbacks)}
-    checkpoint = callbacks["ModelCheckpoint"]
-    assert checkpoint.save_last and checkpoint.save_on_exception
-    assert checkpoint.monitor == "val/mean_dice"
-    assert Path(checkpoint.dirpath) == tmp_path / "run" / "checkpoints"
+    callbacks = instantiate_group(cfg.callbacks)
+    best, last = (c for c in callbacks if type(c).__name__ == "ModelCheckpoint")
+    assert (best.monitor, best.mode, best.save_top_k) == ("val/mean_dice", "max", 1)
+    assert last.monitor is None and last.save_on_exception and last.filename == "last"
+    assert Path(best.dirpath) == Path(last.dirpath) == tmp_path / "run" / "checkpoints"
+    assert {"EarlyStopping", "LearningRateMonitor", "RichModelSummary", "RichProgressBar"} <= {
+        type(c).__name__ for c in callbacks}
 
 
 @pytest.mark.parametrize(

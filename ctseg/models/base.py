@@ -94,8 +94,8 @@ def _plain(value: Any) -> Any:
 
 
 def optimizer_factory(spec: OptimizerFactory | Mapping[str, Any] | None) -> OptimizerFactory:
-    """A callable `params -> Optimizer` from a partial, a `{_target_: ..., **kwargs}` mapping or None
-    (the bundle's AdamW, lr 1e-4, weight decay 1e-5)."""
+    """A callable `params -> Optimizer` from a partial, a `{_target_: ..., **kwargs}` mapping or
+    None (the bundle's AdamW, lr 1e-4, weight decay 1e-5)."""
     if spec is None:
         spec = DEFAULT_OPTIMIZER
     if isinstance(spec, DictConfig):
@@ -112,7 +112,8 @@ def optimizer_factory(spec: OptimizerFactory | Mapping[str, Any] | None) -> Opti
 
 class SegmentationModule(LightningModule):
     """Base of ctseg's segmentation modules: DiceCE loss, sliding-window validation/test with
-    per-class Dice, optimiser and schedule. Subclasses implement `configure_models` (set `self.net`).
+    per-class Dice, optimiser and schedule. Subclasses implement `configure_models` (setting
+    `self.net`).
 
     Batches are dicts with "image" (B, 1, D, H, W) float and "label" (B, 1, D, H, W) integer class
     indices. Logged: `train/loss`, `{val,test}/loss`, `{val,test}/dice/<structure>` for each class
@@ -138,7 +139,8 @@ class SegmentationModule(LightningModule):
         and metrics through the `configure_*` hooks."""
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (background + structures), got {num_classes}")
+            raise ValueError("num_classes must be >= 2 (background + structures), "
+                             f"got {num_classes}")
         label_names = (["background"] + [f"class_{i}" for i in range(1, num_classes)]
                        if label_names is None else [str(n) for n in label_names])
         if len(label_names) != num_classes:
@@ -183,8 +185,11 @@ class SegmentationModule(LightningModule):
         return self.inferer(image, self)
 
     def _shared_step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
-        """Loss (and, outside training, the Dice update) of one batch; one code path for all stages."""
-        image, label = batch["image"], batch["label"]
+        """Loss (and, outside training, the Dice update) of one batch; one path for all stages."""
+        # MONAI batches hold MetaTensors: plain tensors skip metadata tracking in every op and keep
+        # logged values loadable with weights_only (ddp_spawn sends callback_metrics that way).
+        image = batch["image"].as_subclass(Tensor)
+        label = batch["label"].as_subclass(Tensor)
         training = stage == "train"
         logits = self(image) if training else self.infer(image)
         loss = self.loss(logits, label)
@@ -251,10 +256,12 @@ class SegmentationModule(LightningModule):
             epochs = self.trainer.max_epochs
             warmup_epochs = self.hparams.warmup_epochs
             if warmup_epochs and (epochs is None or epochs < 1):
-                raise ValueError("warmup_epochs needs trainer.max_epochs to convert epochs to steps")
+                raise ValueError("warmup_epochs needs trainer.max_epochs to convert epochs to "
+                                 "steps")
             warmup = warmup_epochs * total // epochs if warmup_epochs else 0
             if warmup >= total:
                 raise ValueError(f"warmup_epochs={warmup_epochs} must be below trainer.max_epochs="
                                  f"{epochs}")
             scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

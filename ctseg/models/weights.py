@@ -1,4 +1,4 @@
-"""Network weights: read MONAI bundle `model.pt` files or ctseg checkpoints, load them, save them back."""
+"""Network weights: read MONAI bundle `model.pt` files or ctseg checkpoints, load and save them."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-# Prefix of the network's keys inside a ctseg Lightning checkpoint (the module keeps it at `self.net`).
+# Prefix of the network's keys in a ctseg Lightning checkpoint (the module keeps it at `self.net`).
 NET_PREFIX = "net."
-# Keys of SegResNet's output layer (`conv_final`: GroupNorm, ReLU, 1x1x1 convolution to the classes).
+# Keys of SegResNet's output layer (`conv_final`: GroupNorm, ReLU, 1x1x1 conv to the classes).
 SEGRESNET_HEAD = "conv_final.2."
 # How many offending keys an error message lists.
 _SHOWN = 5
@@ -49,8 +49,8 @@ def load_bundle_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         if "weights_only" in str(err).lower() or "weights only" in str(err).lower():
-            problem = ("it holds Python objects besides tensors, which weights_only loading refuses; "
-                       "re-save only the network's state dict")
+            problem = ("it holds Python objects besides tensors, which weights_only loading "
+                       "refuses; re-save only the network's state dict")
         else:
             problem = "it is not a readable PyTorch file (corrupt, truncated or another format)"
         raise ValueError(f"{path}: cannot load weights: {problem} ({err})") from err
@@ -117,12 +117,12 @@ def load_into(
 
 
 def bundle_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The plain network state dict of a ctseg module (keys as in a MONAI bundle `model.pt`), on CPU."""
+    """The plain network state dict of a ctseg module (keys as in a bundle `model.pt`), on CPU."""
     return {k: v.detach().cpu().clone() for k, v in module.net.state_dict().items()}
 
 
 def save_bundle_state_dict(module: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write `bundle_state_dict(module)` atomically to `path` (e.g. a bundle's `models/model.pt`)."""
+    """Write `bundle_state_dict(module)` atomically to `path` (e.g. a bundle's models/model.pt)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
