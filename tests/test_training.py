@@ -47,8 +47,8 @@ def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
 
 
 def test_phantom_quick_learns(compose_cfg, tmp_path):
-    metrics, objects = train(compose_cfg(*TINY, "data.n_phantoms=8", "trainer.max_epochs=150",
-                                         "trainer.check_val_every_n_epoch=25"))
+    metrics, objects = train(compose_cfg("experiment=phantom_quick", "data.extra_roots=[]",
+                                         "callbacks.progress_bar=null", "test=false"))
     rows = metric_rows(tmp_path / "run")
     losses = column(rows, "train/loss_epoch")
     assert [e for e, _ in losses] == list(range(150))
