@@ -166,3 +166,17 @@ def test_ddp_cpu_two_processes(compose_cfg):
     assert trainer.world_size == 2
     assert isinstance(trainer.strategy, DDPStrategy)
     assert "val/mean_dice" in metrics
+
+
+def test_multirun_sweep_runs_every_combination(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", *TINY, "debug=fast_dev_run", "seed=1,2",
+           "model.optimizer.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}",
+           f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'outputs'}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1", "2", "3"]
+    overrides = {(sweep / j / ".hydra" / "overrides.yaml").read_text() for j in jobs}
+    assert len(overrides) == 4
+    assert all("model.optimizer.lr=" in text and "seed=" in text for text in overrides)
