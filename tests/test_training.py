@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import OmegaConf
 
 from ctseg.training import train
 
@@ -61,6 +62,10 @@ def test_phantom_quick_learns(compose_cfg, tmp_path):
     assert dice[-1][1] >= 2 * dice[0][1]
     assert metrics["val/mean_dice"] == pytest.approx(dice[-1][1])
     assert objects["trainer"].global_step == 150 * objects["trainer"].num_training_batches
+    saved = OmegaConf.load(tmp_path / "run" / "checkpoints" / "config.yaml")
+    assert "${" not in (tmp_path / "run" / "checkpoints" / "config.yaml").read_text()
+    assert (saved.task_name, saved.model.num_classes, saved.data.patch_size) == (
+        "phantom_quick", 105, [16, 16, 16])
 
 
 def test_resume_from_run_folder_continues(compose_cfg, tmp_path):
