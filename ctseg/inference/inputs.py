@@ -20,6 +20,9 @@ from ctseg.data.layout import DatasetError
 
 log = logging.getLogger(__name__)
 
+# The CT of a subject folder in the TotalSegmentator layout.
+SUBJECT_CT = "ct.nii.gz"
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CT_MODALITY = "CT"
 
@@ -63,8 +66,9 @@ def _dicom_files(folder: Path) -> list[Path]:
 
 
 def discover_cases(source: str | Path) -> list[Case]:
-    """Cases of `source`: a NIfTI file, a DICOM series folder, or a folder of NIfTI files and/or
-    DICOM series sub-folders; DatasetError when it is missing or holds nothing readable."""
+    """Cases of `source`: a NIfTI file, a DICOM series folder, or a folder of NIfTI files, DICOM
+    series sub-folders and/or subject sub-folders with a `ct.nii.gz` (named after the sub-folder);
+    DatasetError when it is missing or holds nothing readable."""
     source = Path(source)
     if not source.exists():
         raise DatasetError(source, "input not found")
@@ -80,6 +84,9 @@ def discover_cases(source: str | Path) -> list[Case]:
              if p.is_file() and is_nifti(p)]
     cases += [Case(p.name, p, "dicom") for p in sorted(source.iterdir())
               if p.is_dir() and _dicom_files(p)]
+    # a TotalSegmentator-style root: one sub-folder per subject holding ct.nii.gz
+    cases += [Case(p.name, p / SUBJECT_CT, "nifti") for p in sorted(source.iterdir())
+              if p.is_dir() and (p / SUBJECT_CT).is_file()]
     if not cases:
         raise DatasetError(source, "empty input folder: no NIfTI files (.nii/.nii.gz), no DICOM "
                                    "files and no sub-folders with DICOM series")

@@ -239,3 +239,16 @@ def test_predict_cli_runs_through_hydra(tiny_ckpt, shared_ct, tmp_path):
     bad = subprocess.run([*command[:3], f"input={tmp_path / 'missing.nii.gz'}", f"output={out}"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert bad.returncode != 0 and "missing.nii.gz: input not found" in bad.stderr
+
+
+def test_totalsegmentator_root_gives_one_case_per_subject(tmp_path: Path) -> None:
+    from ctseg.inference.inputs import discover_cases
+
+    for subject in ("s0002", "s0001"):
+        (tmp_path / subject / "segmentations").mkdir(parents=True)
+        (tmp_path / subject / "ct.nii.gz").write_bytes(b"")
+    (tmp_path / "extra.nii.gz").write_bytes(b"")
+    (tmp_path / "meta.csv").write_text("image_id;split\n")
+    cases = discover_cases(tmp_path)
+    assert [(c.name, c.path.relative_to(tmp_path).as_posix()) for c in cases] == [
+        ("extra", "extra.nii.gz"), ("s0001", "s0001/ct.nii.gz"), ("s0002", "s0002/ct.nii.gz")]
