@@ -18,7 +18,7 @@ from monai.data.utils import pickle_hashing
 from torch.utils.data import DistributedSampler
 
 from ctseg.data.layout import META, read_meta
-from ctseg.data.merge import PreparedDataset, default_prepared_dir, prepare
+from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.phantoms import write_phantoms
 from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig, eval_transforms, train_transforms
 from ctseg.labels import check_version
@@ -36,8 +36,8 @@ STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)
 
 
 def default_cache_dir() -> Path:
-    """`$CTSEG_CACHE/tensors`, or ~/.cache/ctseg/tensors when CTSEG_CACHE is unset."""
-    return Path(os.environ.get("CTSEG_CACHE") or Path.home() / ".cache" / "ctseg") / "tensors"
+    """`<cache_root()>/tensors`: `$CTSEG_CACHE/tensors` or ~/.cache/ctseg/tensors."""
+    return cache_root() / "tensors"
 
 
 def shard(records: Sequence[Any], rank: int, world_size: int, seed: int = 0) -> list[Any]:

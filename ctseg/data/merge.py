@@ -95,12 +95,16 @@ def save_nifti_atomic(img: nib.Nifti1Image, path: str | Path) -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """ctseg's cache folder: `$CTSEG_CACHE`, or ~/.cache/ctseg when it is unset."""
+    return Path(os.environ.get("CTSEG_CACHE") or Path.home() / ".cache" / "ctseg")
+
+
 def default_prepared_dir(root: str | Path) -> Path:
-    """`$CTSEG_CACHE/prepared/<root name>-<hash of its path>` (CTSEG_CACHE: ~/.cache/ctseg)."""
+    """`<cache_root()>/prepared/<root name>-<hash of its path>`."""
     root = Path(root).resolve()
-    cache = Path(os.environ.get("CTSEG_CACHE") or Path.home() / ".cache" / "ctseg")
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
-    return cache / "prepared" / f"{root.name}-{digest}"
+    return cache_root() / "prepared" / f"{root.name}-{digest}"
 
 
 def fingerprint(subject: Subject, version: str) -> str:
