@@ -10,8 +10,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ctseg.atomic import write_atomic
 from ctseg.config import instantiate_group
-from ctseg.data.merge import write_atomic
 
 log = logging.getLogger(__name__)
 

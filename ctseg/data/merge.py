@@ -6,8 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ import nibabel as nib
 import numpy as np
 from filelock import FileLock
 
+from ctseg.atomic import save_nifti_atomic, write_atomic
 from ctseg.data.layout import (
     DatasetError,
     Subject,
@@ -60,39 +59,6 @@ class PreparedDataset:
         for record in self.records:
             totals += np.asarray(record["voxels"], dtype=np.int64)
         return totals
-
-
-def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> Path:
-    """Call `writer(tmp)` on a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def save_nifti_atomic(img: nib.Nifti1Image, path: str | Path) -> Path:
-    """Save a NIfTI image atomically; the temp file keeps `.nii.gz` so nibabel compresses it."""
-    path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def cache_root() -> Path:

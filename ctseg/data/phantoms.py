@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 from rich.progress import track
 
+from ctseg.atomic import write_atomic
 from ctseg.data.layout import META
-from ctseg.data.merge import write_atomic
 from ctseg.labels import check_version, class_names
 
 logger = logging.getLogger(__name__)

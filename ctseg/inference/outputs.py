@@ -16,7 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ctseg.data.merge import write_atomic
+from ctseg.atomic import write_atomic
 
 LABELS_FILE = "labels.nii.gz"
 LABELS_JSON = "labels.json"

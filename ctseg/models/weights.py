@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ctseg.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,6 @@ def bundle_state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 def save_bundle_state_dict(module: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write `bundle_state_dict(module)` atomically to `path` (e.g. a bundle's models/model.pt)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(bundle_state_dict(module), f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    state = bundle_state_dict(module)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    return Path(path)
