@@ -133,7 +133,7 @@ def test_sigterm_writes_checkpoint_and_resume_continues(compose_cfg, tmp_path):
 
 def test_bf16_mixed_runs_on_cpu(compose_cfg):
     metrics, objects = train(compose_cfg(*TINY, "debug=fast_dev_run",
-                                         "trainer.precision=bf16-mixed"))
+                                         "precision=bf16-mixed"))
     assert objects["trainer"].precision == "bf16-mixed"
     assert objects["trainer"].global_step == 1
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -185,3 +185,12 @@ def test_multirun_sweep_runs_every_combination(tmp_path):
     overrides = {(sweep / j / ".hydra" / "overrides.yaml").read_text() for j in jobs}
     assert len(overrides) == 4
     assert all("model.optimizer.lr=" in text and "seed=" in text for text in overrides)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_amp_trains(compose_cfg):
+    metrics, objects = train(compose_cfg(*TINY, "debug=fast_dev_run", "trainer=gpu"))
+    assert objects["trainer"].precision == "16-mixed"
+    assert objects["trainer"].global_step == 1
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
