@@ -194,3 +194,13 @@ def test_cuda_amp_trains(compose_cfg):
     assert objects["trainer"].precision == "16-mixed"
     assert objects["trainer"].global_step == 1
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_same_seed_gives_the_same_run(compose_cfg, tmp_path):
+    losses = []
+    for seed in (7, 7, 8):
+        metrics, _ = train(compose_cfg(*TINY, "trainer.max_epochs=2", f"seed={seed}",
+                                       "trainer.deterministic=true"))
+        losses.append(metrics["train/loss_epoch"])
+    assert losses[0] == losses[1]
+    assert losses[2] != losses[0]
