@@ -7,6 +7,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import numpy as np
+
 VERSIONS = ("v1", "v2")
 BACKGROUND = "background"
 
@@ -41,6 +43,11 @@ def label_names(version: str) -> list[str]:
     """Channel names in output order, index 0 being background."""
     names = class_names(version)
     return [BACKGROUND] + [names[i] for i in range(1, len(names) + 1)]
+
+
+def label_map_dtype(num_classes: int) -> type[np.unsignedinteger]:
+    """Smallest unsigned type holding class indices 0..num_classes-1 (uint8 or uint16)."""
+    return np.uint8 if num_classes <= 256 else np.uint16
 
 
 def vista3d_table() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ctseg.data.layout import (
     load_nifti,
     read_meta,
 )
-from ctseg.labels import check_version, class_names, num_classes
+from ctseg.labels import check_version, class_names, label_map_dtype, num_classes
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,10 @@ def fingerprint(subject: Subject, version: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def label_dtype(version: str) -> type[np.integer]:
-    """Smallest unsigned integer type holding every class index of a version."""
-    return np.uint8 if num_classes(version) <= 256 else np.uint16
-
-
 def merge_subject(subject: Subject, version: str, out_path: Path) -> list[int]:
     """Merge a subject's masks into `out_path` (later class wins); return voxels per class."""
     ct = load_nifti(subject.ct)
-    dtype = label_dtype(version)
+    dtype = label_map_dtype(num_classes(version))
     label = np.zeros(ct.shape, dtype=dtype)
     for index, name in sorted(class_names(version).items()):
         path = subject.mask(name)

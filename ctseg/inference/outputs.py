@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from ctseg.atomic import write_atomic
+from ctseg.labels import label_map_dtype
 
 LABELS_FILE = "labels.nii.gz"
 LABELS_JSON = "labels.json"
@@ -62,11 +63,6 @@ def itksnap_table(names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def labels_dtype(num_classes: int) -> type[np.integer]:
-    """uint8 for fewer than 256 classes, else uint16."""
-    return np.uint8 if num_classes < 256 else np.uint16
-
-
 def nifti_like(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None
                ) -> nib.Nifti1Image:
     """A NIfTI image of `data` on the input's grid: its affine and (when given) a copy of its
@@ -97,7 +93,7 @@ def write_case(
     probabilities: Mapping[int, np.ndarray],
 ) -> None:
     """Write every output of one case into `folder` (which must be empty or new)."""
-    labels = labels.astype(labels_dtype(len(names)), copy=False)
+    labels = labels.astype(label_map_dtype(len(names)), copy=False)
     _save(nifti_like(labels, affine, header), folder / LABELS_FILE)
     (folder / LABELS_JSON).write_text(label_json(names))
     (folder / SLICER_TABLE).write_text(slicer_table(names))

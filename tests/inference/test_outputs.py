@@ -11,10 +11,9 @@ from ctseg.inference.outputs import (
     itksnap_table,
     label_colours,
     label_json,
-    labels_dtype,
     slicer_table,
 )
-from ctseg.labels import label_names
+from ctseg.labels import label_map_dtype, label_names
 
 
 def test_failed_write_leaves_no_folder_and_no_temp(tmp_path) -> None:
@@ -50,4 +49,4 @@ def test_tables_cover_every_class_with_distinct_colours() -> None:
     assert snap[0].split()[:5] == ["0", "0", "0", "0", "0"]
     assert snap[117].split()[:4] == ["117", *map(str, colours[117])]
     assert snap[117].endswith('"costal_cartilages"')
-    assert labels_dtype(118).__name__ == "uint8" and labels_dtype(300).__name__ == "uint16"
+    assert label_map_dtype(118).__name__ == "uint8" and label_map_dtype(300).__name__ == "uint16"
