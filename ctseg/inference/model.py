@@ -17,7 +17,7 @@ from torch import nn
 from ctseg.data.transforms import PipelineConfig
 from ctseg.labels import label_names, num_classes
 from ctseg.models.segresnet import SegResNetModule
-from ctseg.models.weights import SEGRESNET_HEAD, load_bundle_state_dict, load_into
+from ctseg.models.weights import SEGRESNET_HEAD, load_into, network_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
     win) or a bare state dict (architecture from `model_cfg`, preprocessing from `data_cfg`)."""
     path = Path(path)
     obj = _read(path)
-    state = load_bundle_state_dict(path)
+    state = network_state_dict(obj, path)
     found = head_classes(state, path)
     if isinstance(obj, Mapping) and isinstance(obj.get(HPARAMS), Mapping):
         hparams = dict(obj[HPARAMS])

@@ -55,6 +55,13 @@ def load_bundle_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         else:
             problem = "it is not a readable PyTorch file (corrupt, truncated or another format)"
         raise ValueError(f"{path}: cannot load weights: {problem} ({err})") from err
+    return network_state_dict(obj, path)
+
+
+def network_state_dict(obj: Any, path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The network weights inside an already loaded weights file `obj` read from `path` (plain,
+    under "state_dict"/"model", or a ctseg checkpoint whose `net.` prefix is stripped)."""
+    path = Path(path)
     state = _unwrap(obj, path)
     if any(k.startswith(NET_PREFIX) for k in state):
         state = {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
