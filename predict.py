@@ -8,13 +8,15 @@ import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR
+from ctseg.errors import reported
 from ctseg.inference.runner import run
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Predict every input case; exit non-zero when any case failed."""
-    status = run(cfg)
+    with reported("predict.py"):
+        status = run(cfg)
     if status:
         sys.exit(status)
 

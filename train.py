@@ -6,13 +6,15 @@ import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR
+from ctseg.errors import reported
 from ctseg.training import train
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run training; return the metric named by `optimized_metric` for Hydra sweepers."""
-    metrics, _ = train(cfg)
+    with reported("train.py"):
+        metrics, _ = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 
 

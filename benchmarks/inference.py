@@ -8,8 +8,9 @@ folder. Each pipeline then runs in its own subprocess, so peak RSS (getrusage) i
 
 - ctseg: `ctseg.inference.runner.run`, i.e. `predict.py` (slab aggregation, argmax, nearest
   inversion, uint8 labels);
-- MONAI: the bundle's inference recipe: preprocessing, `SlidingWindowInferer` over the whole
-  volume (all 105 float32 logit channels), softmax, `Invertd` of every channel, argmax.
+- MONAI: the bundle's configs/inference.json as `ctseg.reference.wholebody_bundle` writes it with
+  MONAI's own transforms (no ctseg code): preprocessing, `SlidingWindowInferer` over the whole
+  volume (all 105 float32 logit channels), softmax, argmax, `Invertd` (nearest).
 
 Prints a table (time, peak RSS, ratios, voxel agreement) and writes it as JSON.
 """
@@ -92,34 +93,26 @@ def worker_ctseg(args: argparse.Namespace) -> dict:
 
 
 def worker_monai(args: argparse.Namespace) -> dict:
-    """Run the bundle's standard pipeline: full-volume logits, softmax, Invertd, argmax."""
+    """Run the bundle's inference.json recipe (`ctseg.reference.wholebody_bundle`, MONAI's own
+    transforms): full-volume logits, softmax, argmax, Invertd (nearest)."""
     import torch
-    from monai.inferers import SlidingWindowInferer
-    from monai.networks.nets import SegResNet
-    from monai.transforms import Activationsd, AsDiscreted, Invertd
 
-    from ctseg.data.transforms import PipelineConfig, infer_transforms
+    from ctseg.reference import wholebody_bundle as bundle
 
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    net = SegResNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, init_filters=32,
-                    blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), dropout_prob=0.2)
+    net = bundle.network(NUM_CLASSES)
     net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     net = net.to(device).eval()
-    # The bundle's preprocessing (load, RAS, 1.5 mm, z-score, smoothing, [-1, 1]).
-    preprocessing = infer_transforms(PipelineConfig(spacing=SPACING, intensity="segresnet"))
-    inferer = SlidingWindowInferer(roi_size=[args.roi] * 3, sw_batch_size=args.sw_batch_size,
-                                   overlap=args.overlap, mode="gaussian")
-    post = [Activationsd(keys="pred", softmax=True),
-            Invertd(keys="pred", transform=preprocessing, orig_keys="image",
-                    nearest_interp=False, to_tensor=True),
-            AsDiscreted(keys="pred", argmax=True)]
+    preprocessing = bundle.inference_preprocessing((SPACING,) * 3)
+    inferer = bundle.inference_inferer(sw_batch_size=args.sw_batch_size, overlap=args.overlap,
+                                       roi=(args.roi,) * 3)
+    postprocessing = bundle.inference_postprocessing(preprocessing)
     start = time.perf_counter()
     data = preprocessing({"image": args.ct})
     with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
         data["pred"] = inferer(data["image"][None].to(device), net)[0]
-    for transform in post:
-        data = transform(data)
-    labels = data["pred"][0].cpu().numpy().astype(np.uint8)
+    data = postprocessing(data)
+    labels = np.asarray(data["pred"][0].cpu()).astype(np.uint8)
     seconds = time.perf_counter() - start
     path = Path(args.workdir) / "monai_labels.nii.gz"
     nib.save(nib.Nifti1Image(labels, nib.load(args.ct).affine), path)
@@ -144,7 +137,7 @@ def table(rows: dict[str, dict], agreement: float, shape: tuple[int, ...]) -> st
              f"voxel agreement {agreement * 100:.3f} %", "",
              "| pipeline | time (s) | peak RSS (MiB) | time ratio | RSS ratio |",
              "|---|---:|---:|---:|---:|"]
-    for name, label in (("monai", "MONAI SlidingWindowInferer (full volume)"),
+    for name, label in (("monai", "bundle inference.json (MONAI, full volume)"),
                         ("ctseg", "ctseg predict (slab aggregation)")):
         r = rows[name]
         lines.append(f"| {label} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "

@@ -1,8 +1,11 @@
-"""The training run behind train.py: instantiate everything from a composed config, fit, test."""
+"""The training run behind train.py: instantiate everything from a composed config, check that the
+run can finish, fit, test."""
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +15,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctseg.atomic import write_atomic
 from ctseg.config import instantiate_group
+from ctseg.errors import ConfigError, MissingFileError
+from ctseg.models.weights import read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
-    """Map `ckpt_path` to what Lightning takes: None, "last", a file, or a run's last.ckpt."""
-    if ckpt_path is None or ckpt_path in ("last", "best", "hpc"):
-        return ckpt_path
-    path = Path(ckpt_path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path | None = None) -> str | None:
+    """Map `ckpt_path` to a checkpoint file or None: a file, a run folder (its last.ckpt), or
+    "last" (`<checkpoint_dir>/last.ckpt`); MissingFileError naming what is missing."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        if checkpoint_dir is None:
+            raise ConfigError("ckpt_path=last needs the run's checkpoint folder")
+        path = checkpoint_dir / "last.ckpt"
+    else:
+        path = Path(ckpt_path)
+        if path.is_dir():
+            path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"ckpt_path={ckpt_path}: no checkpoint at {path}; give a .ckpt file, a run folder "
             "holding checkpoints/last.ckpt, or ckpt_path=last with hydra.run.dir=<run folder>"
         )
@@ -39,6 +50,67 @@ def save_config(cfg: DictConfig, folder: Path) -> Path:
     return path
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Create `folder` and write a probe file in it; ConfigError naming the folder otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ctseg_probe_"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{folder}: cannot write the {what} there ({err.strerror or err}); "
+                          "choose a writable folder (hydra.run.dir=... or paths.log_dir=...)"
+                          ) from err
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the pre-flight checks found: the checkpoint to resume and whether to test."""
+
+    ckpt_path: str | None
+    test: bool
+
+
+def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.LightningModule,
+              trainer: L.Trainer, checkpoint_dir: Path) -> RunPlan:
+    """Check before the first step everything the run needs: writable output folders, a safe
+    resume checkpoint, prepared data with subjects for every stage, matching class counts.
+
+    A run without test subjects skips the test stage (one warning line) rather than failing
+    after training. Raises CtsegError subclasses naming the file or setting at fault.
+    """
+    check_writable(Path(cfg.paths.output_dir), "run's logs")
+    check_writable(checkpoint_dir, "checkpoints")
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)
+    if ckpt_path is not None:
+        read_checkpoint(ckpt_path, "checkpoint to resume", mmap=True)
+    data_classes = getattr(datamodule, "num_classes", None)
+    model_classes = model.hparams.get("num_classes")
+    if data_classes is not None and model_classes is not None and data_classes != model_classes:
+        raise ConfigError(f"the model has {model_classes} output classes but the data has "
+                          f"{data_classes} (data.version={datamodule.hparams.get('version')}); "
+                          "set model.num_classes to match, or leave it to the config's "
+                          "interpolation")
+    test = bool(cfg.get("test"))
+    if not hasattr(datamodule, "split_sizes"):
+        return RunPlan(ckpt_path, test)
+    datamodule.prepare_data()
+    sizes = datamodule.split_sizes()
+    if cfg.get("train"):
+        if not sizes["train"]:
+            raise ConfigError(f"{datamodule.meta_files()}: no 'train' subject; set the split "
+                              "column of meta.csv or add a dataset root")
+        if not sizes["val"] and trainer.limit_val_batches != 0:
+            raise ConfigError(f"{datamodule.meta_files()}: no 'val' subject and too few train "
+                              "subjects to hold one out (data.val_fraction); add val rows or "
+                              "subjects, or run without validation (trainer.limit_val_batches=0 "
+                              "callbacks=none)")
+    if test and not sizes["test"]:
+        log.warning("%s: no 'test' subject, so the test stage is skipped (test=false silences "
+                    "this)", datamodule.meta_files())
+        test = False
+    return RunPlan(ckpt_path, test)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the model on the datamodule, test the best checkpoint; return metrics and objects."""
     L.seed_everything(cfg.seed, workers=True)
@@ -49,21 +121,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     checkpoint_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or output_dir)
+    plan = preflight(cfg, datamodule, model, trainer, checkpoint_dir)
     config_path = save_config(cfg, checkpoint_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
     if cfg.get("train"):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path")),
-                    weights_only=False)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    if cfg.get("test"):
+    if plan.test:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         if best is None:
             log.warning("no best checkpoint was saved; testing the current weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     log.info("config: %s", config_path)

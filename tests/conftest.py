@@ -37,6 +37,23 @@ def mini_copy(shared_data: Path, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def two_subjects(shared_data: Path, tmp_path: Path) -> Path:
+    """A writable download of two subjects (s0001 train, s0002 val), both copies of the crop."""
+    root = tmp_path / "two_subjects"
+    for image_id in ("s0001", "s0002"):
+        shutil.copytree(shared_data / "s0001", root / image_id,
+                        ignore=shutil.ignore_patterns("label_totalseg_v2.nii.gz"))
+    (root / "meta.csv").write_text("image_id;split\ns0001;train\ns0002;val\n")
+    return root
+
+
+def truncate(path: Path) -> None:
+    """Cut a file to half its size, as an interrupted download leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 def _tree_digest(root: Path) -> dict[str, str]:
     """sha256 and mtime of every file under root, keyed by relative path."""
     return {str(p.relative_to(root)): f"{hashlib.sha256(p.read_bytes()).hexdigest()}:"

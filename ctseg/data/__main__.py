@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ctseg.data.layout import DatasetError, read_meta, subject_problems
+from ctseg.data.layout import read_meta, subject_problems
+from ctseg.errors import CtsegError
 from ctseg.labels import VERSIONS, label_names
 
 console = Console()
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, ValueError, FileNotFoundError) as err:
+    except (CtsegError, ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
         return 1
 

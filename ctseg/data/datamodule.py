@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -15,12 +16,14 @@ import torch
 from lightning import LightningDataModule
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
+from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import DistributedSampler
 
 from ctseg.data.layout import META, read_meta
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.phantoms import write_phantoms
 from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig, eval_transforms, train_transforms
+from ctseg.errors import ConfigError, DatasetError, root_cause
 from ctseg.labels import check_version
 from ctseg.labels import label_names as version_label_names
 from ctseg.labels import num_classes as version_num_classes
@@ -68,10 +71,11 @@ def split_validation(train: list[dict], fraction: float,
             [r for i, r in enumerate(train) if i in chosen])
 
 
-def _stamp_hash(item: dict) -> bytes:
+def _stamp_hash(item: dict, salt: str = "") -> bytes:
     """Disk-cache key of a record: its paths plus the size and mtime of both files, so a CT or
-    label map rewritten in place is recomputed rather than served stale."""
-    stamp: dict[str, Any] = {}
+    label map rewritten in place is recomputed rather than served stale; `salt` tells apart the
+    cached forms of one record (training vs. evaluation pipeline)."""
+    stamp: dict[str, Any] = {"salt": salt}
     for key in (IMAGE, LABEL):
         stat = Path(item[key]).stat()
         stamp[key] = (item[key], stat.st_size, stat.st_mtime_ns)
@@ -85,6 +89,31 @@ def _plain_sequence(value: Any) -> Any:
     if isinstance(value, Sequence) or hasattr(value, "__iter__"):
         return [_plain_sequence(v) for v in value]
     return value
+
+
+class NamedErrors(TorchDataset):
+    """A dataset whose read or preprocessing failures are DatasetErrors naming the subject's CT
+    (and label) file, in the main process and in DataLoader workers alike."""
+
+    def __init__(self, dataset: Dataset, records: Sequence[dict[str, Any]]) -> None:
+        """Wrap `dataset`, whose item i comes from `records[i]`."""
+        self.dataset, self.records = dataset, records
+
+    def __len__(self) -> int:
+        """Number of records."""
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        """Item `index` of the wrapped dataset, or a DatasetError naming its files."""
+        try:
+            return self.dataset[index]
+        except (DatasetError, MemoryError):
+            raise
+        except Exception as err:
+            record, cause = self.records[index], root_cause(err)
+            raise DatasetError(record[IMAGE], f"cannot load or preprocess this subject (label map "
+                                              f"{record[LABEL]}): {type(cause).__name__}: "
+                                              f"{cause}") from err
 
 
 class TotalSegmentatorDataModule(LightningDataModule):
@@ -115,6 +144,9 @@ class TotalSegmentatorDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         prepare_workers: int = 4,
+        smooth_sigma: float | None = None,
+        sampler: str = "random",
+        val_crop: int | Sequence[int] | None = None,
     ) -> None:
         """Validate the settings; record them as plain hyper-parameters (predict reads them)."""
         super().__init__()
@@ -132,7 +164,9 @@ class TotalSegmentatorDataModule(LightningDataModule):
         self.pipeline = PipelineConfig(spacing=_plain_sequence(spacing), intensity=intensity,
                                        hu_window=_plain_sequence(hu_window),
                                        patch_size=_plain_sequence(patch_size),
-                                       samples_per_volume=samples_per_volume)
+                                       samples_per_volume=samples_per_volume,
+                                       smooth_sigma=smooth_sigma, sampler=sampler,
+                                       num_classes=version_num_classes(version))
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.roots = roots
@@ -145,6 +179,9 @@ class TotalSegmentatorDataModule(LightningDataModule):
             "patch_size": _plain_sequence(patch_size), "batch_size": batch_size,
             "samples_per_volume": samples_per_volume, "num_workers": num_workers,
             "val_fraction": val_fraction, "seed": seed, "prepare_workers": prepare_workers,
+            # resolved (never None): predict.py reads what the checkpoint was trained with
+            "smooth_sigma": self.pipeline.smooth_sigma, "sampler": sampler,
+            "val_crop": _plain_sequence(val_crop),
         })
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, Dataset] = {}
@@ -197,6 +234,14 @@ class TotalSegmentatorDataModule(LightningDataModule):
                      len(splits["val"]), len(splits["train"]) + len(splits["val"]))
         return splits
 
+    def split_sizes(self) -> dict[str, int]:
+        """Subjects per split over all roots (val_fraction applied), merging labels if needed."""
+        return {split: len(records) for split, records in self._split_records().items()}
+
+    def meta_files(self) -> str:
+        """The meta.csv files of all roots, comma-separated, for messages."""
+        return ", ".join(str(Path(r) / META) for r in self.roots)
+
     def setup(self, stage: str | None = None, rank: int | None = None,
               world_size: int | None = None) -> None:
         """Build this rank's datasets for `stage` (fit, validate, test; None: all available).
@@ -211,23 +256,27 @@ class TotalSegmentatorDataModule(LightningDataModule):
         splits = self._split_records()
         wanted = STAGE_SPLITS.get(stage, ()) if stage else ("train", "val", "test")
         if stage in STAGE_SPLITS and not splits[wanted[0]]:
-            metas = ", ".join(str(Path(r) / META) for r in self.roots)
-            raise ValueError(f"{metas}: no {wanted[0]!r} subject for stage {stage!r}; set the "
-                             f"split column of meta.csv (train/val/test) or add a dataset root")
+            raise ConfigError(f"{self.meta_files()}: no {wanted[0]!r} subject for stage "
+                              f"{stage!r}; set the split column of meta.csv (train/val/test) or "
+                              "add a dataset root")
         for split in wanted:
             records = shard(splits[split], rank, world_size, self.hparams.seed)
             if split in self.datasets and records == self.records.get(split):
                 continue
             self.records[split] = records
             if records:
-                self.datasets[split] = self._dataset(records, train=split == "train")
+                self.datasets[split] = self._dataset(records, split)
             else:
                 log.warning("no %s subjects in %s", split, ", ".join(self.roots))
                 self.datasets.pop(split, None)
 
-    def _dataset(self, records: list[dict[str, Any]], train: bool) -> Dataset:
-        """A MONAI dataset over `records` with the configured cache."""
-        transform = train_transforms(self.pipeline) if train else eval_transforms(self.pipeline)
+    def _dataset(self, records: list[dict[str, Any]], split: str) -> Dataset:
+        """A MONAI dataset over `records` of `split` with the configured cache."""
+        crop = self.hparams.val_crop if split == "val" else None
+        if split == "train":
+            transform, salt = train_transforms(self.pipeline), "train"
+        else:
+            transform, salt = eval_transforms(self.pipeline, crop), f"eval:{crop}"
         cache = self.hparams.cache
         if cache == "memory":
             return CacheDataset(records, transform, cache_rate=self.hparams.cache_rate,
@@ -236,15 +285,15 @@ class TotalSegmentatorDataModule(LightningDataModule):
             cache_dir = self.tensor_cache_dir
             cache_dir.mkdir(parents=True, exist_ok=True)
             return PersistentDataset(records, transform, cache_dir=cache_dir,
-                                     hash_func=_stamp_hash)
+                                     hash_func=functools.partial(_stamp_hash, salt=salt))
         return Dataset(records, transform)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader | list:
         """DataLoader over this rank's `split`; under DDP with a non-sharding DistributedSampler
         so that Lightning does not split the already sharded records again."""
-        dataset = self.datasets.get(split)
-        if dataset is None:
+        if split not in self.datasets:
             return []
+        dataset = NamedErrors(self.datasets[split], self.records[split])
         sampler = None
         if self.world_size > 1:
             sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle,

@@ -12,22 +12,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ctseg.errors import DatasetError
 from ctseg.labels import class_names
 
 SPLITS = ("train", "val", "test")
 META = "meta.csv"
 # Tolerance for comparing a mask's affine with its CT's (millimetres / direction cosines).
 AFFINE_ATOL = 1e-3
-
-
-class DatasetError(ValueError):
-    """A problem with one file of a dataset; the message names the file and the problem."""
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        """Remember the offending path and the problem."""
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -122,7 +113,18 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
         data = data[..., 0]
     if data.ndim != 3:
         raise DatasetError(path, f"expected a 3-D volume, found shape {shape}")
+    check_affine(img.affine, path)
     return nib.Nifti1Image(data, img.affine, img.header)
+
+
+def check_affine(affine: np.ndarray, path: Path) -> None:
+    """Raise DatasetError unless the voxel-to-world affine is finite and invertible (a header
+    with zero or missing voxel sizes cannot be reoriented or resampled)."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(affine).all() or abs(np.linalg.det(linear)) < 1e-9:
+        sizes = np.round(np.linalg.norm(linear, axis=0), 4).tolist()
+        raise DatasetError(path, f"invalid voxel-to-world affine (voxel sizes {sizes} mm); the "
+                                 "header's pixdim/qform/sform are broken, fix or re-export it")
 
 
 def check_grid(ct: nib.Nifti1Image, mask: nib.Nifti1Image, mask_path: Path) -> None:

@@ -6,7 +6,8 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,8 @@ import numpy as np
 from filelock import FileLock
 
 from ctseg.atomic import save_nifti_atomic, write_atomic
-from ctseg.data.layout import (
-    DatasetError,
-    Subject,
-    check_binary,
-    check_grid,
-    load_nifti,
-    read_meta,
-)
+from ctseg.data.layout import Subject, check_binary, check_grid, load_nifti, read_meta
+from ctseg.errors import CtsegError, DatasetError
 from ctseg.labels import check_version, class_names, label_map_dtype, num_classes
 
 log = logging.getLogger(__name__)
@@ -111,8 +106,16 @@ def merge_subject(subject: Subject, version: str, out_path: Path) -> list[int]:
 
 
 def _merge_job(args: tuple[Subject, str, Path]) -> list[int]:
-    """Process-pool entry point of merge_subject."""
-    return merge_subject(*args)
+    """Process-pool entry point of merge_subject; any failure becomes a DatasetError naming the
+    subject, so the parent process reports it as the single-process path does."""
+    subject = args[0]
+    try:
+        return merge_subject(*args)
+    except (DatasetError, MemoryError):
+        raise
+    except Exception as err:
+        raise DatasetError(subject.folder, f"cannot merge this subject's masks "
+                                           f"({type(err).__name__}: {err})") from err
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -162,30 +165,59 @@ def prepare(
         if todo:
             log.info("merging %d of %d subjects of %s (%s) into %s", len(todo), len(subjects),
                      root, version, version_dir)
-        for (subject, _, _), voxels in zip(todo, _run(todo, workers, progress), strict=True):
-            entries[subject.image_id]["voxels"] = voxels
-        if todo or set(done) != set(entries):
+        merged, failures = _run(todo, workers, progress)
+        for image_id in {s.image_id for s, _, _ in todo} - set(merged):
+            del entries[image_id]  # failed: left out of the manifest, redone by the next run
+        for image_id, voxels in merged.items():
+            entries[image_id]["voxels"] = voxels
+        if merged or set(done) != set(entries):
             manifest = {"format": MERGE_FORMAT, "version": version, "root": str(root),
                         "subjects": entries}
             write_atomic(manifest_path,
                          lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    if failures:
+        first = failures[0]
+        more = (f" (and {len(failures) - 1} more subject(s); `python -m ctseg.data check "
+                f"{root}` lists every problem)") if len(failures) > 1 else ""
+        raise DatasetError(first.path, first.problem + more)
     records = [{"image_id": s.image_id, "split": s.split, "image": str(s.ct),
                 "label": str(version_dir / f"{s.image_id}.nii.gz"),
                 "voxels": entries[s.image_id]["voxels"]} for s in subjects]
     return PreparedDataset(root=root, version=version, out_dir=out, records=records)
 
 
-def _run(todo: list[tuple[Subject, str, Path]], workers: int, progress: bool) -> list[list[int]]:
-    """Merge the subjects in `todo`, in a process pool when workers > 1, with a progress bar."""
-    if not todo:
-        return []
+def _run(todo: list[tuple[Subject, str, Path]], workers: int, progress: bool
+         ) -> tuple[dict[str, list[int]], list[DatasetError]]:
+    """Merge the subjects in `todo` (in a process pool when workers > 1) with a progress bar;
+    voxel counts of the merged subjects by id, and the errors of the others."""
     from rich.progress import track
 
+    merged: dict[str, list[int]] = {}
+    failures: list[DatasetError] = []
+    if not todo:
+        return merged, failures
     description = f"merging {len(todo)} subjects"
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            results = pool.map(_merge_job, todo)
-            return list(track(results, total=len(todo), description=description,
-                              disable=not progress))
-    return [merge_subject(*job) for job in track(todo, description=description,
-                                                  disable=not progress)]
+            futures: list[Future] = [pool.submit(_merge_job, job) for job in todo]
+            try:
+                for job, future in track(zip(todo, futures, strict=True), total=len(todo),
+                                         description=description, disable=not progress):
+                    try:
+                        merged[job[0].image_id] = future.result()
+                    except DatasetError as err:
+                        failures.append(err)
+            except BrokenProcessPool as err:
+                raise CtsegError(f"a worker merging the masks died (killed, or out of memory) "
+                                 f"after {len(merged)} of {len(todo)} subjects; rerun with "
+                                 "fewer workers (--workers 1 / data.prepare_workers=1)") from err
+            finally:
+                for future in futures:
+                    future.cancel()
+        return merged, failures
+    for job in track(todo, description=description, disable=not progress):
+        try:
+            merged[job[0].image_id] = _merge_job(job)
+        except DatasetError as err:
+            failures.append(err)
+    return merged, failures

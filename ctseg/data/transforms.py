@@ -7,9 +7,20 @@ Intensity schemes (`PipelineConfig.intensity`):
 
 - ``segresnet``: the bundle's configs/train.json — z-score over non-zero voxels, foreground crop
   (voxels > 0 after z-scoring, margin 10, size a multiple of the patch), Gaussian smoothing
-  (sigma 0.4 voxel), rescale to [-1, 1].
+  (`smooth_sigma`, 0.4 voxel by default), rescale to [-1, 1].
 - ``hu_window``: VISTA3D style — clip Hounsfield units to `hu_window` and map them to [0, 1], then
   crop to voxels above the window's lower bound (> 0) with the same margin and divisibility.
+
+The bundle smooths in training (train.json) but not in prediction (inference.json). ctseg keeps
+the smoothing a setting of its own (`smooth_sigma`, 0 = off) that a checkpoint records, so a ctseg
+model predicts with the preprocessing it was trained with, and a bundle `model.pt` with the
+bundle's inference recipe (`smooth_sigma: 0.0` in conf/predict.yaml).
+
+Patch samplers (`PipelineConfig.sampler`): ``random`` draws patch centres uniformly (the bundle's
+RandSpatialCropd); ``classes`` first draws a class present in the volume (background included,
+all classes equally likely), then a voxel of that class as the centre (MONAI's
+RandCropByLabelClassesd, nnU-Net-style foreground oversampling), so small structures are seen as
+often as large ones.
 """
 
 from __future__ import annotations
@@ -23,8 +34,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.transforms import (
+    CenterSpatialCropd,
+    ClassesToIndicesd,
     Compose,
     CropForegroundd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     GaussianSmoothd,
@@ -32,6 +46,7 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandCropByLabelClassesd,
     RandSpatialCropSamplesd,
     ScaleIntensityd,
     ScaleIntensityRanged,
@@ -40,15 +55,19 @@ from monai.transforms import (
 )
 
 INTENSITIES = ("segresnet", "hu_window")
+SAMPLERS = ("random", "classes")
 # Bump when the deterministic transforms change, so disk caches of older tensors are not reused.
-TRANSFORM_VERSION = "1"
+TRANSFORM_VERSION = "2"
 IMAGE, LABEL = "image", "label"
 # Voxels added around the foreground box before rounding it up to a multiple of the patch size.
 CROP_MARGIN = 10
 # Nibabel's world axes (left->Right, posterior->Anterior, inferior->Superior), given explicitly.
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-# Gaussian smoothing of the bundle, in voxels.
-SMOOTH_SIGMA = 0.4
+# Gaussian smoothing of the bundle's training pipeline (train.json), in voxels, per scheme.
+DEFAULT_SMOOTH_SIGMA = {"segresnet": 0.4, "hu_window": 0.0}
+# Voxel indices kept per class for the `classes` sampler (bounds the cached index lists).
+MAX_INDICES_PER_CLASS = 20_000
+INDICES = f"{LABEL}_cls_indices"
 # Label maps are kept as uint8 (up to 256 classes): a quarter of float32 in memory and disk caches.
 LABEL_DTYPE = torch.uint8
 
@@ -69,20 +88,37 @@ def _triple(value: float | Sequence[float], name: str, kind: type) -> tuple:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Preprocessing settings: voxel spacing (mm), intensity scheme, HU window, patch size and
-    random patches per volume. Values are normalised to tuples on construction."""
+    """Preprocessing settings: voxel spacing (mm), intensity scheme, HU window, Gaussian smoothing
+    (sigma in voxels; None: the scheme's default, 0: none), patch size, random patches per volume,
+    patch sampler and class count (for the `classes` sampler). Values are normalised on
+    construction."""
 
     spacing: float | tuple[float, float, float] = 1.5
     intensity: str = "segresnet"
     hu_window: tuple[float, float] = (-963.8, 1053.7)
     patch_size: int | tuple[int, int, int] = (96, 96, 96)
     samples_per_volume: int = 1
+    smooth_sigma: float | None = None
+    sampler: str = "random"
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         """Validate every field and store spacing/patch_size as 3-tuples, hu_window as floats."""
         if self.intensity not in INTENSITIES:
             raise ValueError(f"unknown intensity scheme {self.intensity!r}; choose one of "
                              f"{', '.join(INTENSITIES)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown patch sampler {self.sampler!r}; choose one of "
+                             f"{', '.join(SAMPLERS)}")
+        if self.sampler == "classes" and not (self.num_classes or 0) >= 2:
+            raise ValueError("the classes sampler needs num_classes >= 2 (background included), "
+                             f"got {self.num_classes!r}")
+        sigma = DEFAULT_SMOOTH_SIGMA[self.intensity] if self.smooth_sigma is None \
+            else float(self.smooth_sigma)
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"smooth_sigma must be >= 0 voxels (0: no smoothing), got "
+                             f"{self.smooth_sigma!r}")
+        object.__setattr__(self, "smooth_sigma", sigma)
         object.__setattr__(self, "spacing", _triple(self.spacing, "spacing", float))
         object.__setattr__(self, "patch_size", _triple(self.patch_size, "patch_size", int))
         window = tuple(float(v) for v in self.hu_window)
@@ -104,27 +140,30 @@ class PipelineConfig:
             "intensity": self.intensity,
             "hu_window": self.hu_window if self.intensity == "hu_window" else None,
             "k_divisible": self.patch_size,
+            "smooth_sigma": self.smooth_sigma,
+            "class_indices": self.num_classes if self.sampler == "classes" else None,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _intensity(cfg: PipelineConfig, keys: Sequence[str]) -> list[MapTransform]:
-    """Intensity scaling, foreground crop and padding to at least one patch, per scheme."""
-    crop = [
-        CropForegroundd(keys=keys, source_key=IMAGE, margin=CROP_MARGIN,
-                        k_divisible=list(cfg.patch_size), allow_smaller=True),
-        SpatialPadd(keys=keys, spatial_size=list(cfg.patch_size)),
-    ]
+def _smoothing(cfg: PipelineConfig) -> list[MapTransform]:
+    """Gaussian smoothing of the image when `cfg.smooth_sigma` > 0, else nothing."""
+    return [GaussianSmoothd(keys=IMAGE, sigma=cfg.smooth_sigma)] if cfg.smooth_sigma else []
+
+
+def _intensity(cfg: PipelineConfig, crop: Sequence[MapTransform]) -> list[MapTransform]:
+    """Intensity scaling per scheme, with the `crop` steps (possibly none) where train.json has
+    its foreground crop."""
     if cfg.intensity == "segresnet":
         return [
             NormalizeIntensityd(keys=IMAGE, nonzero=True),
             *crop,
-            GaussianSmoothd(keys=IMAGE, sigma=SMOOTH_SIGMA),
+            *_smoothing(cfg),
             ScaleIntensityd(keys=IMAGE, minv=-1.0, maxv=1.0),
         ]
     low, high = cfg.hu_window
     return [ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0,
-                                 clip=True), *crop]
+                                 clip=True), *crop, *_smoothing(cfg)]
 
 
 def _deterministic(cfg: PipelineConfig) -> list[MapTransform]:
@@ -137,48 +176,60 @@ def _deterministic(cfg: PipelineConfig) -> list[MapTransform]:
         EnsureTyped(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=AXIS_LABELS),
         Spacingd(keys=keys, pixdim=list(cfg.spacing), mode=("bilinear", "nearest")),
-        *_intensity(cfg, keys),
+        *_intensity(cfg, [
+            # allow_smaller=True: MONAI 1.4's default, which the bundle's train.json relies on.
+            CropForegroundd(keys=keys, source_key=IMAGE, margin=CROP_MARGIN,
+                            k_divisible=list(cfg.patch_size), allow_smaller=True),
+            SpatialPadd(keys=keys, spatial_size=list(cfg.patch_size)),
+        ]),
         EnsureTyped(keys=IMAGE, dtype=torch.float32),
         EnsureTyped(keys=LABEL, dtype=LABEL_DTYPE),
+        *([ClassesToIndicesd(keys=LABEL, num_classes=cfg.num_classes,
+                             max_samples_per_class=MAX_INDICES_PER_CLASS)]
+          if cfg.sampler == "classes" else []),
     ]
 
 
-def eval_transforms(cfg: PipelineConfig) -> Compose:
-    """Validation/test pipeline: the deterministic prefix only, whole volumes (image and label)."""
-    return Compose(_deterministic(cfg))
+def eval_transforms(cfg: PipelineConfig,
+                    center_crop: Sequence[int] | None = None) -> Compose:
+    """Validation/test pipeline: the deterministic prefix on whole volumes (image and label), or
+    on their central `center_crop` region (the bundle validates on a 160^3 centre crop)."""
+    steps = [*_deterministic(cfg), DeleteItemsd(keys=INDICES)]
+    if center_crop is not None:
+        steps.append(CenterSpatialCropd(keys=(IMAGE, LABEL),
+                                        roi_size=list(_triple(center_crop, "center_crop", int))))
+    return Compose(steps)
+
+
+def _patches(cfg: PipelineConfig) -> MapTransform:
+    """The random patch sampler of `cfg`: uniform centres, or centres on a random class."""
+    keys, size = (IMAGE, LABEL), list(cfg.patch_size)
+    if cfg.sampler == "classes":
+        return RandCropByLabelClassesd(keys=keys, label_key=LABEL, spatial_size=size,
+                                       num_classes=cfg.num_classes,
+                                       num_samples=cfg.samples_per_volume, indices_key=INDICES,
+                                       allow_smaller=True, warn=False)
+    return RandSpatialCropSamplesd(keys=keys, roi_size=size, num_samples=cfg.samples_per_volume,
+                                   random_size=False)
 
 
 def train_transforms(cfg: PipelineConfig) -> Compose:
     """Training pipeline: the deterministic prefix, then `samples_per_volume` random patches of
     `patch_size` per volume (a list per item; collate with monai's list_data_collate)."""
-    return Compose([
-        *_deterministic(cfg),
-        RandSpatialCropSamplesd(keys=(IMAGE, LABEL), roi_size=list(cfg.patch_size),
-                                num_samples=cfg.samples_per_volume, random_size=False),
-    ])
+    return Compose([*_deterministic(cfg), _patches(cfg), DeleteItemsd(keys=INDICES)])
 
 
 def infer_transforms(cfg: PipelineConfig) -> Compose:
-    """Prediction pipeline for key "image" only: orientation, spacing and intensity as in training
-    but no crop, so `monai.transforms.Invertd(transform=this, orig_keys="image")` maps outputs back
-    to the input grid exactly."""
+    """Prediction pipeline for key "image" only: orientation, spacing, intensity and smoothing as
+    in training but no crop, so `monai.transforms.Invertd(transform=this, orig_keys="image")`
+    maps outputs back to the input grid exactly."""
     keys = (IMAGE,)
-    if cfg.intensity == "segresnet":
-        intensity: list[MapTransform] = [
-            NormalizeIntensityd(keys=IMAGE, nonzero=True),
-            GaussianSmoothd(keys=IMAGE, sigma=SMOOTH_SIGMA),
-            ScaleIntensityd(keys=IMAGE, minv=-1.0, maxv=1.0),
-        ]
-    else:
-        low, high = cfg.hu_window
-        intensity = [ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0,
-                                          b_max=1.0, clip=True)]
     return Compose([
         LoadImaged(keys=IMAGE, image_only=True, dtype=np.float32),
         EnsureChannelFirstd(keys=keys),
         EnsureTyped(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=AXIS_LABELS),
         Spacingd(keys=keys, pixdim=list(cfg.spacing), mode="bilinear"),
-        *intensity,
+        *_intensity(cfg, crop=()),
         EnsureTyped(keys=keys, dtype=torch.float32),
     ])

@@ -22,6 +22,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 from monai.utils import (
     BlendMode,
+    PytorchPadMode,
     convert_data_type,
     ensure_tuple_rep,
     fall_back_tuple,
@@ -82,6 +83,7 @@ def sliding_window_predict(
     slab_axis: int | None = None,
     keep_channels: Sequence[int] = (),
     cval: float = 0.0,
+    padding_mode: str = "constant",
     sw_device: torch.device | str | None = None,
     device: torch.device | str | None = None,
     output_device: torch.device | str | None = None,
@@ -107,6 +109,9 @@ def sliding_window_predict(
         keep_channels: class indices whose softmax (over all C classes) is returned as full
             (D, H, W) float32 volumes in `SlidingWindowResult.probabilities`.
         cval: constant used to pad an image smaller than `roi_size` (symmetric, like MONAI).
+        padding_mode: "constant" (with `cval`), "replicate", "reflect" or "circular": how an image
+            smaller than `roi_size` is padded, as MONAI's `padding_mode` (the wholeBody bundle's
+            inference.json uses "replicate").
         sw_device: device of the windows passed to `predictor` (default: the image's device).
         device: device of the rolling accumulator (default: the image's device).
         output_device: device of the returned volumes (default: `device`).
@@ -132,7 +137,7 @@ def sliding_window_predict(
     device = torch.device(device) if device is not None else image.device
     output_device = torch.device(output_device) if output_device is not None else device
 
-    image, pad = _pad_to_roi(image, roi, cval)
+    image, pad = _pad_to_roi(image, roi, cval, _check_padding(padding_mode))
     size = tuple(int(s) for s in image.shape[2:])
     axis = _check_axis(slab_axis, size, roi)
     interval = _get_scan_interval(size, roi, SPATIAL_DIMS, overlaps)
@@ -349,17 +354,26 @@ def _check_axis(slab_axis: int | None, size: tuple[int, ...], roi: tuple[int, ..
     return slab_axis % SPATIAL_DIMS
 
 
+def _check_padding(padding_mode: str) -> str:
+    """Padding mode among MONAI's (PyTorch's) pad modes."""
+    modes = [m.value for m in PytorchPadMode]
+    if str(padding_mode) not in modes:
+        raise ValueError(f"padding_mode must be one of {modes}, got {padding_mode!r}")
+    return str(padding_mode)
+
+
 def _pad_to_roi(
-    image: torch.Tensor, roi: tuple[int, ...], cval: float
+    image: torch.Tensor, roi: tuple[int, ...], cval: float, padding_mode: str = "constant"
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Pad axes shorter than `roi` symmetrically with `cval`, exactly as MONAI does."""
+    """Pad axes shorter than `roi` symmetrically (`padding_mode`, `cval`), exactly as MONAI
+    does."""
     pad = []
     for s, r in zip(image.shape[2:], roi, strict=True):
         diff = max(r - int(s), 0)
         pad.append((diff // 2, diff - diff // 2))
     if any(before or after for before, after in pad):
         flat = [p for before_after in reversed(pad) for p in before_after]
-        image = F.pad(image, pad=flat, mode="constant", value=cval)
+        image = F.pad(image, pad=flat, mode=padding_mode, value=cval)
     return image, pad
 
 

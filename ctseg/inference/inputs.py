@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from monai.utils import MetaKeys
 
-from ctseg.data.layout import DatasetError
+from ctseg.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

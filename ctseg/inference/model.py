@@ -3,7 +3,6 @@ state dict (`model.pt`), checking that the class count fits the configuration.""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 from collections.abc import Mapping
@@ -17,11 +16,18 @@ from torch import nn
 from ctseg.data.transforms import PipelineConfig
 from ctseg.labels import label_names, num_classes
 from ctseg.models.segresnet import SegResNetModule
-from ctseg.models.weights import SEGRESNET_HEAD, load_into, network_state_dict
+from ctseg.models.weights import (
+    SEGRESNET_HEAD,
+    load_into,
+    network_state_dict,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
 HPARAMS, DATA_HPARAMS = "hyper_parameters", "datamodule_hyper_parameters"
+# Preprocessing settings that prediction takes from a checkpoint or the `data` config.
+PREDICT_KEYS = ("spacing", "intensity", "hu_window", "patch_size", "smooth_sigma")
 # Module arguments that make no sense at inference (weights come from the checkpoint itself).
 _SKIPPED = ("pretrained", "reinit_head", "optimizer", "scheduler", "warmup_epochs")
 
@@ -41,17 +47,6 @@ class LoadedModel:
         return len(self.label_names)
 
 
-def _read(path: Path) -> Any:
-    """The object stored in a checkpoint file; ValueError naming the file when unreadable."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot read the checkpoint (corrupt, truncated, or not a "
-                         f"PyTorch file): {err}") from err
-
-
 def head_classes(state: Mapping[str, torch.Tensor], path: Path) -> int:
     """Output classes of a SegResNet state dict (rows of its final convolution)."""
     weights = [v for k, v in state.items() if k.startswith(SEGRESNET_HEAD) and k.endswith("weight")]
@@ -62,10 +57,12 @@ def head_classes(state: Mapping[str, torch.Tensor], path: Path) -> int:
 
 
 def _pipeline(data: Mapping[str, Any]) -> PipelineConfig:
-    """PipelineConfig from the matching keys of datamodule hyper-parameters or `data` config."""
-    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    """The prediction preprocessing from datamodule hyper-parameters or the `data` config: the
+    keys that shape an input volume (spacing, intensity, window, smoothing, patch size). A
+    checkpoint without `smooth_sigma` (ctseg before it was recorded) gets the scheme's default,
+    which is what such a checkpoint was trained with."""
     return PipelineConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                             for k, v in data.items() if k in names and v is not None})
+                             for k, v in data.items() if k in PREDICT_KEYS and v is not None})
 
 
 def _module_kwargs(hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,7 +76,7 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
     """The network and preprocessing of `path`: a Lightning `.ckpt` (its saved hyper-parameters
     win) or a bare state dict (architecture from `model_cfg`, preprocessing from `data_cfg`)."""
     path = Path(path)
-    obj = _read(path)
+    obj = read_checkpoint(path)
     state = network_state_dict(obj, path)
     found = head_classes(state, path)
     if isinstance(obj, Mapping) and isinstance(obj.get(HPARAMS), Mapping):
@@ -87,7 +84,8 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
         data = dict(obj.get(DATA_HPARAMS) or {})
         source = "the checkpoint's hyper_parameters"
     else:
-        hparams, data = dict(model_cfg), dict(data_cfg)
+        # A bare state dict (a bundle model.pt) follows the bundle's inference.json: no smoothing.
+        hparams, data = dict(model_cfg), {"smooth_sigma": 0.0, **data_cfg}
         source = "the model config (model.num_classes / data.version)"
     version = data.get("version")
     names = hparams.get("label_names") or (label_names(version) if version else None)
@@ -108,6 +106,6 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
     load_into(module.net, state, source=path)
     pipeline = _pipeline(data)
     roi = tuple(int(r) for r in hparams.get("roi_size") or pipeline.patch_size)
-    log.info("%s: %d classes, spacing %s mm, intensity %s", path, expected, pipeline.spacing,
-             pipeline.intensity)
+    log.info("%s: %d classes, spacing %s mm, intensity %s, smoothing sigma %s", path, expected,
+             pipeline.spacing, pipeline.intensity, pipeline.smooth_sigma)
     return LoadedModel(module.net.eval(), list(module.label_names), pipeline, roi)

@@ -35,6 +35,7 @@ class PredictOptions:
     roi_size: Sequence[int] | None = None
     overlap: float = 0.25
     mode: str = "gaussian"
+    padding_mode: str = "replicate"
     sw_batch_size: int = 1
     slab_axis: int | None = None
     device: str = "cpu"
@@ -137,7 +138,8 @@ class CasePredictor:
         o = self.options
         result = sliding_window_predict(
             data[IMAGE][None], self._logits, self.roi, o.overlap, mode=o.mode,
-            sw_batch_size=o.sw_batch_size, slab_axis=o.slab_axis, keep_channels=self.keep,
+            padding_mode=o.padding_mode, sw_batch_size=o.sw_batch_size, slab_axis=o.slab_axis,
+            keep_channels=self.keep,
             sw_device=self.device, device=self.device, output_device="cpu",
         )
         lap("inference")

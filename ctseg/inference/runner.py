@@ -30,7 +30,8 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
     probabilities = _plain(cfg.get("probabilities")) or []
     return PredictOptions(
         roi_size=sw.get("roi_size"), overlap=float(sw.get("overlap", 0.25)),
-        mode=sw.get("mode", "gaussian"), sw_batch_size=int(sw.get("batch_size", 1)),
+        mode=sw.get("mode", "gaussian"), padding_mode=sw.get("padding_mode", "replicate"),
+        sw_batch_size=int(sw.get("batch_size", 1)),
         slab_axis=sw.get("slab_axis"), device=str(cfg.get("device", "cpu")),
         amp=bool(cfg.get("amp", True)), masks=bool(cfg.get("masks", True)),
         probabilities=list(probabilities), series_uid=cfg.get("series_uid"),

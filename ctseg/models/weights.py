@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ctseg.atomic import write_atomic
+from ctseg.errors import CheckpointError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +39,41 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
     )
 
 
-def load_bundle_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read the network weights of a bundle `model.pt`, a `{"state_dict"|"model": ...}` file or a
-    ctseg Lightning `.ckpt` (its `net.` prefix stripped, other module state dropped), on the CPU.
+def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint",
+                    mmap: bool = False) -> Any:
+    """The object stored in a checkpoint or weights file, loaded on the CPU with
+    `torch.load(weights_only=True)`: tensors and plain containers only, never pickled objects,
+    which could run code on load. `mmap=True` maps tensors instead of reading them (a cheap check).
 
-    Loads with `torch.load(weights_only=True)`, so a file holding pickled Python objects is refused.
+    MissingFileError / CheckpointError name the file and say what to do.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+        raise MissingFileError(f"{path}: {what} not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
-        if "weights_only" in str(err).lower() or "weights only" in str(err).lower():
-            problem = ("it holds Python objects besides tensors, which weights_only loading "
-                       "refuses; re-save only the network's state dict")
-        else:
-            problem = "it is not a readable PyTorch file (corrupt, truncated or another format)"
-        raise ValueError(f"{path}: cannot load weights: {problem} ({err})") from err
-    return network_state_dict(obj, path)
+        text = str(err)
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refusing to load the {what}: it holds a pickled Python object "
+                f"({unsafe.group(1)}), and unpickling it could run arbitrary code (ctseg loads "
+                "with weights_only=True; its own checkpoints never need more). If you trust the "
+                "file, re-save only the network's state dict, or the checkpoint with plain "
+                "hyper-parameters") from err
+        if mmap and "mmap" in text:
+            return read_checkpoint(path, what)
+        detail = f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
+        raise CheckpointError(f"{path}: cannot read the {what} (corrupt, truncated, or not a "
+                              f"readable PyTorch file; {detail[:160]})") from err
+
+
+def load_bundle_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read the network weights of a bundle `model.pt`, a `{"state_dict"|"model": ...}` file or a
+    ctseg Lightning `.ckpt` (its `net.` prefix stripped, other module state dropped), on the CPU,
+    safely (`read_checkpoint`)."""
+    return network_state_dict(read_checkpoint(path, "pretrained weights file"), path)
 
 
 def network_state_dict(obj: Any, path: str | os.PathLike[str]) -> dict[str, Tensor]:

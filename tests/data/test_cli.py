@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import truncate
 
 from ctseg.data.__main__ import main
 
@@ -39,6 +43,26 @@ def test_v2_check_on_v1_download_lists_the_missing_masks(shared_data: Path, caps
 def test_errors_are_one_line_with_exit_status_1(tmp_path: Path, capsys) -> None:
     assert main(["prepare", str(tmp_path)]) == 1
     assert f"error: {tmp_path}/meta.csv: meta.csv not found" in capsys.readouterr().out
+
+
+def test_truncated_ct_with_default_workers_is_one_line(two_subjects: Path, tmp_path: Path) -> None:
+    truncate(two_subjects / "s0002" / "ct.nii.gz")
+    out = tmp_path / "prepared"
+    # The default --workers merges in a process pool; the error must cross it intact.
+    result = subprocess.run([sys.executable, "-m", "ctseg.data", "prepare", str(two_subjects),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {two_subjects}/s0002/ct.nii.gz: corrupt or truncated NIfTI file "
+                      f"{errors[0].split('NIfTI file ', 1)[1]}"]
+    assert "re-download it" in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "BrokenProcessPool" not in result.stdout + result.stderr
+    # The good subject is merged and recorded; the bad one is redone by the next run.
+    manifest = json.loads((out / "v1" / "manifest.json").read_text())
+    assert list(manifest["subjects"]) == ["s0001"]
+    assert (out / "v1" / "s0001.nii.gz").is_file()
 
 
 def test_help_lists_the_commands() -> None:

@@ -205,13 +205,19 @@ def test_bare_state_dict_uses_the_config_and_class_mismatch_is_named(shared_ct, 
     module = tiny_module()
     bundle = tmp_path / "model.pt"
     torch.save(module.net.state_dict(), bundle)
-    config = {"model": {"num_classes": 105, "init_filters": 8},
-              "data": {"version": "v1", "spacing": 4.0, "patch_size": [32, 32, 32]}}
+    data = {"version": "v1", "spacing": 4.0, "patch_size": [32, 32, 32]}
+    config = {"model": {"num_classes": 105, "init_filters": 8}, "data": data}
+    # The checkpoint records training with the segresnet scheme's smoothing (sigma 0.4).
     ckpt = save_checkpoint(module, tmp_path / "same.ckpt")
-    assert predict(bundle, shared_ct, tmp_path / "bare", masks=False, **config) == 0
     assert predict(ckpt, shared_ct, tmp_path / "ckpt", masks=False) == 0
-    np.testing.assert_array_equal(np.asanyarray(labels_of(tmp_path / "bare" / "ct").dataobj),
+    assert predict(bundle, shared_ct, tmp_path / "smoothed", masks=False, model=config["model"],
+                   data={**data, "smooth_sigma": 0.4}) == 0
+    np.testing.assert_array_equal(np.asanyarray(labels_of(tmp_path / "smoothed" / "ct").dataobj),
                                   np.asanyarray(labels_of(tmp_path / "ckpt" / "ct").dataobj))
+    # A bare state dict follows the bundle's inference.json, which does not smooth.
+    assert predict(bundle, shared_ct, tmp_path / "bare", masks=False, **config) == 0
+    bare = np.asanyarray(labels_of(tmp_path / "bare" / "ct").dataobj)
+    assert (bare != np.asanyarray(labels_of(tmp_path / "ckpt" / "ct").dataobj)).mean() > 0.01
     wrong = {"model": {"num_classes": 118, "init_filters": 8},
              "data": {"version": "v2", "spacing": 4.0}}
     with pytest.raises(ValueError, match=r"model\.pt: the weights have 105 output classes but .* "

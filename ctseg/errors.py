@@ -1,0 +1,120 @@
+"""Errors a researcher can act on, and how the command lines report them: one line, exit 1.
+
+A `CtsegError` keeps its message when it crosses a process boundary: it pickles (process pools),
+it is rebuilt from the traceback text that a DataLoader worker sends back, and `user_message`
+finds it inside the traceback text of a spawned DDP process.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class CtsegError(Exception):
+    """A problem with the user's data, checkpoint or settings; the message says what to do."""
+
+
+class ConfigError(CtsegError, ValueError):
+    """A setting, or a combination of settings, that cannot work (found before any work)."""
+
+
+class CheckpointError(CtsegError, ValueError):
+    """A checkpoint ctseg refuses to read: unreadable, not weights, or holding pickled objects."""
+
+
+class MissingFileError(CtsegError, FileNotFoundError):
+    """A file the run needs (checkpoint, weights, input) does not exist."""
+
+
+class DatasetError(CtsegError, ValueError):
+    """A problem with one file of a dataset or input; the message names the file and the problem.
+
+    `DatasetError(message)` with one argument, as a DataLoader worker's re-raise calls it, takes the
+    path and problem from the last DatasetError line of that message.
+    """
+
+    def __init__(self, path: str | Path, problem: str | None = None) -> None:
+        """Remember the offending path and the problem."""
+        if problem is None:
+            path, problem = _split_message(_last_error(str(path), "DatasetError") or str(path))
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickle as (path, problem), so process pools re-create the same error."""
+        return type(self), (str(self.path), self.problem)
+
+
+_ERROR_LINE = r"^(?:[\w.]+\.)?({names}): "
+
+
+def _last_error(text: str, *names: str) -> str | None:
+    """The message of the last `<module.>Name: message` line of a traceback text (to its end)."""
+    pattern = re.compile(_ERROR_LINE.format(names="|".join(names)), re.MULTILINE)
+    matches = list(pattern.finditer(text))
+    return text[matches[-1].end():].strip() if matches else None
+
+
+def _split_message(message: str) -> tuple[str, str]:
+    """(path, problem) of a "path: problem" message; the whole message is the problem without
+    a path part."""
+    path, sep, problem = message.partition(": ")
+    return (path, problem) if sep else ("<unknown file>", message)
+
+
+def _error_names() -> list[str]:
+    """Class names of CtsegError and all its subclasses."""
+    names, todo = [], [CtsegError]
+    while todo:
+        cls = todo.pop()
+        names.append(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+def user_message(err: BaseException) -> str | None:
+    """The message of the CtsegError behind `err` (itself, its cause or context chain, or the
+    traceback text of another process inside its message); None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, CtsegError):
+            return str(current)
+        remote = _last_error(str(current), *_error_names())
+        if remote:
+            return remote
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of `err`'s cause chain (MONAI wraps transform errors)."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
+@contextmanager
+def reported(program: str) -> Iterator[None]:
+    """Turn a CtsegError (however wrapped) into `error: <message>` on stderr and exit status 1;
+    the traceback goes to the log at debug level. Other errors propagate unchanged."""
+    try:
+        yield
+    except Exception as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        log.debug("%s failed", program, exc_info=True)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
