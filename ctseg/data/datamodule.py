@@ -223,16 +223,25 @@ class TotalSegmentatorDataModule(LightningDataModule):
     def _split_records(self) -> dict[str, list[dict[str, Any]]]:
         """Records of all roots by split, with the val_fraction fallback applied."""
         splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
-        for prepared in self._prepare_all():
+        for index, prepared in enumerate(self._prepare_all()):
             for split, records in prepared.by_split().items():
+                split = self._split_of(index, split)
                 splits[split] += [{IMAGE: r["image"], LABEL: r["label"], SUBJECT: r["image_id"]}
-                                  for r in records]
+                                  for r in records] * self._repeats(index, split)
         if not splits["val"] and splits["train"]:
             splits["train"], splits["val"] = split_validation(
                 splits["train"], self.hparams.val_fraction, self.hparams.seed)
             log.info("no val rows in meta.csv: using %d of %d train subjects for validation",
                      len(splits["val"]), len(splits["train"]) + len(splits["val"]))
         return splits
+
+    def _split_of(self, root_index: int, split: str) -> str:
+        """The split that subjects of root `root_index` with meta.csv split `split` join."""
+        return split
+
+    def _repeats(self, root_index: int, split: str) -> int:
+        """How often each subject of root `root_index` appears in `split` (oversampling)."""
+        return 1
 
     def split_sizes(self) -> dict[str, int]:
         """Subjects per split over all roots (val_fraction applied), merging labels if needed."""
@@ -318,7 +327,8 @@ class TotalSegmentatorDataModule(LightningDataModule):
 
 class PhantomDataModule(TotalSegmentatorDataModule):
     """TotalSegmentatorDataModule over synthetic phantoms written on first use into `phantom_root`,
-    plus optional `extra_roots` (e.g. the real crop, whose subjects join their meta.csv split)."""
+    plus optional `extra_roots` (e.g. the real crop), whose subjects join their meta.csv split, or
+    `extra_split` for all of them."""
 
     def __init__(
         self,
@@ -327,9 +337,15 @@ class PhantomDataModule(TotalSegmentatorDataModule):
         phantom_seed: int = 0,
         phantom_shape: Sequence[int] = (80, 80, 64),
         extra_roots: Sequence[str] = (),
+        extra_split: str | None = None,
+        extra_repeat: int = 1,
         **kwargs: Any,
     ) -> None:
         """Remember the phantom settings; other arguments go to TotalSegmentatorDataModule."""
+        if extra_split is not None and extra_split not in STAGE_SPLITS["fit"] + ("test",):
+            raise ValueError(f"extra_split must be train, val, test or null, got {extra_split!r}")
+        if extra_repeat < 1:
+            raise ValueError(f"extra_repeat must be >= 1, got {extra_repeat}")
         extras = [str(r) for r in extra_roots]
         super().__init__(root=[str(phantom_root), *extras], **kwargs)
         self.phantom_shape = tuple(int(s) for s in phantom_shape)
@@ -338,8 +354,16 @@ class PhantomDataModule(TotalSegmentatorDataModule):
         self.save_hyperparameters({
             "phantom_root": str(phantom_root), "n_phantoms": n_phantoms,
             "phantom_seed": phantom_seed, "phantom_shape": list(self.phantom_shape),
-            "extra_roots": extras,
+            "extra_roots": extras, "extra_split": extra_split, "extra_repeat": extra_repeat,
         })
+
+    def _split_of(self, root_index: int, split: str) -> str:
+        """Extra roots (index >= 1) join `extra_split` when it is set."""
+        return self.hparams.extra_split if root_index and self.hparams.extra_split else split
+
+    def _repeats(self, root_index: int, split: str) -> int:
+        """Extra subjects appear `extra_repeat` times in the training split (oversampled)."""
+        return self.hparams.extra_repeat if root_index and split == "train" else 1
 
     def _phantoms_current(self) -> bool:
         """Whether phantom_root holds phantoms of the requested count and shape."""
