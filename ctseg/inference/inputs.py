@@ -16,6 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from monai.utils import MetaKeys
 
+from ctseg.data.layout import check_affine
 from ctseg.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def _load_nifti(path: Path) -> tuple[MetaTensor, nib.Nifti1Header]:
         raise DatasetError(path, f"corrupt or unreadable NIfTI file ({type(err).__name__}: "
                                  f"{err})") from err
     _check_shape(path, tuple(int(s) for s in header.get_data_shape()))
+    check_affine(header.get_best_affine(), path)
     try:
         image = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
     except Exception as err:

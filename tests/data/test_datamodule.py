@@ -187,6 +187,55 @@ def test_extra_root_joins_test_split(shared_data: Path, phantom_root: Path,
     assert len(dm.records["test"]) == len(phantom_tests) + 1
 
 
+def test_extra_roots_can_join_training_oversampled(shared_data: Path, phantom_root: Path,
+                                                   tmp_path: Path) -> None:
+    dm = PhantomDataModule(phantom_root=str(phantom_root), n_phantoms=6, phantom_seed=1,
+                           phantom_shape=(40, 40, 32), extra_roots=[str(shared_data)],
+                           extra_split="train", extra_repeat=3,
+                           prepared_dir=str(tmp_path / "prepared"), **FAST)
+    dm.prepare_data()
+    assert dm.split_sizes() == {"train": 4 + 3, "val": 1, "test": 1}
+    dm.setup("fit")
+    real = [r["subject"] for r in dm.records["train"] if r["image"].startswith(
+        str(shared_data.resolve()))]
+    assert real == ["s0001"] * 3
+    assert (dm.hparams.extra_split, dm.hparams.extra_repeat) == ("train", 3)
+    with pytest.raises(ValueError, match="extra_split must be"):
+        PhantomDataModule(phantom_root=str(phantom_root), extra_split="holdout")
+
+
+def test_pipeline_settings_are_recorded_resolved(phantom_root: Path, tmp_path: Path) -> None:
+    dm = _module(phantom_root, tmp_path, val_crop=[32, 32, 32], sampler="classes")
+    # predict.py reads smoothing from the checkpoint: None is stored as the value it stood for.
+    assert (dm.hparams.smooth_sigma, dm.hparams.sampler, dm.hparams.val_crop) == (
+        0.4, "classes", [32, 32, 32])
+    assert _module(phantom_root, tmp_path, intensity="hu_window").hparams.smooth_sigma == 0.0
+    dm.setup("fit")
+    val = dm.datasets["val"][0]
+    assert tuple(val["image"].shape) == (1, 32, 32, 32)
+    assert "label_cls_indices" not in val
+    test = _module(phantom_root, tmp_path, val_crop=[32, 32, 32])
+    test.setup("test")
+    assert test.datasets["test"][0]["image"].shape[1] > 32  # the crop is validation's only
+
+
+def test_disk_cache_keeps_training_and_evaluation_forms_apart(phantom_root: Path,
+                                                             tmp_path: Path) -> None:
+    dm = _module(phantom_root, tmp_path, cache="disk", sampler="classes", samples_per_volume=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert tuple(batch["image"].shape) == (4, 1, PATCH, PATCH, PATCH)
+    for index in range(len(dm.records["train"])):
+        dm.datasets["train"][index]
+    cached = len(list(dm.tensor_cache_dir.glob("*.pt")))
+    assert cached == len(dm.records["train"])
+    # A training subject read by the evaluation pipeline gets a cache entry of its own (without
+    # the class indices), never the training form.
+    val = dm._dataset(dm.records["train"][:1], "val")[0]
+    assert "label_cls_indices" not in val
+    assert len(list(dm.tensor_cache_dir.glob("*.pt"))) == cached + 1
+
+
 def test_invalid_settings_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="disk, memory, none"):
         _module(tmp_path, tmp_path, cache="ram")

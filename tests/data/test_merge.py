@@ -184,6 +184,14 @@ def _non_binary(path: Path) -> None:
     nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
 
 
+def _zero_voxel_size(path: Path) -> None:
+    img = nib.load(path)
+    header = img.header.copy()
+    header["srow_z"] = [0, 0, 0, header["srow_z"][3]]  # a broken sform: no extent along z
+    header.set_qform(None, code=0)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), None, header), path)
+
+
 def _four_d(path: Path) -> None:
     img = nib.load(path)
     data = np.stack([np.asanyarray(img.dataobj)] * 2, axis=-1)
@@ -197,6 +205,8 @@ def _four_d(path: Path) -> None:
         ("ct.nii.gz", _corrupt, "ct.nii.gz: corrupt or truncated NIfTI"),
         ("ct.nii.gz", _truncate, "ct.nii.gz: corrupt or truncated NIfTI"),
         ("ct.nii.gz", _four_d, r"ct.nii.gz: expected a 3-D volume, found shape \(122, 101, 30, 2"),
+        ("ct.nii.gz", _zero_voxel_size, r"ct.nii.gz: invalid voxel-to-world affine \(voxel sizes "
+                                        r"\[3.0, 3.0, 0.0\] mm\)"),
         ("segmentations/liver.nii.gz", Path.unlink, "liver.nii.gz: mask of liver missing"),
         ("segmentations/liver.nii.gz", _corrupt, "liver.nii.gz: corrupt or truncated"),
         ("segmentations/liver.nii.gz", _truncate, "liver.nii.gz: corrupt or truncated"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.data import list_data_collate
 from monai.losses import DiceCELoss
-from monai.transforms import Invertd
+from monai.transforms import GaussianSmoothd, Invertd
 
 from ctseg.data.merge import prepare
 from ctseg.data.phantoms import write_phantoms
@@ -194,3 +194,60 @@ def test_infer_transforms_invert_to_input_grid(phantom_records: list[dict],
     body = np.asarray(raw.dataobj) > -500
     agreement = float((inverted[0].numpy().astype(bool) == body).mean())
     assert agreement > 0.95
+
+
+def test_smoothing_sampler_and_class_count_are_validated() -> None:
+    assert PipelineConfig().smooth_sigma == 0.4  # train.json's smoothing for the segresnet scheme
+    assert PipelineConfig(intensity="hu_window").smooth_sigma == 0.0
+    assert PipelineConfig(smooth_sigma=0).smooth_sigma == 0.0
+    with pytest.raises(ValueError, match="smooth_sigma must be >= 0"):
+        PipelineConfig(smooth_sigma=-1)
+    with pytest.raises(ValueError, match="unknown patch sampler 'nnunet'"):
+        PipelineConfig(sampler="nnunet")
+    with pytest.raises(ValueError, match="classes sampler needs num_classes"):
+        PipelineConfig(sampler="classes")
+    base = PipelineConfig()
+    # Both change the cached tensors: smoothing the image, the sampler the cached class indices.
+    assert PipelineConfig(smooth_sigma=0.0).fingerprint() != base.fingerprint()
+    assert PipelineConfig(sampler="classes", num_classes=105).fingerprint() != base.fingerprint()
+
+
+def test_smoothing_is_applied_only_when_asked(real_record: dict) -> None:
+    smooth = eval_transforms(PipelineConfig(spacing=3.0, patch_size=PATCH))(_item(real_record))
+    sharp = eval_transforms(PipelineConfig(spacing=3.0, patch_size=PATCH, smooth_sigma=0))(
+        _item(real_record))
+    assert smooth["image"].shape == sharp["image"].shape
+    assert float((smooth["image"] - sharp["image"]).abs().max()) > 0.05
+    assert torch.equal(smooth["label"], sharp["label"])
+    for sigma, present in ((0.0, False), (0.4, True)):
+        steps = infer_transforms(PipelineConfig(smooth_sigma=sigma)).transforms
+        assert any(isinstance(t, GaussianSmoothd) for t in steps) is present
+
+
+def test_classes_sampler_centres_patches_on_present_classes(phantom_records: list[dict]) -> None:
+    classes = num_classes("v1")
+    centres = {}
+    for sampler in ("random", "classes"):
+        cfg = PipelineConfig(spacing=3.0, patch_size=16, samples_per_volume=24, sampler=sampler,
+                             num_classes=classes)
+        transform = train_transforms(cfg)
+        transform.set_random_state(seed=0)
+        patches = [p for r in phantom_records for p in transform(_item(r))]
+        assert all(tuple(p["image"].shape) == (1, 16, 16, 16) for p in patches)
+        assert not any("label_cls_indices" in p for p in patches)  # not passed on to batches
+        centres[sampler] = [int(p["label"][0, 8, 8, 8]) for p in patches]
+    # Classes are drawn uniformly among those present (background is one of ~19), voxels not.
+    background = {s: c.count(0) / len(c) for s, c in centres.items()}
+    assert background["classes"] < 0.2 < background["random"]
+    assert len(set(centres["classes"])) > len(set(centres["random"]))
+
+
+def test_eval_center_crop(real_record: dict) -> None:
+    cfg = PipelineConfig(spacing=1.5, patch_size=PATCH)
+    whole = eval_transforms(cfg)(_item(real_record))
+    crop = eval_transforms(cfg, center_crop=(64, 64, 64))(_item(real_record))
+    assert tuple(crop["image"].shape) == (1, 64, 64, 64)
+    assert crop["label"].shape == crop["image"].shape
+    starts = [(w - 64) // 2 for w in whole["image"].shape[1:]]
+    window = tuple(slice(s, s + 64) for s in starts)
+    assert torch.equal(crop["image"][0], whole["image"][0][window])

@@ -150,7 +150,12 @@ def _bad_inputs(folder: Path, shared_ct: Path) -> dict[str, tuple[Path, str]]:
     (folder / "empty").mkdir()
     write_dicom_series(nib.Nifti1Image(data[:20, :20, :6], ct.affine), folder / "mr",
                        modality="MR")
+    header = ct.header.copy()
+    header["srow_z"] = [0, 0, 0, header["srow_z"][3]]  # a broken sform: no extent along z
+    header.set_qform(None, code=0)
+    nib.save(nib.Nifti1Image(data, None, header), folder / "flat.nii.gz")
     return {
+        "flat": (folder / "flat.nii.gz", "invalid voxel-to-world affine"),
         "slice2d": (folder / "slice2d.nii.gz", "expected a 3-D CT volume"),
         "twovolumes": (folder / "twovolumes.nii.gz", "time series or multi-channel"),
         "corrupt": (folder / "corrupt.nii.gz", "corrupt"),

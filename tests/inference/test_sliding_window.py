@@ -95,3 +95,18 @@ def test_bad_arguments_are_named(net, kwargs, message) -> None:
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         sliding_window_predict(**args)
+
+
+@pytest.mark.parametrize("padding_mode", ["replicate", "reflect"])
+def test_padding_modes_equal_monai(net, padding_mode) -> None:
+    # Thinner than the window along two axes: the padding decides what the windows see there.
+    image = _image((10, 30, 12), seed=7) * 3 + torch.linspace(0, 4, 12)
+    with torch.no_grad():
+        reference = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=2, overlap=0.25,
+                                         mode="gaussian", padding_mode=padding_mode)(image, net)
+    labels = sliding_window_labels(image, net, (16, 16, 16), 0.25, padding_mode=padding_mode)
+    assert torch.equal(labels.long(), reference.argmax(1)[0])
+    constant = sliding_window_labels(image, net, (16, 16, 16), 0.25)
+    assert not torch.equal(constant, labels)
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        sliding_window_labels(image, net, (16, 16, 16), 0.25, padding_mode="edge")

@@ -31,6 +31,19 @@ def test_default_architecture_is_the_bundle_segresnet(version):
     assert (hp.roi_size, hp.sw_overlap, hp.sw_mode) == ((96, 96, 96), 0.25, "gaussian")
 
 
+def test_instance_norm_keeps_the_bundle_keys():
+    bundle = SegResNetModule(init_filters=8)
+    instance = SegResNetModule(init_filters=8, norm=["INSTANCE", {"affine": True}])
+    norms = {type(m).__name__ for m in instance.net.modules() if "Norm" in type(m).__name__}
+    assert norms == {"InstanceNorm3d"}
+    assert {type(m).__name__ for m in bundle.net.modules() if "Norm" in type(m).__name__} == {
+        "GroupNorm"}
+    # Same parameter names and shapes: the weights move between the two unchanged.
+    assert {k: v.shape for k, v in instance.net.state_dict().items()} == {
+        k: v.shape for k, v in bundle.net.state_dict().items()}
+    assert instance.hparams.norm == ["INSTANCE", {"affine": True}]
+
+
 def test_bundle_forward_shape():
     module = SegResNetModule().eval()
     with torch.no_grad():
