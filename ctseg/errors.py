@@ -106,6 +106,19 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 @contextmanager
+def blamed_on(path: str | Path, doing: str) -> Iterator[None]:
+    """Re-raise a failure inside as a DatasetError naming `path`: "<doing> (<type>: <cause>)".
+    DatasetErrors and MemoryErrors pass unchanged."""
+    try:
+        yield
+    except (DatasetError, MemoryError):
+        raise
+    except Exception as err:
+        cause = root_cause(err)
+        raise DatasetError(path, f"{doing} ({type(cause).__name__}: {cause})") from err
+
+
+@contextmanager
 def reported(program: str) -> Iterator[None]:
     """Turn a CtsegError (however wrapped) into `error: <message>` on stderr and exit status 1;
     the traceback goes to the log at debug level. Other errors propagate unchanged."""

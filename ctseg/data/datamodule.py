@@ -23,7 +23,7 @@ from ctseg.data.layout import META, read_meta
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.phantoms import write_phantoms
 from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig, eval_transforms, train_transforms
-from ctseg.errors import ConfigError, DatasetError, root_cause
+from ctseg.errors import ConfigError, blamed_on
 from ctseg.labels import check_version
 from ctseg.labels import label_names as version_label_names
 from ctseg.labels import num_classes as version_num_classes
@@ -105,15 +105,10 @@ class NamedErrors(TorchDataset):
 
     def __getitem__(self, index: int) -> Any:
         """Item `index` of the wrapped dataset, or a DatasetError naming its files."""
-        try:
+        record = self.records[index]
+        with blamed_on(record[IMAGE], f"cannot load or preprocess this subject (label map "
+                                      f"{record[LABEL]})"):
             return self.dataset[index]
-        except (DatasetError, MemoryError):
-            raise
-        except Exception as err:
-            record, cause = self.records[index], root_cause(err)
-            raise DatasetError(record[IMAGE], f"cannot load or preprocess this subject (label map "
-                                              f"{record[LABEL]}): {type(cause).__name__}: "
-                                              f"{cause}") from err
 
 
 class TotalSegmentatorDataModule(LightningDataModule):
@@ -223,24 +218,28 @@ class TotalSegmentatorDataModule(LightningDataModule):
     def _split_records(self) -> dict[str, list[dict[str, Any]]]:
         """Records of all roots by split, with the val_fraction fallback applied."""
         splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
+        repeats: dict[str, int] = {}
         for index, prepared in enumerate(self._prepare_all()):
             for split, records in prepared.by_split().items():
-                split = self._split_of(index, split)
-                splits[split] += [{IMAGE: r["image"], LABEL: r["label"], SUBJECT: r["image_id"]}
-                                  for r in records] * self._repeats(index, split)
+                splits[self._split_of(index, split)] += [
+                    {IMAGE: r["image"], LABEL: r["label"], SUBJECT: r["image_id"]}
+                    for r in records]
+                repeats.update((r["image"], self._train_repeats(index)) for r in records)
         if not splits["val"] and splits["train"]:
             splits["train"], splits["val"] = split_validation(
                 splits["train"], self.hparams.val_fraction, self.hparams.seed)
             log.info("no val rows in meta.csv: using %d of %d train subjects for validation",
                      len(splits["val"]), len(splits["train"]) + len(splits["val"]))
+        # Oversampling after the validation split, so no copy of a subject lands in val.
+        splits["train"] = [r for r in splits["train"] for _ in range(repeats[r[IMAGE]])]
         return splits
 
     def _split_of(self, root_index: int, split: str) -> str:
         """The split that subjects of root `root_index` with meta.csv split `split` join."""
         return split
 
-    def _repeats(self, root_index: int, split: str) -> int:
-        """How often each subject of root `root_index` appears in `split` (oversampling)."""
+    def _train_repeats(self, root_index: int) -> int:
+        """How often each subject of root `root_index` appears in training (oversampling)."""
         return 1
 
     def split_sizes(self) -> dict[str, int]:
@@ -361,9 +360,9 @@ class PhantomDataModule(TotalSegmentatorDataModule):
         """Extra roots (index >= 1) join `extra_split` when it is set."""
         return self.hparams.extra_split if root_index and self.hparams.extra_split else split
 
-    def _repeats(self, root_index: int, split: str) -> int:
-        """Extra subjects appear `extra_repeat` times in the training split (oversampled)."""
-        return self.hparams.extra_repeat if root_index and split == "train" else 1
+    def _train_repeats(self, root_index: int) -> int:
+        """Extra subjects appear `extra_repeat` times in training (oversampled)."""
+        return self.hparams.extra_repeat if root_index else 1
 
     def _phantoms_current(self) -> bool:
         """Whether phantom_root holds phantoms of the requested count and shape."""

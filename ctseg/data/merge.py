@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from ctseg.atomic import save_nifti_atomic, write_atomic
 from ctseg.data.layout import Subject, check_binary, check_grid, load_nifti, read_meta
-from ctseg.errors import CtsegError, DatasetError
+from ctseg.errors import CtsegError, DatasetError, blamed_on
 from ctseg.labels import check_version, class_names, label_map_dtype, num_classes
 
 log = logging.getLogger(__name__)
@@ -108,14 +108,8 @@ def merge_subject(subject: Subject, version: str, out_path: Path) -> list[int]:
 def _merge_job(args: tuple[Subject, str, Path]) -> list[int]:
     """Process-pool entry point of merge_subject; any failure becomes a DatasetError naming the
     subject, so the parent process reports it as the single-process path does."""
-    subject = args[0]
-    try:
+    with blamed_on(args[0].folder, "cannot merge this subject's masks"):
         return merge_subject(*args)
-    except (DatasetError, MemoryError):
-        raise
-    except Exception as err:
-        raise DatasetError(subject.folder, f"cannot merge this subject's masks "
-                                           f"({type(err).__name__}: {err})") from err
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
