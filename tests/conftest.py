@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CTSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+from helpers import REPO, SHARED_DATA
 
 
 @pytest.fixture(autouse=True)
@@ -46,12 +43,6 @@ def two_subjects(shared_data: Path, tmp_path: Path) -> Path:
                         ignore=shutil.ignore_patterns("label_totalseg_v2.nii.gz"))
     (root / "meta.csv").write_text("image_id;split\ns0001;train\ns0002;val\n")
     return root
-
-
-def truncate(path: Path) -> None:
-    """Cut a file to half its size, as an interrupted download leaves it."""
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import truncate
+from helpers import truncate
 
 from ctseg.data.datamodule import TotalSegmentatorDataModule
 from ctseg.errors import (

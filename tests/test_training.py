@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import truncate
+from helpers import truncate
 
 from ctseg.data.__main__ import main
 
