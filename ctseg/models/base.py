@@ -1,4 +1,11 @@
-"""Shared LightningModule for ctseg segmentation networks: loss, optimiser, sliding-window Dice."""
+"""Shared LightningModule for ctseg segmentation networks: loss, optimiser, sliding-window Dice.
+
+Validation and test evaluate whole volumes with the memory-bounded slab aggregation of
+`ctseg.inference.aggregate` (the one predict.py uses): label maps, then per-class voxel counts,
+never the full classes x voxels logit volume, so evaluating a whole-body CT costs what
+predicting it costs. No validation loss is computed (it would need that volume); model
+selection and early stopping use the Dice.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,6 @@ import torch
 from hydra.utils import get_class
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
-from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.optimizers import WarmupCosineSchedule
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -21,6 +27,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from torchmetrics import Metric
+
+from ctseg.inference.aggregate import sliding_window_predict
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +124,9 @@ class SegmentationModule(LightningModule):
     `self.net`).
 
     Batches are dicts with "image" (B, 1, D, H, W) float and "label" (B, 1, D, H, W) integer class
-    indices. Logged: `train/loss`, `{val,test}/loss`, `{val,test}/dice/<structure>` for each class
-    with ground truth in the epoch and `{val,test}/mean_dice` over those foreground classes.
+    indices (B = 1 for validation and test: whole volumes). Logged: `train/loss`,
+    `{val,test}/dice/<structure>` for each class with ground truth in the epoch and
+    `{val,test}/mean_dice` over those foreground classes.
     """
 
     monitor = "val/mean_dice"
@@ -155,9 +164,6 @@ class SegmentationModule(LightningModule):
         self.save_hyperparameters()
         self.save_hyperparameters(_plain({**self.hparams, "label_names": label_names,
                                           "optimizer": self._optimizer}))
-        self.inferer = SlidingWindowInferer(
-            roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=sw_overlap, mode=sw_mode
-        )
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -180,36 +186,48 @@ class SegmentationModule(LightningModule):
         """Logits (B, num_classes, D, H, W) of a (B, C_in, D, H, W) patch."""
         return self.net(image)
 
-    def infer(self, image: Tensor) -> Tensor:
-        """Logits of a whole (B, C_in, D, H, W) volume by Gaussian-weighted sliding windows."""
-        return self.inferer(image, self)
+    def _window_logits(self, windows: Tensor) -> Tensor:
+        """Float32 logits of a batch of windows (autocast, if any, stays the trainer's)."""
+        return self(windows).float()
 
-    def _shared_step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
-        """Loss (and, outside training, the Dice update) of one batch; one path for all stages."""
-        # MONAI batches hold MetaTensors: plain tensors skip metadata tracking in every op and keep
-        # logged values loadable with weights_only (ddp_spawn sends callback_metrics that way).
-        image = batch["image"].as_subclass(Tensor)
-        label = batch["label"].as_subclass(Tensor)
-        training = stage == "train"
-        logits = self(image) if training else self.infer(image)
-        loss = self.loss(logits, label)
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=training,
-                 batch_size=image.shape[0], sync_dist=not training)
-        if not training:
-            getattr(self, f"{stage}_dice").update(logits.argmax(dim=1), label[:, 0])
-        return loss
+    def predict_labels(self, image: Tensor) -> Tensor:
+        """(D, H, W) labels of a whole (1, C_in, D, H, W) volume: Gaussian-weighted sliding windows
+        blended slab by slab, reduced to labels plane by plane (`sliding_window_predict`)."""
+        hp = self.hparams
+        return sliding_window_predict(
+            image, self._window_logits, tuple(hp.roi_size), hp.sw_overlap, mode=hp.sw_mode,
+            sw_batch_size=hp.sw_batch_size,
+        ).labels
+
+    @staticmethod
+    def _plain(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Image and label of a batch as plain tensors: MONAI's MetaTensors would track metadata
+        in every op, and logged values must load with weights_only (ddp_spawn sends them so)."""
+        return batch["image"].as_subclass(Tensor), batch["label"].as_subclass(Tensor)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         """DiceCE loss of a training patch batch."""
-        return self._shared_step(batch, "train")
+        image, label = self._plain(batch)
+        loss = self.loss(self(image), label)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=image.shape[0])
+        return loss
+
+    def _evaluate(self, batch: Mapping[str, Tensor], stage: str) -> None:
+        """Add the per-class voxel counts of one whole volume (batch of one) to `stage`'s Dice."""
+        image, label = self._plain(batch)
+        if image.shape[0] != 1:
+            raise ValueError(f"{stage} batches hold one whole volume each, got {image.shape[0]}; "
+                             "use batch_size=1 for evaluation loaders")
+        getattr(self, f"{stage}_dice").update(self.predict_labels(image), label[0, 0])
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        """Sliding-window loss and Dice counts of one validation volume."""
-        self._shared_step(batch, "val")
+        """Sliding-window Dice counts of one validation volume."""
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        """Sliding-window loss and Dice counts of one test volume."""
-        self._shared_step(batch, "test")
+        """Sliding-window Dice counts of one test volume."""
+        self._evaluate(batch, "test")
 
     def _log_dice(self, stage: str) -> None:
         """Log the epoch's per-class and mean foreground Dice of `stage`, then reset its counts."""

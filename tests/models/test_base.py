@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from monai.inferers import SlidingWindowInferer
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
@@ -180,23 +181,32 @@ def test_schedule_needs_a_finite_run():
 
 # --- validation logging ------------------------------------------------------------------------
 
-def test_validation_logs_dice_of_present_classes_only():
+def test_validation_dice_equals_monai_full_volume_counts():
     names = ["background", "liver", "kidney"]
     module = tiny_module(label_names=names)
-    data = batches(2, classes=(0, 2), shape=(20, 24, 16))
+    # Larger than the window along every axis, so windows overlap and are blended.
+    data = batches(2, classes=(0, 2), shape=(40, 36, 20))
     metrics = trainer().validate(module, DataLoader(data, batch_size=1), verbose=False)[0]
-    assert set(metrics) == {"val/loss", "val/dice/kidney", "val/mean_dice"}
+    assert set(metrics) == {"val/dice/kidney", "val/mean_dice"}
+    # The reference: MONAI's full-volume sliding window (all logit channels), argmax, counts.
+    inferer = SlidingWindowInferer(roi_size=PATCH, sw_batch_size=2, overlap=0.25,
+                                   mode="gaussian")
+    reference = PerClassDice(3)
     module.eval()
-    inter = pred = true = 0
     with torch.no_grad():
         for item in data:
-            logits = module.infer(item["image"][None])
-            assert logits.shape == (1, 3, 20, 24, 16)
-            hit, ref = logits.argmax(1)[0] == 2, item["label"][0] == 2
-            inter, pred, true = inter + (hit & ref).sum(), pred + hit.sum(), true + ref.sum()
-    expected = float(2 * inter / (pred + true))
+            reference.update(inferer(item["image"][None], module.net).argmax(1)[0],
+                             item["label"][0])
+    expected = float(reference.compute()[2])
+    assert 0 < expected < 1
     assert metrics["val/dice/kidney"] == pytest.approx(expected, abs=1e-6)
     assert metrics["val/mean_dice"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_evaluation_needs_one_volume_per_batch():
+    module = tiny_module()
+    with pytest.raises(ValueError, match="one whole volume each, got 2"):
+        trainer().validate(module, DataLoader(batches(2), batch_size=2), verbose=False)
 
 
 def test_validation_without_foreground_warns_and_logs_nan():
