@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import random
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import torch
 from lightning import LightningDataModule
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-from monai.data.utils import pickle_hashing
+from monai.data import CacheDataset, DataLoader, Dataset
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import DistributedSampler
 
@@ -23,6 +22,7 @@ from ctseg.data.layout import META, read_meta
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.phantoms import write_phantoms
 from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig, eval_transforms, train_transforms
+from ctseg.data.volume_cache import CachedPatches, CachedVolumes, VolumeCache
 from ctseg.errors import ConfigError, blamed_on
 from ctseg.labels import check_version
 from ctseg.labels import label_names as version_label_names
@@ -69,17 +69,6 @@ def split_validation(train: list[dict], fraction: float,
     chosen = set(random.Random(seed).sample(range(len(train)), n_val))
     return ([r for i, r in enumerate(train) if i not in chosen],
             [r for i, r in enumerate(train) if i in chosen])
-
-
-def _stamp_hash(item: dict, salt: str = "") -> bytes:
-    """Disk-cache key of a record: its paths plus the size and mtime of both files, so a CT or
-    label map rewritten in place is recomputed rather than served stale; `salt` tells apart the
-    cached forms of one record (training vs. evaluation pipeline)."""
-    stamp: dict[str, Any] = {"salt": salt}
-    for key in (IMAGE, LABEL):
-        stat = Path(item[key]).stat()
-        stamp[key] = (item[key], stat.st_size, stat.st_mtime_ns)
-    return pickle_hashing(stamp)
 
 
 def _plain_sequence(value: Any) -> Any:
@@ -179,7 +168,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
             "val_crop": _plain_sequence(val_crop),
         })
         self.records: dict[str, list[dict[str, Any]]] = {}
-        self.datasets: dict[str, Dataset] = {}
+        self.datasets: dict[str, TorchDataset] = {}
         self.world_size = 1
 
     @property
@@ -192,11 +181,16 @@ class TotalSegmentatorDataModule(LightningDataModule):
         """Class names in channel order, "background" first."""
         return version_label_names(self.hparams.version)
 
+    @cached_property
+    def volume_cache(self) -> VolumeCache:
+        """The disk cache of this pipeline's preprocessed volumes (`cache=disk`)."""
+        base = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir()
+        return VolumeCache(base, self.pipeline)
+
     @property
     def tensor_cache_dir(self) -> Path:
         """Folder of the disk cache for this pipeline: `<cache_dir>/<fingerprint>`."""
-        base = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir()
-        return base / self.pipeline.fingerprint()
+        return self.volume_cache.root
 
     def _prepared_out(self, root: str) -> Path | None:
         """Where `root`'s merged labels go: prepared_dir itself for one root, a subfolder per root
@@ -278,22 +272,20 @@ class TotalSegmentatorDataModule(LightningDataModule):
                 log.warning("no %s subjects in %s", split, ", ".join(self.roots))
                 self.datasets.pop(split, None)
 
-    def _dataset(self, records: list[dict[str, Any]], split: str) -> Dataset:
-        """A MONAI dataset over `records` of `split` with the configured cache."""
+    def _dataset(self, records: list[dict[str, Any]], split: str) -> TorchDataset:
+        """A dataset over `records` of `split` with the configured cache: the volume cache
+        (memory-mapped patches) for `disk`, MONAI's CacheDataset or Dataset otherwise."""
         crop = self.hparams.val_crop if split == "val" else None
-        if split == "train":
-            transform, salt = train_transforms(self.pipeline), "train"
-        else:
-            transform, salt = eval_transforms(self.pipeline, crop), f"eval:{crop}"
-        cache = self.hparams.cache
-        if cache == "memory":
+        if self.hparams.cache == "disk":
+            self.volume_cache.warm(records, self.hparams.prepare_workers, progress=True)
+            if split == "train":
+                return CachedPatches(self.volume_cache, records)
+            return CachedVolumes(self.volume_cache, records, crop)
+        transform = (train_transforms(self.pipeline) if split == "train"
+                     else eval_transforms(self.pipeline, crop))
+        if self.hparams.cache == "memory":
             return CacheDataset(records, transform, cache_rate=self.hparams.cache_rate,
                                 num_workers=self.hparams.num_workers or None, progress=False)
-        if cache == "disk":
-            cache_dir = self.tensor_cache_dir
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            return PersistentDataset(records, transform, cache_dir=cache_dir,
-                                     hash_func=functools.partial(_stamp_hash, salt=salt))
         return Dataset(records, transform)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader | list:

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from monai.data import CacheDataset, PersistentDataset
+from monai.data import CacheDataset
 from torch.utils.data import DistributedSampler
 
 from ctseg.data.datamodule import PhantomDataModule, TotalSegmentatorDataModule, shard
 from ctseg.data.layout import read_meta
 from ctseg.data.phantoms import write_phantoms
+from ctseg.data.volume_cache import CachedVolumes
 from ctseg.labels import num_classes
 
 PATCH = 32
@@ -87,10 +88,10 @@ def test_cache_modes_give_identical_tensors(phantom_root: Path, tmp_path: Path) 
         dm = _module(phantom_root, tmp_path, cache=cache)
         dm.setup("validate")
         items[cache] = dm.datasets["val"][0]
-    assert isinstance(dm.datasets["val"], PersistentDataset)
-    cached = list(dm.tensor_cache_dir.glob("*.pt"))
-    assert len(cached) == 1
-    # A second read is served from the file written by the first.
+    assert isinstance(dm.datasets["val"], CachedVolumes)
+    entries = [p for p in dm.tensor_cache_dir.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
+    # A second read is served from the files written by the first.
     again = dm.datasets["val"][0]
     for key in ("image", "label"):
         reference = torch.as_tensor(items["none"][key])
@@ -109,7 +110,7 @@ def test_disk_cache_folder_follows_spacing(phantom_root: Path, tmp_path: Path) -
     for dm in (coarse, fine):
         dm.setup("validate")
         shapes.append(tuple(dm.datasets["val"][0]["image"].shape))
-        assert len(list(dm.tensor_cache_dir.glob("*.pt"))) == 1
+        assert len(list(dm.tensor_cache_dir.glob("*/meta.json"))) == 1
     assert shapes[0] != shapes[1]
     assert all(s % PATCH == 0 for s in shapes[1][1:])
 
@@ -219,21 +220,20 @@ def test_pipeline_settings_are_recorded_resolved(phantom_root: Path, tmp_path: P
     assert test.datasets["test"][0]["image"].shape[1] > 32  # the crop is validation's only
 
 
-def test_disk_cache_keeps_training_and_evaluation_forms_apart(phantom_root: Path,
-                                                             tmp_path: Path) -> None:
-    dm = _module(phantom_root, tmp_path, cache="disk", sampler="classes", samples_per_volume=2)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    assert tuple(batch["image"].shape) == (4, 1, PATCH, PATCH, PATCH)
-    for index in range(len(dm.records["train"])):
-        dm.datasets["train"][index]
-    cached = len(list(dm.tensor_cache_dir.glob("*.pt")))
-    assert cached == len(dm.records["train"])
-    # A training subject read by the evaluation pipeline gets a cache entry of its own (without
-    # the class indices), never the training form.
-    val = dm._dataset(dm.records["train"][:1], "val")[0]
-    assert "label_cls_indices" not in val
-    assert len(list(dm.tensor_cache_dir.glob("*.pt"))) == cached + 1
+def test_disk_cache_serves_both_samplers_from_one_entry(phantom_root: Path,
+                                                         tmp_path: Path) -> None:
+    for sampler in ("random", "classes"):
+        dm = _module(phantom_root, tmp_path, cache="disk", sampler=sampler, samples_per_volume=2)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert tuple(batch["image"].shape) == (4, 1, PATCH, PATCH, PATCH)
+        assert batch["label"].dtype == torch.uint8
+        for index in range(len(dm.records["train"])):
+            dm.datasets["train"][index]
+        val = dm.datasets["val"][0]
+        assert "label_cls_indices" not in val
+    # One entry per subject (train and val), whichever sampler read it.
+    assert len(list(dm.tensor_cache_dir.glob("*/meta.json"))) == len(dm.records["train"]) + 1
 
 
 def test_invalid_settings_are_rejected(tmp_path: Path) -> None:

@@ -1,0 +1,324 @@
+"""Benchmark the training data pipeline and whole-volume evaluation at real size.
+
+    python benchmarks/training.py [--tile 11] [--patches 60] [--workers 1] [--out result.json]
+
+Builds one real-sized CT: the shared TotalSegmentator crop resampled to 1.5 mm (243x201x59) and,
+with its merged v1 label map, tiled `--tile` times along z (mirrored every other time): 11 tiles
+give 243x201x649, 31.7 M voxels, the size of a whole-body CT at 1.5 mm, with real anatomy.
+
+Training DataLoader (one process per pipeline, `--workers` workers, one 96^3 patch per item):
+
+- `bundle`: the bundle's train.json transforms (`ctseg.reference.wholebody_bundle`), uncached;
+- `bundle_cached`: the same in MONAI's CacheDataset (as train.json, cache_rate 1);
+- `ctseg_none`, `ctseg_memory`, `ctseg_disk`: ctseg's `data.cache=none|memory|disk` (the disk
+  cache reads patches from memory-mapped arrays).
+
+Each reports patches per second after the first item (cache building excluded, timed apart) and
+the peak RSS of its worker process. Evaluation: one volume (`--eval-volume crop|tiled`) through
+ctseg's validation step (slab aggregation, per-class counts) against `predict.py` on the same
+CT, with the bundle's 105-class SegResNet (random weights). With `--train-steps N` (meant for a
+GPU: `--device cuda`), each cached pipeline also feeds N real training steps of that SegResNet
+(batch `--batch-size`, AMP on CUDA) and reports the patches per second the steps consumed and the
+share of time they waited for data (`ctseg.callbacks.throughput`). Prints tables, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CTSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = SHARED_DATA / "totalseg_mini"
+SPACING = 1.5
+PATCH = (96, 96, 96)
+PIPELINES = ("bundle", "bundle_cached", "ctseg_none", "ctseg_memory", "ctseg_disk")
+# Patches timed per pipeline when --patches is given for the fast ones; uncached ones take fewer.
+SLOW = ("bundle", "ctseg_none")
+
+
+def machine() -> dict:
+    """CPU model, cores, memory and GPU of this machine."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                  .splitlines() if line.startswith("model name")), platform.processor())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    info = {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(memory, 1)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def make_volume(workdir: Path, tile: int) -> dict[str, str]:
+    """Write the tiled 1.5 mm CT and label map; return their paths."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+
+    from ctseg.data.merge import prepare
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = prepare(SHARED, out=workdir / "prepared").records[0]
+    keys = ("image", "label")
+    load = Compose([LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys),
+                    Orientationd(keys=keys, axcodes="RAS",
+                                 labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+                    Spacingd(keys=keys, pixdim=SPACING, mode=("bilinear", "nearest"))])
+    data = load({"image": record["image"], "label": record["label"]})
+    affine = np.asarray(data["image"].affine, dtype=np.float64)
+    paths = {}
+    for key, dtype in (("image", np.int16), ("label", np.uint8)):
+        array = np.rint(np.asarray(data[key][0])).astype(dtype)
+        array = np.concatenate([array, array[:, :, ::-1]] * (tile // 2) + [array] * (tile % 2), 2)
+        paths[key] = str(workdir / f"{key}.nii.gz")
+        nib.save(nib.Nifti1Image(array, affine), paths[key])
+    return paths
+
+
+def _dataset(name: str, record: dict, cache_dir: Path):
+    """The training dataset of pipeline `name`, built as the DataModule (or train.json) does."""
+    from monai.data import CacheDataset, Dataset
+
+    from ctseg.data.transforms import PipelineConfig, train_transforms
+    from ctseg.data.volume_cache import CachedPatches, VolumeCache
+    from ctseg.reference import wholebody_bundle as bundle
+
+    if name.startswith("bundle"):
+        transform = bundle.train_preprocessing((SPACING,) * 3, PATCH)
+        if name == "bundle_cached":
+            return CacheDataset([record], transform, cache_rate=1.0, progress=False)
+        return Dataset([record], transform)
+    pipeline = PipelineConfig(spacing=SPACING, patch_size=PATCH, num_classes=105)
+    if name == "ctseg_disk":
+        cache = VolumeCache(cache_dir, pipeline)
+        cache.warm([record])  # as the DataModule's setup does, before any worker starts
+        return CachedPatches(cache, [record])
+    if name == "ctseg_memory":
+        return CacheDataset([record], train_transforms(pipeline), cache_rate=1.0, progress=False)
+    return Dataset([record], train_transforms(pipeline))
+
+
+def worker_loader(args: argparse.Namespace) -> dict:
+    """Time one pipeline's DataLoader: first item (cache building), then patches per second."""
+    import torch
+    from monai.data import DataLoader
+
+    record = {"image": args.image, "label": args.label}
+    start = time.perf_counter()
+    dataset = _dataset(args.worker, record, Path(args.workdir) / "cache")
+    setup = time.perf_counter() - start
+    count = max(2, args.patches // 10) if args.worker in SLOW else args.patches
+    loader = DataLoader(torch.utils.data.Subset(dataset, [0] * (count + 1)), batch_size=1,
+                        num_workers=args.workers, persistent_workers=False)
+    batches = iter(loader)
+    start = time.perf_counter()
+    first = next(batches)
+    first_s = time.perf_counter() - start
+    assert tuple(first["image"].shape[-3:]) == PATCH, first["image"].shape
+    start = time.perf_counter()
+    for _ in batches:
+        pass
+    seconds = time.perf_counter() - start
+    del batches, loader
+    worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"setup_s": setup, "first_item_s": first_s, "patches": count,
+            "patches_per_s": count / seconds, "worker_peak_rss_mb": worker_rss}
+
+
+TRAINED = ("bundle_cached", "ctseg_memory", "ctseg_disk")
+
+
+def worker_train(args: argparse.Namespace) -> dict:
+    """Feed real training steps of the bundle's SegResNet from one pipeline's DataLoader."""
+    import lightning as L
+    import torch
+    from monai.data import DataLoader
+
+    from ctseg.callbacks.throughput import DataThroughput
+    from ctseg.models.segresnet import SegResNetModule
+
+    name = args.worker.removeprefix("train_")
+    dataset = _dataset(name, {"image": args.image, "label": args.label},
+                       Path(args.workdir) / "cache")
+    items = args.train_steps * args.batch_size
+    loader = DataLoader(torch.utils.data.Subset(dataset, [0] * items), batch_size=args.batch_size,
+                        num_workers=args.workers, shuffle=False)
+    torch.manual_seed(0)
+    module = SegResNetModule(roi_size=PATCH)
+    throughput = DataThroughput()
+    cuda = args.device == "cuda"
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=1,
+                        precision="16-mixed" if cuda else "32", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[throughput])
+    trainer.fit(module, loader)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("perf/")}
+    return {"steps": throughput.steps, **metrics}
+
+
+def worker_eval(args: argparse.Namespace) -> dict:
+    """Evaluate one volume as validation does (slab aggregation, per-class counts)."""
+    import torch
+
+    from ctseg.data.transforms import PipelineConfig, eval_transforms
+    from ctseg.models.segresnet import SegResNetModule
+
+    device = torch.device(args.device)
+    module = SegResNetModule(roi_size=PATCH, sw_batch_size=1)
+    module.net.load_state_dict(torch.load(args.weights, weights_only=True))
+    module = module.to(device).eval()
+    start = time.perf_counter()
+    pipeline = PipelineConfig(spacing=SPACING, patch_size=PATCH, smooth_sigma=0.0)
+    data = eval_transforms(pipeline)({"image": args.image, "label": args.label})
+    batch = {"image": data["image"][None].to(device), "label": data["label"][None].to(device)}
+    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+        module.validation_step(batch, 0)
+    dice = module.val_dice.compute()
+    result = {"seconds": time.perf_counter() - start, "voxels": int(data["image"].numel()),
+              "classes_with_ground_truth": int((~torch.isnan(dice)).sum())}
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def worker_predict(args: argparse.Namespace) -> dict:
+    """Predict the same CT with predict.py's runner (bare bundle state dict)."""
+    from ctseg.inference.runner import run
+
+    out = Path(args.workdir) / "predict"
+    cfg = {"ckpt": args.weights, "input": args.image, "output": str(out), "device": args.device,
+           "masks": False, "overwrite": True, "progress": False,
+           "model": {"num_classes": 105}, "data": {"version": "v1", "spacing": SPACING}}
+    start = time.perf_counter()
+    if run(cfg):
+        raise SystemExit("prediction failed")
+    result = {"seconds": time.perf_counter() - start}
+    report = json.loads((out / "timing.json").read_text())["cases"][0]
+    if "peak_gpu_mb" in report:
+        result["peak_gpu_mb"] = report["peak_gpu_mb"]
+    return result
+
+
+def run_worker(name: str, args: argparse.Namespace, image: str, label: str) -> dict:
+    """Run one measurement in a fresh interpreter; its result with the process's peak RSS."""
+    result = Path(args.workdir) / f"{name}.json"
+    command = [sys.executable, __file__, "--worker", name, "--image", image, "--label", label,
+               "--workdir", args.workdir, "--weights", args.weights, "--workers",
+               str(args.workers), "--patches", str(args.patches), "--result", str(result),
+               "--device", args.device, "--train-steps", str(args.train_steps),
+               "--batch-size", str(args.batch_size)]
+    subprocess.run(command, check=True)
+    return json.loads(result.read_text())
+
+
+def tables(payload: dict) -> str:
+    """The benchmark as markdown tables."""
+    loader, evaluation = payload["loader"], payload.get("evaluation")
+    base = loader["bundle"]["patches_per_s"]
+    lines = [f"Machine: {payload['machine']}", "",
+             f"Training patches from a {'x'.join(map(str, payload['shape']))} CT at {SPACING} mm "
+             f"({payload['voxels'] / 1e6:.1f} M voxels), {payload['workers']} DataLoader "
+             "worker(s):",
+             "", "| pipeline | patches/s | vs bundle | vs ctseg memory | first item (s) | "
+             "worker peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|"]
+    memory = loader["ctseg_memory"]["patches_per_s"]
+    for name in PIPELINES:
+        r = loader[name]
+        lines.append(f"| {name} | {r['patches_per_s']:.2f} | {r['patches_per_s'] / base:.1f}x | "
+                     f"{r['patches_per_s'] / memory:.2f}x | {r['first_item_s'] + r['setup_s']:.1f}"
+                     f" | {r['worker_peak_rss_mb']:.0f} |")
+    if payload.get("training"):
+        lines += ["", f"Real training steps ({payload['device']}, batch "
+                      f"{payload['batch_size']}, {payload['workers']} worker(s)):", "",
+                  "| pipeline | steps | patches/s consumed | data wait | step (s) |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, r in payload["training"].items():
+            lines.append(f"| {name} | {r['steps']} | {r['perf/patches_per_s']:.1f} | "
+                         f"{r['perf/data_wait']:.0%} | {r['perf/step_s']:.3f} |")
+    if not evaluation:
+        return "\n".join(lines)
+    ev, pr = evaluation["validation"], evaluation["predict"]
+    lines += ["", f"Evaluating one {evaluation['volume']} volume ({ev['voxels'] / 1e6:.1f} M "
+                  "voxels, 105-class bundle SegResNet):", "",
+              "| path | time (s) | peak RSS (MiB) |", "|---|---:|---:|",
+              f"| validation step | {ev['seconds']:.1f} | {ev['peak_rss_mb']:.0f} |",
+              f"| predict.py | {pr['seconds']:.1f} | {pr['peak_rss_mb']:.0f} |",
+              f"| ratio | {ev['seconds'] / pr['seconds']:.2f} | "
+              f"{ev['peak_rss_mb'] / pr['peak_rss_mb']:.2f} |"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse arguments; run as the coordinator or, with --worker, as one measurement."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tile", type=int, default=11, help="copies of the crop along z")
+    parser.add_argument("--patches", type=int, default=60, help="patches timed per fast pipeline")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    parser.add_argument("--eval-volume", choices=("crop", "tiled"), default="crop")
+    parser.add_argument("--skip-eval", action="store_true", help="no evaluation measurement")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="device of the evaluation, prediction and training steps")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="real training steps fed by each cached pipeline (0: none)")
+    parser.add_argument("--batch-size", type=int, default=4, help="patches per training step")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    for hidden in ("--worker", "--image", "--label", "--workdir", "--weights", "--result"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        work = {"eval": worker_eval, "predict": worker_predict}.get(
+            args.worker, worker_train if args.worker.startswith("train_") else worker_loader)
+        result = work(args)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(args.result).write_text(json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory(prefix="ctseg_train_bench_") as workdir:
+        args.workdir = workdir
+        args.weights = str(Path(workdir) / "model.pt")
+        import torch
+
+        from ctseg.reference import wholebody_bundle as bundle
+
+        torch.manual_seed(0)
+        torch.save(bundle.network().state_dict(), args.weights)
+        tiled = make_volume(Path(workdir), args.tile)
+        shape = nib.load(tiled["image"]).shape
+        payload = {"machine": machine(), "shape": list(shape), "voxels": int(np.prod(shape)),
+                   "workers": args.workers, "patch": list(PATCH), "device": args.device,
+                   "batch_size": args.batch_size, "loader": {}}
+        for name in PIPELINES:
+            print(f"measuring {name} ...", flush=True)
+            payload["loader"][name] = run_worker(name, args, tiled["image"], tiled["label"])
+        if args.train_steps:
+            payload["training"] = {}
+            for name in TRAINED:
+                print(f"training from {name} ...", flush=True)
+                payload["training"][name] = run_worker(f"train_{name}", args, tiled["image"],
+                                                       tiled["label"])
+        if not args.skip_eval:
+            volume = tiled if args.eval_volume == "tiled" else make_volume(
+                Path(workdir) / "crop", 1)
+            payload["evaluation"] = {"volume": args.eval_volume, **{
+                key: run_worker(name, args, volume["image"], volume["label"])
+                for key, name in (("validation", "eval"), ("predict", "predict"))}}
+        print(tables(payload))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

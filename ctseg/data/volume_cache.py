@@ -1,0 +1,285 @@
+"""The disk cache of preprocessed volumes, built for patches: each volume is stored once as
+uncompressed arrays and read through memory maps, so a training patch reads only its own voxels
+and throughput does not depend on the size of the volume.
+
+An entry is a folder `<cache root>/<key>/` holding `image.npy` (float32, (1, D, H, W)),
+`label.npy` (uint8), `locations.npz` (for each class present, up to `MAX_LOCATIONS` voxel
+indices drawn with a fixed seed: patch centres for the `classes` sampler) and `meta.json`, written
+last with the byte size of every file. The key hashes the record's paths and the size and
+modification time of its CT and label map; the cache root is named by the pipeline's
+fingerprint, so a change of any preprocessing setting or of a file never serves stale data.
+
+Entries are built in a private temporary folder and renamed into place: two processes (DDP ranks,
+DataLoader workers, concurrent runs) building the same entry both succeed and one result stays.
+An entry whose files do not match its `meta.json` (a truncated copy, an interrupted disk) is moved
+aside and rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig, eval_transforms
+from ctseg.errors import blamed_on
+
+log = logging.getLogger(__name__)
+
+# Bump when the layout of an entry changes.
+CACHE_FORMAT = 1
+IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE, META_FILE = (
+    "image.npy", "label.npy", "locations.npz", "meta.json")
+# Voxel indices kept per class as patch centres (a fixed-seed sample of the class's voxels).
+MAX_LOCATIONS = 20_000
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """Cache key of a record: its CT and label paths with their size and modification time."""
+    parts = []
+    for key in (IMAGE, LABEL):
+        stat = Path(record[key]).stat()
+        parts.append(f"{record[key]}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def class_locations(label: np.ndarray, num_classes: int, seed: int = 0,
+                    limit: int = MAX_LOCATIONS) -> dict[int, np.ndarray]:
+    """For every class present in `label`, up to `limit` of its flat voxel indices (sorted),
+    sampled with a fixed seed when the class has more."""
+    flat = label.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat, minlength=num_classes)
+    rng = np.random.default_rng(seed)
+    locations, start = {}, 0
+    for c, count in enumerate(counts):
+        if count:
+            indices = order[start:start + count]
+            if count > limit:
+                indices = np.sort(rng.choice(indices, size=limit, replace=False))
+            locations[c] = indices.astype(np.int64)
+        start += count
+    return locations
+
+
+@dataclass(frozen=True)
+class CachedVolume:
+    """One cache entry: memory-mapped image and label, class locations, shape."""
+
+    folder: Path
+    shape: tuple[int, int, int]
+
+    def image(self) -> np.ndarray:
+        """The (1, D, H, W) float32 image, memory-mapped read-only."""
+        return np.load(self.folder / IMAGE_FILE, mmap_mode="r")
+
+    def label(self) -> np.ndarray:
+        """The (1, D, H, W) uint8 label map, memory-mapped read-only."""
+        return np.load(self.folder / LABEL_FILE, mmap_mode="r")
+
+    @cached_property
+    def locations(self) -> dict[int, np.ndarray]:
+        """Class -> sampled flat voxel indices of that class."""
+        with np.load(self.folder / LOCATIONS_FILE) as data:
+            return {int(k[1:]): data[k] for k in data.files}
+
+    def read(self, start: Sequence[int] | None = None, size: Sequence[int] | None = None
+             ) -> dict[str, torch.Tensor]:
+        """Image and label of the box `start` + `size` (the whole volume by default), copied out
+        of the memory maps as tensors."""
+        start = start or (0, 0, 0)
+        size = size or self.shape
+        box = (slice(None), *(slice(int(a), int(a) + int(s)) for a, s in zip(start, size,
+                                                                             strict=True)))
+        return {IMAGE: torch.from_numpy(np.array(self.image()[box])),
+                LABEL: torch.from_numpy(np.array(self.label()[box]))}
+
+
+class VolumeCache:
+    """Preprocessed volumes of one pipeline under `root/<fingerprint>/`, built on first use."""
+
+    def __init__(self, root: str | os.PathLike[str], pipeline: PipelineConfig) -> None:
+        """Entries of `pipeline` under `root/<fingerprint>`; the patch sampler is not part of
+        an entry (every entry stores the class locations), so both samplers share it."""
+        if pipeline.num_classes is None:
+            raise ValueError("the volume cache needs the pipeline's num_classes (class locations)")
+        self.pipeline = pipeline
+        self._volumes = dataclasses.replace(pipeline, sampler="random")
+        self.root = Path(root) / self._volumes.fingerprint()
+
+    def entry(self, record: dict[str, Any]) -> CachedVolume:
+        """The cache entry of `record`, built (or rebuilt, when damaged) if needed."""
+        folder = self.root / record_key(record)
+        volume = self._valid(folder)
+        if volume is None:
+            if folder.exists():
+                log.warning("%s: cache entry of %s is incomplete or damaged; rebuilding it",
+                            folder, record[IMAGE])
+                self._discard(folder)
+            self._build(record, folder)
+            volume = self._valid(folder)
+            if volume is None:
+                raise RuntimeError(f"{folder}: cache entry still invalid after rebuilding it")
+        return volume
+
+    def warm(self, records: Sequence[dict[str, Any]], workers: int = 1,
+             progress: bool = False) -> None:
+        """Build the missing entries of `records` (in `workers` processes), so that DataLoader
+        workers only ever read; a record that cannot be preprocessed is a DatasetError."""
+        todo = [r for r in records if self._valid(self.root / record_key(r)) is None]
+        if not todo:
+            return
+        log.info("caching %d preprocessed volume(s) in %s", len(todo), self.root)
+        from rich.progress import track
+
+        description = f"caching {len(todo)} volumes"
+        if workers > 1 and len(todo) > 1:
+            # spawn, not fork: a forked child of a process whose torch threads already ran can
+            # deadlock in the first torch operation.
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(self._entry_folder, r) for r in todo]
+                try:
+                    for future in track(futures, description=description, disable=not progress):
+                        future.result()
+                finally:
+                    for future in futures:
+                        future.cancel()
+            return
+        for record in track(todo, description=description, disable=not progress):
+            self._entry_folder(record)
+
+    def _entry_folder(self, record: dict[str, Any]) -> str:
+        """Build (if needed) the entry of `record`, naming its CT in any error; its folder."""
+        with blamed_on(record[IMAGE], "cannot preprocess this subject into the cache"):
+            return str(self.entry(record).folder)
+
+    def size_on_disk(self) -> int:
+        """Bytes held by the complete entries of this pipeline."""
+        return sum(p.stat().st_size for p in self.root.glob("*/*") if p.is_file()
+                   and not p.parent.name.startswith("."))
+
+    @staticmethod
+    def _valid(folder: Path) -> CachedVolume | None:
+        """The entry in `folder` if its meta.json is readable and every file has its size."""
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+            if meta.get("format") != CACHE_FORMAT:
+                return None
+            for name, size in meta["bytes"].items():
+                if (folder / name).stat().st_size != size:
+                    return None
+        except (OSError, ValueError, KeyError):
+            return None
+        return CachedVolume(folder, tuple(meta["shape"]))
+
+    def _discard(self, folder: Path) -> None:
+        """Move a damaged entry aside (atomically), then delete it."""
+        trash = self.root / f".trash-{folder.name}-{uuid.uuid4().hex}"
+        try:
+            folder.rename(trash)
+        except OSError:
+            return  # another process moved or replaced it first
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _build(self, record: dict[str, Any], folder: Path) -> None:
+        """Preprocess `record` into a private temporary folder, then rename it to `folder`."""
+        data = eval_transforms(self._volumes)({IMAGE: record[IMAGE], LABEL: record[LABEL]})
+        image = np.ascontiguousarray(data[IMAGE].numpy(), dtype=np.float32)
+        label = np.ascontiguousarray(data[LABEL].numpy(), dtype=np.uint8)
+        locations = class_locations(label[0], self.pipeline.num_classes)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{folder.name}-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            np.save(tmp / IMAGE_FILE, image)
+            np.save(tmp / LABEL_FILE, label)
+            np.savez(tmp / LOCATIONS_FILE, **{f"c{c}": v for c, v in locations.items()})
+            sizes = {name: (tmp / name).stat().st_size
+                     for name in (IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE)}
+            meta = {"format": CACHE_FORMAT, "shape": list(image.shape[1:]), "bytes": sizes,
+                    "image": str(record[IMAGE]), "label": str(record[LABEL]),
+                    "affine": np.asarray(data[IMAGE].affine).tolist()}
+            (tmp / META_FILE).write_text(json.dumps(meta))
+            try:
+                tmp.rename(folder)
+            except OSError:
+                if self._valid(folder) is None:
+                    raise  # not a concurrent builder's finished entry: a real failure
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def patch_start(volume: CachedVolume, size: Sequence[int], sampler: str) -> tuple[int, ...]:
+    """A random patch corner: uniform (`random`), or centred on a voxel of a class drawn
+    uniformly among those present, background included (`classes`), shifted inside the volume.
+    Uses torch's global generator (seeded per DataLoader worker by Lightning)."""
+    limits = [max(d - s, 0) for d, s in zip(volume.shape, size, strict=True)]
+    if sampler == "random":
+        return tuple(int(torch.randint(limit + 1, ())) for limit in limits)
+    classes = sorted(volume.locations)
+    chosen = volume.locations[classes[int(torch.randint(len(classes), ()))]]
+    centre = np.unravel_index(int(chosen[int(torch.randint(len(chosen), ()))]), volume.shape)
+    return tuple(int(min(max(c - s // 2, 0), limit))
+                 for c, s, limit in zip(centre, size, limits, strict=True))
+
+
+class CachedPatches(Dataset):
+    """Training items from the volume cache: `samples_per_volume` patches of one volume each (a
+    list of {"image", "label"} dicts, collated by MONAI's list_data_collate)."""
+
+    def __init__(self, cache: VolumeCache, records: Sequence[dict[str, Any]]) -> None:
+        """Patches of `records`, with the cache's pipeline (patch size, samples, sampler)."""
+        self.cache, self.records = cache, list(records)
+
+    def __len__(self) -> int:
+        """Number of volumes."""
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> list[dict[str, torch.Tensor]]:
+        """The random patches of volume `index`."""
+        volume = self.cache.entry(self.records[index])
+        cfg = self.cache.pipeline
+        return [volume.read(patch_start(volume, cfg.patch_size, cfg.sampler), cfg.patch_size)
+                for _ in range(cfg.samples_per_volume)]
+
+
+class CachedVolumes(Dataset):
+    """Evaluation items from the volume cache: whole volumes, or their central `center_crop`."""
+
+    def __init__(self, cache: VolumeCache, records: Sequence[dict[str, Any]],
+                 center_crop: Sequence[int] | None = None) -> None:
+        """Volumes of `records`, optionally centre-cropped (as CenterSpatialCrop does)."""
+        self.cache, self.records = cache, list(records)
+        self.center_crop = None if center_crop is None else tuple(int(c) for c in center_crop)
+
+    def __len__(self) -> int:
+        """Number of volumes."""
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Image and label of volume `index` (cropped when asked) and the record's other keys."""
+        record = self.records[index]
+        volume = self.cache.entry(record)
+        if self.center_crop is None:
+            item = volume.read()
+        else:
+            size = [min(c, d) for c, d in zip(self.center_crop, volume.shape, strict=True)]
+            start = [d // 2 - s // 2 for d, s in zip(volume.shape, size, strict=True)]
+            item = volume.read(start, size)
+        return {**{k: v for k, v in record.items() if k not in (IMAGE, LABEL)}, **item}

@@ -1,0 +1,139 @@
+"""The volume cache: equal to the MONAI pipeline, patches by memory map, invalidation, concurrent
+writers, damaged entries, and patch sampling that reaches every class."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctseg.data.merge import prepare
+from ctseg.data.phantoms import write_phantoms
+from ctseg.data.transforms import PipelineConfig, eval_transforms
+from ctseg.data.volume_cache import (
+    IMAGE_FILE,
+    CachedPatches,
+    CachedVolumes,
+    VolumeCache,
+    patch_start,
+)
+from ctseg.errors import DatasetError
+from ctseg.labels import num_classes
+
+PATCH = 16
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Two small phantoms with merged labels."""
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(root, 2, seed=5, shape=(40, 40, 32))
+    return [{"image": r["image"], "label": r["label"]}
+            for r in prepare(root, out=tmp_path_factory.mktemp("prepared")).records]
+
+
+def _pipeline(**kwargs) -> PipelineConfig:
+    """A 3 mm pipeline with 16^3 patches and the v1 class count."""
+    return PipelineConfig(**{"spacing": 3.0, "patch_size": PATCH, "num_classes": num_classes("v1"),
+                             **kwargs})
+
+
+def test_entry_equals_the_monai_pipeline_and_patches_are_its_slices(records, tmp_path):
+    cache = VolumeCache(tmp_path, _pipeline())
+    volume = cache.entry(records[0])
+    reference = eval_transforms(_pipeline())(dict(records[0]))
+    whole = volume.read()
+    assert torch.equal(whole["image"], reference["image"].as_tensor())
+    assert torch.equal(whole["label"], reference["label"].as_tensor())
+    assert whole["label"].dtype == torch.uint8
+    patch = volume.read((3, 5, 7), (PATCH,) * 3)
+    assert torch.equal(patch["image"], whole["image"][:, 3:19, 5:21, 7:23])
+    assert cache.size_on_disk() == sum(p.stat().st_size for p in volume.folder.iterdir())
+    # Built once: a second request finds the entry as it is.
+    stamp = (volume.folder / IMAGE_FILE).stat().st_mtime_ns
+    assert cache.entry(records[0]).folder == volume.folder
+    assert (volume.folder / IMAGE_FILE).stat().st_mtime_ns == stamp
+
+
+def test_centre_crop_equals_monai(records, tmp_path):
+    cache = VolumeCache(tmp_path, _pipeline())
+    item = CachedVolumes(cache, records[:1], center_crop=(33, 24, 100))[0]
+    reference = eval_transforms(_pipeline(), center_crop=(33, 24, 100))(dict(records[0]))
+    assert item["image"].shape == reference["image"].shape
+    assert torch.equal(item["image"], reference["image"].as_tensor())
+    assert torch.equal(item["label"], reference["label"].as_tensor())
+
+
+def test_settings_and_changed_files_never_serve_stale_entries(records, tmp_path):
+    coarse, fine = VolumeCache(tmp_path, _pipeline()), VolumeCache(tmp_path, _pipeline(spacing=2))
+    assert coarse.root != fine.root
+    assert coarse.entry(records[0]).shape != fine.entry(records[0]).shape
+    # Both samplers share entries; another smoothing does not.
+    assert VolumeCache(tmp_path, _pipeline(sampler="classes")).root == coarse.root
+    assert VolumeCache(tmp_path, _pipeline(smooth_sigma=0)).root != coarse.root
+    first = coarse.entry(records[0]).folder
+    os.utime(records[0]["label"], ns=(1, 1))  # the label map was rewritten
+    assert coarse.entry(records[0]).folder != first
+
+
+def test_damaged_entry_is_detected_and_rebuilt(records, tmp_path, caplog):
+    cache = VolumeCache(tmp_path, _pipeline())
+    volume = cache.entry(records[1])
+    expected = volume.read()
+    image = volume.folder / IMAGE_FILE
+    image.write_bytes(image.read_bytes()[:1000])  # truncated
+    rebuilt = cache.entry(records[1])
+    assert "incomplete or damaged; rebuilding it" in caplog.text
+    assert torch.equal(rebuilt.read()["image"], expected["image"])
+    assert not [p for p in cache.root.iterdir() if p.name.startswith(".")]
+
+
+def _build(root: str, record: dict, barrier) -> str:
+    """Build one entry in a fresh process, after every builder is ready."""
+    barrier.wait()
+    return str(VolumeCache(root, _pipeline()).entry(record).folder)
+
+
+def test_concurrent_builders_leave_one_valid_entry(records, tmp_path):
+    context = mp.get_context("spawn")
+    with context.Manager() as manager:
+        barrier = manager.Barrier(3)
+        with context.Pool(3) as pool:
+            folders = pool.starmap(_build, [(str(tmp_path), records[0], barrier)] * 3)
+    assert len(set(folders)) == 1
+    cache = VolumeCache(tmp_path, _pipeline())
+    assert [p.name for p in cache.root.iterdir()] == [Path(folders[0]).name]
+    reference = eval_transforms(_pipeline())(dict(records[0]))
+    assert torch.equal(cache.entry(records[0]).read()["image"], reference["image"].as_tensor())
+
+
+def test_classes_sampler_reaches_every_class(records, tmp_path):
+    cache = VolumeCache(tmp_path, _pipeline(sampler="classes"))
+    volume = cache.entry(records[0])
+    present = set(np.unique(np.asarray(volume.label())).tolist())
+    assert len(present) > 10
+    assert set(volume.locations) == present
+    torch.manual_seed(0)
+    centres = set()
+    for _ in range(600):
+        start = patch_start(volume, (PATCH,) * 3, "classes")
+        assert all(0 <= a <= d - PATCH for a, d in zip(start, volume.shape, strict=True))
+        box = tuple(slice(a, a + PATCH) for a in start)
+        centres.update(np.unique(np.asarray(volume.label()[0][box])).tolist())
+    assert centres == present
+    patches = CachedPatches(VolumeCache(tmp_path, _pipeline(samples_per_volume=3)), records)[1]
+    assert [tuple(p["image"].shape) for p in patches] == [(1, PATCH, PATCH, PATCH)] * 3
+
+
+def test_warm_builds_in_parallel_and_names_a_bad_file(records, tmp_path):
+    cache = VolumeCache(tmp_path / "cache", _pipeline())
+    cache.warm(records, workers=2)
+    assert len(list(cache.root.glob("*/meta.json"))) == len(records)
+    broken = dict(records[0], image=str(tmp_path / "broken.nii.gz"))
+    Path(broken["image"]).write_bytes(Path(records[0]["image"]).read_bytes()[:3000])
+    with pytest.raises(DatasetError, match=r"broken\.nii\.gz: cannot preprocess this subject"):
+        cache.warm([broken, records[1]], workers=2)
