@@ -277,7 +277,10 @@ class TotalSegmentatorDataModule(LightningDataModule):
         (memory-mapped patches) for `disk`, MONAI's CacheDataset or Dataset otherwise."""
         crop = self.hparams.val_crop if split == "val" else None
         if self.hparams.cache == "disk":
-            self.volume_cache.warm(records, self.hparams.prepare_workers, progress=True)
+            cache = self.volume_cache
+            cache.warm(records, self.hparams.prepare_workers, progress=True)
+            log.info("%s volumes cached for %s in %s (%.2f GB on disk for this pipeline)",
+                     len(records), split, cache.root, cache.size_on_disk() / 1e9)
             if split == "train":
                 return CachedPatches(self.volume_cache, records)
             return CachedVolumes(self.volume_cache, records, crop)
