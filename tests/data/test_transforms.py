@@ -13,7 +13,6 @@ from monai.losses import DiceCELoss
 from monai.transforms import GaussianSmoothd, Invertd
 
 from ctseg.data.merge import prepare
-from ctseg.data.phantoms import write_phantoms
 from ctseg.data.transforms import (
     INTENSITIES,
     PipelineConfig,
@@ -25,14 +24,6 @@ from ctseg.labels import num_classes
 from ctseg.models.base import PerClassDice
 
 PATCH = 32
-
-
-@pytest.fixture(scope="module")
-def phantom_records(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Records (image, merged label) of four small phantoms in assorted orientations."""
-    root = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(root, 4, seed=3, shape=(40, 40, 32))
-    return prepare(root, out=tmp_path_factory.mktemp("prepared")).records
 
 
 @pytest.fixture(scope="module")

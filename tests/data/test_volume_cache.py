@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ctseg.data.merge import prepare
-from ctseg.data.phantoms import write_phantoms
 from ctseg.data.transforms import PipelineConfig, eval_transforms
 from ctseg.data.volume_cache import (
     IMAGE_FILE,
@@ -27,13 +26,10 @@ from ctseg.labels import num_classes
 PATCH = 16
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Two small phantoms with merged labels."""
-    root = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(root, 2, seed=5, shape=(40, 40, 32))
-    return [{"image": r["image"], "label": r["label"]}
-            for r in prepare(root, out=tmp_path_factory.mktemp("prepared")).records]
+@pytest.fixture
+def records(phantom_records: list[dict]) -> list[dict]:
+    """Image and label of two small phantoms."""
+    return [{"image": r["image"], "label": r["label"]} for r in phantom_records[:2]]
 
 
 def _pipeline(**kwargs) -> PipelineConfig:
@@ -75,9 +71,11 @@ def test_settings_and_changed_files_never_serve_stale_entries(records, tmp_path)
     # Both samplers share entries; another smoothing does not.
     assert VolumeCache(tmp_path, _pipeline(sampler="classes")).root == coarse.root
     assert VolumeCache(tmp_path, _pipeline(smooth_sigma=0)).root != coarse.root
-    first = coarse.entry(records[0]).folder
-    os.utime(records[0]["label"], ns=(1, 1))  # the label map was rewritten
-    assert coarse.entry(records[0]).folder != first
+    record = dict(records[0], label=str(tmp_path / "label.nii.gz"))
+    shutil.copy(records[0]["label"], record["label"])
+    first = coarse.entry(record).folder
+    os.utime(record["label"], ns=(1, 1))  # the label map was rewritten
+    assert coarse.entry(record).folder != first
 
 
 def test_damaged_entry_is_detected_and_rebuilt(records, tmp_path, caplog):
