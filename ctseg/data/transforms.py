@@ -141,7 +141,6 @@ class PipelineConfig:
             "hu_window": self.hu_window if self.intensity == "hu_window" else None,
             "k_divisible": self.patch_size,
             "smooth_sigma": self.smooth_sigma,
-            "class_indices": self.num_classes if self.sampler == "classes" else None,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 

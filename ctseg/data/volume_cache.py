@@ -119,8 +119,9 @@ class VolumeCache:
         if pipeline.num_classes is None:
             raise ValueError("the volume cache needs the pipeline's num_classes (class locations)")
         self.pipeline = pipeline
+        # Built without MONAI's per-class index lists: the entry keeps its own locations.
         self._volumes = dataclasses.replace(pipeline, sampler="random")
-        self.root = Path(root) / self._volumes.fingerprint()
+        self.root = Path(root) / pipeline.fingerprint()
 
     def entry(self, record: dict[str, Any]) -> CachedVolume:
         """The cache entry of `record`, built (or rebuilt, when damaged) if needed."""
