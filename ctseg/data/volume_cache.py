@@ -3,7 +3,7 @@ uncompressed arrays and read through memory maps, so a training patch reads only
 and throughput does not depend on the size of the volume.
 
 An entry is a folder `<cache root>/<key>/` holding `image.npy` (float32, (1, D, H, W)),
-`label.npy` (uint8), `locations.npz` (for each class present, up to `MAX_LOCATIONS` voxel
+`label.npy` (uint8), `locations.npz` (for each class present, up to `MAX_INDICES_PER_CLASS` voxel
 indices drawn with a fixed seed: patch centres for the `classes` sampler) and `meta.json`, written
 last with the byte size of every file. The key hashes the record's paths and the size and
 modification time of its CT and label map; the cache root is named by the pipeline's
@@ -36,7 +36,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig, eval_transforms
+from ctseg.data.transforms import (
+    IMAGE,
+    LABEL,
+    MAX_INDICES_PER_CLASS,
+    PipelineConfig,
+    eval_transforms,
+)
 from ctseg.errors import blamed_on
 
 log = logging.getLogger(__name__)
@@ -45,8 +51,6 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE, META_FILE = (
     "image.npy", "label.npy", "locations.npz", "meta.json")
-# Voxel indices kept per class as patch centres (a fixed-seed sample of the class's voxels).
-MAX_LOCATIONS = 20_000
 
 
 def record_key(record: dict[str, Any]) -> str:
@@ -59,7 +63,7 @@ def record_key(record: dict[str, Any]) -> str:
 
 
 def class_locations(label: np.ndarray, num_classes: int, seed: int = 0,
-                    limit: int = MAX_LOCATIONS) -> dict[int, np.ndarray]:
+                    limit: int = MAX_INDICES_PER_CLASS) -> dict[int, np.ndarray]:
     """For every class present in `label`, up to `limit` of its flat voxel indices (sorted),
     sampled with a fixed seed when the class has more."""
     flat = label.reshape(-1)
