@@ -169,6 +169,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
         })
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, TorchDataset] = {}
+        self._prepared: list[PreparedDataset] | None = None
         self.world_size = 1
 
     @property
@@ -201,9 +202,15 @@ class TotalSegmentatorDataModule(LightningDataModule):
         return base if len(self.roots) == 1 else base / default_prepared_dir(root).name
 
     def _prepare_all(self) -> list[PreparedDataset]:
-        """Merge (or find already merged) the label maps of every root."""
-        return [prepare(root, out=self._prepared_out(root), version=self.hparams.version,
-                        workers=self.hparams.prepare_workers) for root in self.roots]
+        """Merge (or find already merged) the label maps of every root, once per instance: the
+        pre-flight checks, prepare_data and setup of one run share the result instead of each
+        checking every mask of the download again."""
+        if self._prepared is None:
+            self._prepared = [prepare(root, out=self._prepared_out(root),
+                                      version=self.hparams.version,
+                                      workers=self.hparams.prepare_workers)
+                              for root in self.roots]
+        return self._prepared
 
     def prepare_data(self) -> None:
         """Merge label maps once per node (idempotent: unchanged subjects are skipped)."""
@@ -375,4 +382,5 @@ class PhantomDataModule(TotalSegmentatorDataModule):
             write_phantoms(self.hparams.phantom_root, self.hparams.n_phantoms,
                            seed=self.hparams.phantom_seed, version=self.hparams.version,
                            shape=self.phantom_shape)
+            self._prepared = None  # new phantoms: merge again
         super().prepare_data()
