@@ -76,6 +76,21 @@ def test_bundle_recipes_match_the_bundle(compose_cfg) -> None:
         assert cfg.model.sw_overlap == 0.25 and cfg.model.sw_mode == "gaussian"
 
 
+def test_vista3d_recipe_matches_the_bundle(compose_cfg) -> None:
+    # models/vista3d configs/train.json (+ train_continual.json) and inference.json
+    cfg = compose_cfg("experiment=vista3d_totalseg")
+    assert cfg.data.spacing == 1.5 and list(cfg.data.patch_size) == [128, 128, 128]
+    assert cfg.data.intensity == "hu_window"
+    assert list(cfg.data.hu_window) == [-963.8247715525971, 1053.678477684517]
+    assert cfg.data.batch_size == 1 and cfg.trainer.precision == "16-mixed"
+    m = cfg.model
+    assert (m.encoder_embed_dim, list(m.blocks_down)) == (48, [1, 2, 2, 4, 4])
+    assert (m.optimizer.lr, m.optimizer.weight_decay) == (1e-4, 1e-5)
+    assert (m.max_point, m.drop_label_prob, m.drop_point_prob) == (5, 0.25, 0.25)
+    assert (m.scheduler, m.warmup_epochs, m.warmup_multiplier) == ("warmup_cosine", 3, 0.1)
+    assert m.max_prompt is None and m.max_backprompt == 1 and m.sw_overlap == 0.625
+
+
 def test_v2_data_gives_118_channels(compose_cfg) -> None:
     cfg = compose_cfg("data=totalseg_v2")
     assert cfg.model.num_classes == 118

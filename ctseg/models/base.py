@@ -143,6 +143,7 @@ class SegmentationModule(LightningModule):
         sw_batch_size: int = 4,
         sw_overlap: float = 0.25,
         sw_mode: str = "gaussian",
+        warmup_multiplier: float = 0.0,
     ) -> None:
         """Validate and store hyper-parameters (for `load_from_checkpoint`), then build net, loss
         and metrics through the `configure_*` hooks."""
@@ -159,6 +160,8 @@ class SegmentationModule(LightningModule):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {SCHEDULERS} or null")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if not 0.0 <= warmup_multiplier < 1.0:
+            raise ValueError(f"warmup_multiplier must be in [0, 1), got {warmup_multiplier}")
         self.label_names = label_names
         self._optimizer = optimizer_factory(optimizer)
         self.save_hyperparameters()
@@ -255,6 +258,12 @@ class SegmentationModule(LightningModule):
         """Log test Dice."""
         self._log_dice("test")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop `pretrained` from the saved hyper-parameters: the checkpoint holds the weights."""
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if hparams is not None and "pretrained" in hparams:
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {**hparams, "pretrained": None}
+
     def configure_optimizers(self) -> Optimizer | dict[str, Any]:
         """The configured optimiser, with a per-step cosine schedule (optionally warmed up) that
         spans the trainer's whole run when `scheduler` is set."""
@@ -280,6 +289,7 @@ class SegmentationModule(LightningModule):
             if warmup >= total:
                 raise ValueError(f"warmup_epochs={warmup_epochs} must be below trainer.max_epochs="
                                  f"{epochs}")
-            scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total)
+            scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total,
+                                             warmup_multiplier=self.hparams.warmup_multiplier)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

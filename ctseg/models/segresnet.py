@@ -69,9 +69,3 @@ class SegResNetModule(SegmentationModule):
             load_into(self.net, state, reinit_head=hp.reinit_head, source=hp.pretrained,
                       head_prefix=SEGRESNET_HEAD)
             log.info("loaded pretrained SegResNet weights from %s", hp.pretrained)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop `pretrained` from the saved hyper-parameters: the checkpoint holds the weights."""
-        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
-        if hparams is not None:
-            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {**hparams, "pretrained": None}

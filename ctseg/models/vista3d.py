@@ -1,0 +1,205 @@
+"""VISTA3DModule: MONAI's VISTA3D (`vista3d132`) trained with class and point prompts, as the MONAI
+`vista3d` bundle trains it, on ctseg's DataModules.
+
+Labels arrive as TotalSegmentator class indices (v1 or v2); the module maps them to VISTA3D ids
+(`ctseg.vista3d_labels.vista3d_ids`), so the network speaks VISTA3D ids and its weights exchange
+with the bundle's `model.pt`. Validation and test run the automatic mode (one class prompt per
+known class) through the same slab aggregation as SegResNet, and log Dice under the same names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import SegResNetDS2
+from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMappingSAM
+from torch import Tensor
+
+from ctseg.models.base import OptimizerFactory, SegmentationModule
+from ctseg.models.vista3d_prompts import PromptSampling, sample_prompt_pairs
+from ctseg.models.weights import load_bundle_state_dict, load_into
+from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_ids, vista3d_labels
+
+log = logging.getLogger(__name__)
+
+# What `trainable` may name: the whole network, the heads (image encoder frozen), the point head.
+TRAINABLE = ("all", "heads", "point_head")
+# Class embeddings of both heads (`vista3d132`: ids 0..511).
+EMBEDDINGS = 512
+# Checkpoint entry holding the prompt generator's state.
+RNG_KEY = "vista3d_prompt_rng"
+
+
+def build_vista3d(encoder_embed_dim: int = 48, blocks_down: Sequence[int] = (1, 2, 2, 4, 4),
+                  in_channels: int = 1) -> VISTA3D:
+    """VISTA3D as `monai.networks.nets.vista3d132` builds it, with the encoder's width and depth
+    as arguments (the defaults give exactly `vista3d132`, the bundle's network)."""
+    encoder = SegResNetDS2(in_channels=in_channels, blocks_down=tuple(blocks_down),
+                           norm="instance", out_channels=encoder_embed_dim,
+                           init_filters=encoder_embed_dim, dsdepth=1)
+    point_head = PointMappingSAM(feature_size=encoder_embed_dim, n_classes=EMBEDDINGS,
+                                 last_supported=LAST_SUPPORTED)
+    class_head = ClassMappingClassify(n_classes=EMBEDDINGS, feature_size=encoder_embed_dim,
+                                      use_mlp=True)
+    return VISTA3D(image_encoder=encoder, class_head=class_head, point_head=point_head)
+
+
+def automatic_logits(net: VISTA3D, windows: Tensor, class_ids: Tensor) -> Tensor:
+    """(B, 1 + P, *roi) logits of the automatic mode for a batch of windows: a constant 0
+    background channel, then one channel per class id. Argmax over them is VISTA3D's own
+    post-processing (`VistaPostTransformd`): background where no class logit is above 0, else
+    the strongest class."""
+    logits = net(windows, class_vector=class_ids.reshape(-1, 1), transpose=True).float()
+    return torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+
+
+class VISTA3DModule(SegmentationModule):
+    """VISTA3D at `self.net` (keys of the bundle's `model.pt`), trained with prompts sampled per
+    patch: sigmoid DiceCE per prompt (the bundle's loss), AdamW, optional warm-up cosine.
+
+    `label_names` are the data's TotalSegmentator classes; each maps to a VISTA3D id (`class_ids`)
+    and classes without one (7 v1 heart/face classes) are neither prompted nor scored. `trainable`
+    freezes parts: "heads" keeps the image encoder fixed, "point_head" trains the point head only.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        label_names: Sequence[str] | None = None,
+        in_channels: int = 1,
+        encoder_embed_dim: int = 48,
+        blocks_down: Sequence[int] = (1, 2, 2, 4, 4),
+        max_prompt: int | None = None,
+        max_foreprompt: int | None = None,
+        max_backprompt: int | None = 1,
+        max_point: int = 5,
+        drop_label_prob: float = 0.25,
+        drop_point_prob: float = 0.25,
+        trainable: str = "all",
+        seed: int = 0,
+        pretrained: str | os.PathLike[str] | None = None,
+        optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
+        scheduler: str | None = None,
+        warmup_epochs: int = 0,
+        warmup_multiplier: float = 0.0,
+        roi_size: Sequence[int] = (128, 128, 128),
+        sw_batch_size: int = 1,
+        sw_overlap: float = 0.25,
+        sw_mode: str = "gaussian",
+    ) -> None:
+        """Store the architecture, prompt sampling and training settings."""
+        if trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+        super().__init__(
+            num_classes=num_classes, label_names=label_names, optimizer=optimizer,
+            scheduler=scheduler, warmup_epochs=warmup_epochs, roi_size=roi_size,
+            sw_batch_size=sw_batch_size, sw_overlap=sw_overlap, sw_mode=sw_mode,
+            warmup_multiplier=warmup_multiplier,
+        )
+        self.sampling = PromptSampling(
+            max_prompt=max_prompt, max_foreprompt=max_foreprompt, max_backprompt=max_backprompt,
+            max_point=max_point, drop_label_prob=drop_label_prob, drop_point_prob=drop_point_prob)
+        self.rng = random.Random(seed)
+        self._rng_restored = False
+
+    def on_fit_start(self) -> None:
+        """Seed the prompt generator per DDP rank (rank 0 keeps `seed`), unless resumed."""
+        if not self._rng_restored:
+            self.rng.seed(self.hparams.seed + self.global_rank)
+
+    def configure_models(self) -> None:
+        """Build the network, map the classes to VISTA3D ids, load `pretrained`, freeze parts."""
+        hp = self.hparams
+        self.net = build_vista3d(hp.encoder_embed_dim, hp.blocks_down, hp.in_channels)
+        ids = vista3d_ids(self.label_names)
+        unknown = [n for n, i in zip(self.label_names, ids, strict=True) if i is None]
+        if unknown:
+            log.info("VISTA3D has no id for %d classes, which are not prompted or scored: %s",
+                     len(unknown), ", ".join(unknown))
+        table = torch.tensor([-1 if i is None else i for i in ids])
+        # class index -> VISTA3D id (-1: unknown); the known foreground classes in order.
+        self.register_buffer("class_ids", table, persistent=False)
+        known = [c for c in range(1, len(ids)) if ids[c] is not None]
+        if not known:
+            raise ValueError("none of the classes has a VISTA3D id; VISTA3D needs "
+                             "TotalSegmentator structure names (data.version v1 or v2)")
+        self.register_buffer("prompt_classes", torch.tensor(known), persistent=False)
+        self.special = vista3d_labels().special
+        if hp.pretrained:
+            load_into(self.net, load_bundle_state_dict(hp.pretrained), source=hp.pretrained,
+                      head_prefix="class_head.")
+            log.info("loaded pretrained VISTA3D weights from %s", hp.pretrained)
+        if hp.trainable == "heads":
+            self.net.image_encoder.requires_grad_(False)
+        elif hp.trainable == "point_head":
+            self.net.set_auto_grad(auto_freeze=True)
+
+    def configure_losses(self) -> None:
+        """The bundle's per-prompt sigmoid DiceCE (train.json `loss`)."""
+        self.loss = DiceCELoss(include_background=True, sigmoid=True, smooth_dr=1e-5,
+                               smooth_nr=0, squared_pred=True, to_onehot_y=False)
+
+    def forward(self, image: Tensor, **prompts: Any) -> Tensor:
+        """VISTA3D logits (P, 1, D, H, W) of one (1, C, D, H, W) patch for `prompts`
+        (`class_vector`, `point_coords`, `point_labels`, ...; see monai VISTA3D.forward)."""
+        return self.net(image, **prompts)
+
+    def vista_labels(self, label: Tensor) -> Tensor:
+        """A label patch of class indices as VISTA3D ids (unknown classes become 0)."""
+        return self.class_ids.clamp(min=0)[label.long()]
+
+    def _sample_loss(self, image: Tensor, label: Tensor) -> Tensor:
+        """Prompt loss of one (1, C, D, H, W) patch and its (D, H, W) VISTA3D-id labels."""
+        label_set = self.class_ids[self.prompt_classes].tolist()
+        p = sample_prompt_pairs(label, label_set, self.rng, self.sampling, self.special)
+        logits = self(image, point_coords=p.points, point_labels=p.point_labels,
+                      class_vector=p.label_prompt)
+        target = (label[None] == p.prompt_class[:, :, None, None, None]).float()
+        return self.loss(logits.float(), target)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        """Mean prompt loss over the patches of a batch (prompts drawn per patch)."""
+        image, label = self._plain(batch)
+        labels = self.vista_labels(label[:, 0])
+        loss = torch.stack([self._sample_loss(image[[i]], labels[i])
+                            for i in range(image.shape[0])]).mean()
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=image.shape[0])
+        return loss
+
+    def _window_logits(self, windows: Tensor) -> Tensor:
+        """Background + one channel per known class, in class-index order of `prompt_classes`."""
+        return automatic_logits(self.net, windows, self.class_ids[self.prompt_classes])
+
+    def predict_labels(self, image: Tensor) -> Tensor:
+        """(D, H, W) class indices of a whole volume from the automatic mode."""
+        channels = super().predict_labels(image)
+        lookup = torch.cat([torch.zeros(1, dtype=torch.long, device=self.prompt_classes.device),
+                            self.prompt_classes])
+        return lookup.to(channels.device)[channels.long()]
+
+    def _evaluate(self, batch: Mapping[str, Tensor], stage: str) -> None:
+        """Dice counts of one volume; classes without a VISTA3D id count as background."""
+        image, label = self._plain(batch)
+        known = (self.class_ids >= 0).to(label.device)
+        label = torch.where(known[label.long()], label.long(), 0)
+        super()._evaluate({"image": image, "label": label}, stage)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the prompt generator's state, so a resumed run draws the prompts it would have."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[RNG_KEY] = self.rng.getstate()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the prompt generator's state of a resumed run."""
+        state = checkpoint.get(RNG_KEY)
+        if state is not None:
+            version, internal, gauss = state
+            self.rng.setstate((version, tuple(internal), gauss))
+            self._rng_restored = True

@@ -1,0 +1,97 @@
+"""VISTA3DModule: the bundle's network and weights, prompt training steps, checkpoint state."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from monai.networks.nets import vista3d132
+
+from ctseg.labels import label_names
+from ctseg.models.vista3d import RNG_KEY, VISTA3DModule
+from ctseg.models.weights import save_bundle_state_dict
+
+SMALL = {"encoder_embed_dim": 16, "blocks_down": (1, 1, 1, 1), "roi_size": (32, 32, 24)}
+
+
+@pytest.fixture(scope="module")
+def bundle_weights(tmp_path_factory: pytest.TempPathFactory):
+    """vista3d132 as the bundle's configs/inference.json builds it, saved as its models/model.pt."""
+    torch.manual_seed(0)
+    net = vista3d132(in_channels=1).eval()
+    path = tmp_path_factory.mktemp("vista3d_bundle") / "model.pt"
+    torch.save(net.state_dict(), path)
+    return net, path
+
+
+def test_bundle_network_round_trips_through_ctseg(bundle_weights, tmp_path):
+    net, path = bundle_weights
+    module = VISTA3DModule(118, label_names("v2"), pretrained=str(path)).eval()
+    theirs, ours = net.state_dict(), module.net.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in theirs)
+    image = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[1], [3], [5]])
+    points, point_labels = torch.tensor([[[10.0, 12.0, 14.0]]]), torch.tensor([[1]])
+    with torch.no_grad():
+        assert torch.equal(module(image, class_vector=ids), net(image, class_vector=ids))
+        assert torch.equal(module(image, point_coords=points, point_labels=point_labels),
+                           net(image, point_coords=points, point_labels=point_labels))
+    written = save_bundle_state_dict(module, tmp_path / "model.pt")
+    again = torch.load(written, weights_only=True)
+    assert list(again) == list(theirs) and all(torch.equal(again[k], theirs[k]) for k in theirs)
+
+
+def _batch(foreground: bool) -> dict[str, torch.Tensor]:
+    label = torch.zeros(2, 1, 32, 32, 24, dtype=torch.long)
+    if foreground:
+        label[0, 0, 4:14, 4:14, 4:12] = label_names("v1").index("liver")
+        label[1, 0, 16:28, 10:20, 6:18] = label_names("v1").index("spleen")
+    return {"image": torch.rand(2, 1, 32, 32, 24), "label": label}
+
+
+@pytest.mark.parametrize("foreground", [True, False])
+def test_training_step_with_batch_of_two_always_has_a_loss(foreground: bool):
+    module = VISTA3DModule(105, label_names("v1"), **SMALL)
+    for _ in range(4):  # prompts and drops vary from step to step
+        loss = module.training_step(_batch(foreground), 0)
+        assert torch.isfinite(loss) and loss.requires_grad
+        loss.backward()
+    grads = [p.grad for p in module.net.image_encoder.parameters()]
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_frozen_encoder_gets_no_gradient():
+    module = VISTA3DModule(105, label_names("v1"), trainable="heads", **SMALL)
+    module.training_step(_batch(True), 0).backward()
+    assert all(p.grad is None for p in module.net.image_encoder.parameters())
+    assert any(p.grad is not None for p in module.net.class_head.parameters())
+
+
+def test_unknown_trainable_and_classes_without_ids_are_refused():
+    with pytest.raises(ValueError, match="trainable"):
+        VISTA3DModule(105, label_names("v1"), trainable="encoder", **SMALL)
+    with pytest.raises(ValueError, match="VISTA3D id"):
+        VISTA3DModule(3, ["background", "thing", "other"], **SMALL)
+
+
+def test_prompt_generator_state_travels_in_the_checkpoint():
+    module = VISTA3DModule(105, label_names("v1"), seed=3, **SMALL)
+    module.rng.random()
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    expected = module.rng.random()
+    resumed = VISTA3DModule(105, label_names("v1"), seed=99, **SMALL)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.rng.random() == expected
+    assert isinstance(checkpoint[RNG_KEY], tuple)
+    assert random.Random(3).random() != expected
+
+
+def test_validation_maps_automatic_labels_back_to_class_indices():
+    module = VISTA3DModule(105, label_names("v1"), **SMALL).eval()
+    labels = module.predict_labels(torch.rand(1, 1, 40, 36, 24))
+    assert labels.shape == (40, 36, 24)
+    known = set(module.prompt_classes.tolist()) | {0}
+    assert set(labels.unique().tolist()) <= known
