@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 SPATIAL_DIMS = 3
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
+Predictor = Callable[..., torch.Tensor]
+Window = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ def sliding_window_predict(
     output_device: torch.device | str | None = None,
     accum_dtype: torch.dtype | None = None,
     progress: bool = False,
+    window_starts: Sequence[Sequence[int]] | None = None,
+    with_windows: bool = False,
 ) -> SlidingWindowResult:
     """Sliding-window inference of `image` (1, C_in, D, H, W) reduced slab by slab to labels.
 
@@ -118,6 +121,11 @@ def sliding_window_predict(
         accum_dtype: dtype of the accumulator (default: the image's floating dtype, like MONAI;
             torch.float16 halves the accumulator on CUDA).
         progress: show a tqdm progress bar over predictor calls.
+        window_starts: compute only the windows starting at these (D, H, W) voxels of the padded
+            image instead of MONAI's grid (e.g. windows around clicks); voxels no window covers
+            get label 0 and probability 0.
+        with_windows: call `predictor(batch, windows)` with the batch's windows as
+            ((start, stop), ...) per axis in padded-image voxels (prompted models need them).
     """
     image = _check_image(image)
     spatial = tuple(int(s) for s in image.shape[2:])
@@ -137,14 +145,17 @@ def sliding_window_predict(
     device = torch.device(device) if device is not None else image.device
     output_device = torch.device(output_device) if output_device is not None else device
 
-    image, pad = _pad_to_roi(image, roi, cval, _check_padding(padding_mode))
+    image, pad = pad_to_roi(image, roi, cval, _check_padding(padding_mode))
     size = tuple(int(s) for s in image.shape[2:])
     axis = _check_axis(slab_axis, size, roi)
-    interval = _get_scan_interval(size, roi, SPATIAL_DIMS, overlaps)
-    windows = [
-        tuple((int(a), int(b)) for a, b in w)
-        for w in dense_patch_slices(size, roi, interval, return_slice=False)
-    ]
+    if window_starts is None:
+        interval = _get_scan_interval(size, roi, SPATIAL_DIMS, overlaps)
+        windows = [
+            tuple((int(a), int(b)) for a, b in w)
+            for w in dense_patch_slices(size, roi, interval, return_slice=False)
+        ]
+    else:
+        windows = _explicit_windows(window_starts, size, roi)
     windows.sort(key=lambda w: w[axis][0])  # stable: MONAI's order within one row of windows
     weight = compute_importance_map(
         roi, mode=blend, sigma_scale=sigma_scale, device=sw_device, dtype=accum_dtype
@@ -166,7 +177,9 @@ def sliding_window_predict(
     for first in tqdm(batches) if progress else batches:
         batch = windows[first : first + sw_batch_size]
         data = torch.cat([image[(slice(0, 1), slice(None), *_slices(w))] for w in batch])
-        logits = _check_logits(predictor(data.to(sw_device)), len(batch), roi)
+        data = data.to(sw_device)
+        output = predictor(data, batch) if with_windows else predictor(data)
+        logits = _check_logits(output, len(batch), roi)
         logits *= weight
         for window, values in zip(batch, logits.to(device), strict=True):
             stitch.add(window, values.movedim(axis + 1, 1), slab_weight, rest)
@@ -263,7 +276,9 @@ class _SlabStitcher:
 
     def _flush(self, count: int) -> None:
         """Normalise the first `count` planes, reduce them to outputs and roll the accumulator."""
-        logits = self.values[:, :count].div_(self.weights[:, :count])
+        # Voxels outside every window (explicit windows only) have weight 0: logits 0, label 0.
+        weights = self.weights[:, :count].clamp_min(torch.finfo(self.dtype).tiny)
+        logits = self.values[:, :count].div_(weights)
         done = slice(self.start, self.start + count)
         # max(...).indices is argmax (first maximum on ties) at about half the CPU time.
         self.labels.movedim(self.axis, 0)[done] = logits.max(0).indices.to(
@@ -299,6 +314,21 @@ def _roll_planes(buffer: torch.Tensor, count: int) -> None:
         hi = min(lo + count, keep)
         buffer[lo:hi].copy_(buffer[lo + count : hi + count])
     buffer[max(keep, 0) :].zero_()
+
+
+def _explicit_windows(starts: Sequence[Sequence[int]], size: tuple[int, ...],
+                      roi: tuple[int, ...]) -> list[Window]:
+    """Windows of `roi` at `starts`, each inside the padded image of `size`."""
+    windows = []
+    for start in starts:
+        if len(start) != SPATIAL_DIMS or any(
+                not 0 <= int(a) <= s - r for a, s, r in zip(start, size, roi, strict=True)):
+            raise ValueError(f"window start {tuple(start)} does not fit a {roi} window into the "
+                             f"image of {size}")
+        windows.append(tuple((int(a), int(a) + r) for a, r in zip(start, roi, strict=True)))
+    if not windows:
+        raise ValueError("window_starts is empty: no window to compute")
+    return windows
 
 
 def _slices(window: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
@@ -362,7 +392,7 @@ def _check_padding(padding_mode: str) -> str:
     return str(padding_mode)
 
 
-def _pad_to_roi(
+def pad_to_roi(
     image: torch.Tensor, roi: tuple[int, ...], cval: float, padding_mode: str = "constant"
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Pad axes shorter than `roi` symmetrically (`padding_mode`, `cval`), exactly as MONAI

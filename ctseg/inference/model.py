@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,14 @@ from torch import nn
 from ctseg.data.transforms import PipelineConfig
 from ctseg.labels import label_names, num_classes
 from ctseg.models.segresnet import SegResNetModule
+from ctseg.models.vista3d import VISTA3DModule, build_vista3d
 from ctseg.models.weights import (
     SEGRESNET_HEAD,
     load_into,
     network_state_dict,
     read_checkpoint,
 )
+from ctseg.vista3d_labels import vista3d_labels
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,14 @@ HPARAMS, DATA_HPARAMS = "hyper_parameters", "datamodule_hyper_parameters"
 # Preprocessing settings that prediction takes from a checkpoint or the `data` config.
 PREDICT_KEYS = ("spacing", "intensity", "hu_window", "patch_size", "smooth_sigma")
 # Module arguments that make no sense at inference (weights come from the checkpoint itself).
-_SKIPPED = ("pretrained", "reinit_head", "optimizer", "scheduler", "warmup_epochs")
+_SKIPPED = ("pretrained", "reinit_head", "optimizer", "scheduler", "warmup_epochs",
+            "warmup_multiplier")
+# Keys only a VISTA3D state dict has (its class head).
+VISTA3D_MARK = "class_head."
+# The vista3d bundle's inference.json preprocessing, for its bare models/model.pt.
+VISTA3D_BUNDLE_DATA = {"spacing": 1.5, "intensity": "hu_window",
+                       "hu_window": (-963.8247715525971, 1053.678477684517),
+                       "smooth_sigma": 0.0, "patch_size": (128, 128, 128)}
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,8 @@ class LoadedModel:
     label_names: list[str]
     pipeline: PipelineConfig
     roi_size: tuple[int, int, int]
+    kind: str = "segresnet"
+    known_ids: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -65,10 +76,30 @@ def _pipeline(data: Mapping[str, Any]) -> PipelineConfig:
                              for k, v in data.items() if k in PREDICT_KEYS and v is not None})
 
 
-def _module_kwargs(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The SegResNetModule arguments among `hparams`, without the training-only ones."""
-    accepted = set(inspect.signature(SegResNetModule.__init__).parameters) - {"self", *_SKIPPED}
+def _module_kwargs(hparams: Mapping[str, Any], module: type = SegResNetModule
+                   ) -> dict[str, Any]:
+    """The `module` arguments among `hparams`, without the training-only ones."""
+    accepted = set(inspect.signature(module.__init__).parameters) - {"self", *_SKIPPED}
     return {k: v for k, v in hparams.items() if k in accepted}
+
+
+def _load_vista3d(path: Path, obj: Any, state: Mapping[str, torch.Tensor]) -> LoadedModel:
+    """A VISTA3D from a ctseg checkpoint (its classes as VISTA3D ids) or the bundle's bare
+    `model.pt` (vista3d132, the 117 everything labels, inference.json's preprocessing)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get(HPARAMS), Mapping):
+        module = VISTA3DModule(**_module_kwargs(obj[HPARAMS], VISTA3DModule))
+        net = module.net
+        known = sorted(set(module.class_ids[module.prompt_classes].tolist()))
+        data = dict(obj.get(DATA_HPARAMS) or {})
+        roi = tuple(int(r) for r in module.hparams.roi_size)
+    else:
+        net, known, data = build_vista3d(), list(vista3d_labels().everything), VISTA3D_BUNDLE_DATA
+        roi = tuple(VISTA3D_BUNDLE_DATA["patch_size"])
+    load_into(net, state, source=path, head_prefix=VISTA3D_MARK)
+    pipeline = _pipeline(data)
+    log.info("%s: VISTA3D, %d known ids, spacing %s mm, intensity %s", path, len(known),
+             pipeline.spacing, pipeline.intensity)
+    return LoadedModel(net.eval(), [], pipeline, roi, kind="vista3d", known_ids=known)
 
 
 def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]
@@ -78,6 +109,8 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
     path = Path(path)
     obj = read_checkpoint(path)
     state = network_state_dict(obj, path)
+    if any(k.startswith(VISTA3D_MARK) for k in state):
+        return _load_vista3d(path, obj, state)
     found = head_classes(state, path)
     if isinstance(obj, Mapping) and isinstance(obj.get(HPARAMS), Mapping):
         hparams = dict(obj[HPARAMS])

@@ -40,24 +40,46 @@ def label_colours(count: int) -> list[tuple[int, int, int]]:
     return colours
 
 
-def label_json(names: Sequence[str]) -> str:
+Names = Sequence[str] | Mapping[int, str]
+
+
+def label_table(names: Names) -> dict[int, str]:
+    """Label value -> name: a list is indexed 0..N-1 (class indices), a mapping is used as is
+    (e.g. VISTA3D ids)."""
+    return dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
+
+
+def file_name(name: str) -> str:
+    """A structure name as one word for file names and tables ("right kidney" -> right_kidney)."""
+    return "_".join(name.split())
+
+
+def _coloured(names: Names) -> list[tuple[int, str, tuple[int, int, int]]]:
+    """(value, name, colour) per label; the colour depends on the value only."""
+    table = label_table(names)
+    colours = label_colours(max(table) + 1)
+    return [(i, n, colours[i]) for i, n in sorted(table.items())]
+
+
+def label_json(names: Names) -> str:
     """`{"0": "background", "1": "spleen", ...}` as indented JSON text."""
-    return json.dumps({str(i): n for i, n in enumerate(names)}, indent=2) + "\n"
+    return json.dumps({str(i): n for i, n in sorted(label_table(names).items())},
+                      indent=2) + "\n"
 
 
-def slicer_table(names: Sequence[str]) -> str:
+def slicer_table(names: Names) -> str:
     """3D Slicer colour table (.ctbl): `index name R G B A` per label."""
-    lines = ["# 3D Slicer colour table written by ctseg", f"# {len(names)} labels"]
-    for i, (name, (r, g, b)) in enumerate(zip(names, label_colours(len(names)), strict=True)):
-        lines.append(f"{i} {name} {r} {g} {b} {0 if i == 0 else 255}")
+    lines = ["# 3D Slicer colour table written by ctseg", f"# {len(label_table(names))} labels"]
+    for i, name, (r, g, b) in _coloured(names):
+        lines.append(f"{i} {file_name(name)} {r} {g} {b} {0 if i == 0 else 255}")
     return "\n".join(lines) + "\n"
 
 
-def itksnap_table(names: Sequence[str]) -> str:
+def itksnap_table(names: Names) -> str:
     """ITK-SNAP label description file: index, RGB, alpha, visibility, mesh visibility, name."""
     lines = ["# ITK-SnAP Label Description File written by ctseg",
              "# Columns = Index, Red, Green, Blue, Alpha, Label visibility, Mesh visibility, Label"]
-    for i, (name, (r, g, b)) in enumerate(zip(names, label_colours(len(names)), strict=True)):
+    for i, name, (r, g, b) in _coloured(names):
         shown = 0 if i == 0 else 1
         lines.append(f"{i:5d} {r:5d} {g:4d} {b:4d} {shown:8d} {shown:2d} {shown:2d}    \"{name}\"")
     return "\n".join(lines) + "\n"
@@ -88,24 +110,28 @@ def write_case(
     labels: np.ndarray,
     affine: np.ndarray,
     header: nib.Nifti1Header | None,
-    names: Sequence[str],
+    names: Names,
     masks: bool,
     probabilities: Mapping[int, np.ndarray],
 ) -> None:
-    """Write every output of one case into `folder` (which must be empty or new)."""
-    labels = labels.astype(label_map_dtype(len(names)), copy=False)
+    """Write every output of one case into `folder` (which must be empty or new); `names` maps
+    label values to structures (a list: class indices)."""
+    table = label_table(names)
+    labels = labels.astype(label_map_dtype(max(table) + 1), copy=False)
     _save(nifti_like(labels, affine, header), folder / LABELS_FILE)
     (folder / LABELS_JSON).write_text(label_json(names))
     (folder / SLICER_TABLE).write_text(slicer_table(names))
     (folder / ITKSNAP_TABLE).write_text(itksnap_table(names))
     if masks:
-        for index, name in enumerate(names[1:], start=1):
-            mask = (labels == index).astype(np.uint8)
-            _save(nifti_like(mask, affine, header), folder / MASKS_DIR / f"{name}.nii.gz")
+        for index, name in table.items():
+            if index:
+                mask = (labels == index).astype(np.uint8)
+                _save(nifti_like(mask, affine, header),
+                      folder / MASKS_DIR / f"{file_name(name)}.nii.gz")
     for index, volume in probabilities.items():
         prob = volume.astype(np.float32, copy=False)
         _save(nifti_like(prob, affine, header),
-              folder / PROBABILITIES_DIR / f"{names[index]}.nii.gz")
+              folder / PROBABILITIES_DIR / f"{file_name(table[index])}.nii.gz")
 
 
 @contextmanager

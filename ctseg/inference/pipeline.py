@@ -17,10 +17,13 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged
 
 from ctseg.data.transforms import IMAGE, infer_transforms
-from ctseg.inference.aggregate import sliding_window_predict
+from ctseg.errors import ConfigError
+from ctseg.inference.aggregate import pad_to_roi, sliding_window_predict
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.model import LoadedModel
 from ctseg.inference.outputs import atomic_folder, write_case
+from ctseg.inference.prompts import Prompt, check_points_inside
+from ctseg.inference.vista3d import keep_clicked_components, plan_case, to_model_grid
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class PredictOptions:
     masks: bool = True
     probabilities: Sequence[str | int] = field(default_factory=tuple)
     series_uid: str | None = None
+    prompt: Prompt = field(default_factory=Prompt)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,6 +91,14 @@ class CasePredictor:
         self.model, self.options = model, options
         self.device = resolve_device(options.device)
         self.amp = options.amp and self.device.type == "cuda"
+        self.vista3d = model.kind == "vista3d"
+        if self.vista3d and options.probabilities:
+            raise ConfigError("probabilities are written for SegResNet checkpoints only; VISTA3D "
+                              "outputs are label maps (remove probabilities=...)")
+        prompt = options.prompt
+        if not self.vista3d and (prompt.labels or prompt.has_points):
+            raise ConfigError("prompt.labels / prompt.points need a VISTA3D checkpoint; "
+                              f"this one is a {model.kind} (remove the prompt)")
         self.keep = class_indices(model.label_names, options.probabilities)
         steps = list(infer_transforms(model.pipeline).transforms)
         if isinstance(steps[0], LoadImaged):
@@ -99,6 +111,41 @@ class CasePredictor:
         """Float32 logits of a batch of windows (autocast on CUDA when AMP is on)."""
         with torch.autocast(self.device.type, enabled=self.amp):
             return self.net(windows).float()
+
+    def _vista3d(self, image: MetaTensor, data: dict[str, Any]
+                 ) -> tuple[torch.Tensor, dict[int, str]]:
+        """VISTA3D labels (as VISTA3D ids) on the model grid and their names, for the prompt."""
+        o, prompt = self.options, self.options.prompt
+        volume = data[IMAGE][None].as_tensor()
+        spatial = tuple(int(s) for s in volume.shape[2:])
+        padded, pad = pad_to_roi(volume, self.roi, 0.0, o.padding_mode)
+        before = torch.tensor([b for b, _ in pad], dtype=torch.float32)
+        points = None
+        if prompt.has_points:
+            points = to_model_grid(prompt.points, np.asarray(image.affine),
+                                   np.asarray(data[IMAGE].affine), spatial) + before
+        plan = plan_case(self.net, prompt, self.model.known_ids, points, padded.shape[2:],
+                         self.roi, o.overlap)
+        result = sliding_window_predict(
+            padded, self._logits_of(plan.predictor), self.roi, o.overlap, mode=o.mode,
+            sw_batch_size=1 if plan.with_windows else o.sw_batch_size, slab_axis=o.slab_axis,
+            window_starts=plan.window_starts, with_windows=plan.with_windows,
+            sw_device=self.device, device=self.device, output_device="cpu",
+        )
+        crop = tuple(slice(b, b + s) for (b, _), s in zip(pad, spatial, strict=True))
+        channels = result.labels[crop]
+        if plan.keep_clicked is not None:
+            clicks, point_labels = plan.keep_clicked
+            channels = keep_clicked_components(channels, clicks - before, point_labels)
+        table = torch.tensor(plan.channel_ids, dtype=torch.int64)
+        return table[channels.long()], plan.names
+
+    def _logits_of(self, predictor: Any) -> Any:
+        """`predictor` under autocast on CUDA when AMP is on, returning float32."""
+        def run(*args: Any) -> torch.Tensor:
+            with torch.autocast(self.device.type, enabled=self.amp):
+                return predictor(*args).float()
+        return run
 
     def _sync(self) -> None:
         """Wait for queued CUDA work so stage timings are right."""
@@ -130,36 +177,41 @@ class CasePredictor:
 
         image, header = load_case(case, self.options.series_uid)
         shape, affine = tuple(image.shape), np.asarray(image.affine, dtype=np.float64)
+        check_points_inside(self.options.prompt, shape, case.path)
         if header is not None:
             affine = header.get_best_affine()
         lap("load")
         data = self.transforms({IMAGE: image})
         lap("preprocess")
         o = self.options
-        result = sliding_window_predict(
-            data[IMAGE][None], self._logits, self.roi, o.overlap, mode=o.mode,
-            padding_mode=o.padding_mode, sw_batch_size=o.sw_batch_size, slab_axis=o.slab_axis,
-            keep_channels=self.keep,
-            sw_device=self.device, device=self.device, output_device="cpu",
-        )
+        names: Sequence[str] | dict[int, str] = self.model.label_names
+        probabilities: dict[int, np.ndarray] = {}
+        if self.vista3d:
+            grid_labels, names = self._vista3d(image, data)
+        else:
+            result = sliding_window_predict(
+                data[IMAGE][None], self._logits, self.roi, o.overlap, mode=o.mode,
+                padding_mode=o.padding_mode, sw_batch_size=o.sw_batch_size,
+                slab_axis=o.slab_axis, keep_channels=self.keep,
+                sw_device=self.device, device=self.device, output_device="cpu",
+            )
+            grid_labels = result.labels
+            probabilities = {c: self._invert(data, v, nearest=False)
+                             for c, v in result.probabilities.items()}
         lap("inference")
-        labels = np.rint(self._invert(data, result.labels, nearest=True))
-        probabilities = {c: self._invert(data, v, nearest=False)
-                         for c, v in result.probabilities.items()}
+        labels = np.rint(self._invert(data, grid_labels, nearest=True))
         if labels.shape != shape:
             raise RuntimeError(f"{case.path}: inverted labels have shape {labels.shape}, input "
                                f"{shape}; the preprocessing is not invertible")
         lap("postprocess")
         with atomic_folder(folder, overwrite) as tmp:
-            write_case(tmp, labels, affine, header, self.model.label_names, o.masks,
-                       probabilities)
+            write_case(tmp, labels, affine, header, names, o.masks, probabilities)
         lap("save")
         times["total"] = round(time.perf_counter() - start, 3)
         report: dict[str, Any] = {
             "case": case.name, "input": str(case.path), "output": str(folder),
-            "shape": list(shape), "model_grid": list(result.labels.shape),
+            "shape": list(shape), "model_grid": list(grid_labels.shape),
             "seconds": times, "peak_rss_mb": round(peak_rss_mb(), 1),
-            "accumulator_mb": round(result.accumulator_bytes / 2**20, 1),
         }
         if self.device.type == "cuda":
             report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)

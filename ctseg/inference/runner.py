@@ -15,6 +15,7 @@ from ctseg.inference.inputs import discover_cases
 from ctseg.inference.model import load_model
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
 from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions
+from ctseg.inference.prompts import parse_prompt
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
         slab_axis=sw.get("slab_axis"), device=str(cfg.get("device", "cpu")),
         amp=bool(cfg.get("amp", True)), masks=bool(cfg.get("masks", True)),
         probabilities=list(probabilities), series_uid=cfg.get("series_uid"),
+        prompt=parse_prompt(_plain(cfg.get("prompt"))),
     )
 
 
@@ -49,10 +51,11 @@ def _summary_line(report: Mapping[str, Any]) -> str:
 def run(cfg: DictConfig | Mapping[str, Any]) -> int:
     """Predict every case of `cfg.input` into `cfg.output`; 0 if all succeeded, 1 otherwise."""
     output = Path(str(cfg["output"]))
+    options = options_from(cfg)
     cases = discover_cases(str(cfg["input"]))
     model = load_model(str(cfg["ckpt"]), _plain(cfg.get("model")) or {},
                        _plain(cfg.get("data")) or {})
-    predictor = CasePredictor(model, options_from(cfg))
+    predictor = CasePredictor(model, options)
     overwrite = bool(cfg.get("overwrite", False))
     reports, skipped, failures = [], [], []
     with Progress(disable=not cfg.get("progress", True)) as progress:

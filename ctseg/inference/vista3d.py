@@ -1,0 +1,139 @@
+"""VISTA3D prediction of one case: clicks carried to the model grid, the window predictor of each
+prompt mode, windows around the clicks, and the clicked-component post-processing.
+
+Modes (as the bundle's inference.json, with ctseg's memory-bounded aggregation):
+- class prompts / everything: one class-head channel per id and a constant 0 background channel;
+  the argmax is VistaPostTransformd's (background where no logit is above 0);
+- clicks with one supported id: class head and point head combined by the network's
+  connected-component rule;
+- clicks alone or with a zero-shot id: point head only, then only the connected components that
+  hold a positive click are kept (VistaPostTransformd's `keep_components_with_positive_points`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers.utils import _get_scan_interval
+from scipy import ndimage
+from torch import Tensor
+
+from ctseg.inference.aggregate import Window
+from ctseg.inference.prompts import CLICKED, Prompt, output_names, prompt_ids
+from ctseg.models.vista3d import automatic_logits
+from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_labels
+
+
+@dataclass(frozen=True)
+class Vista3DPlan:
+    """How to run one case: the predictor for the aggregator, the channel -> id table, the
+    windows to compute (None: the whole grid) and the clicks for post-processing."""
+
+    predictor: Callable[..., Tensor]
+    with_windows: bool
+    channel_ids: list[int]
+    names: dict[int, str]
+    window_starts: list[tuple[int, int, int]] | None = None
+    keep_clicked: tuple[Tensor, Tensor] | None = None
+
+
+def to_model_grid(points: Sequence[Sequence[float]], input_affine: np.ndarray,
+                  model_affine: np.ndarray, shape: Sequence[int]) -> Tensor:
+    """Clicks in input-file voxel indices as (N, 3) voxel coordinates of the preprocessed grid
+    (through world coordinates: orientation and resampling both carried), inside `shape`."""
+    homogeneous = np.c_[np.asarray(points, dtype=np.float64), np.ones(len(points))]
+    grid = (np.linalg.inv(model_affine) @ input_affine @ homogeneous.T).T[:, :3]
+    grid = np.clip(np.rint(grid), 0, np.asarray(shape) - 1)
+    return torch.as_tensor(grid, dtype=torch.float32)
+
+
+def click_windows(points: Tensor, size: Sequence[int], roi: Sequence[int]
+                  ) -> list[tuple[int, int, int]]:
+    """Start of a `roi` window centred on each click, moved inside an image of `size` (MONAI's
+    `point_based_window_inferer` placement), without repeats."""
+    starts = []
+    for point in points.tolist():
+        start = tuple(int(min(max(int(p) - r // 2, 0), s - r))
+                      for p, r, s in zip(point, roi, size, strict=True))
+        if start not in starts:
+            starts.append(start)
+    return starts
+
+
+def keep_clicked_components(labels: Tensor, points: Tensor, point_labels: Tensor) -> Tensor:
+    """`labels` (D, H, W) with only the 26-connected foreground components that hold a positive
+    click."""
+    mask = (labels > 0).cpu().numpy()
+    components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    positive = points[point_labels > 0].long().tolist()
+    keep = {int(components[tuple(p)]) for p in positive} - {0}
+    kept = torch.from_numpy(np.isin(components, sorted(keep)))
+    return torch.where(kept.to(labels.device), labels, torch.zeros_like(labels))
+
+
+def plan_case(net: torch.nn.Module, prompt: Prompt, known: Sequence[int],
+              grid_points: Tensor | None, padded_size: Sequence[int], roi: Sequence[int],
+              overlap: float) -> Vista3DPlan:
+    """The prediction plan of `prompt` for a case whose clicks are at `grid_points` (model grid,
+    already shifted by any padding) on a padded grid of `padded_size`."""
+    if not prompt.has_points:
+        ids = prompt_ids(prompt, known)
+        class_ids = torch.tensor(ids)
+
+        def automatic(windows: Tensor) -> Tensor:
+            return automatic_logits(net, windows, class_ids.to(windows.device))
+
+        return Vista3DPlan(automatic, False, [0, *ids], output_names(ids))
+
+    if grid_points is None:
+        raise ValueError("a prompt with clicks needs their model-grid coordinates")
+    table = vista3d_labels()
+    label = prompt.label
+    point_labels = torch.tensor(prompt.point_labels)
+    if label is not None and label in table.special:
+        point_labels = point_labels + 2
+    class_vector = None if label is None or label > LAST_SUPPORTED else torch.tensor([[label]])
+    prompt_class = None if label is None else torch.tensor([[label]])
+    value = CLICKED if label is None else label
+
+    def clicked(windows: Tensor, batch: list[Window]) -> Tensor:
+        outputs = []
+        for image, window in zip(windows, batch, strict=True):
+            coords = [(slice(None), slice(None), *(slice(a, b) for a, b in window))]
+            device = image.device
+            out = net(image[None], point_coords=grid_points[None].to(device),
+                      point_labels=point_labels[None].to(device),
+                      class_vector=None if class_vector is None else class_vector.to(device),
+                      prompt_class=None if prompt_class is None else prompt_class.to(device),
+                      patch_coords=coords, transpose=True)
+            outputs.append(out.float())
+        logits = torch.cat(outputs)
+        return torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+
+    starts = None
+    if prompt.point_window:
+        starts = click_windows(grid_points, padded_size, roi)
+    elif class_vector is None:
+        starts = [s for s in _grid_starts(padded_size, roi, overlap)
+                  if any(_inside(p, s, roi) for p in grid_points.tolist())]
+    keep = (grid_points, torch.tensor(prompt.point_labels)) if class_vector is None else None
+    return Vista3DPlan(clicked, True, [0, value],
+                       output_names([value], clicked=label is None), starts, keep)
+
+
+def _inside(point: Sequence[float], start: Sequence[int], roi: Sequence[int]) -> bool:
+    """Whether a click is inside the window at `start` as VISTA3D's point head sees it (strictly
+    after the window's first voxel)."""
+    return all(s < p < s + r for p, s, r in zip(point, start, roi, strict=True))
+
+
+def _grid_starts(size: Sequence[int], roi: Sequence[int], overlap: float
+                 ) -> list[tuple[int, int, int]]:
+    """Window starts of MONAI's sliding-window grid over `size`."""
+    interval = _get_scan_interval(tuple(size), tuple(roi), 3, (overlap,) * 3)
+    return [tuple(int(a) for a, _ in w)
+            for w in dense_patch_slices(tuple(size), tuple(roi), interval, return_slice=False)]

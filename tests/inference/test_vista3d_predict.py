@@ -1,0 +1,204 @@
+"""predict.py with a VISTA3D checkpoint: every prompt mode on a non-RAS, anisotropic phantom, and
+every prompt error (exit 1, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import REPO
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirst,
+    LoadImage,
+    LoadImaged,
+    Orientation,
+    Spacing,
+)
+from omegaconf import OmegaConf
+from scipy import ndimage
+
+from ctseg.data.phantoms import PHANTOM_STRUCTURES, random_affine, render_subject
+from ctseg.data.transforms import IMAGE, PipelineConfig, infer_transforms
+from ctseg.errors import reported
+from ctseg.inference.runner import run
+from ctseg.inference.vista3d import click_windows, keep_clicked_components, to_model_grid
+
+pytestmark = pytest.mark.slow
+LIVER = 1  # VISTA3D id
+
+
+@pytest.fixture(scope="module")
+def oblique_phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[int, ...]]:
+    """A phantom stored LPI with anisotropic voxels, and the voxel deepest inside its liver."""
+    rng = np.random.default_rng(11)
+    shape = (64, 64, 48)
+    affine = random_affine(shape, 3.0, "LPI", rng)
+    hu, labels = render_subject(shape, affine, rng)
+    path = tmp_path_factory.mktemp("oblique") / "phantom.nii.gz"
+    nib.save(nib.Nifti1Image(hu, affine), path)
+    liver = labels == PHANTOM_STRUCTURES.index("liver") + 1
+    depth = ndimage.distance_transform_edt(liver, sampling=np.abs(np.diag(affine)[:3]))
+    click = tuple(int(i) for i in np.unravel_index(np.argmax(depth), shape))
+    assert nib.aff2axcodes(affine) == ("L", "P", "I")
+    return path, click
+
+
+def _run(ckpt: Path, image: Path, out: Path, **prompt) -> int:
+    """predict.py's run with its error reporting: the exit status it would give."""
+    cfg = OmegaConf.create({
+        "ckpt": str(ckpt), "input": str(image), "output": str(out), "device": "cpu",
+        "progress": False, "prompt": prompt,
+        "sw": {"overlap": 0.25, "batch_size": 1, "mode": "gaussian"},
+    })
+    try:
+        with reported("predict.py"):
+            return run(cfg)
+    except SystemExit as exit_info:
+        return int(exit_info.code)
+
+
+def _predict(ckpt: Path, image: Path, out: Path, **prompt) -> Path:
+    assert _run(ckpt, image, out, **prompt) == 0
+    return out / image.name.removesuffix(".nii.gz")
+
+
+def _check_geometry(folder: Path, image: Path) -> np.ndarray:
+    out, src = nib.load(folder / "labels.nii.gz"), nib.load(image)
+    assert out.shape == src.shape
+    assert np.allclose(out.affine, src.affine)
+    return np.asarray(out.dataobj)
+
+
+@pytest.fixture(scope="module")
+def ckpt(vista3d_quick_run: Path) -> Path:
+    """The last checkpoint of the vista3d_quick run."""
+    return vista3d_quick_run / "checkpoints" / "last.ckpt"
+
+
+def test_class_prompts_give_only_the_requested_ids(ckpt, oblique_phantom, tmp_path):
+    image, _ = oblique_phantom
+    folder = _predict(ckpt, image, tmp_path, labels=[1, 3])
+    labels = _check_geometry(folder, image)
+    assert set(np.unique(labels)) <= {0, 1, 3} and (labels == 1).any()
+    assert json.loads((folder / "labels.json").read_text()) == {
+        "0": "background", "1": "liver", "3": "spleen"}
+    assert sorted(p.name for p in (folder / "segmentations").iterdir()) == [
+        "liver.nii.gz", "spleen.nii.gz"]
+    assert "3 spleen" in (folder / "labels_slicer.ctbl").read_text()
+
+
+def test_everything_and_subclass_expansion(ckpt, oblique_phantom, tmp_path):
+    image, _ = oblique_phantom
+    everything = _check_geometry(_predict(ckpt, image, tmp_path / "all"), image)
+    names = json.loads((tmp_path / "all" / "phantom" / "labels.json").read_text())
+    assert len(names) == 1 + 97  # the v1 classes with a VISTA3D id (the checkpoint's classes)
+    assert set(np.unique(everything)) <= {int(k) for k in names}
+    kidneys = _check_geometry(_predict(ckpt, image, tmp_path / "kidney", labels=[2]), image)
+    assert set(np.unique(kidneys)) <= {0, 5, 14}
+    assert json.loads((tmp_path / "kidney" / "phantom" / "labels.json").read_text()) == {
+        "0": "background", "5": "right kidney", "14": "left kidney"}
+
+
+def test_a_click_lands_on_the_same_anatomy_on_the_model_grid(oblique_phantom, tmp_path):
+    image, click = oblique_phantom
+    labels = tmp_path / "labels.nii.gz"
+    source = nib.load(image)
+    truth = render_subject(source.shape, source.affine, np.random.default_rng(11))[1]
+    nib.save(nib.Nifti1Image(truth, source.affine), labels)
+    cfg = PipelineConfig(spacing=(6.0, 6.0, 6.0), patch_size=(32, 32, 24))
+    steps = Compose([t for t in infer_transforms(cfg).transforms if not isinstance(t, LoadImaged)])
+    loaded = LoadImage(image_only=True)(str(labels))
+    grid = steps({IMAGE: loaded})[IMAGE]
+    # nearest-neighbour labels on the model grid (the image pipeline interpolates bilinearly)
+    nearest = Spacing(pixdim=(6.0, 6.0, 6.0), mode="nearest")(
+        Orientation(axcodes="RAS")(EnsureChannelFirst()(loaded)))
+    point = to_model_grid([click], np.asarray(loaded.affine), np.asarray(grid.affine),
+                          grid.shape[1:])[0].long().tolist()
+    assert nib.aff2axcodes(np.asarray(grid.affine)) == ("R", "A", "S")
+    assert int(nearest[(0, *point)]) == int(truth[click])
+
+
+@pytest.mark.parametrize("point_window", [True, False])
+def test_click_with_the_liver_id_gives_a_component_holding_the_click(
+        ckpt, oblique_phantom, tmp_path, point_window):
+    image, click = oblique_phantom
+    folder = _predict(ckpt, image, tmp_path, labels=[LIVER], points=[list(click)],
+                      point_labels=[1], point_window=point_window)
+    labels = _check_geometry(folder, image)
+    assert set(np.unique(labels)) <= {0, LIVER}
+    components, _ = ndimage.label(labels == LIVER, structure=np.ones((3, 3, 3)))
+    assert components[click] > 0
+
+
+@pytest.mark.parametrize("point_window", [True, False])
+def test_clicks_alone_keep_only_components_holding_a_positive_click(
+        ckpt, oblique_phantom, tmp_path, point_window):
+    image, click = oblique_phantom
+    away = [min(c + 6, s - 1) for c, s in zip(click, (64, 64, 48), strict=True)]
+    folder = _predict(ckpt, image, tmp_path, points=[list(click), away], point_labels=[1, 0],
+                      point_window=point_window)
+    labels = _check_geometry(folder, image)
+    assert set(np.unique(labels)) <= {0, 1}
+    assert json.loads((folder / "labels.json").read_text()) == {
+        "0": "background", "1": "clicked structure"}
+
+
+def test_only_components_holding_a_positive_click_are_kept():
+    labels = torch.zeros(20, 20, 20, dtype=torch.long)
+    labels[2:6, 2:6, 2:6] = 1
+    labels[10:15, 10:15, 10:15] = 1
+    labels[16:19, 2:5, 2:5] = 1
+    clicks = torch.tensor([[3.0, 3.0, 3.0], [17.0, 3.0, 3.0]])
+    kept = keep_clicked_components(labels, clicks, torch.tensor([1, 0]))
+    assert int(kept.sum()) == 64 and int(kept[3, 3, 3]) == 1 and int(kept[12, 12, 12]) == 0
+
+
+def test_click_windows_are_centred_and_kept_inside():
+    starts = click_windows(torch.tensor([[50.0, 2.0, 99.0], [50.0, 2.0, 99.0]]), (100, 80, 100),
+                           (32, 32, 32))
+    assert starts == [(34, 0, 68)]
+
+
+def test_zero_shot_id_with_a_click(ckpt, oblique_phantom, tmp_path):
+    image, click = oblique_phantom
+    folder = _predict(ckpt, image, tmp_path, labels=[140], points=[list(click)],
+                      point_labels=[1])
+    labels = _check_geometry(folder, image)
+    assert set(np.unique(labels)) <= {0, 140}
+    assert json.loads((folder / "labels.json").read_text())["140"] == "zero_shot_140"
+
+
+@pytest.mark.parametrize(("prompt", "message"), [
+    ({"labels": [16]}, "not supported by VISTA3D"),
+    ({"labels": [2], "points": [[5, 5, 5]], "point_labels": [1]}, "groups sub-classes"),
+    ({"labels": [150]}, "zero-shot id; it needs clicks"),
+    ({"points": [[5, 5, 500]], "point_labels": [1]}, "outside the image"),
+    ({"points": [[5, 5, 5], [6, 6, 6]], "point_labels": [1]}, "2 clicks but"),
+    ({"labels": [1, 3], "points": [[5, 5, 5]], "point_labels": [1]}, "at most one label id"),
+    ({"labels": [0]}, "not a VISTA3D id"),
+])
+def test_prompt_errors_exit_1_and_write_nothing(ckpt, oblique_phantom, tmp_path, capsys,
+                                                caplog, prompt, message):
+    image, _ = oblique_phantom
+    out = tmp_path / "out"
+    assert _run(ckpt, image, out, **prompt) == 1
+    assert message in capsys.readouterr().err + caplog.text
+    assert not (out / "phantom").exists()
+
+
+def test_cli_refuses_a_prompt_for_a_segresnet_checkpoint(tiny_ckpt, shared_ct, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "predict.py", f"ckpt={tiny_ckpt}", f"input={shared_ct}",
+               f"output={out}", "prompt.labels=[1]"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "need a VISTA3D checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "ct").exists()
+
