@@ -50,6 +50,5 @@ def test_slow_data_shows_as_waiting():
     assert set(fast) == {"perf/patches_per_s", "perf/data_wait", "perf/step_s"}
     # 0.2 s of data per batch against a step of a few hundredths of a second.
     assert slow["perf/data_wait"] > 0.5 > fast["perf/data_wait"]
-    assert slow["perf/patches_per_s"] < fast["perf/patches_per_s"]
     assert slow["perf/patches_per_s"] < 2 / 0.2
     assert slow["perf/step_s"] == pytest.approx(fast["perf/step_s"], rel=1.0)
