@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,9 +94,6 @@ def compose_cfg(tmp_path: Path):
 def vista3d_quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run folder of `python train.py experiment=vista3d_quick` (the CLI, its defaults), shared
     by the learning test and the VISTA3D prediction tests."""
-    import subprocess
-    import sys
-
     tmp = tmp_path_factory.mktemp("vista3d_quick")
     run = tmp / "run"
     command = [sys.executable, "train.py", "experiment=vista3d_quick", "logger=csv",

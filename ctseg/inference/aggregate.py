@@ -149,11 +149,7 @@ def sliding_window_predict(
     size = tuple(int(s) for s in image.shape[2:])
     axis = _check_axis(slab_axis, size, roi)
     if window_starts is None:
-        interval = _get_scan_interval(size, roi, SPATIAL_DIMS, overlaps)
-        windows = [
-            tuple((int(a), int(b)) for a, b in w)
-            for w in dense_patch_slices(size, roi, interval, return_slice=False)
-        ]
+        windows = grid_windows(size, roi, overlaps)
     else:
         windows = _explicit_windows(window_starts, size, roi)
     windows.sort(key=lambda w: w[axis][0])  # stable: MONAI's order within one row of windows
@@ -314,6 +310,16 @@ def _roll_planes(buffer: torch.Tensor, count: int) -> None:
         hi = min(lo + count, keep)
         buffer[lo:hi].copy_(buffer[lo + count : hi + count])
     buffer[max(keep, 0) :].zero_()
+
+
+def grid_windows(size: Sequence[int], roi: Sequence[int], overlap: Sequence[float] | float
+                 ) -> list[Window]:
+    """MONAI's sliding-window grid over an image of `size` (at least `roi` on every axis), in
+    MONAI's order, as ((start, stop), ...) per axis."""
+    overlaps = _check_overlap(overlap)
+    interval = _get_scan_interval(tuple(size), tuple(roi), SPATIAL_DIMS, overlaps)
+    return [tuple((int(a), int(b)) for a, b in w)
+            for w in dense_patch_slices(tuple(size), tuple(roi), interval, return_slice=False)]
 
 
 def _explicit_windows(starts: Sequence[Sequence[int]], size: tuple[int, ...],

@@ -89,7 +89,7 @@ def _load_vista3d(path: Path, obj: Any, state: Mapping[str, torch.Tensor]) -> Lo
     if isinstance(obj, Mapping) and isinstance(obj.get(HPARAMS), Mapping):
         module = VISTA3DModule(**_module_kwargs(obj[HPARAMS], VISTA3DModule))
         net = module.net
-        known = sorted(set(module.class_ids[module.prompt_classes].tolist()))
+        known = sorted(module.prompt_ids.tolist())
         data = dict(obj.get(DATA_HPARAMS) or {})
         roi = tuple(int(r) for r in module.hparams.roi_size)
     else:

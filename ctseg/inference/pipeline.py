@@ -18,7 +18,7 @@ from monai.transforms import Compose, Invertd, LoadImaged
 
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError
-from ctseg.inference.aggregate import pad_to_roi, sliding_window_predict
+from ctseg.inference.aggregate import label_dtype, pad_to_roi, sliding_window_predict
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.model import LoadedModel
 from ctseg.inference.outputs import atomic_folder, write_case
@@ -107,11 +107,6 @@ class CasePredictor:
         self.roi = tuple(options.roi_size or model.roi_size)
         self.net = model.net.to(self.device).eval()
 
-    def _logits(self, windows: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of a batch of windows (autocast on CUDA when AMP is on)."""
-        with torch.autocast(self.device.type, enabled=self.amp):
-            return self.net(windows).float()
-
     def _vista3d(self, image: MetaTensor, data: dict[str, Any]
                  ) -> tuple[torch.Tensor, dict[int, str]]:
         """VISTA3D labels (as VISTA3D ids) on the model grid and their names, for the prompt."""
@@ -127,7 +122,7 @@ class CasePredictor:
         plan = plan_case(self.net, prompt, self.model.known_ids, points, padded.shape[2:],
                          self.roi, o.overlap)
         result = sliding_window_predict(
-            padded, self._logits_of(plan.predictor), self.roi, o.overlap, mode=o.mode,
+            padded, self._autocast(plan.predictor), self.roi, o.overlap, mode=o.mode,
             sw_batch_size=1 if plan.with_windows else o.sw_batch_size, slab_axis=o.slab_axis,
             window_starts=plan.window_starts, with_windows=plan.with_windows,
             sw_device=self.device, device=self.device, output_device="cpu",
@@ -137,11 +132,11 @@ class CasePredictor:
         if plan.keep_clicked is not None:
             clicks, point_labels = plan.keep_clicked
             channels = keep_clicked_components(channels, clicks - before, point_labels)
-        table = torch.tensor(plan.channel_ids, dtype=torch.int64)
+        table = torch.tensor(plan.channel_ids, dtype=label_dtype(max(plan.channel_ids) + 1))
         return table[channels.long()], plan.names
 
-    def _logits_of(self, predictor: Any) -> Any:
-        """`predictor` under autocast on CUDA when AMP is on, returning float32."""
+    def _autocast(self, predictor: Any) -> Any:
+        """`predictor` under autocast on CUDA when AMP is on, returning float32 logits."""
         def run(*args: Any) -> torch.Tensor:
             with torch.autocast(self.device.type, enabled=self.amp):
                 return predictor(*args).float()
@@ -190,7 +185,7 @@ class CasePredictor:
             grid_labels, names = self._vista3d(image, data)
         else:
             result = sliding_window_predict(
-                data[IMAGE][None], self._logits, self.roi, o.overlap, mode=o.mode,
+                data[IMAGE][None], self._autocast(self.net), self.roi, o.overlap, mode=o.mode,
                 padding_mode=o.padding_mode, sw_batch_size=o.sw_batch_size,
                 slab_axis=o.slab_axis, keep_channels=self.keep,
                 sw_device=self.device, device=self.device, output_device="cpu",

@@ -17,14 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.data.utils import dense_patch_slices
-from monai.inferers.utils import _get_scan_interval
 from scipy import ndimage
 from torch import Tensor
 
-from ctseg.inference.aggregate import Window
+from ctseg.inference.aggregate import Window, grid_windows
 from ctseg.inference.prompts import CLICKED, Prompt, output_names, prompt_ids
-from ctseg.models.vista3d import automatic_logits
+from ctseg.models.vista3d import automatic_logits, with_background
 from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_labels
 
 
@@ -110,16 +108,15 @@ def plan_case(net: torch.nn.Module, prompt: Prompt, known: Sequence[int],
                       class_vector=None if class_vector is None else class_vector.to(device),
                       prompt_class=None if prompt_class is None else prompt_class.to(device),
                       patch_coords=coords, transpose=True)
-            outputs.append(out.float())
-        logits = torch.cat(outputs)
-        return torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+            outputs.append(out)
+        return with_background(torch.cat(outputs))
 
     starts = None
     if prompt.point_window:
         starts = click_windows(grid_points, padded_size, roi)
     elif class_vector is None:
-        starts = [s for s in _grid_starts(padded_size, roi, overlap)
-                  if any(_inside(p, s, roi) for p in grid_points.tolist())]
+        grid = [tuple(a for a, _ in w) for w in grid_windows(padded_size, roi, overlap)]
+        starts = [s for s in grid if any(_inside(p, s, roi) for p in grid_points.tolist())]
     keep = (grid_points, torch.tensor(prompt.point_labels)) if class_vector is None else None
     return Vista3DPlan(clicked, True, [0, value],
                        output_names([value], clicked=label is None), starts, keep)
@@ -130,10 +127,3 @@ def _inside(point: Sequence[float], start: Sequence[int], roi: Sequence[int]) ->
     after the window's first voxel)."""
     return all(s < p < s + r for p, s, r in zip(point, start, roi, strict=True))
 
-
-def _grid_starts(size: Sequence[int], roi: Sequence[int], overlap: float
-                 ) -> list[tuple[int, int, int]]:
-    """Window starts of MONAI's sliding-window grid over `size`."""
-    interval = _get_scan_interval(tuple(size), tuple(roi), 3, (overlap,) * 3)
-    return [tuple(int(a) for a, _ in w)
-            for w in dense_patch_slices(tuple(size), tuple(roi), interval, return_slice=False)]

@@ -208,10 +208,14 @@ class SegmentationModule(LightningModule):
         in every op, and logged values must load with weights_only (ddp_spawn sends them so)."""
         return batch["image"].as_subclass(Tensor), batch["label"].as_subclass(Tensor)
 
+    def training_loss(self, image: Tensor, label: Tensor) -> Tensor:
+        """DiceCE loss of a (B, C_in, D, H, W) patch batch and its (B, 1, D, H, W) labels."""
+        return self.loss(self(image), label)
+
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        """DiceCE loss of a training patch batch."""
+        """The training loss of a patch batch, logged as `train/loss`."""
         image, label = self._plain(batch)
-        loss = self.loss(self(image), label)
+        loss = self.training_loss(image, label)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=image.shape[0])
         return loss
@@ -222,7 +226,13 @@ class SegmentationModule(LightningModule):
         if image.shape[0] != 1:
             raise ValueError(f"{stage} batches hold one whole volume each, got {image.shape[0]}; "
                              "use batch_size=1 for evaluation loaders")
-        getattr(self, f"{stage}_dice").update(self.predict_labels(image), label[0, 0])
+        getattr(self, f"{stage}_dice").update(self.predict_labels(image),
+                                              self.scored_labels(label[0, 0]))
+
+    def scored_labels(self, label: Tensor) -> Tensor:
+        """Ground-truth labels as the Dice counts them: as they are (a subclass may count some
+        classes as background)."""
+        return label
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         """Sliding-window Dice counts of one validation volume."""

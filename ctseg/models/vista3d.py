@@ -50,20 +50,25 @@ def build_vista3d(encoder_embed_dim: int = 48, blocks_down: Sequence[int] = (1, 
     return VISTA3D(image_encoder=encoder, class_head=class_head, point_head=point_head)
 
 
-def automatic_logits(net: VISTA3D, windows: Tensor, class_ids: Tensor) -> Tensor:
-    """(B, 1 + P, *roi) logits of the automatic mode for a batch of windows: a constant 0
-    background channel, then one channel per class id. Argmax over them is VISTA3D's own
-    post-processing (`VistaPostTransformd`): background where no class logit is above 0, else
-    the strongest class."""
-    logits = net(windows, class_vector=class_ids.reshape(-1, 1), transpose=True).float()
+def with_background(logits: Tensor) -> Tensor:
+    """(B, 1 + P, ...) float logits: a constant 0 background channel before VISTA3D's P object
+    channels. Argmax over them is VISTA3D's own post-processing (`VistaPostTransformd`):
+    background where no object logit is above 0, else the strongest object."""
+    logits = logits.float()
     return torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+
+
+def automatic_logits(net: VISTA3D, windows: Tensor, class_ids: Tensor) -> Tensor:
+    """(B, 1 + P, *roi) logits of the automatic mode for a batch of windows: background, then
+    one channel per class id (`with_background`)."""
+    return with_background(net(windows, class_vector=class_ids.reshape(-1, 1), transpose=True))
 
 
 class VISTA3DModule(SegmentationModule):
     """VISTA3D at `self.net` (keys of the bundle's `model.pt`), trained with prompts sampled per
     patch: sigmoid DiceCE per prompt (the bundle's loss), AdamW, optional warm-up cosine.
 
-    `label_names` are the data's TotalSegmentator classes; each maps to a VISTA3D id (`class_ids`)
+    `label_names` are the data's TotalSegmentator classes; each maps to a VISTA3D id (`vista_ids`)
     and classes without one (7 v1 heart/face classes) are neither prompted nor scored. `trainable`
     freezes parts: "heads" keeps the image encoder fixed, "point_head" trains the point head only.
     """
@@ -122,14 +127,21 @@ class VISTA3DModule(SegmentationModule):
         if unknown:
             log.info("VISTA3D has no id for %d classes, which are not prompted or scored: %s",
                      len(unknown), ", ".join(unknown))
-        table = torch.tensor([-1 if i is None else i for i in ids])
-        # class index -> VISTA3D id (-1: unknown); the known foreground classes in order.
-        self.register_buffer("class_ids", table, persistent=False)
         known = [c for c in range(1, len(ids)) if ids[c] is not None]
         if not known:
             raise ValueError("none of the classes has a VISTA3D id; VISTA3D needs "
                              "TotalSegmentator structure names (data.version v1 or v2)")
-        self.register_buffer("prompt_classes", torch.tensor(known), persistent=False)
+        # Lookup tables. By class index: its VISTA3D id (0 when it has none) and the class index
+        # it is scored as (0 when it has no id); by output channel: the class index; the VISTA3D
+        # ids the module prompts, in channel order.
+        buffers = {
+            "vista_ids": [i or 0 for i in ids],
+            "scored_classes": [c if i is not None else 0 for c, i in enumerate(ids)],
+            "channel_classes": [0, *known],
+            "prompt_ids": [ids[c] for c in known],
+        }
+        for name, values in buffers.items():
+            self.register_buffer(name, torch.tensor(values), persistent=False)
         self.special = vista3d_labels().special
         if hp.pretrained:
             load_into(self.net, load_bundle_state_dict(hp.pretrained), source=hp.pretrained,
@@ -152,44 +164,35 @@ class VISTA3DModule(SegmentationModule):
 
     def vista_labels(self, label: Tensor) -> Tensor:
         """A label patch of class indices as VISTA3D ids (unknown classes become 0)."""
-        return self.class_ids.clamp(min=0)[label.long()]
+        return self.vista_ids[label.long()]
 
     def _sample_loss(self, image: Tensor, label: Tensor) -> Tensor:
         """Prompt loss of one (1, C, D, H, W) patch and its (D, H, W) VISTA3D-id labels."""
-        label_set = self.class_ids[self.prompt_classes].tolist()
-        p = sample_prompt_pairs(label, label_set, self.rng, self.sampling, self.special)
+        p = sample_prompt_pairs(label, self.prompt_ids.tolist(), self.rng, self.sampling,
+                                self.special)
         logits = self(image, point_coords=p.points, point_labels=p.point_labels,
                       class_vector=p.label_prompt)
         target = (label[None] == p.prompt_class[:, :, None, None, None]).float()
         return self.loss(logits.float(), target)
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+    def training_loss(self, image: Tensor, label: Tensor) -> Tensor:
         """Mean prompt loss over the patches of a batch (prompts drawn per patch)."""
-        image, label = self._plain(batch)
         labels = self.vista_labels(label[:, 0])
-        loss = torch.stack([self._sample_loss(image[[i]], labels[i])
+        return torch.stack([self._sample_loss(image[[i]], labels[i])
                             for i in range(image.shape[0])]).mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=image.shape[0])
-        return loss
 
     def _window_logits(self, windows: Tensor) -> Tensor:
-        """Background + one channel per known class, in class-index order of `prompt_classes`."""
-        return automatic_logits(self.net, windows, self.class_ids[self.prompt_classes])
+        """Background + one channel per prompted class (`channel_classes` order)."""
+        return automatic_logits(self.net, windows, self.prompt_ids)
 
     def predict_labels(self, image: Tensor) -> Tensor:
         """(D, H, W) class indices of a whole volume from the automatic mode."""
         channels = super().predict_labels(image)
-        lookup = torch.cat([torch.zeros(1, dtype=torch.long, device=self.prompt_classes.device),
-                            self.prompt_classes])
-        return lookup.to(channels.device)[channels.long()]
+        return self.channel_classes.to(channels.device)[channels.long()]
 
-    def _evaluate(self, batch: Mapping[str, Tensor], stage: str) -> None:
-        """Dice counts of one volume; classes without a VISTA3D id count as background."""
-        image, label = self._plain(batch)
-        known = (self.class_ids >= 0).to(label.device)
-        label = torch.where(known[label.long()], label.long(), 0)
-        super()._evaluate({"image": image, "label": label}, stage)
+    def scored_labels(self, label: Tensor) -> Tensor:
+        """Ground truth as scored: classes without a VISTA3D id count as background."""
+        return self.scored_classes.to(label.device)[label.long()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the prompt generator's state, so a resumed run draws the prompts it would have."""

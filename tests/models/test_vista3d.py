@@ -93,5 +93,5 @@ def test_validation_maps_automatic_labels_back_to_class_indices():
     module = VISTA3DModule(105, label_names("v1"), **SMALL).eval()
     labels = module.predict_labels(torch.rand(1, 1, 40, 36, 24))
     assert labels.shape == (40, 36, 24)
-    known = set(module.prompt_classes.tolist()) | {0}
+    known = set(module.channel_classes.tolist())
     assert set(labels.unique().tolist()) <= known
