@@ -20,18 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from common import SHARED, add_worker_options, run_worker, serve_worker
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_CT = REPO.parent / "shared" / "data" / "totalseg_mini" / "s0001" / "ct.nii.gz"
+SHARED_CT = SHARED / "s0001" / "ct.nii.gz"
 SPACING = 1.5
 NUM_CLASSES = 105
 
@@ -62,14 +59,13 @@ def make_ct(path: Path, shape: tuple[int, int, int] | None, source: Path) -> Non
 
 
 def make_weights(path: Path, seed: int) -> None:
-    """Save a random-init bundle-architecture SegResNet state dict (`model.pt` layout)."""
+    """Save a random-init bundle SegResNet state dict (`model.pt` layout)."""
     import torch
-    from monai.networks.nets import SegResNet
+
+    from ctseg.reference import wholebody_bundle as bundle
 
     torch.manual_seed(seed)
-    net = SegResNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, init_filters=32,
-                    blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), dropout_prob=0.2)
-    torch.save(net.state_dict(), path)
+    torch.save(bundle.network(NUM_CLASSES).state_dict(), path)
 
 
 def worker_ctseg(args: argparse.Namespace) -> dict:
@@ -119,15 +115,11 @@ def worker_monai(args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "labels": str(path)}
 
 
-def run_worker(name: str, args: argparse.Namespace) -> dict:
+def measure(name: str, args: argparse.Namespace) -> dict:
     """Run one pipeline in a fresh interpreter and return its result with peak RSS."""
-    result = Path(args.workdir) / f"{name}.json"
-    command = [sys.executable, __file__, "--worker", name, "--ct", args.ct, "--weights",
-               args.weights, "--workdir", args.workdir, "--device", args.device, "--roi",
-               str(args.roi), "--overlap", str(args.overlap), "--sw-batch-size",
-               str(args.sw_batch_size), "--result", str(result)]
-    subprocess.run(command, check=True)
-    return json.loads(result.read_text())
+    return run_worker(__file__, name, args.workdir, [
+        "--ct", args.ct, "--weights", args.weights, "--device", args.device, "--roi",
+        str(args.roi), "--overlap", str(args.overlap), "--sw-batch-size", str(args.sw_batch_size)])
 
 
 def table(rows: dict[str, dict], agreement: float, shape: tuple[int, ...]) -> str:
@@ -157,16 +149,10 @@ def main() -> None:
     parser.add_argument("--sw-batch-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=("ctseg", "monai"), help=argparse.SUPPRESS)
-    parser.add_argument("--ct", help=argparse.SUPPRESS)
-    parser.add_argument("--weights", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_options(parser, "--ct", "--weights")
     args = parser.parse_args()
     if args.worker:
-        result = (worker_ctseg if args.worker == "ctseg" else worker_monai)(args)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        Path(args.result).write_text(json.dumps(result))
+        serve_worker({"ctseg": worker_ctseg, "monai": worker_monai}[args.worker], args)
         return
     with tempfile.TemporaryDirectory(prefix="ctseg_bench_") as workdir:
         args.workdir = workdir
@@ -175,7 +161,7 @@ def main() -> None:
         make_ct(Path(args.ct), tuple(args.shape) if args.shape else None, args.source)
         make_weights(Path(args.weights), args.seed)
         shape = nib.load(args.ct).shape
-        rows = {name: run_worker(name, args) for name in ("monai", "ctseg")}
+        rows = {name: measure(name, args) for name in ("monai", "ctseg")}
         ours = np.asanyarray(nib.load(rows["ctseg"]["labels"]).dataobj)
         theirs = np.asanyarray(nib.load(rows["monai"]["labels"]).dataobj)
         agreement = float((ours == theirs).mean())

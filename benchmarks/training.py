@@ -26,42 +26,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from common import SHARED, add_worker_options, machine, run_worker, serve_worker
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CTSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
-SHARED = SHARED_DATA / "totalseg_mini"
 SPACING = 1.5
 PATCH = (96, 96, 96)
 PIPELINES = ("bundle", "bundle_cached", "ctseg_none", "ctseg_memory", "ctseg_disk")
 # Patches timed per pipeline when --patches is given for the fast ones; uncached ones take fewer.
 SLOW = ("bundle", "ctseg_none")
-
-
-def machine() -> dict:
-    """CPU model, cores, memory and GPU of this machine."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                  .splitlines() if line.startswith("model name")), platform.processor())
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    info = {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(memory, 1)}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
 
 
 def make_volume(workdir: Path, tile: int) -> dict[str, str]:
@@ -212,16 +190,12 @@ def worker_predict(args: argparse.Namespace) -> dict:
     return result
 
 
-def run_worker(name: str, args: argparse.Namespace, image: str, label: str) -> dict:
+def measure(name: str, args: argparse.Namespace, image: str, label: str) -> dict:
     """Run one measurement in a fresh interpreter; its result with the process's peak RSS."""
-    result = Path(args.workdir) / f"{name}.json"
-    command = [sys.executable, __file__, "--worker", name, "--image", image, "--label", label,
-               "--workdir", args.workdir, "--weights", args.weights, "--workers",
-               str(args.workers), "--patches", str(args.patches), "--result", str(result),
-               "--device", args.device, "--train-steps", str(args.train_steps),
-               "--batch-size", str(args.batch_size)]
-    subprocess.run(command, check=True)
-    return json.loads(result.read_text())
+    return run_worker(__file__, name, args.workdir, [
+        "--image", image, "--label", label, "--weights", args.weights, "--workers",
+        str(args.workers), "--patches", str(args.patches), "--device", args.device,
+        "--train-steps", str(args.train_steps), "--batch-size", str(args.batch_size)])
 
 
 def tables(payload: dict) -> str:
@@ -275,15 +249,12 @@ def main() -> None:
                         help="real training steps fed by each cached pipeline (0: none)")
     parser.add_argument("--batch-size", type=int, default=4, help="patches per training step")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    for hidden in ("--worker", "--image", "--label", "--workdir", "--weights", "--result"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    add_worker_options(parser, "--image", "--label", "--weights")
     args = parser.parse_args()
     if args.worker:
         work = {"eval": worker_eval, "predict": worker_predict}.get(
             args.worker, worker_train if args.worker.startswith("train_") else worker_loader)
-        result = work(args)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        Path(args.result).write_text(json.dumps(result))
+        serve_worker(work, args)
         return
     with tempfile.TemporaryDirectory(prefix="ctseg_train_bench_") as workdir:
         args.workdir = workdir
@@ -301,18 +272,18 @@ def main() -> None:
                    "batch_size": args.batch_size, "loader": {}}
         for name in PIPELINES:
             print(f"measuring {name} ...", flush=True)
-            payload["loader"][name] = run_worker(name, args, tiled["image"], tiled["label"])
+            payload["loader"][name] = measure(name, args, tiled["image"], tiled["label"])
         if args.train_steps:
             payload["training"] = {}
             for name in TRAINED:
                 print(f"training from {name} ...", flush=True)
-                payload["training"][name] = run_worker(f"train_{name}", args, tiled["image"],
+                payload["training"][name] = measure(f"train_{name}", args, tiled["image"],
                                                        tiled["label"])
         if not args.skip_eval:
             volume = tiled if args.eval_volume == "tiled" else make_volume(
                 Path(workdir) / "crop", 1)
             payload["evaluation"] = {"volume": args.eval_volume, **{
-                key: run_worker(name, args, volume["image"], volume["label"])
+                key: measure(name, args, volume["image"], volume["label"])
                 for key, name in (("validation", "eval"), ("predict", "predict"))}}
         print(tables(payload))
     if args.out:
