@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
 
 
 def test_phantom_quick_learns(compose_cfg, tmp_path):
-    metrics, objects = train(compose_cfg("experiment=phantom_quick", "callbacks.progress_bar=null"))
+    metrics, objects = train(compose_cfg("experiment=phantom_quick", "callbacks=export",
+                                         "callbacks.progress_bar=null"))
     rows = metric_rows(tmp_path / "run")
     losses = column(rows, "train/loss_epoch")
     assert [e for e, _ in losses] == list(range(130))
@@ -71,6 +73,16 @@ def test_phantom_quick_learns(compose_cfg, tmp_path):
     assert "${" not in (tmp_path / "run" / "checkpoints" / "config.yaml").read_text()
     assert (saved.task_name, saved.model.num_classes, saved.data.patch_size) == (
         "phantom_quick", 105, [32, 32, 24])
+    # callbacks=export: the best checkpoint exported, parity on a validation window, logged.
+    manifest = json.loads((tmp_path / "run" / "export" / "export.json").read_text())
+    assert manifest["source"] == objects["trainer"].checkpoint_callback.best_model_path
+    assert sorted(manifest["formats"]) == ["onnx", "torchscript"]
+    for fmt, entry in manifest["formats"].items():
+        report = json.loads((tmp_path / "run" / "export" / f"{entry['file']}.parity.json")
+                            .read_text())
+        assert report["passed"] and report["window"] == [1, 1, 32, 32, 24]
+        assert report["argmax_agreement"] >= 0.999 and report["max_abs_diff"] < 1e-3
+        assert column(metric_rows(tmp_path / "run"), f"export/{fmt}/argmax_agreement")
 
 
 def test_default_cli_run_trains_tests_and_its_checkpoint_predicts(tmp_path):

@@ -4,9 +4,10 @@ state dict (`model.pt`), checking that the class count fits the configuration.""
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ctseg.data.transforms import PipelineConfig
+from ctseg.errors import MissingFileError
 from ctseg.labels import label_names, num_classes
 from ctseg.models.segresnet import SegResNetModule
 from ctseg.models.vista3d import VISTA3DModule, build_vista3d
@@ -41,16 +43,23 @@ VISTA3D_BUNDLE_DATA = {"spacing": 1.5, "intensity": "hu_window",
                        "smooth_sigma": 0.0, "patch_size": (128, 128, 128)}
 
 
+# The description of an export folder (written by ctseg.export).
+EXPORT_MANIFEST = "export.json"
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """The network in eval mode, its class names, preprocessing and default window size."""
+    """The network in eval mode (None for an export folder), its class names, preprocessing and
+    default window size; `export_dir` holds exported files (`export.json`) when loaded from one."""
 
-    net: nn.Module
+    net: nn.Module | None
     label_names: list[str]
     pipeline: PipelineConfig
     roi_size: tuple[int, int, int]
     kind: str = "segresnet"
     known_ids: list[int] = field(default_factory=list)
+    export_dir: Path | None = None
+    formats: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -67,7 +76,7 @@ def head_classes(state: Mapping[str, torch.Tensor], path: Path) -> int:
     return int(weights[0].shape[0])
 
 
-def _pipeline(data: Mapping[str, Any]) -> PipelineConfig:
+def pipeline_from(data: Mapping[str, Any]) -> PipelineConfig:
     """The prediction preprocessing from datamodule hyper-parameters or the `data` config: the
     keys that shape an input volume (spacing, intensity, window, smoothing, patch size). A
     checkpoint without `smooth_sigma` (ctseg before it was recorded) gets the scheme's default,
@@ -96,17 +105,50 @@ def _load_vista3d(path: Path, obj: Any, state: Mapping[str, torch.Tensor]) -> Lo
         net, known, data = build_vista3d(), list(vista3d_labels().everything), VISTA3D_BUNDLE_DATA
         roi = tuple(VISTA3D_BUNDLE_DATA["patch_size"])
     load_into(net, state, source=path, head_prefix=VISTA3D_MARK)
-    pipeline = _pipeline(data)
+    pipeline = pipeline_from(data)
     log.info("%s: VISTA3D, %d known ids, spacing %s mm, intensity %s", path, len(known),
              pipeline.spacing, pipeline.intensity)
     return LoadedModel(net.eval(), [], pipeline, roi, kind="vista3d", known_ids=known)
 
 
+def load_export(folder: Path) -> LoadedModel:
+    """The classes, preprocessing, window and exported files of an export folder."""
+    manifest_path = folder / EXPORT_MANIFEST
+    if not manifest_path.is_file():
+        raise MissingFileError(f"{folder}: no {EXPORT_MANIFEST} in this folder; give a ctseg "
+                               "checkpoint, bundle weights, or a folder written by python -m "
+                               "ctseg.export")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        formats = {fmt: str(entry["file"]) for fmt, entry in manifest["formats"].items()}
+        pipeline = pipeline_from(manifest["pipeline"])
+        roi = tuple(int(r) for r in manifest["roi_size"])
+        kind, names = str(manifest["kind"]), list(manifest["label_names"])
+        known = [int(i) for i in manifest.get("known_ids") or []]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{manifest_path}: not a ctseg export description ({err!r}); export "
+                         "the checkpoint again with python -m ctseg.export") from err
+    log.info("%s: %s export (%s), spacing %s mm", folder, kind, ", ".join(formats),
+             pipeline.spacing)
+    return LoadedModel(None, names, pipeline, roi, kind=kind, known_ids=known,
+                       export_dir=folder, formats=formats)
+
+
 def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]
                ) -> LoadedModel:
     """The network and preprocessing of `path`: a Lightning `.ckpt` (its saved hyper-parameters
-    win) or a bare state dict (architecture from `model_cfg`, preprocessing from `data_cfg`)."""
+    win), a bare state dict (architecture from `model_cfg`, preprocessing from `data_cfg`), or an
+    export folder (or a file in one) written by `python -m ctseg.export`."""
     path = Path(path)
+    if path.is_dir():
+        return load_export(path)
+    if path.suffix in (".onnx", ".ts") and (path.parent / EXPORT_MANIFEST).is_file():
+        exported = load_export(path.parent)
+        formats = {f: name for f, name in exported.formats.items() if name == path.name}
+        if not formats:
+            raise ValueError(f"{path}: not listed in {path.parent / EXPORT_MANIFEST}; give the "
+                             "export folder or one of its files")
+        return replace(exported, formats=formats)
     obj = read_checkpoint(path)
     state = network_state_dict(obj, path)
     if any(k.startswith(VISTA3D_MARK) for k in state):
@@ -137,7 +179,7 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
     hparams.update(num_classes=expected, label_names=names)
     module = SegResNetModule(**_module_kwargs(hparams))
     load_into(module.net, state, source=path)
-    pipeline = _pipeline(data)
+    pipeline = pipeline_from(data)
     roi = tuple(int(r) for r in hparams.get("roi_size") or pipeline.patch_size)
     log.info("%s: %d classes, spacing %s mm, intensity %s, smoothing sigma %s", path, expected,
              pipeline.spacing, pipeline.intensity, pipeline.smooth_sigma)

@@ -7,6 +7,7 @@ import logging
 import resource
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,17 @@ from monai.transforms import Compose, Invertd, LoadImaged
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError
 from ctseg.inference.aggregate import label_dtype, pad_to_roi, sliding_window_predict
+from ctseg.inference.backends import open_runner
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.model import LoadedModel
 from ctseg.inference.outputs import atomic_folder, write_case
 from ctseg.inference.prompts import Prompt, check_points_inside
-from ctseg.inference.vista3d import keep_clicked_components, plan_case, to_model_grid
+from ctseg.inference.vista3d import (
+    keep_clicked_components,
+    plan_case,
+    plan_exported,
+    to_model_grid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ class PredictOptions:
     slab_axis: int | None = None
     device: str = "cpu"
     amp: bool = True
+    backend: str = "auto"
+    channels_last: bool = True
     masks: bool = True
     probabilities: Sequence[str | int] = field(default_factory=tuple)
     series_uid: str | None = None
@@ -84,7 +93,8 @@ def peak_rss_mb() -> float:
 
 
 class CasePredictor:
-    """Runs `LoadedModel` on cases: one instance per run, `predict(case, folder)` per case."""
+    """Runs `LoadedModel` on cases: one instance per run (a context manager: temporary exports
+    of the backend live until it closes), `predict(case, folder)` per case."""
 
     def __init__(self, model: LoadedModel, options: PredictOptions) -> None:
         """Prepare transforms, device and the network for `options`."""
@@ -105,7 +115,28 @@ class CasePredictor:
             steps = steps[1:]  # cases are loaded by ctseg.inference.inputs (NIfTI or DICOM)
         self.transforms = Compose(steps)
         self.roi = tuple(options.roi_size or model.roi_size)
-        self.net = model.net.to(self.device).eval()
+        self._stack = ExitStack()
+        self.runner, self.format = open_runner(model, options.backend, self.device, self.amp,
+                                               options.channels_last, self._stack)
+        if self.format != "torch" and self.vista3d and prompt.has_points:
+            raise ConfigError(f"clicks (prompt.points) run with backend=torch only; the "
+                              f"{self.format} export holds VISTA3D's automatic mode")
+
+    def __enter__(self) -> CasePredictor:
+        """The predictor itself."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Remove temporary exports."""
+        self.close()
+
+    def close(self) -> None:
+        """Remove temporary exports of the backend."""
+        self._stack.close()
+
+    def _predictor(self, predictor: Any) -> Any:
+        """`predictor` under autocast when it is the torch network, float32 logits either way."""
+        return self._autocast(predictor) if self.format == "torch" else predictor
 
     def _vista3d(self, image: MetaTensor, data: dict[str, Any]
                  ) -> tuple[torch.Tensor, dict[int, str]]:
@@ -119,10 +150,13 @@ class CasePredictor:
         if prompt.has_points:
             points = to_model_grid(prompt.points, np.asarray(image.affine),
                                    np.asarray(data[IMAGE].affine), spatial) + before
-        plan = plan_case(self.net, prompt, self.model.known_ids, points, padded.shape[2:],
-                         self.roi, o.overlap)
+        if self.format == "torch":
+            plan = plan_case(self.model.net, prompt, self.model.known_ids, points,
+                             padded.shape[2:], self.roi, o.overlap)
+        else:
+            plan = plan_exported(self.runner, prompt, self.model.known_ids)
         result = sliding_window_predict(
-            padded, self._autocast(plan.predictor), self.roi, o.overlap, mode=o.mode,
+            padded, self._predictor(plan.predictor), self.roi, o.overlap, mode=o.mode,
             sw_batch_size=1 if plan.with_windows else o.sw_batch_size, slab_axis=o.slab_axis,
             window_starts=plan.window_starts, with_windows=plan.with_windows,
             sw_device=self.device, device=self.device, output_device="cpu",
@@ -185,7 +219,7 @@ class CasePredictor:
             grid_labels, names = self._vista3d(image, data)
         else:
             result = sliding_window_predict(
-                data[IMAGE][None], self._autocast(self.net), self.roi, o.overlap, mode=o.mode,
+                data[IMAGE][None], self._predictor(self.runner), self.roi, o.overlap, mode=o.mode,
                 padding_mode=o.padding_mode, sw_batch_size=o.sw_batch_size,
                 slab_axis=o.slab_axis, keep_channels=self.keep,
                 sw_device=self.device, device=self.device, output_device="cpu",

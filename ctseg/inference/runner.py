@@ -34,7 +34,8 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
         mode=sw.get("mode", "gaussian"), padding_mode=sw.get("padding_mode", "replicate"),
         sw_batch_size=int(sw.get("batch_size", 1)),
         slab_axis=sw.get("slab_axis"), device=str(cfg.get("device", "cpu")),
-        amp=bool(cfg.get("amp", True)), masks=bool(cfg.get("masks", True)),
+        amp=bool(cfg.get("amp", True)), backend=str(cfg.get("backend") or "auto"),
+        channels_last=bool(cfg.get("channels_last", True)), masks=bool(cfg.get("masks", True)),
         probabilities=list(probabilities), series_uid=cfg.get("series_uid"),
         prompt=parse_prompt(_plain(cfg.get("prompt"))),
     )
@@ -55,10 +56,10 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
     cases = discover_cases(str(cfg["input"]))
     model = load_model(str(cfg["ckpt"]), _plain(cfg.get("model")) or {},
                        _plain(cfg.get("data")) or {})
-    predictor = CasePredictor(model, options)
     overwrite = bool(cfg.get("overwrite", False))
     reports, skipped, failures = [], [], []
-    with Progress(disable=not cfg.get("progress", True)) as progress:
+    with CasePredictor(model, options) as predictor, \
+            Progress(disable=not cfg.get("progress", True)) as progress:
         task = progress.add_task("predict", total=len(cases))
         for case in cases:
             folder = output / case.name

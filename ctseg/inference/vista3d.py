@@ -20,6 +20,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from ctseg.errors import ConfigError
 from ctseg.inference.aggregate import Window, grid_windows
 from ctseg.inference.prompts import CLICKED, Prompt, output_names, prompt_ids
 from ctseg.models.vista3d import automatic_logits, with_background
@@ -120,6 +121,24 @@ def plan_case(net: torch.nn.Module, prompt: Prompt, known: Sequence[int],
     keep = (grid_points, torch.tensor(prompt.point_labels)) if class_vector is None else None
     return Vista3DPlan(clicked, True, [0, value],
                        output_names([value], clicked=label is None), starts, keep)
+
+
+def plan_exported(runner: Callable[[Tensor], Tensor], prompt: Prompt, known: Sequence[int]
+                  ) -> Vista3DPlan:
+    """The plan of a class prompt (or everything) run by an export of the automatic mode, whose
+    channels are background then `known` ids: the prompted ids' channels are picked."""
+    ids = prompt_ids(prompt, known)
+    missing = sorted(set(ids) - set(known))
+    if missing:
+        raise ConfigError(f"prompt.labels: ids {missing} are not in this export, which holds "
+                          f"{list(known)}; export a checkpoint trained on them or use "
+                          "backend=torch")
+    channels = torch.tensor([0, *(list(known).index(i) + 1 for i in ids)])
+
+    def automatic(windows: Tensor) -> Tensor:
+        return runner(windows)[:, channels.to(windows.device)]
+
+    return Vista3DPlan(automatic, False, [0, *ids], output_names(ids))
 
 
 def _inside(point: Sequence[float], start: Sequence[int], roi: Sequence[int]) -> bool:

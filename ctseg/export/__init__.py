@@ -1,0 +1,1 @@
+"""Export of trained networks to TorchScript, ONNX and TensorRT, each checked for parity."""

@@ -1,0 +1,62 @@
+"""`python -m ctseg.export ckpt=<.ckpt|model.pt> formats=[torchscript,onnx] output=<dir>`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ctseg.config import CONFIG_DIR
+from ctseg.errors import ConfigError, reported
+from ctseg.export.exporter import export_model, sample_window
+from ctseg.inference.model import load_model
+
+
+def _plain(value: Any) -> Any:
+    """A DictConfig/ListConfig as builtins; anything else unchanged."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def summary(manifest: Mapping[str, Any]) -> list[str]:
+    """One line per format: file and parity figures, or why it was skipped."""
+    lines = []
+    for fmt, entry in manifest["formats"].items():
+        p = entry["parity"]
+        lines.append(f"{fmt:12s} {entry['file']:20s} max |logit diff| {p['max_abs_diff']:.3g}, "
+                     f"argmax agreement {p['argmax_agreement']:.5f}")
+    lines += [f"{fmt:12s} skipped: {reason}" for fmt, reason in manifest.get("skipped", {}).items()]
+    return lines
+
+
+def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Export `cfg.ckpt` to `cfg.formats` in `cfg.output`; the manifest (export.json)."""
+    formats = _plain(cfg["formats"])
+    if isinstance(formats, str):
+        formats = [formats]
+    model = load_model(str(cfg["ckpt"]), _plain(cfg.get("model")) or {},
+                       _plain(cfg.get("data")) or {})
+    if model.net is None:
+        raise ConfigError(f"ckpt={cfg['ckpt']} is an export folder already; give the .ckpt or "
+                          "model.pt it was exported from")
+    sample = cfg.get("sample")
+    window = sample_window(model, Path(str(sample)) if sample else None)
+    return export_model(model, list(formats), Path(str(cfg["output"])), window,
+                        source=str(cfg["ckpt"]), opset=int(cfg.get("opset", 17)),
+                        thresholds=_plain(cfg.get("parity")), device=str(cfg.get("device", "cpu")),
+                        max_batch=int(cfg.get("max_batch", 4)))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+def main(cfg: DictConfig) -> None:
+    """Export, check parity, print one line per format."""
+    with reported("python -m ctseg.export"):
+        manifest = run(cfg)
+    print("\n".join(summary(manifest)))
+    print(f"written to {cfg.output} (export.json describes it for predict.py ckpt={cfg.output})")
+
+
+if __name__ == "__main__":
+    main()

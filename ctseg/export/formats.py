@@ -1,0 +1,125 @@
+"""The export formats: file names, the network each one holds (one sliding window in, logits
+out), and how a network is written in each of them."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ctseg.atomic import write_atomic
+from ctseg.errors import ConfigError
+from ctseg.models.vista3d import automatic_logits
+
+log = logging.getLogger(__name__)
+
+# Format -> file written in the export folder.
+FILES = {
+    "torchscript": "model.ts",
+    "onnx": "model.onnx",
+    "trt_fp32": "model_trt_fp32.ts",
+    "trt_fp16": "model_trt_fp16.ts",
+}
+FORMATS = tuple(FILES)
+TRT_FORMATS = ("trt_fp32", "trt_fp16")
+INPUT, OUTPUT = "image", "logits"
+# Batch and spatial axes stay free in ONNX, so any window size and sw_batch_size run.
+DYNAMIC_AXES = {name: {0: "batch", 2: "depth", 3: "height", 4: "width"}
+                for name in (INPUT, OUTPUT)}
+
+
+class AutomaticVISTA3D(nn.Module):
+    """VISTA3D's automatic mode for fixed class ids: (B, 1, *roi) -> (B, 1 + P, *roi) logits,
+    background first (the image encoder and class head, as the bundle's TensorRT export)."""
+
+    def __init__(self, net: nn.Module, class_ids: list[int]) -> None:
+        """Wrap `net` prompting `class_ids` in every window."""
+        super().__init__()
+        self.net = net
+        self.register_buffer("class_ids", torch.tensor(class_ids), persistent=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Background + one logit channel per class id."""
+        return automatic_logits(self.net, image, self.class_ids)
+
+
+def window_network(net: nn.Module, kind: str, known_ids: list[int]) -> nn.Module:
+    """The module an export holds: the network itself (SegResNet) or VISTA3D's automatic mode
+    over `known_ids`."""
+    if kind == "vista3d":
+        return AutomaticVISTA3D(net, known_ids).eval()
+    return net.eval()
+
+
+def check_formats(formats: list[str]) -> list[str]:
+    """`formats` validated against FORMATS, duplicates removed, order kept."""
+    unknown = [f for f in formats if f not in FILES]
+    if unknown or not formats:
+        raise ConfigError(f"formats={formats}: choose one or more of {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def trt_unavailable() -> str | None:
+    """Why TensorRT export cannot run here (one line), or None when it can."""
+    if not torch.cuda.is_available():
+        return "TensorRT needs a CUDA GPU and none is available"
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        return "TensorRT needs torch-tensorrt, which is not installed (pip install -e '.[trt]')"
+    return None
+
+
+def _torchscript(net: nn.Module, example: Tensor, path: Path) -> None:
+    """Trace `net` on `example` and save it."""
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is what TensorRT, Triton
+        # and C++ (libtorch) deployments load today.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(net, example)
+        torch.jit.save(traced, str(path))
+
+
+def _onnx(net: nn.Module, example: Tensor, path: Path, opset: int) -> None:
+    """Export `net` to ONNX with free batch and spatial axes."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # GroupNorm is exported through InstanceNormalization, which the exporter flags as
+        # training mode; its outputs are checked by the parity test that follows every export.
+        warnings.filterwarnings("ignore", message=".*operator 'instance_norm' is set to train")
+        torch.onnx.export(net, (example,), str(path), opset_version=opset, dynamo=False,
+                          input_names=[INPUT], output_names=[OUTPUT], dynamic_axes=DYNAMIC_AXES)
+
+
+def _tensorrt(net: nn.Module, example: Tensor, path: Path, fp16: bool, max_batch: int) -> None:
+    """Compile `net` with torch-tensorrt for windows of `example`'s size (batch 1..max_batch)
+    and save it as TorchScript (loadable with torch.jit.load once torch_tensorrt is imported)."""
+    import torch_tensorrt
+
+    device = torch.device("cuda")
+    net = net.to(device).eval()
+    example = example.to(device)
+    roi = tuple(example.shape[1:])
+    inputs = [torch_tensorrt.Input(min_shape=(1, *roi), opt_shape=(max_batch, *roi),
+                                   max_shape=(max_batch, *roi), dtype=torch.float32)]
+    precisions = {torch.float16, torch.float32} if fp16 else {torch.float32}
+    compiled = torch_tensorrt.compile(net, ir="dynamo", inputs=inputs,
+                                      enabled_precisions=precisions)
+    torch_tensorrt.save(compiled, str(path), output_format="torchscript", inputs=[example])
+
+
+def write_format(net: nn.Module, fmt: str, path: Path, example: Tensor, opset: int = 17,
+                 max_batch: int = 4) -> Path:
+    """Write `net` (traced on `example`, one window) as `fmt` to `path`, atomically."""
+    if fmt == "torchscript":
+        return write_atomic(path, lambda tmp: _torchscript(net, example, tmp))
+    if fmt == "onnx":
+        return write_atomic(path, lambda tmp: _onnx(net, example, tmp, opset))
+    if fmt in TRT_FORMATS:
+        return write_atomic(path, lambda tmp: _tensorrt(net, example, tmp, fmt == "trt_fp16",
+                                                        max_batch))
+    raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
