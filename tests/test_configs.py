@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -34,7 +35,8 @@ def test_every_file_is_covered() -> None:
     files = [p for p in CONFIG_DIR.rglob("*.yaml") if "experiment" not in p.relative_to(
         CONFIG_DIR).parts]
     primary = sorted(p.name for p in files if p.parent == CONFIG_DIR)
-    assert primary == ["predict.yaml", "train.yaml"]  # predict.yaml: tests/inference
+    # predict.yaml: tests/inference; export.yaml: below and tests/inference/test_export.py
+    assert primary == ["export.yaml", "predict.yaml", "train.yaml"]
     assert len(GROUP_OPTIONS) + len(primary) == len(files)
     assert {"phantom_quick", "wholebody_highres", "wholebody_lowres"} <= set(EXPERIMENT_NAMES)
     assert (CONFIG_DIR / "experiment").resolve() == EXPERIMENTS.resolve()
@@ -126,3 +128,21 @@ def test_bad_overrides_fail_at_composition(compose_cfg, override: str, error: ty
         compose_cfg(override)
     if cause:
         assert cause in str(info.value.__cause__)
+
+
+def test_export_thresholds_are_the_documented_defaults(compose_cfg) -> None:
+    from dataclasses import asdict
+
+    from hydra import compose, initialize_config_dir
+
+    from ctseg.export.parity import DEFAULT_THRESHOLDS
+
+    expected = {fmt: asdict(t) for fmt, t in DEFAULT_THRESHOLDS.items()}
+    callback = compose_cfg("callbacks=export").callbacks.export
+    assert OmegaConf.to_container(callback.parity) == expected
+    assert list(callback.formats) == ["torchscript", "onnx"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        exporter = compose("export", overrides=["ckpt=a.ckpt", "output=out"])
+    assert OmegaConf.to_container(exporter.parity) == expected
+    assert exporter.model.num_classes == 105 and exporter.opset == 17

@@ -118,9 +118,12 @@ class CasePredictor:
         self._stack = ExitStack()
         self.runner, self.format = open_runner(model, options.backend, self.device, self.amp,
                                                options.channels_last, self._stack)
-        if self.format != "torch" and self.vista3d and prompt.has_points:
-            raise ConfigError(f"clicks (prompt.points) run with backend=torch only; the "
-                              f"{self.format} export holds VISTA3D's automatic mode")
+        self.exported_plan = None
+        if self.format != "torch" and self.vista3d:
+            if prompt.has_points:
+                raise ConfigError(f"clicks (prompt.points) run with backend=torch only; the "
+                                  f"{self.format} export holds VISTA3D's automatic mode")
+            self.exported_plan = plan_exported(self.runner, prompt, model.known_ids)
 
     def __enter__(self) -> CasePredictor:
         """The predictor itself."""
@@ -150,11 +153,8 @@ class CasePredictor:
         if prompt.has_points:
             points = to_model_grid(prompt.points, np.asarray(image.affine),
                                    np.asarray(data[IMAGE].affine), spatial) + before
-        if self.format == "torch":
-            plan = plan_case(self.model.net, prompt, self.model.known_ids, points,
-                             padded.shape[2:], self.roi, o.overlap)
-        else:
-            plan = plan_exported(self.runner, prompt, self.model.known_ids)
+        plan = self.exported_plan or plan_case(self.model.net, prompt, self.model.known_ids,
+                                               points, padded.shape[2:], self.roi, o.overlap)
         result = sliding_window_predict(
             padded, self._predictor(plan.predictor), self.roi, o.overlap, mode=o.mode,
             sw_batch_size=1 if plan.with_windows else o.sw_batch_size, slab_axis=o.slab_axis,
