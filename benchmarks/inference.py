@@ -1,10 +1,12 @@
 """Benchmark ctseg's memory-bounded prediction against MONAI's standard full-volume pipeline.
 
-    python benchmarks/inference.py [--shape X Y Z] [--device cpu|cuda] [--out result.json]
+    python benchmarks/inference.py [--shape X Y Z] [--spacing MM] [--device cpu|cuda]
+                                   [--out result.json]
 
-One CT (the shared crop resampled to 1.5 mm, or a synthetic phantom of `--shape` voxels at
-1.5 mm) and one random-init 105-class SegResNet (the bundle's architecture) are written to a work
-folder. Each pipeline then runs in its own subprocess, so peak RSS (getrusage) is its own:
+One CT (the shared crop resampled to `--spacing` mm, default 1.5, or a synthetic phantom of
+`--shape` voxels at that spacing) and one random-init 105-class SegResNet (the bundle's
+architecture) are written to a work folder. Each pipeline then runs in its own subprocess, so
+peak RSS (getrusage) is its own:
 
 - ctseg: `ctseg.inference.runner.run`, i.e. `predict.py` (slab aggregation, argmax, nearest
   inversion, uint8 labels);
@@ -33,14 +35,16 @@ SPACING = 1.5
 NUM_CLASSES = 105
 
 
-def make_ct(path: Path, shape: tuple[int, int, int] | None, source: Path) -> None:
-    """Write the benchmark CT: `source` resampled to 1.5 mm, or a phantom of `shape` voxels."""
+def make_ct(path: Path, shape: tuple[int, int, int] | None, source: Path,
+            spacing: float = SPACING) -> None:
+    """Write the benchmark CT: `source` resampled to `spacing` mm, or a phantom of `shape`
+    voxels."""
     if shape is None:
         from monai.transforms import LoadImage, Orientation, Spacing
 
         image = LoadImage(image_only=True, ensure_channel_first=True)(str(source))
         image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
-        image = Spacing(pixdim=SPACING, mode="bilinear")(image)
+        image = Spacing(pixdim=spacing, mode="bilinear")(image)
         data = np.rint(image[0].numpy()).astype(np.int16)
         affine = np.asarray(image.affine, dtype=np.float64)
     else:
@@ -54,7 +58,7 @@ def make_ct(path: Path, shape: tuple[int, int, int] | None, source: Path) -> Non
                          / 0.3 < 1)] = -800
         data[(grid[0] ** 2 + (grid[1] + 0.35) ** 2) < 0.01] = 700  # spine
         data = (data + rng.normal(0, 20, shape)).astype(np.int16)
-        affine = np.diag([SPACING, SPACING, SPACING, 1.0])
+        affine = np.diag([spacing, spacing, spacing, 1.0])
     nib.save(nib.Nifti1Image(data, affine), path)
 
 
@@ -78,7 +82,7 @@ def worker_ctseg(args: argparse.Namespace) -> dict:
            "sw": {"roi_size": [args.roi] * 3, "overlap": args.overlap,
                   "batch_size": args.sw_batch_size},
            "model": {"num_classes": NUM_CLASSES},
-           "data": {"version": "v1", "spacing": SPACING, "intensity": "segresnet"}}
+           "data": {"version": "v1", "spacing": args.spacing, "intensity": "segresnet"}}
     start = time.perf_counter()
     if run(cfg):
         raise SystemExit("ctseg prediction failed")
@@ -99,7 +103,7 @@ def worker_monai(args: argparse.Namespace) -> dict:
     net = bundle.network(NUM_CLASSES)
     net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     net = net.to(device).eval()
-    preprocessing = bundle.inference_preprocessing((SPACING,) * 3)
+    preprocessing = bundle.inference_preprocessing((args.spacing,) * 3)
     inferer = bundle.inference_inferer(sw_batch_size=args.sw_batch_size, overlap=args.overlap,
                                        roi=(args.roi,) * 3)
     postprocessing = bundle.inference_postprocessing(preprocessing)
@@ -118,14 +122,15 @@ def worker_monai(args: argparse.Namespace) -> dict:
 def measure(name: str, args: argparse.Namespace) -> dict:
     """Run one pipeline in a fresh interpreter and return its result with peak RSS."""
     return run_worker(__file__, name, args.workdir, [
-        "--ct", args.ct, "--weights", args.weights, "--device", args.device, "--roi",
+        "--ct", args.ct, "--weights", args.weights, "--device", args.device,
+        "--spacing", str(args.spacing), "--roi",
         str(args.roi), "--overlap", str(args.overlap), "--sw-batch-size", str(args.sw_batch_size)])
 
 
-def table(rows: dict[str, dict], agreement: float, shape: tuple[int, ...]) -> str:
+def table(rows: dict[str, dict], agreement: float, shape: tuple[int, ...], spacing: float) -> str:
     """The benchmark as a markdown table."""
     base = rows["monai"]
-    lines = [f"CT {shape[0]}x{shape[1]}x{shape[2]} at {SPACING} mm, {NUM_CLASSES} classes, "
+    lines = [f"CT {shape[0]}x{shape[1]}x{shape[2]} at {spacing} mm, {NUM_CLASSES} classes, "
              f"voxel agreement {agreement * 100:.3f} %", "",
              "| pipeline | time (s) | peak RSS (MiB) | time ratio | RSS ratio |",
              "|---|---:|---:|---:|---:|"]
@@ -143,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, help="phantom size in voxels (1.5 mm)")
     parser.add_argument("--source", type=Path, default=SHARED_CT, help="CT to resample")
+    parser.add_argument("--spacing", type=float, default=SPACING, help="model grid (mm)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--roi", type=int, default=96)
     parser.add_argument("--overlap", type=float, default=0.25)
@@ -158,15 +164,16 @@ def main() -> None:
         args.workdir = workdir
         args.ct = str(Path(workdir) / "ct.nii.gz")
         args.weights = str(Path(workdir) / "model.pt")
-        make_ct(Path(args.ct), tuple(args.shape) if args.shape else None, args.source)
+        make_ct(Path(args.ct), tuple(args.shape) if args.shape else None, args.source,
+                args.spacing)
         make_weights(Path(args.weights), args.seed)
         shape = nib.load(args.ct).shape
         rows = {name: measure(name, args) for name in ("monai", "ctseg")}
         ours = np.asanyarray(nib.load(rows["ctseg"]["labels"]).dataobj)
         theirs = np.asanyarray(nib.load(rows["monai"]["labels"]).dataobj)
         agreement = float((ours == theirs).mean())
-    print(table(rows, agreement, shape))
-    payload = {"shape": list(shape), "spacing_mm": SPACING, "num_classes": NUM_CLASSES,
+    print(table(rows, agreement, shape, args.spacing))
+    payload = {"shape": list(shape), "spacing_mm": args.spacing, "num_classes": NUM_CLASSES,
                "device": args.device, "roi": args.roi, "overlap": args.overlap,
                "threads": os.cpu_count(), "agreement": agreement,
                "ctseg": {k: v for k, v in rows["ctseg"].items() if k != "labels"},

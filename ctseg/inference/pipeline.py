@@ -50,6 +50,7 @@ class PredictOptions:
     slab_axis: int | None = None
     device: str = "cpu"
     amp: bool = True
+    cpu_bf16: bool = False
     backend: str = "auto"
     channels_last: bool = True
     masks: bool = True
@@ -101,6 +102,9 @@ class CasePredictor:
         self.model, self.options = model, options
         self.device = resolve_device(options.device)
         self.amp = options.amp and self.device.type == "cuda"
+        # Autocast dtype: float16 on CUDA with AMP, bfloat16 on CPU when asked for, else none.
+        self.autocast_dtype = torch.float16 if self.amp else (
+            torch.bfloat16 if options.cpu_bf16 and self.device.type == "cpu" else None)
         self.vista3d = model.kind == "vista3d"
         if self.vista3d and options.probabilities:
             raise ConfigError("probabilities are written for SegResNet checkpoints only; VISTA3D "
@@ -170,9 +174,11 @@ class CasePredictor:
         return table[channels.long()], plan.names
 
     def _autocast(self, predictor: Any) -> Any:
-        """`predictor` under autocast on CUDA when AMP is on, returning float32 logits."""
+        """`predictor` under autocast (CUDA float16 with AMP, CPU bfloat16 with cpu_bf16),
+        returning float32 logits."""
         def run(*args: Any) -> torch.Tensor:
-            with torch.autocast(self.device.type, enabled=self.amp):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
                 return predictor(*args).float()
         return run
 
