@@ -48,7 +48,8 @@ CUDA_VARIANTS = ("fp32", "fp32 channels-last", "AMP fp16", "TorchScript", "onnxr
 
 def predict_cfg(args: argparse.Namespace, options: dict, out: Path) -> dict:
     """predict.py's configuration for one variant."""
-    return {"ckpt": args.model, "input": args.ct, "output": str(out), "device": args.device,
+    ckpt = args.weights if options["backend"] == "torch" else args.model
+    return {"ckpt": ckpt, "input": args.ct, "output": str(out), "device": args.device,
             "masks": False, "overwrite": True, "progress": False,
             "sw": {"overlap": 0.25, "batch_size": 1},
             "model": {"num_classes": NUM_CLASSES},
@@ -80,8 +81,9 @@ def worker_variant(args: argparse.Namespace) -> dict:
     from ctseg.inference.pipeline import CasePredictor
     from ctseg.inference.runner import options_from, run
 
-    cfg = predict_cfg(args, VARIANTS[args.variant], Path(args.workdir) / "pred")
-    model = load_model(args.model, cfg["model"], cfg["data"])
+    slug = "".join(c if c.isalnum() else "_" for c in args.variant)
+    cfg = predict_cfg(args, VARIANTS[args.variant], Path(args.workdir) / f"pred_{slug}")
+    model = load_model(cfg["ckpt"], cfg["model"], cfg["data"])
     device = torch.device(args.device)
     window = torch.randn(1, 1, *model.roi_size, device=device)
     with CasePredictor(model, options_from(cfg)) as predictor:

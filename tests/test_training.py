@@ -183,6 +183,17 @@ def test_fast_dev_run_writes_no_checkpoint(compose_cfg, tmp_path):
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
+def test_export_without_a_best_checkpoint_exports_the_current_weights(compose_cfg, tmp_path):
+    train(compose_cfg(*TINY, "callbacks=export", "callbacks.model_checkpoint=null",
+                      "callbacks.early_stopping=null", "trainer.max_epochs=1",
+                      "callbacks.export.formats=[onnx]"))
+    manifest = json.loads((tmp_path / "run" / "export" / "export.json").read_text())
+    assert Path(manifest["source"]).name == "current.ckpt"
+    assert not Path(manifest["source"]).exists()  # a temporary checkpoint, removed
+    assert manifest["formats"]["onnx"]["parity"]["passed"]
+    assert manifest["formats"]["onnx"]["parity"]["window"] == [1, 1, 16, 16, 16]
+
+
 def test_overfit_uses_one_batch(compose_cfg):
     metrics, objects = train(compose_cfg(*TINY, "debug=overfit", "trainer.max_epochs=3",
                                          "trainer.check_val_every_n_epoch=3"))

@@ -36,8 +36,8 @@ class Thresholds:
 # TensorRT fp16 rounds activations to 11 bits.
 DEFAULT_THRESHOLDS = {
     "torchscript": Thresholds(1e-4, 0.9999),
-    "onnx": Thresholds(1e-3, 0.999),
-    "trt_fp32": Thresholds(1e-2, 0.999),
+    "onnx": Thresholds(1e-2, 0.999),
+    "trt_fp32": Thresholds(5e-2, 0.999),
     "trt_fp16": Thresholds(0.5, 0.99),
 }
 

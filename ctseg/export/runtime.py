@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import Tensor
 
@@ -48,21 +49,13 @@ def _torchscript(path: Path, fmt: str, device: torch.device) -> Runner:
     return run
 
 
-def _onnxruntime(path: Path, device: torch.device, threads: int | None) -> Runner:
+def _onnxruntime(path: Path, device: torch.device) -> Runner:
     """An ONNX file in onnxruntime (CUDA provider on a GPU when onnxruntime has it)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ExportFileError("backend onnxruntime needs the export extra: pip install -e "
-                              "'.[export]'") from err
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), providers=providers)
     except Exception as err:  # onnxruntime raises its own pybind exception types
         raise _unreadable(path, "onnx", err) from err
     name = session.get_inputs()[0].name
@@ -74,13 +67,12 @@ def _onnxruntime(path: Path, device: torch.device, threads: int | None) -> Runne
     return run
 
 
-def load_runner(path: str | Path, fmt: str, device: torch.device | str = "cpu",
-                threads: int | None = None) -> Runner:
+def load_runner(path: str | Path, fmt: str, device: torch.device | str = "cpu") -> Runner:
     """The exported `path` (format `fmt`) as a window runner on `device`."""
     path, device = Path(path), torch.device(device)
     if not path.is_file():
         raise MissingFileError(f"{path}: no {fmt} export there; export it with python -m "
                                "ctseg.export ckpt=<.ckpt> formats=[" + fmt + "] output=<dir>")
     if fmt == "onnx":
-        return _onnxruntime(path, device, threads)
+        return _onnxruntime(path, device)
     return _torchscript(path, fmt, device)
