@@ -185,6 +185,7 @@ def test_fast_dev_run_writes_no_checkpoint(compose_cfg, tmp_path):
 
 def test_export_without_a_best_checkpoint_exports_the_current_weights(compose_cfg, tmp_path):
     train(compose_cfg(*TINY, "callbacks=export", "callbacks.model_checkpoint=null",
+                      "callbacks.last_checkpoint=null", "+trainer.enable_checkpointing=false",
                       "callbacks.early_stopping=null", "trainer.max_epochs=1",
                       "callbacks.export.formats=[onnx]"))
     manifest = json.loads((tmp_path / "run" / "export" / "export.json").read_text())
