@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import hydra
 from omegaconf import DictConfig
 
-from ctseg.config import CONFIG_DIR
+from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, run_name
 from ctseg.errors import reported
 from ctseg.training import train
 
@@ -19,4 +21,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # DDP ranks and submitit jobs started from here inherit the run folder's name.
+    os.environ[RUN_NAME_ENV] = run_name()
     main()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import secrets
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,10 +23,39 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "conf"
 
 
+# The run folder name: train.py exports it, so that the processes it starts (DDP ranks, submitit
+# jobs of a sweep) use the same folder; set it yourself to choose the name.
+RUN_NAME_ENV = "CTSEG_RUN_NAME"
+
+
+@functools.cache
+def run_name() -> str:
+    """This process's run (or sweep) folder name, fixed at first use: CTSEG_RUN_NAME if set;
+    under `srun` and `torchrun --rdzv-id` derived from the job's id, so that every rank and a
+    requeued SLURM job agree; otherwise date, time and a random suffix, so that jobs started in
+    the same second differ."""
+    env = os.environ
+    step = env.get("SLURM_STEP_ID", "")
+    run_id = env.get("TORCHELASTIC_RUN_ID", "none")
+    if env.get(RUN_NAME_ENV):
+        name = env[RUN_NAME_ENV]
+    elif env.get("SLURM_JOB_ID") and step.isdigit():
+        array = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+        name = f"slurm-{f'{array[0]}_{array[1]}' if all(array) else env['SLURM_JOB_ID']}"
+        name += f"-step{step}"
+    elif run_id != "none":
+        name = f"torchrun-{run_id}"
+    else:
+        name = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
+    return name
+
+
 def register_resolvers() -> None:
-    """Register `${ctseg.num_classes:v1}` and `${ctseg.label_names:v1}` with OmegaConf."""
+    """Register `${ctseg.num_classes:v1}`, `${ctseg.label_names:v1}` and `${ctseg.run_name:}`
+    with OmegaConf."""
     OmegaConf.register_new_resolver("ctseg.num_classes", num_classes, replace=True)
     OmegaConf.register_new_resolver("ctseg.label_names", label_names, replace=True)
+    OmegaConf.register_new_resolver("ctseg.run_name", run_name, replace=True)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -122,7 +122,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     checkpoint_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or output_dir)
     plan = preflight(cfg, datamodule, model, trainer, checkpoint_dir)
-    config_path = save_config(cfg, checkpoint_dir)
+    config_path = checkpoint_dir / "config.yaml"
+    if trainer.is_global_zero:
+        save_config(cfg, checkpoint_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}

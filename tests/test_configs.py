@@ -146,3 +146,16 @@ def test_export_thresholds_are_the_documented_defaults(compose_cfg) -> None:
         exporter = compose("export", overrides=["ckpt=a.ckpt", "output=out"])
     assert OmegaConf.to_container(exporter.parity) == expected
     assert exporter.model.num_classes == 105 and exporter.opset == 17
+
+
+def test_common_trainer_arguments_override_without_plus(compose_cfg) -> None:
+    overrides = {"max_steps": 100, "limit_train_batches": 0.25, "limit_val_batches": 2,
+                 "limit_test_batches": 1, "val_check_interval": 0.5,
+                 "accumulate_grad_batches": 4, "gradient_clip_val": 1.0}
+    for trainer in ("cpu", "gpu", "ddp", "ddp_cpu"):
+        cfg = compose_cfg(f"trainer={trainer}", *(f"trainer.{k}={v}" for k, v in overrides.items()))
+        assert {k: cfg.trainer[k] for k in overrides} == overrides
+    trainer = instantiate(compose_cfg("trainer.max_steps=3", "trainer.accumulate_grad_batches=2",
+                                      "trainer.gradient_clip_val=0.5").trainer)
+    assert (trainer.max_steps, trainer.accumulate_grad_batches, trainer.gradient_clip_val) == (
+        3, 2, 0.5)

@@ -43,16 +43,20 @@ def default_cache_dir() -> Path:
     return cache_root() / "tensors"
 
 
-def shard(records: Sequence[Any], rank: int, world_size: int, seed: int = 0) -> list[Any]:
-    """The records of DDP rank `rank`: a seeded permutation split round-robin, padded by repeating
-    records so every rank gets ceil(len / world_size); disjoint and covering before padding."""
+def shard(records: Sequence[Any], rank: int, world_size: int, seed: int = 0,
+          pad: bool = True) -> list[Any]:
+    """The records of DDP rank `rank`: a seeded permutation split round-robin, disjoint and
+    covering. `pad` repeats records so every rank gets ceil(len / world_size) (training steps
+    stay in step); without it (evaluation, where a repeat would count a subject twice) ranks
+    differ by at most one record, and only fewer records than ranks are padded to one each."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
     if not records:
         return []
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    total = math.ceil(len(order) / world_size) * world_size
+    total = math.ceil(len(order) / world_size) * world_size if pad else max(len(order),
+                                                                             world_size)
     padded = [order[i % len(order)] for i in range(total)]
     return [records[i] for i in padded[rank::world_size]]
 
@@ -269,7 +273,11 @@ class TotalSegmentatorDataModule(LightningDataModule):
                               f"{stage!r}; set the split column of meta.csv (train/val/test) or "
                               "add a dataset root")
         for split in wanted:
-            records = shard(splits[split], rank, world_size, self.hparams.seed)
+            if split != "train" and 0 < len(splits[split]) < world_size:
+                log.warning("%d %s subjects for %d DDP ranks: some are evaluated twice",
+                            len(splits[split]), split, world_size)
+            records = shard(splits[split], rank, world_size, self.hparams.seed,
+                            pad=split == "train")
             if split in self.datasets and records == self.records.get(split):
                 continue
             self.records[split] = records

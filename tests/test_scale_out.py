@@ -1,0 +1,101 @@
+"""Scale-out with real processes: run folders of simultaneous jobs, DDP under Hydra (subprocess
+launcher, gloo) in a single run and in a multirun, evaluation without double counting."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning import Trainer
+
+from ctseg.data.datamodule import shard
+
+REPO = Path(__file__).resolve().parents[1]
+# Tiny phantoms: 17 give 11 train, 3 val, 3 test subjects (3 val on 2 ranks: one rank has 2).
+TINY = (
+    "experiment=phantom_quick", "model.init_filters=8", "data.n_phantoms=17",
+    "data.phantom_shape=[24,24,16]", "data.patch_size=[16,16,16]", "data.batch_size=2",
+    "data.extra_roots=[]", "model.sw_batch_size=2", "trainer.check_val_every_n_epoch=1",
+    "callbacks.progress_bar=null", "callbacks.model_summary=null", "test=false", "logger=csv",
+)
+DDP = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32")
+
+pytestmark = pytest.mark.slow
+
+
+def train_py(*overrides: str, tmp: Path) -> subprocess.Popen:
+    """Start `python train.py` with `overrides`, outputs and data under `tmp`."""
+    command = [sys.executable, "train.py", *overrides, f"paths.log_dir={tmp / 'outputs'}",
+               f"paths.data_dir={tmp / 'data'}"]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(process: subprocess.Popen, timeout: int = 600) -> str:
+    """Wait for `process`; its output, asserting it succeeded."""
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def val_dice(run: Path) -> list[float]:
+    """Logged val/mean_dice values of a run folder, in order."""
+    with (run / "csv" / "version_0" / "metrics.csv").open() as f:
+        return [float(r["val/mean_dice"]) for r in csv.DictReader(f) if r.get("val/mean_dice")]
+
+
+def test_evaluation_shards_do_not_repeat_subjects():
+    shards = [shard(list(range(5)), rank, 2, pad=False) for rank in range(2)]
+    assert sorted(shards[0] + shards[1]) == [0, 1, 2, 3, 4]
+    assert sorted(len(s) for s in shards) == [2, 3]
+    assert [shard([7], rank, 2, pad=False) for rank in range(2)] == [[7], [7]]
+
+
+def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
+    jobs = [train_py(*TINY, "debug=fast_dev_run", tmp=tmp_path / str(i)) for i in range(2)]
+    for job in jobs:
+        finish(job)
+    names = [p.name for i in range(2)
+             for p in (tmp_path / str(i) / "outputs" / "debug" / "runs").iterdir()]
+    assert len(names) == 2 and names[0] != names[1]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", n) for n in names)
+
+
+def test_ddp_writes_one_folder_and_its_val_dice_equals_one_process(compose_cfg, tmp_path):
+    finish(train_py(*TINY, *DDP, "trainer.max_epochs=2", tmp=tmp_path))
+    runs = list((tmp_path / "outputs" / "phantom_quick" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [".hydra", "checkpoints", "csv"]
+    assert (run / "checkpoints" / "config.yaml").is_file()
+    logged = val_dice(run)
+    assert len(logged) == 2
+    cfg = compose_cfg(*TINY, f"paths.data_dir={tmp_path / 'data'}")
+    datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    result = trainer.validate(model, datamodule=datamodule,
+                              ckpt_path=str(run / "checkpoints" / "last.ckpt"), weights_only=True)
+    assert len(datamodule.records["val"]) == 3
+    assert result[0]["val/mean_dice"] == pytest.approx(logged[-1], abs=1e-6)
+
+
+def test_multirun_of_ddp_jobs_finishes_in_one_folder_per_job(tmp_path):
+    finish(train_py("-m", *TINY, *DDP, "trainer.max_epochs=1", "seed=1,2",
+                    "model.optimizer.lr=1e-3,3e-4", tmp=tmp_path), timeout=900)
+    outputs = tmp_path / "outputs" / "phantom_quick"
+    assert not (outputs / "runs").exists()  # no rank wrote a folder of its own
+    sweeps = list((outputs / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert len(val_dice(job)) == 1
+        assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
