@@ -50,12 +50,34 @@ def run_name() -> str:
     return name
 
 
+def launcher_rank() -> int:
+    """Global rank given to this process by torchrun or srun (0 when neither started it)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and (key != "SLURM_PROCID" or os.environ.get("SLURM_STEP_ID")):
+            return int(value)
+    return 0
+
+
+def rank_suffix() -> str:
+    """"" on rank 0, "_rank<N>" on the other ranks of a torchrun / srun job: their log files."""
+    rank = launcher_rank()
+    return f"_rank{rank}" if rank else ""
+
+
+def hydra_subdir() -> str | None:
+    """Hydra's config subfolder, written by rank 0 only."""
+    return None if launcher_rank() else ".hydra"
+
+
 def register_resolvers() -> None:
     """Register `${ctseg.num_classes:v1}`, `${ctseg.label_names:v1}` and `${ctseg.run_name:}`
     with OmegaConf."""
     OmegaConf.register_new_resolver("ctseg.num_classes", num_classes, replace=True)
     OmegaConf.register_new_resolver("ctseg.label_names", label_names, replace=True)
     OmegaConf.register_new_resolver("ctseg.run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("ctseg.rank_suffix", rank_suffix, replace=True)
+    OmegaConf.register_new_resolver("ctseg.hydra_subdir", hydra_subdir, replace=True)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,25 @@ def test_multirun_of_ddp_jobs_finishes_in_one_folder_per_job(tmp_path):
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert len(val_dice(job)) == 1
         assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+
+
+def test_torchrun_on_two_simulated_nodes_trains_to_the_end(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=ctsegtest"]
+    overrides = (*TINY, *DDP, "trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=2",
+                 f"paths.log_dir={tmp_path / 'outputs'}", f"paths.data_dir={tmp_path / 'data'}")
+    nodes = [subprocess.Popen([*torchrun, "train.py", *overrides], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    for node in nodes:
+        finish(node)
+    runs = list((tmp_path / "outputs" / "phantom_quick" / "runs").iterdir())
+    assert [p.name for p in runs] == ["torchrun-ctsegtest"]
+    run = runs[0]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".hydra", "checkpoints", "csv", "train.log", "train_rank1.log"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    assert len(val_dice(run)) == 2

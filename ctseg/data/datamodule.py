@@ -13,6 +13,7 @@ from typing import Any
 
 import nibabel as nib
 import torch
+from filelock import FileLock
 from lightning import LightningDataModule
 from monai.data import CacheDataset, DataLoader, Dataset
 from torch.utils.data import Dataset as TorchDataset
@@ -385,10 +386,13 @@ class PhantomDataModule(TotalSegmentatorDataModule):
 
     def prepare_data(self) -> None:
         """Write the phantoms unless phantom_root already holds the same count and shape, then
-        merge the label maps of every root."""
-        if not self._phantoms_current():
-            write_phantoms(self.hparams.phantom_root, self.hparams.n_phantoms,
-                           seed=self.hparams.phantom_seed, version=self.hparams.version,
-                           shape=self.phantom_shape)
-            self._prepared = None  # new phantoms: merge again
+        merge the label maps of every root. A file lock beside phantom_root lets the nodes of a
+        multi-node job (one shared filesystem) prepare at the same time."""
+        root = Path(self.hparams.phantom_root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root.parent / f".{root.name}.lock")):
+            if not self._phantoms_current():
+                write_phantoms(root, self.hparams.n_phantoms, seed=self.hparams.phantom_seed,
+                               version=self.hparams.version, shape=self.phantom_shape)
+                self._prepared = None  # new phantoms: merge again
         super().prepare_data()
