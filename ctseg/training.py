@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import wandb
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ctseg.atomic import write_atomic
 from ctseg.config import instantiate_group
 from ctseg.errors import ConfigError, MissingFileError
+from ctseg.logger.wandb import log_dice_table
 from ctseg.models.weights import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -139,6 +142,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.warning("no best checkpoint was saved; testing the current weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if wandb_loggers and trainer.is_global_zero:
+        if plan.test:
+            log_dice_table(wandb_loggers[0], metrics)
+        wandb.finish()  # each job of a multirun is a run of its own
 
     log.info("config: %s", config_path)
     log.info("checkpoints: %s", checkpoint_dir)

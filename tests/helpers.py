@@ -13,3 +13,35 @@ def truncate(path: Path) -> None:
     """Cut a file to half its size, as an interrupted download leaves it."""
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The records of the one offline W&B run under `run_dir`/wandb (its `run-*.wandb` file:
+    LevelDB-log blocks of 32 KiB holding protobuf `Record`s, after a 7-byte header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    data, pos, block, pending, records = files[0].read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last part of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_run(run_dir: Path):
+    """The RunRecord (id, name, group, job type, tags) of the offline W&B run under `run_dir`."""
+    return next(r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run")

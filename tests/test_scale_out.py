@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import wandb_run
 from hydra.utils import instantiate
 from lightning import Trainer
 
@@ -122,3 +123,15 @@ def test_torchrun_on_two_simulated_nodes_trains_to_the_end(tmp_path):
         ".hydra", "checkpoints", "csv", "train.log", "train_rank1.log"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
     assert len(val_dice(run)) == 2
+
+
+def test_wandb_runs_of_a_sweep_share_a_group(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    finish(train_py("-m", *TINY, "logger=wandb", "trainer.max_epochs=1", "seed=1,2",
+                    tmp=tmp_path))
+    sweep = next((tmp_path / "outputs" / "phantom_quick" / "multiruns").iterdir())
+    runs = [wandb_run(sweep / job) for job in ("0", "1")]
+    assert [r.display_name for r in runs] == [f"{sweep.name}/0", f"{sweep.name}/1"]
+    assert {r.run_group for r in runs} == {f"phantom_quick/{sweep.name}"}
+    assert runs[0].run_id != runs[1].run_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
-from helpers import SHARED_DATA
+from helpers import SHARED_DATA, wandb_records, wandb_run
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 
@@ -204,13 +205,33 @@ def test_overfit_uses_one_batch(compose_cfg):
     assert "val/mean_dice" in metrics
 
 
-def test_wandb_offline_writes_a_run_directory(compose_cfg, tmp_path, monkeypatch):
+def test_wandb_offline_run_is_named_grouped_and_resumed(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "")
-    train(compose_cfg(*TINY, "logger=wandb", "trainer.max_epochs=1"))
-    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    assert list(runs[0].glob("run-*.wandb"))
+    metrics, _ = train(compose_cfg(*TINY, "logger=wandb", "trainer.max_epochs=1", "test=true"))
+    run = tmp_path / "run"
+    first = wandb_run(run)
+    assert (first.display_name, first.run_group, first.job_type) == ("run", "phantom_quick",
+                                                                      "train")
+    assert list(first.tags) == ["phantoms", "quick"]
+    assert (run / "wandb_id.txt").read_text().strip() == first.run_id
+    records = wandb_records(run)
+    config = next(r.config for r in records if r.WhichOneof("record_type") == "config")
+    keys = {item.key for item in config.update}
+    assert {"model", "data", "trainer", "seed"} <= keys
+    logged = {item.key or "/".join(item.nested_key) for r in records
+              if r.WhichOneof("record_type") == "history" for item in r.history.item}
+    assert "test/dice_table/nrows" in logged and "val/mean_dice" in logged
+    tables = list(run.glob("wandb/offline-run-*/files/media/table/test/dice_table_*.table.json"))
+    rows = json.loads(tables[0].read_text())["data"]
+    assert {name for name, _ in rows} == {k.removeprefix("test/dice/") for k in metrics
+                                         if k.startswith("test/dice/")}
+    # Resume from the run folder into another folder: the same W&B run continues.
+    shutil.move(run, tmp_path / "first")
+    train(compose_cfg(*TINY, "logger=wandb", "trainer.max_epochs=2",
+                      f"ckpt_path={tmp_path / 'first'}"))
+    assert (run / "wandb_id.txt").read_text().strip() == first.run_id
+    assert wandb_run(run).run_id == first.run_id
 
 
 def test_ddp_cpu_two_processes(compose_cfg):

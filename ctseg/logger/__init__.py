@@ -1,0 +1,1 @@
+"""Loggers of conf/logger that need more than Lightning's constructors."""
