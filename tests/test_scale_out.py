@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from helpers import wandb_run
 from hydra.utils import instantiate
 from lightning import Trainer
 
+from ctseg.compare import main as compare_main
 from ctseg.data.datamodule import shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +103,37 @@ def test_multirun_of_ddp_jobs_finishes_in_one_folder_per_job(tmp_path):
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert len(val_dice(job)) == 1
         assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+    # python -m ctseg.compare over the finished multirun
+    result = subprocess.run([sys.executable, "-m", "ctseg.compare", str(sweeps[0])], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (sweeps[0] / "compare.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] != [] and sorted(r["run"] for r in table) == [
+        "0", "1", "2", "3"]
+    best = [float(r["best val/mean_dice"]) for r in table]
+    assert best == sorted(best, reverse=True)
+    assert best[0] == pytest.approx(max(val_dice(job)[0] for job in jobs), abs=1e-4)
+    assert {r["seed"] for r in table} == {"1", "2"}
+    assert {r["model.optimizer.lr"] for r in table} == {"0.001", "0.0003"}
+    assert "trainer.devices" not in table[0]  # the same in every run: not a column
+    text = (sweeps[0] / "compare.md").read_text()
+    assert text.startswith("| rank | run | best val/mean_dice |")
+    assert "Per-structure val Dice of the best run" in text and "| liver |" in text
+    image = plt.imread(sweeps[0] / "val_curves.png")
+    assert image.shape[0] > 300 and image[..., :3].std() > 0.05  # drawn, not blank
+
+
+def test_compare_names_folders_without_a_finished_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "unfinished" / "checkpoints" / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        compare_main([str(tmp_path / "empty"), str(tmp_path / "unfinished")])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'} (no run folder" in error
+    assert f"{tmp_path / 'unfinished'} (1 run folders, none with a logged validation" in error
 
 
 def test_torchrun_on_two_simulated_nodes_trains_to_the_end(tmp_path):

@@ -1,0 +1,203 @@
+"""`python -m ctseg.compare <run or sweep folders...> [--out DIR]`: compare finished runs
+without a W&B server, from the files every ctseg run folder holds (checkpoints/config.yaml,
+.hydra/overrides.yaml, csv/*/metrics.csv): a Markdown and a CSV table sorted by the optimized
+metric, the overrides that differ between runs as columns, per-structure Dice of the best run,
+and a PNG of the validation curves."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from omegaconf import OmegaConf
+
+from ctseg.atomic import write_atomic
+from ctseg.errors import ConfigError, reported
+
+log = logging.getLogger(__name__)
+
+CONFIG = Path("checkpoints") / "config.yaml"
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+OUTPUTS = ("compare.md", "compare.csv", "val_curves.png")
+
+
+@dataclass
+class Run:
+    """One finished run: its folder, command-line overrides, optimized metric and history."""
+
+    folder: Path
+    overrides: dict[str, str]
+    metric: str
+    mode: str
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+    def curve(self, key: str) -> list[tuple[int, float]]:
+        """(epoch, value) of every logged `key`."""
+        return [(int(float(r["epoch"])), float(r[key])) for r in self.rows
+                if r.get(key) not in (None, "") and r.get("epoch") not in (None, "")]
+
+    @property
+    def best(self) -> float:
+        """Best logged value of the optimized metric (NaN when never logged)."""
+        values = [v for _, v in self.curve(self.metric)]
+        if not values:
+            return math.nan
+        return max(values) if self.mode == "max" else min(values)
+
+    def last(self, prefix: str) -> dict[str, float]:
+        """Last logged value of every metric starting with `prefix`."""
+        found: dict[str, float] = {}
+        for row in self.rows:
+            for key, value in row.items():
+                if key.startswith(prefix) and value not in (None, ""):
+                    found[key.removeprefix(prefix)] = float(value)
+        return found
+
+
+def _metrics_rows(folder: Path) -> list[dict[str, str]]:
+    """Rows of the run's CSV logger files (all versions, in order)."""
+    rows: list[dict[str, str]] = []
+    for path in sorted(folder.glob("csv/version_*/metrics.csv")):
+        with path.open(newline="") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def load_run(folder: Path) -> Run | None:
+    """The run in `folder`, or None when it has no logged validation yet."""
+    cfg = OmegaConf.load(folder / CONFIG)
+    overrides = {}
+    if (folder / OVERRIDES).is_file():
+        for item in OmegaConf.load(folder / OVERRIDES):
+            key, _, value = str(item).partition("=")
+            overrides[key.lstrip("+~")] = value
+    metric = str(cfg.get("optimized_metric") or "val/mean_dice")
+    mode = "min" if "loss" in metric else "max"
+    run = Run(folder, overrides, metric, mode, _metrics_rows(folder))
+    return run if run.curve(metric) else None
+
+
+def find_runs(folders: Sequence[str | Path]) -> list[Run]:
+    """Every finished run under `folders` (a run, a multirun or any folder holding runs);
+    ConfigError naming the folders without one."""
+    runs, empty = [], []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: no such folder")
+        found = [load_run(c.parent.parent) for c in sorted(folder.rglob(str(CONFIG)))]
+        finished = [r for r in found if r is not None]
+        if not finished:
+            empty.append(f"{folder} ({len(found)} run folders, none with a logged validation "
+                         "metric in csv/*/metrics.csv)" if found else
+                         f"{folder} (no run folder: none holds {CONFIG})")
+        runs += finished
+    if empty:
+        raise ConfigError("no finished ctseg run in " + "; ".join(empty) + "; compare needs "
+                          "runs trained with the csv logger (logger=csv or many) that validated "
+                          "at least once")
+    return sorted(runs, key=lambda r: -r.best if r.mode == "max" else r.best)
+
+
+def varying(runs: Sequence[Run]) -> list[str]:
+    """Override keys whose values differ between runs (missing counts as different)."""
+    keys = sorted({k for r in runs for k in r.overrides})
+    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+
+
+def _name(run: Run, root: Path) -> str:
+    """The run's folder relative to `root` when inside it."""
+    try:
+        return str(run.folder.relative_to(root)) or run.folder.name
+    except ValueError:
+        return str(run.folder)
+
+
+def table_rows(runs: Sequence[Run], root: Path) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison: run, metric, test mean Dice, epochs, overrides."""
+    keys = varying(runs)
+    metric = runs[0].metric
+    header = ["rank", "run", f"best {metric}", "test/mean_dice", "epochs", *keys]
+    rows = []
+    for rank, run in enumerate(runs, start=1):
+        test = run.last("test/").get("mean_dice")
+        epochs = max((e for e, _ in run.curve(metric)), default=-1) + 1
+        rows.append([str(rank), _name(run, root), f"{run.best:.4f}",
+                     "" if test is None else f"{test:.4f}", str(epochs),
+                     *(run.overrides.get(k, "") for k in keys)])
+    return header, rows
+
+
+def markdown(runs: Sequence[Run], root: Path) -> str:
+    """The comparison and the best run's per-structure Dice as Markdown."""
+    header, rows = table_rows(runs, root)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    best = runs[0]
+    dice = best.last("test/dice/") or best.last("val/dice/")
+    stage = "test" if best.last("test/dice/") else "val"
+    if dice:
+        lines += ["", f"Per-structure {stage} Dice of the best run ({_name(best, root)}):", "",
+                  "| structure | Dice |", "|---|---:|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in
+                  sorted(dice.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: Sequence[Run], root: Path, path: Path) -> None:
+    """Validation curves of the optimized metric, one line per run, as a PNG."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for run in runs:
+        epochs, values = zip(*run.curve(run.metric), strict=True)
+        axes.plot(epochs, values, marker="o", label=_name(run, root))
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(runs[0].metric)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), suffix=".png")
+    plt.close(figure)
+
+
+def compare(folders: Sequence[str | Path], out: Path) -> list[Run]:
+    """Write compare.md, compare.csv and val_curves.png for the runs under `folders`."""
+    runs = find_runs(folders)
+    root = Path(folders[0]) if len(folders) == 1 else Path("/")
+    header, rows = table_rows(runs, root)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    text = markdown(runs, root)
+    write_atomic(out / OUTPUTS[0], lambda tmp: tmp.write_text(text))
+    write_atomic(out / OUTPUTS[1], lambda tmp: tmp.write_text(buffer.getvalue()))
+    plot_curves(runs, root, out / OUTPUTS[2])
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the folders, compare, print the Markdown table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ctseg.compare", description=__doc__.splitlines()[0].split(": ", 1)[-1])
+    parser.add_argument("folders", nargs="+", help="run folders, multirun folders, or folders "
+                        "holding them (searched recursively)")
+    parser.add_argument("--out", type=Path, help="where the outputs go (default: the first "
+                        "folder)")
+    args = parser.parse_args(argv)
+    out = args.out or Path(args.folders[0])
+    with reported("python -m ctseg.compare"):
+        runs = compare(args.folders, out)
+    print(markdown(runs, Path(args.folders[0]) if len(args.folders) == 1 else Path("/")))
+    print(f"{len(runs)} runs; written {', '.join(str(out / o) for o in OUTPUTS)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
