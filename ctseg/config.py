@@ -70,6 +70,14 @@ def hydra_subdir() -> str | None:
     return None if launcher_rank() else ".hydra"
 
 
+def slurm_gpus(devices: Any) -> int:
+    """GPUs (= tasks) per node for SLURM from `trainer.devices`, which must be a count there."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"trainer.devices={devices!r}: SLURM jobs need the number of GPUs per "
+                         "node, e.g. trainer.devices=4 (not -1 or auto)")
+    return devices
+
+
 def register_resolvers() -> None:
     """Register `${ctseg.num_classes:v1}`, `${ctseg.label_names:v1}` and `${ctseg.run_name:}`
     with OmegaConf."""
@@ -78,6 +86,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ctseg.run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("ctseg.rank_suffix", rank_suffix, replace=True)
     OmegaConf.register_new_resolver("ctseg.hydra_subdir", hydra_subdir, replace=True)
+    OmegaConf.register_new_resolver("ctseg.slurm_gpus", slurm_gpus, replace=True)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

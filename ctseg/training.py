@@ -4,6 +4,7 @@ run can finish, fit, test."""
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,18 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path | None = None)
     return str(path)
 
 
+def requeued_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+    """`ckpt_path`, or "last" when this is a requeued SLURM job (SLURM_RESTART_COUNT > 0, e.g.
+    after pre-emption or a time-limit requeue) whose run folder holds last.ckpt."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if ckpt_path is None and restarts.isdigit() and int(restarts) > 0 \
+            and (checkpoint_dir / "last.ckpt").is_file():
+        log.info("requeued SLURM job (restart %s): resuming from %s", restarts,
+                 checkpoint_dir / "last.ckpt")
+        return "last"
+    return ckpt_path
+
+
 def save_config(cfg: DictConfig, folder: Path) -> Path:
     """Write the fully resolved config as `config.yaml` in `folder`, atomically."""
     path = folder / "config.yaml"
@@ -83,7 +96,8 @@ def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.Light
     """
     check_writable(Path(cfg.paths.output_dir), "run's logs")
     check_writable(checkpoint_dir, "checkpoints")
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)
+    ckpt_path = resolve_ckpt_path(requeued_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir),
+                                  checkpoint_dir)
     if ckpt_path is not None:
         read_checkpoint(ckpt_path, "checkpoint to resume", mmap=True)
     data_classes = getattr(datamodule, "num_classes", None)

@@ -4,6 +4,7 @@ launcher, gloo) in a single run and in a multirun, evaluation without double cou
 from __future__ import annotations
 
 import csv
+import os
 import re
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import torch
 from helpers import wandb_run
 from hydra.utils import instantiate
 from lightning import Trainer
+from omegaconf import OmegaConf
 
 from ctseg.compare import main as compare_main
 from ctseg.data.datamodule import shard
@@ -168,3 +170,55 @@ def test_wandb_runs_of_a_sweep_share_a_group(tmp_path, monkeypatch):
     assert [r.display_name for r in runs] == [f"{sweep.name}/0", f"{sweep.name}/1"]
     assert {r.run_group for r in runs} == {f"phantom_quick/{sweep.name}"}
     assert runs[0].run_id != runs[1].run_id
+
+
+def test_slurm_launcher_renders_the_sbatch_script(compose_cfg, tmp_path, monkeypatch):
+    import submitit
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit looks for srun
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    cfg = compose_cfg("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                      "trainer.num_nodes=2", "hydra.launcher.partition=gpu",
+                      "hydra.launcher.timeout_min=720")
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path)
+    queue_keys = {"timeout_min", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task",
+                  "mem_gb", "name"}
+    executor.update_parameters(**{(k if k in queue_keys else f"slurm_{k}"): v
+                                  for k, v in launcher.items()
+                                  if k not in ("_target_", "submitit_folder", "max_num_timeout")
+                                  and v is not None})
+    script = executor._executor._make_submission_file_text("python train.py", "uid")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --time=720", "#SBATCH --partition=gpu", "#SBATCH --signal=USR2@120"):
+        assert line in script, script
+    with pytest.raises(Exception, match=r"trainer.devices=-1: SLURM jobs need the number of GPUs"):
+        OmegaConf.to_container(compose_cfg("hydra/launcher=slurm", "trainer=ddp").hydra.launcher,
+                               resolve=True)
+
+
+def test_submitit_local_jobs_run(tmp_path):
+    finish(train_py("-m", *TINY, "hydra/launcher=local_submitit", "trainer.max_epochs=1",
+                    "seed=1,2", tmp=tmp_path))
+    sweep = next((tmp_path / "outputs" / "phantom_quick" / "multiruns").iterdir())
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert len(val_dice(sweep / job)) == 1
+    assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # submitit's own job records
+
+
+def test_a_requeued_slurm_job_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    finish(train_py(*TINY, "trainer.max_epochs=2", tmp=tmp_path))
+    run = tmp_path / "outputs" / "phantom_quick" / "runs" / "slurm-4242-step0"
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what SLURM sets on a requeued job
+    output = finish(train_py(*TINY, "trainer.max_epochs=4", tmp=tmp_path))
+    assert "requeued SLURM job (restart 1): resuming from" in output
+    assert [p.name for p in run.parent.iterdir()] == ["slurm-4242-step0"]
+    second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (first["epoch"], second["epoch"]) == (1, 3)
+    assert second["global_step"] == 2 * first["global_step"]
