@@ -122,6 +122,7 @@ class TrainSchema:
     logger: Any = None
     paths: Any = None
     experiment: Any = None
+    hparams_search: Any = None
     debug: Any = None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import lightning as L
 import wandb
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -128,13 +130,15 @@ def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.Light
     return RunPlan(ckpt_path, test)
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit the model on the datamodule, test the best checkpoint; return metrics and objects."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
+          ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit the model on the datamodule, test the best checkpoint; return metrics and objects.
+    `extra_callbacks` join the configured ones (e.g. a hyper-parameter search's pruning)."""
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     checkpoint_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or output_dir)

@@ -9,9 +9,11 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import optuna
 import pytest
 import torch
 from helpers import wandb_run
@@ -222,3 +224,46 @@ def test_a_requeued_slurm_job_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert (first["epoch"], second["epoch"]) == (1, 3)
     assert second["global_step"] == 2 * first["global_step"]
+
+
+def test_optuna_search_prunes_and_resumes_after_a_kill(tmp_path):
+    search = ("hparams_search=optuna", "trainer.max_epochs=4", "hparams_search.sampler.seed=3",
+              "hparams_search.pruner.n_warmup_steps=0", "hparams_search.heartbeat_interval=1",
+              "hparams_search.grace_period=2", "hparams_search.params.lr.low=1e-6",
+              "hparams_search.params.lr.high=3e-2")
+    command = [sys.executable, "-m", "ctseg.hparams_search", *TINY, *search,
+               f"paths.log_dir={tmp_path / 'outputs'}", f"paths.data_dir={tmp_path / 'data'}"]
+    study_dir = tmp_path / "outputs" / "phantom_quick" / "optuna" / "phantom_quick"
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+
+    first = subprocess.run([*command, "hparams_search.n_trials=4"], cwd=REPO, text=True,
+                           capture_output=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    trials = optuna.load_study(study_name="phantom_quick", storage=storage).get_trials()
+    states = [t.state.name for t in trials]
+    assert len(trials) == 4 and "PRUNED" in states and "COMPLETE" in states, states
+    pruned = next(t for t in trials if t.state.name == "PRUNED")
+    assert len(pruned.intermediate_values) < 4  # stopped before its last epoch
+
+    # A second search of 7 trials is killed during its trial 5, then started again.
+    killed = subprocess.Popen([*command, "hparams_search.n_trials=7"], cwd=REPO, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (study_dir / "trial_5" / "csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    killed.kill()
+    killed.wait()
+    time.sleep(3)  # longer than the grace period: the killed trial's heartbeat is stale
+    resumed = subprocess.run([*command, "hparams_search.n_trials=7"], cwd=REPO, text=True,
+                             capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = optuna.load_study(study_name="phantom_quick", storage=storage).get_trials()
+    assert [t.params for t in after[:4]] == [t.params for t in trials]  # kept
+    assert after[5].state.name == "FAIL"  # the killed trial
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after) == 7
+    assert "study phantom_quick:" in resumed.stdout
+    compare_main([str(study_dir)])  # ranks the trials like any runs
+    with (study_dir / "compare.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) >= 7 and {"model.optimizer.lr", "model.optimizer.weight_decay"} <= set(
+        table[0])

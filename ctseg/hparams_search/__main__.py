@@ -1,0 +1,29 @@
+"""`python -m ctseg.hparams_search hparams_search=optuna [train.py overrides ...]`."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ctseg.config import CONFIG_DIR
+from ctseg.errors import ConfigError, reported
+from ctseg.hparams_search.search import FINISHED, run_search
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Run the search, print the best trial and the state counts."""
+    with reported("python -m ctseg.hparams_search"):
+        if cfg.get("hparams_search") is None:
+            raise ConfigError("choose a search space: hparams_search=optuna (conf/hparams_search)")
+        study = run_search(cfg)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in FINISHED}
+    print(f"study {study.study_name}: {len(trials)} trials ({counts['complete']} complete, "
+          f"{counts['pruned']} pruned)")
+    best = study.best_trial
+    print(f"best trial {best.number}: {cfg.optimized_metric}={best.value:.4f} {best.params}")
+
+
+if __name__ == "__main__":
+    main()
