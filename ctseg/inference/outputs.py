@@ -16,7 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ctseg.atomic import write_atomic
+from ctseg.atomic import default_mode, write_atomic
 from ctseg.labels import label_map_dtype
 
 LABELS_FILE = "labels.nii.gz"
@@ -142,6 +142,7 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, default_mode(directory=True))
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target}: output exists; set overwrite=true to replace it")

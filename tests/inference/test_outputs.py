@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
+from ctseg.atomic import write_atomic
 from ctseg.inference.outputs import (
     atomic_folder,
     itksnap_table,
@@ -34,6 +37,18 @@ def test_overwrite_replaces_and_refuses_without_it(tmp_path) -> None:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+
+
+def test_atomic_outputs_get_the_permissions_of_a_plain_write(tmp_path) -> None:
+    umask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+        with atomic_folder(tmp_path / "case", False) as tmp:
+            (tmp / "labels.txt").write_text("1")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "case").stat().st_mode) == 0o755  # not mkdtemp's 0700
 
 
 def test_tables_cover_every_class_with_distinct_colours() -> None:
