@@ -35,8 +35,8 @@ def test_every_file_is_covered() -> None:
     files = [p for p in CONFIG_DIR.rglob("*.yaml") if "experiment" not in p.relative_to(
         CONFIG_DIR).parts]
     primary = sorted(p.name for p in files if p.parent == CONFIG_DIR)
-    # predict.yaml: tests/inference; export.yaml: below and tests/inference/test_export.py
-    assert primary == ["export.yaml", "predict.yaml", "train.yaml"]
+    # predict.yaml: tests/inference; export.yaml and evaluate.yaml: below and in their tests
+    assert primary == ["evaluate.yaml", "export.yaml", "predict.yaml", "train.yaml"]
     assert len(GROUP_OPTIONS) + len(primary) == len(files)
     assert {"phantom_quick", "wholebody_highres", "wholebody_lowres"} <= set(EXPERIMENT_NAMES)
     assert (CONFIG_DIR / "experiment").resolve() == EXPERIMENTS.resolve()
@@ -159,3 +159,13 @@ def test_common_trainer_arguments_override_without_plus(compose_cfg) -> None:
                                       "trainer.gradient_clip_val=0.5").trainer)
     assert (trainer.max_steps, trainer.accumulate_grad_batches, trainer.gradient_clip_val) == (
         3, 2, 0.5)
+
+
+def test_evaluate_config_composes_with_its_defaults() -> None:
+    from hydra import compose, initialize_config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("evaluate", overrides=["pred=p", "gt=g"])
+    assert (cfg.version, cfg.split, cfg.tolerance_mm, cfg.output) == ("v1", None, 3.0,
+                                                                       "p/evaluation")

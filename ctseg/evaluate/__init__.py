@@ -1,0 +1,1 @@
+"""Evaluation as TotalSegmentator reports it: per-class Dice and normalised surface distance."""

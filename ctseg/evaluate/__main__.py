@@ -1,0 +1,94 @@
+"""`python -m ctseg.evaluate pred=<dir> gt=<root or folder> version=v1|v2 [split=test]`: Dice and
+NSD per case and class on the ground truth's grid, written as CSV, JSON, Markdown and PNGs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import nibabel as nib
+import numpy as np
+from omegaconf import DictConfig
+from rich.progress import track
+
+from ctseg.config import CONFIG_DIR
+from ctseg.errors import ConfigError, DatasetError, reported
+from ctseg.evaluate.metrics import case_scores
+from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
+from ctseg.inference.outputs import LABELS_FILE
+from ctseg.labels import label_names
+
+log = logging.getLogger(__name__)
+
+
+def ground_truth(gt: Path, version: str, split: str | None) -> list[tuple[str, Path]]:
+    """(case, label map) pairs: merged from a TotalSegmentator root (its meta.csv split), or the
+    <case>.nii.gz files of a folder."""
+    from ctseg.data.merge import prepare
+
+    if (gt / "meta.csv").is_file():
+        prepared = prepare(gt, version=version)
+        records = prepared.by_split()[split] if split else prepared.records
+        return [(str(r["image_id"]), Path(r["label"])) for r in records]
+    if split:
+        raise ConfigError(f"split={split} needs a dataset root with meta.csv; {gt} has none")
+    return [(p.name.removesuffix(".nii.gz"), p) for p in sorted(gt.glob("*.nii.gz"))]
+
+
+def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Prediction and ground truth as integer arrays of one grid, and its spacing (mm)."""
+    pred, gt = nib.load(pred_path), nib.load(gt_path)
+    if pred.shape != gt.shape or not np.allclose(pred.affine, gt.affine, atol=1e-3):
+        raise DatasetError(pred_path, f"grid {pred.shape} (affine diagonal "
+                           f"{np.round(np.diag(pred.affine)[:3], 3).tolist()}) differs from the "
+                           f"ground truth {gt_path} ({gt.shape}, "
+                           f"{np.round(np.diag(gt.affine)[:3], 3).tolist()}); predict on the "
+                           "ground truth's own CT, whose grid predict.py keeps")
+    spacing = tuple(float(s) for s in gt.header.get_zooms()[:3])
+    return (np.asanyarray(pred.dataobj).astype(np.int32),
+            np.asanyarray(gt.dataobj).astype(np.int32), spacing)
+
+
+def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Score every ground-truth case that has a prediction; write the outputs; the summary."""
+    pred, gt = Path(str(cfg["pred"])), Path(str(cfg["gt"]))
+    version, tolerance = str(cfg.get("version", "v1")), float(cfg.get("tolerance_mm", 3.0))
+    for folder, what in ((pred, "pred"), (gt, "gt")):
+        if not folder.is_dir():
+            raise ConfigError(f"{what}={folder}: no such folder")
+    names = label_names(version)
+    cases = ground_truth(gt, version, cfg.get("split"))
+    present = [(c, p) for c, p in cases if (pred / c / LABELS_FILE).is_file()]
+    missing = [c for c, _ in cases if not (pred / c / LABELS_FILE).is_file()]
+    if not present:
+        raise ConfigError(f"no prediction in {pred} for the {len(cases)} ground-truth cases of "
+                          f"{gt} (expected {pred}/<case>/{LABELS_FILE}, e.g. "
+                          f"{pred}/{cases[0][0] if cases else 's0001'}/{LABELS_FILE})")
+    if missing:
+        log.warning("%d cases have no prediction and are not scored: %s", len(missing),
+                    ", ".join(missing))
+    rows = []
+    for case, gt_path in track(present, description="evaluate",
+                               disable=not cfg.get("progress", True)):
+        p, g, spacing = load_pair(pred / case / LABELS_FILE, gt_path)
+        for c, (d, s) in case_scores(p, g, spacing, range(1, len(names)), tolerance).items():
+            rows.append({"case": case, "class": c, "structure": names[c], "dice": d, "nsd": s})
+    out = Path(str(cfg.get("output") or pred / "evaluation"))
+    summary = write_outputs(rows, out, tolerance)
+    summary["missing"] = missing
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    """Evaluate, print the region table and where the outputs went."""
+    with reported("python -m ctseg.evaluate"):
+        summary = evaluate(cfg)
+    print(markdown(summary, float(cfg.tolerance_mm)).split("\n\n")[0])
+    print("written: " + ", ".join(str(Path(cfg.output) / o) for o in OUTPUTS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The evaluation's outputs: a CSV of case x class scores, a summary (JSON and Markdown: mean and
+median per class, overall and per region) and two PNGs (per-class Dice box plot, per-region
+bars)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ctseg.atomic import write_atomic
+
+OUTPUTS = ("scores.csv", "summary.json", "summary.md", "dice_per_class.png",
+           "dice_per_region.png")
+# Name patterns of TotalSegmentator's structure groups; anything else counts as an organ.
+REGIONS = {
+    "vertebrae": ("vertebrae_",),
+    "ribs": ("rib_", "sternum", "costal_cartilages"),
+    "cardiovascular": ("heart", "aorta", "artery", "vein", "vena", "atrial", "trunk", "carotid"),
+    "muscles": ("gluteus_", "autochthon_", "iliopsoas_"),
+    "other bones": ("humerus", "scapula", "clavicula", "femur", "hip_", "sacrum", "skull"),
+}
+
+
+def region(name: str) -> str:
+    """The structure group of a TotalSegmentator class name."""
+    for group, patterns in REGIONS.items():
+        if any(p in name for p in patterns):
+            return group
+    return "organs"
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | int]:
+    """Mean, median and count of the finite values (NaN: excluded structures)."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return {"mean": math.nan, "median": math.nan, "n": 0}
+    return {"mean": float(np.mean(finite)), "median": float(np.median(finite)), "n": len(finite)}
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per class, per region and overall statistics of Dice and NSD."""
+    by_class: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_class.setdefault(row["structure"], []).append(row)
+    classes = {name: {"region": region(name),
+                      "dice": _stats([r["dice"] for r in group]),
+                      "nsd": _stats([r["nsd"] for r in group])}
+               for name, group in by_class.items()}
+    regions = {}
+    for group in sorted({c["region"] for c in classes.values()}):
+        members = [c for c in classes.values() if c["region"] == group]
+        regions[group] = {metric: _stats([c[metric]["mean"] for c in members])
+                          for metric in ("dice", "nsd")}
+    overall = {metric: _stats([c[metric]["mean"] for c in classes.values()])
+               for metric in ("dice", "nsd")}
+    return {"overall": overall, "regions": regions, "classes": classes,
+            "cases": sorted({r["case"] for r in rows})}
+
+
+def markdown(summary: Mapping[str, Any], tolerance: float) -> str:
+    """The summary as Markdown tables."""
+    def cell(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.4f}"
+
+    o = summary["overall"]
+    lines = [f"{len(summary['cases'])} cases; NSD at {tolerance:g} mm; mean over classes: Dice "
+             f"{cell(o['dice']['mean'])}, NSD {cell(o['nsd']['mean'])}", "",
+             "| region | Dice | NSD | classes |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {cell(r['dice']['mean'])} | {cell(r['nsd']['mean'])} | "
+              f"{r['dice']['n']} |" for name, r in summary["regions"].items()]
+    lines += ["", "| structure | region | Dice mean | Dice median | NSD mean | NSD median | "
+              "cases |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, c in summary["classes"].items():
+        lines.append(f"| {name} | {c['region']} | {cell(c['dice']['mean'])} | "
+                     f"{cell(c['dice']['median'])} | {cell(c['nsd']['mean'])} | "
+                     f"{cell(c['nsd']['median'])} | {c['dice']['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    """Write `figure` as a PNG atomically and close it."""
+    figure.tight_layout()
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), suffix=".png")
+    plt.close(figure)
+
+
+def plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: Path) -> None:
+    """Per-class Dice box plot and per-region mean Dice / NSD bars."""
+    names = [n for n, c in summary["classes"].items() if c["dice"]["n"]]
+    values = [[r["dice"] for r in rows if r["structure"] == n and not math.isnan(r["dice"])]
+              for n in names]
+    figure, axes = plt.subplots(figsize=(max(6, 0.25 * len(names) + 2), 5))
+    if names:
+        axes.boxplot(values, tick_labels=names)
+    axes.set_ylabel("Dice")
+    axes.set_ylim(0, 1.02)
+    axes.tick_params(axis="x", labelrotation=90, labelsize=7)
+    axes.grid(axis="y", alpha=0.3)
+    _save(figure, out / OUTPUTS[3])
+    regions = summary["regions"]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(regions))
+    for shift, metric in ((-0.2, "dice"), (0.2, "nsd")):
+        axes.bar(x + shift, [r[metric]["mean"] for r in regions.values()], width=0.4,
+                 label=metric.upper() if metric == "nsd" else "Dice")
+    axes.set_xticks(x, list(regions), rotation=20)
+    axes.set_ylim(0, 1.02)
+    axes.legend()
+    _save(figure, out / OUTPUTS[4])
+
+
+def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, tolerance: float
+                  ) -> dict[str, Any]:
+    """Write every output of OUTPUTS to `out`; the summary."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["case", "class", "structure", "region", "dice",
+                                                "nsd"])
+    writer.writeheader()
+    writer.writerows({**r, "region": region(r["structure"])} for r in rows)
+    summary = summarise(rows)
+    summary["tolerance_mm"] = tolerance
+    text = json.dumps(summary, indent=2, allow_nan=True) + "\n"
+    write_atomic(out / OUTPUTS[0], lambda tmp: tmp.write_text(buffer.getvalue()))
+    write_atomic(out / OUTPUTS[1], lambda tmp: tmp.write_text(text))
+    md = markdown(summary, tolerance)
+    write_atomic(out / OUTPUTS[2], lambda tmp: tmp.write_text(md))
+    plot(rows, summary, out)
+    return summary

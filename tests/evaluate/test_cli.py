@@ -1,0 +1,80 @@
+"""python -m ctseg.evaluate on the shared crop: its own masks score 1, outputs are written, a grid
+mismatch names both files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctseg.data.merge import prepare
+from ctseg.errors import DatasetError
+from ctseg.evaluate.__main__ import evaluate
+from ctseg.evaluate.report import OUTPUTS, region
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def merged(shared_data: Path, tmp_path: Path) -> Path:
+    """predict.py's layout holding the shared crop's merged v1 label map as its prediction."""
+    label = Path(prepare(shared_data, out=tmp_path / "prepared", version="v1").records[0]["label"])
+    pred = tmp_path / "pred" / "s0001"
+    pred.mkdir(parents=True)
+    shutil.copy(label, pred / "labels.nii.gz")
+    return tmp_path / "pred"
+
+
+def test_the_crops_own_masks_score_one(merged, shared_data, tmp_path, tree_digest):
+    before = tree_digest(shared_data)
+    result = subprocess.run([sys.executable, "-m", "ctseg.evaluate", f"pred={merged}",
+                             f"gt={shared_data}", "version=v1", "progress=false"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tree_digest(shared_data) == before  # the raw dataset is only read
+    out = merged / "evaluation"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(OUTPUTS)
+    with (out / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 104 and {r["case"] for r in rows} == {"s0001"}
+    scored = [r for r in rows if r["dice"] != "nan"]
+    assert len(scored) >= 20  # the structures present in the crop
+    assert all(float(r["dice"]) == 1.0 and float(r["nsd"]) == pytest.approx(1.0) for r in scored)
+    absent = [r for r in rows if r["dice"] == "nan"]
+    assert all(r["nsd"] == "nan" for r in absent)  # empty in both: excluded
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["dice"]["mean"] == 1.0 and summary["tolerance_mm"] == 3.0
+    assert summary["classes"]["liver"]["region"] == "organs"
+    assert "| vertebrae |" in (out / "summary.md").read_text()
+    for name in ("dice_per_class.png", "dice_per_region.png"):
+        image = plt.imread(out / name)
+        assert image[..., :3].std() > 0.05  # drawn, not blank
+
+
+def test_a_folder_of_label_maps_and_a_wrong_grid(merged, tmp_path):
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    img = nib.load(merged / "s0001" / "labels.nii.gz")
+    labels = np.asanyarray(img.dataobj)
+    nib.save(nib.Nifti1Image(labels, img.affine, img.header), truth / "s0001.nii.gz")
+    summary = evaluate({"pred": merged, "gt": truth, "progress": False,
+                        "output": tmp_path / "out"})
+    assert summary["overall"]["nsd"]["mean"] == pytest.approx(1.0)
+    nib.save(nib.Nifti1Image(labels[:, :, 1:], img.affine, img.header), truth / "s0001.nii.gz")
+    with pytest.raises(DatasetError, match=r"labels.nii.gz: grid \(.*\) differs from the ground "
+                                           r"truth .*truth/s0001.nii.gz"):
+        evaluate({"pred": merged, "gt": truth, "progress": False, "output": tmp_path / "out2"})
+
+
+def test_regions_group_the_structures():
+    assert [region(n) for n in ("vertebrae_L1", "rib_left_3", "aorta", "gluteus_maximus_left",
+                                "femur_left", "liver")] == [
+        "vertebrae", "ribs", "cardiovascular", "muscles", "other bones", "organs"]
