@@ -16,14 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
 from ctseg.atomic import write_atomic
 from ctseg.errors import ConfigError, reported
+from ctseg.figures import save_png
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +162,18 @@ def plot_curves(runs: Sequence[Run], root: Path, path: Path) -> None:
     axes.set_ylabel(runs[0].metric)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
-    figure.tight_layout()
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), suffix=".png")
-    plt.close(figure)
+    save_png(figure, path)
+
+
+def names_root(folders: Sequence[str | Path]) -> Path:
+    """The folder run names are given relative to: the one folder compared, else `/`."""
+    return Path(folders[0]) if len(folders) == 1 else Path("/")
 
 
 def compare(folders: Sequence[str | Path], out: Path) -> list[Run]:
     """Write compare.md, compare.csv and val_curves.png for the runs under `folders`."""
     runs = find_runs(folders)
-    root = Path(folders[0]) if len(folders) == 1 else Path("/")
+    root = names_root(folders)
     header, rows = table_rows(runs, root)
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out or Path(args.folders[0])
     with reported("python -m ctseg.compare"):
         runs = compare(args.folders, out)
-    print(markdown(runs, Path(args.folders[0]) if len(args.folders) == 1 else Path("/")))
+    print(markdown(runs, names_root(args.folders)))
     print(f"{len(runs)} runs; written {', '.join(str(out / o) for o in OUTPUTS)}")
 
 

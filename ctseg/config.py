@@ -89,6 +89,11 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ctseg.slurm_gpus", slurm_gpus, replace=True)
 
 
+def plain(value: Any) -> Any:
+    """A DictConfig/ListConfig as resolved builtins; anything else unchanged."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every `_target_` entry of a named dict of configs (callbacks, loggers)."""
     if not group:

@@ -12,13 +12,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 from ctseg.atomic import write_atomic
+from ctseg.figures import save_png
 
 OUTPUTS = ("scores.csv", "summary.json", "summary.md", "dice_per_class.png",
            "dice_per_region.png")
@@ -88,13 +86,6 @@ def markdown(summary: Mapping[str, Any], tolerance: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(figure: plt.Figure, path: Path) -> None:
-    """Write `figure` as a PNG atomically and close it."""
-    figure.tight_layout()
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), suffix=".png")
-    plt.close(figure)
-
-
 def plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: Path) -> None:
     """Per-class Dice box plot and per-region mean Dice / NSD bars."""
     names = [n for n, c in summary["classes"].items() if c["dice"]["n"]]
@@ -107,7 +98,7 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: Pat
     axes.set_ylim(0, 1.02)
     axes.tick_params(axis="x", labelrotation=90, labelsize=7)
     axes.grid(axis="y", alpha=0.3)
-    _save(figure, out / OUTPUTS[3])
+    save_png(figure, out / OUTPUTS[3])
     regions = summary["regions"]
     figure, axes = plt.subplots(figsize=(7, 4))
     x = np.arange(len(regions))
@@ -117,7 +108,7 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: Pat
     axes.set_xticks(x, list(regions), rotation=20)
     axes.set_ylim(0, 1.02)
     axes.legend()
-    _save(figure, out / OUTPUTS[4])
+    save_png(figure, out / OUTPUTS[4])
 
 
 def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, tolerance: float

@@ -7,17 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ctseg.config import CONFIG_DIR
+from ctseg.config import CONFIG_DIR, plain
 from ctseg.errors import ConfigError, reported
 from ctseg.export.exporter import export_model, sample_window
 from ctseg.inference.model import load_model
-
-
-def _plain(value: Any) -> Any:
-    """A DictConfig/ListConfig as builtins; anything else unchanged."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def summary(manifest: Mapping[str, Any]) -> list[str]:
@@ -33,11 +28,11 @@ def summary(manifest: Mapping[str, Any]) -> list[str]:
 
 def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Export `cfg.ckpt` to `cfg.formats` in `cfg.output`; the manifest (export.json)."""
-    formats = _plain(cfg["formats"])
+    formats = plain(cfg["formats"])
     if isinstance(formats, str):
         formats = [formats]
-    model = load_model(str(cfg["ckpt"]), _plain(cfg.get("model")) or {},
-                       _plain(cfg.get("data")) or {})
+    model = load_model(str(cfg["ckpt"]), plain(cfg.get("model")) or {},
+                       plain(cfg.get("data")) or {})
     if model.net is None:
         raise ConfigError(f"ckpt={cfg['ckpt']} is an export folder already; give the .ckpt or "
                           "model.pt it was exported from")
@@ -45,7 +40,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     window = sample_window(model, Path(str(sample)) if sample else None)
     return export_model(model, list(formats), Path(str(cfg["output"])), window,
                         source=str(cfg["ckpt"]), opset=int(cfg.get("opset", 17)),
-                        thresholds=_plain(cfg.get("parity")), device=str(cfg.get("device", "cpu")),
+                        thresholds=plain(cfg.get("parity")), device=str(cfg.get("device", "cpu")),
                         max_batch=int(cfg.get("max_batch", 4)))
 
 

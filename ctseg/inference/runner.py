@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.progress import Progress
 
+from ctseg.config import plain
 from ctseg.inference.inputs import discover_cases
 from ctseg.inference.model import load_model
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
@@ -20,15 +21,10 @@ from ctseg.inference.prompts import parse_prompt
 log = logging.getLogger(__name__)
 
 
-def _plain(cfg: Any) -> Any:
-    """A DictConfig/ListConfig as builtins; anything else unchanged."""
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-
-
 def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
     """PredictOptions from the `sw`, device and output keys of conf/predict.yaml."""
-    sw = _plain(cfg.get("sw")) or {}
-    probabilities = _plain(cfg.get("probabilities")) or []
+    sw = plain(cfg.get("sw")) or {}
+    probabilities = plain(cfg.get("probabilities")) or []
     return PredictOptions(
         roi_size=sw.get("roi_size"), overlap=float(sw.get("overlap", 0.25)),
         mode=sw.get("mode", "gaussian"), padding_mode=sw.get("padding_mode", "replicate"),
@@ -38,7 +34,7 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
         backend=str(cfg.get("backend") or "auto"),
         channels_last=bool(cfg.get("channels_last", True)), masks=bool(cfg.get("masks", True)),
         probabilities=list(probabilities), series_uid=cfg.get("series_uid"),
-        prompt=parse_prompt(_plain(cfg.get("prompt"))),
+        prompt=parse_prompt(plain(cfg.get("prompt"))),
     )
 
 
@@ -55,8 +51,8 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
     output = Path(str(cfg["output"]))
     options = options_from(cfg)
     cases = discover_cases(str(cfg["input"]))
-    model = load_model(str(cfg["ckpt"]), _plain(cfg.get("model")) or {},
-                       _plain(cfg.get("data")) or {})
+    model = load_model(str(cfg["ckpt"]), plain(cfg.get("model")) or {},
+                       plain(cfg.get("data")) or {})
     overwrite = bool(cfg.get("overwrite", False))
     reports, skipped, failures = [], [], []
     with CasePredictor(model, options) as predictor, \
