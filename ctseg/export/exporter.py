@@ -85,6 +85,7 @@ def export_model(model: LoadedModel, formats: Sequence[str], output: str | Path,
     window = window.float().cpu()
     manifest = manifest_entry(model, source, opset)
     skipped = {}
+    references: dict[torch.device, Tensor] = {}  # the torch logits, once per device
     for fmt in check_formats(list(formats)):
         if fmt in TRT_FORMATS and (reason := trt_unavailable()):
             log.warning("%s skipped: %s", fmt, reason)
@@ -92,12 +93,14 @@ def export_model(model: LoadedModel, formats: Sequence[str], output: str | Path,
             continue
         run_device = torch.device("cuda" if fmt in TRT_FORMATS else device)
         path = write_format(net, fmt, output / FILES[fmt], window, opset, max_batch)
-        reference = parity.reference_logits(net.to(run_device), window.to(run_device))
+        if run_device not in references:
+            references[run_device] = parity.reference_logits(net.to(run_device),
+                                                             window.to(run_device))
+            net.cpu()
         runner = load_runner(path, fmt, run_device)
-        report = parity.check(fmt, path, reference, runner, window.to(run_device),
+        report = parity.check(fmt, path, references[run_device], runner, window.to(run_device),
                               parity.thresholds_for(fmt, thresholds))
         manifest["formats"][fmt] = {"file": path.name, "parity": report}
-        net.cpu()
     if skipped:
         manifest["skipped"] = skipped
     text = json.dumps(manifest, indent=2) + "\n"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -72,25 +74,28 @@ def trt_unavailable() -> str | None:
     return None
 
 
-def _torchscript(net: nn.Module, example: Tensor, path: Path) -> None:
-    """Trace `net` on `example` and save it."""
+@contextmanager
+def _tracing() -> Iterator[None]:
+    """No gradients, and none of the tracer's warnings: shape checks turned into constants (the
+    exports keep free shapes, and every export is parity-checked), TorchScript's deprecation in
+    favour of torch.export (TensorRT, Triton and libtorch load TorchScript today), and GroupNorm
+    exported through InstanceNormalization flagged as training mode."""
     with torch.no_grad(), warnings.catch_warnings():
-        # TorchScript is deprecated in favour of torch.export, but it is what TensorRT, Triton
-        # and C++ (libtorch) deployments load today.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace(net, example)
-        torch.jit.save(traced, str(path))
+        warnings.filterwarnings("ignore", message=".*operator 'instance_norm' is set to train")
+        yield
+
+
+def _torchscript(net: nn.Module, example: Tensor, path: Path) -> None:
+    """Trace `net` on `example` and save it."""
+    with _tracing():
+        torch.jit.save(torch.jit.trace(net, example), str(path))
 
 
 def _onnx(net: nn.Module, example: Tensor, path: Path, opset: int) -> None:
     """Export `net` to ONNX with free batch and spatial axes."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        # GroupNorm is exported through InstanceNormalization, which the exporter flags as
-        # training mode; its outputs are checked by the parity test that follows every export.
-        warnings.filterwarnings("ignore", message=".*operator 'instance_norm' is set to train")
+    with _tracing():
         torch.onnx.export(net, (example,), str(path), opset_version=opset, dynamo=False,
                           input_names=[INPUT], output_names=[OUTPUT], dynamic_axes=DYNAMIC_AXES)
 
