@@ -55,12 +55,14 @@ def _union_box(*boxes: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
 def case_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
                 classes: Sequence[int], tolerance: float = 3.0
                 ) -> dict[int, tuple[float, float]]:
-    """(Dice, NSD) of every class index in `classes` between two label maps of one grid."""
+    """(Dice, NSD) of every class index in `classes` between two integer label maps of one
+    grid."""
     if pred.shape != gt.shape:
         raise ValueError(f"label maps differ in shape: {pred.shape} vs {gt.shape}")
     top = max(classes, default=0)
-    pred_boxes = ndimage.find_objects(np.where(pred <= top, pred, 0).astype(np.int32), top)
-    gt_boxes = ndimage.find_objects(np.where(gt <= top, gt, 0).astype(np.int32), top)
+    # Labels above `top` are ignored by find_objects; no full-volume copy is made.
+    pred_boxes = ndimage.find_objects(pred, top)
+    gt_boxes = ndimage.find_objects(gt, top)
     scores = {}
     for c in classes:
         box = _union_box(pred_boxes[c - 1], gt_boxes[c - 1])
