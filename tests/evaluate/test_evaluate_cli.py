@@ -78,3 +78,12 @@ def test_regions_group_the_structures():
     assert [region(n) for n in ("vertebrae_L1", "rib_left_3", "aorta", "gluteus_maximus_left",
                                 "femur_left", "liver")] == [
         "vertebrae", "ribs", "cardiovascular", "muscles", "other bones", "organs"]
+
+
+def test_a_mistyped_prediction_folder_is_named_and_not_created(shared_data, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ctseg.evaluate", f"pred={tmp_path / 'nope'}",
+                             f"gt={shared_data}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert f"error: pred={tmp_path / 'nope'}: no such folder" in result.stderr
+    assert not (tmp_path / "nope").exists()
