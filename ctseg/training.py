@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ctseg.atomic import write_atomic
+from ctseg.callbacks.native_evaluation import NativeEvaluation
 from ctseg.config import instantiate_group
 from ctseg.errors import ConfigError, MissingFileError
 from ctseg.logger.wandb import log_dice_table
@@ -139,6 +140,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model)
     callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
+    evaluation = cfg.get("evaluation") or {}
+    if evaluation.get("native"):
+        callbacks.append(NativeEvaluation(evaluation.output_dir, evaluation.tolerance_mm))
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     checkpoint_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or output_dir)

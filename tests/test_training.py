@@ -54,7 +54,7 @@ def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
 
 def test_phantom_quick_learns(compose_cfg, tmp_path):
     metrics, objects = train(compose_cfg("experiment=phantom_quick", "callbacks=export",
-                                         "callbacks.progress_bar=null"))
+                                         "callbacks.progress_bar=null", "evaluation.native=true"))
     rows = metric_rows(tmp_path / "run")
     losses = column(rows, "train/loss_epoch")
     assert [e for e, _ in losses] == list(range(130))
@@ -84,6 +84,34 @@ def test_phantom_quick_learns(compose_cfg, tmp_path):
         assert report["passed"] and report["window"] == [1, 1, 32, 32, 24]
         assert report["argmax_agreement"] >= 0.999 and report["max_abs_diff"] < 1e-3
         assert column(metric_rows(tmp_path / "run"), f"export/{fmt}/argmax_agreement")
+    # evaluation.native=true: the run folder ends with the table that predict.py with the best
+    # checkpoint and python -m ctseg.evaluate on the test split give.
+    evaluation = tmp_path / "run" / "evaluation"
+    native = json.loads((evaluation / "summary.json").read_text())
+    assert len(native["cases"]) == 3 and native["tolerance_mm"] == 3.0
+    assert native["overall"]["dice"]["mean"] >= 0.5 and native["overall"]["nsd"]["mean"] >= 0.5
+    assert metrics["test/native/mean_dice"] == pytest.approx(native["overall"]["dice"]["mean"])
+    cases = tmp_path / "test_cases"
+    for record in objects["datamodule"].records["test"]:
+        (cases / record["subject"]).mkdir(parents=True)
+        (cases / record["subject"] / "ct.nii.gz").symlink_to(record["image"])
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    root = Path(objects["datamodule"].roots[0])
+    for command in (["predict.py", f"ckpt={best}", f"input={cases}", f"output={tmp_path / 'p'}"],
+                    ["-m", "ctseg.evaluate", f"pred={tmp_path / 'p'}", f"gt={root}",
+                     "version=v1", "split=test"]):
+        result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    with open(evaluation / "scores.csv") as ours, \
+            open(tmp_path / "p" / "evaluation" / "scores.csv") as theirs:
+        key = lambda row: (row["case"], int(row["class"]))  # noqa: E731
+        mine, reference = (sorted(csv.DictReader(f), key=key) for f in (ours, theirs))
+    assert len(mine) == len(reference) == 3 * 104
+    for a, b in zip(mine, reference, strict=True):
+        assert key(a) == key(b)
+        for metric in ("dice", "nsd"):
+            assert float(a[metric]) == pytest.approx(float(b[metric]), abs=1e-6, nan_ok=True)
 
 
 def test_default_cli_run_trains_tests_and_its_checkpoint_predicts(tmp_path):

@@ -15,7 +15,7 @@ from rich.progress import track
 
 from ctseg.config import CONFIG_DIR
 from ctseg.errors import ConfigError, DatasetError, reported
-from ctseg.evaluate.metrics import case_scores
+from ctseg.evaluate.metrics import case_scores, stored_labels
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
 from ctseg.inference.outputs import LABELS_FILE
 from ctseg.labels import label_names
@@ -47,14 +47,7 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
                            f"{np.round(np.diag(gt.affine)[:3], 3).tolist()}); predict on the "
                            "ground truth's own CT, whose grid predict.py keeps")
     spacing = tuple(float(s) for s in gt.header.get_zooms()[:3])
-    return _labels(pred), _labels(gt), spacing
-
-
-def _labels(img: nib.Nifti1Image) -> np.ndarray:
-    """The label map in its stored integer type (uint8 for TotalSegmentator: a whole-body CT at
-    native resolution stays ~200 MB, not 800 MB as int32); float-stored maps rounded."""
-    data = np.asanyarray(img.dataobj)
-    return data if np.issubdtype(data.dtype, np.integer) else np.rint(data).astype(np.int32)
+    return stored_labels(pred), stored_labels(gt), spacing
 
 
 def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,20 @@ class PredictOptions:
     probabilities: Sequence[str | int] = field(default_factory=tuple)
     series_uid: str | None = None
     prompt: Prompt = field(default_factory=Prompt)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A case's labels on its input grid, with what its outputs need: the input's affine and
+    NIfTI header (None for DICOM), the label names, inverted probabilities by class, and the
+    shape of the model grid the network ran on."""
+
+    labels: np.ndarray
+    affine: np.ndarray
+    header: Any
+    names: Sequence[str] | dict[int, str]
+    probabilities: dict[int, np.ndarray]
+    model_grid: tuple[int, ...]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -196,20 +210,10 @@ class CasePredictor:
                            nearest_interp=nearest)
         return np.asarray(inverter({IMAGE: image, PRED: pred})[PRED])[0]
 
-    def predict(self, case: Case, folder: Path, overwrite: bool = False) -> dict[str, Any]:
-        """Predict `case` and write its outputs to `folder` atomically; the timing report."""
-        times: dict[str, float] = {}
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            self._sync()
-            now = time.perf_counter()
-            times[stage] = round(now - clock, 3)
-            clock = now
-
+    def segment(self, case: Case, lap: Callable[[str], None] = lambda stage: None
+                ) -> Segmentation:
+        """Load, preprocess and predict `case`; its labels on the input's grid. `lap(stage)` is
+        called after each of the load, preprocess, inference and postprocess stages."""
         image, header = load_case(case, self.options.series_uid)
         shape, affine = tuple(image.shape), np.asarray(image.affine, dtype=np.float64)
         check_points_inside(self.options.prompt, shape, case.path)
@@ -239,13 +243,33 @@ class CasePredictor:
             raise RuntimeError(f"{case.path}: inverted labels have shape {labels.shape}, input "
                                f"{shape}; the preprocessing is not invertible")
         lap("postprocess")
+        return Segmentation(labels, affine, header, names, probabilities,
+                            tuple(grid_labels.shape))
+
+    def predict(self, case: Case, folder: Path, overwrite: bool = False) -> dict[str, Any]:
+        """Predict `case` and write its outputs to `folder` atomically; the timing report."""
+        times: dict[str, float] = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            self._sync()
+            now = time.perf_counter()
+            times[stage] = round(now - clock, 3)
+            clock = now
+
+        seg = self.segment(case, lap)
+        o = self.options
         with atomic_folder(folder, overwrite) as tmp:
-            write_case(tmp, labels, affine, header, names, o.masks, probabilities)
+            write_case(tmp, seg.labels, seg.affine, seg.header, seg.names, o.masks,
+                       seg.probabilities)
         lap("save")
         times["total"] = round(time.perf_counter() - start, 3)
         report: dict[str, Any] = {
             "case": case.name, "input": str(case.path), "output": str(folder),
-            "shape": list(shape), "model_grid": list(grid_labels.shape),
+            "shape": list(seg.labels.shape), "model_grid": list(seg.model_grid),
             "seconds": times, "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         if self.device.type == "cuda":

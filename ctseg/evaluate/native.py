@@ -1,0 +1,83 @@
+"""Evaluation of a Lightning module at native resolution: each subject predicted on its own CT grid
+exactly as predict.py does (same preprocessing, sliding window and inversion), then scored with the
+Dice and NSD of `python -m ctseg.evaluate` against its merged label map."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from lightning import LightningModule
+
+from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig
+from ctseg.errors import DatasetError
+from ctseg.evaluate.metrics import case_scores, stored_labels
+from ctseg.inference.inputs import Case
+from ctseg.inference.model import LoadedModel
+from ctseg.inference.pipeline import CasePredictor, PredictOptions
+from ctseg.models.vista3d import VISTA3DModule
+
+log = logging.getLogger(__name__)
+
+SUBJECT = "subject"
+
+
+def loaded_model(module: LightningModule, pipeline: PipelineConfig) -> LoadedModel:
+    """The module's network (a copy, so prediction settings never touch the trained one) with its
+    classes, preprocessing and window, as predict.py loads it from the module's checkpoint."""
+    net = copy.deepcopy(module.net).eval()
+    roi = tuple(int(r) for r in module.hparams.roi_size)
+    if isinstance(module, VISTA3DModule):
+        return LoadedModel(net, [], pipeline, roi, kind="vista3d",
+                           known_ids=sorted(module.prompt_ids.tolist()))
+    return LoadedModel(net, list(module.label_names), pipeline, roi)
+
+
+def class_lookup(module: LightningModule) -> tuple[np.ndarray, np.ndarray] | None:
+    """For VISTA3D: (VISTA3D id -> class index, class index -> scored class) lookup tables that
+    bring its predictions and the ground truth to the data's class indices; None otherwise."""
+    if not isinstance(module, VISTA3DModule):
+        return None
+    ids = module.vista_ids.cpu().numpy()
+    to_class = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+    for index, vista_id in enumerate(ids):
+        if vista_id:
+            to_class[vista_id] = index
+    return to_class, module.scored_classes.cpu().numpy()
+
+
+def score_records(module: LightningModule, pipeline: PipelineConfig,
+                  records: Iterable[Mapping[str, Any]], tolerance: float,
+                  device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """Per case and class Dice and NSD rows (as `python -m ctseg.evaluate` writes them) of the
+    module's native-resolution predictions of `records` (dicts with image, label, subject)."""
+    names: Sequence[str] = module.label_names
+    lookup = class_lookup(module)
+    options = PredictOptions(device=str(device), masks=False)
+    rows: list[dict[str, Any]] = []
+    with CasePredictor(loaded_model(module, pipeline), options) as predictor:
+        for record in records:
+            image, label = Path(record[IMAGE]), Path(record[LABEL])
+            case = str(record.get(SUBJECT) or image.parent.name)
+            pred = predictor.segment(Case(case, image, "nifti")).labels.astype(np.int32)
+            gt_img = nib.load(label)
+            gt = stored_labels(gt_img)
+            if lookup is not None:
+                pred, gt = lookup[0][np.clip(pred, 0, len(lookup[0]) - 1)], lookup[1][gt]
+            if pred.shape != gt.shape:
+                raise DatasetError(label, f"grid {gt.shape} differs from its CT {image} "
+                                   f"({pred.shape}); prepare the dataset again")
+            spacing = tuple(float(s) for s in gt_img.header.get_zooms()[:3])
+            for c, (d, s) in case_scores(pred, gt, spacing, range(1, len(names)),
+                                         tolerance).items():
+                rows.append({"case": case, "class": c, "structure": names[c], "dice": d,
+                             "nsd": s})
+            log.info("native evaluation: %s scored on its %s grid", case, "x".join(
+                str(n) for n in gt.shape))
+    return rows
