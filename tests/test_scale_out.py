@@ -76,11 +76,13 @@ def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
 
 
 def test_ddp_writes_one_folder_and_its_val_dice_equals_one_process(compose_cfg, tmp_path):
-    finish(train_py(*TINY, *DDP, "trainer.max_epochs=2", tmp=tmp_path))
+    finish(train_py(*TINY, *DDP, "trainer.max_epochs=2", "test=true", "evaluation.native=true",
+                    tmp=tmp_path))
     runs = list((tmp_path / "outputs" / "phantom_quick" / "runs").iterdir())
     assert len(runs) == 1, runs
     run = runs[0]
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [".hydra", "checkpoints", "csv"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
+        ".hydra", "checkpoints", "csv", "evaluation"]
     assert (run / "checkpoints" / "config.yaml").is_file()
     logged = val_dice(run)
     assert len(logged) == 2
@@ -92,6 +94,13 @@ def test_ddp_writes_one_folder_and_its_val_dice_equals_one_process(compose_cfg, 
                               ckpt_path=str(run / "checkpoints" / "last.ckpt"), weights_only=True)
     assert len(datamodule.records["val"]) == 3
     assert result[0]["val/mean_dice"] == pytest.approx(logged[-1], abs=1e-6)
+    # native evaluation: the test subjects of both ranks gathered into one table, each once
+    with (run / "evaluation" / "scores.csv").open() as f:
+        scored = [(row["case"], row["class"]) for row in csv.DictReader(f)]
+    datamodule.setup("test")
+    tested = sorted(r["subject"] for r in datamodule.records["test"])
+    assert len(tested) >= 2 and sorted({case for case, _ in scored}) == tested
+    assert len(scored) == len(set(scored)) == 104 * len(tested)
 
 
 def test_multirun_of_ddp_jobs_finishes_in_one_folder_per_job(tmp_path):
