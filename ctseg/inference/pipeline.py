@@ -21,6 +21,7 @@ from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError
 from ctseg.inference.aggregate import label_dtype, pad_to_roi, sliding_window_predict
 from ctseg.inference.backends import open_runner
+from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.model import LoadedModel
 from ctseg.inference.outputs import atomic_folder, write_case
@@ -56,6 +57,7 @@ class PredictOptions:
     masks: bool = True
     probabilities: Sequence[str | int] = field(default_factory=tuple)
     series_uid: str | None = None
+    dicom_seg: bool = False
     prompt: Prompt = field(default_factory=Prompt)
 
 
@@ -265,6 +267,10 @@ class CasePredictor:
         with atomic_folder(folder, overwrite) as tmp:
             write_case(tmp, seg.labels, seg.affine, seg.header, seg.names, o.masks,
                        seg.probabilities)
+            if o.dicom_seg and case.kind == "dicom":
+                write_dicom_seg(tmp / SEG_FILE, seg.labels, seg.affine,
+                                series_datasets(case.path, o.series_uid), seg.names,
+                                f"ctseg {self.model.kind}")
         lap("save")
         times["total"] = round(time.perf_counter() - start, 3)
         report: dict[str, Any] = {

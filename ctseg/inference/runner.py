@@ -34,6 +34,7 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
         backend=str(cfg.get("backend") or "auto"),
         channels_last=bool(cfg.get("channels_last", True)), masks=bool(cfg.get("masks", True)),
         probabilities=list(probabilities), series_uid=cfg.get("series_uid"),
+        dicom_seg=bool(cfg.get("dicom_seg", False)),
         prompt=parse_prompt(plain(cfg.get("prompt"))),
     )
 
@@ -51,6 +52,10 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
     output = Path(str(cfg["output"]))
     options = options_from(cfg)
     cases = discover_cases(str(cfg["input"]))
+    nifti = [c.name for c in cases if c.kind == "nifti"]
+    if options.dicom_seg and nifti:
+        log.warning("dicom_seg=true: a DICOM SEG is written for DICOM series inputs only, not for "
+                    "the NIfTI case(s) %s", ", ".join(nifti))
     model = load_model(str(cfg["ckpt"]), plain(cfg.get("model")) or {},
                        plain(cfg.get("data")) or {})
     overwrite = bool(cfg.get("overwrite", False))
