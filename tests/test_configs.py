@@ -35,8 +35,10 @@ def test_every_file_is_covered() -> None:
     files = [p for p in CONFIG_DIR.rglob("*.yaml") if "experiment" not in p.relative_to(
         CONFIG_DIR).parts]
     primary = sorted(p.name for p in files if p.parent == CONFIG_DIR)
-    # predict.yaml: tests/inference; export.yaml and evaluate.yaml: below and in their tests
-    assert primary == ["evaluate.yaml", "export.yaml", "predict.yaml", "train.yaml"]
+    # predict.yaml: tests/inference; export.yaml, evaluate.yaml and visualize.yaml: below and in
+    # their tests
+    assert primary == ["evaluate.yaml", "export.yaml", "predict.yaml", "train.yaml",
+                       "visualize.yaml"]
     assert len(GROUP_OPTIONS) + len(primary) == len(files)
     assert {"phantom_quick", "wholebody_highres", "wholebody_lowres"} <= set(EXPERIMENT_NAMES)
     assert (CONFIG_DIR / "experiment").resolve() == EXPERIMENTS.resolve()
@@ -110,8 +112,8 @@ def test_instantiated_defaults(compose_cfg, tmp_path: Path) -> None:
     assert (best.monitor, best.mode, best.save_top_k) == ("val/mean_dice", "max", 1)
     assert last.monitor is None and last.save_on_exception and last.filename == "last"
     assert Path(best.dirpath) == Path(last.dirpath) == tmp_path / "run" / "checkpoints"
-    assert {"EarlyStopping", "LearningRateMonitor", "RichModelSummary", "RichProgressBar"} <= {
-        type(c).__name__ for c in callbacks}
+    assert {"EarlyStopping", "LearningRateMonitor", "RichModelSummary", "RichProgressBar",
+            "ValidationOverlays"} <= {type(c).__name__ for c in callbacks}
 
 
 @pytest.mark.parametrize(
@@ -170,3 +172,12 @@ def test_evaluate_config_composes_with_its_defaults() -> None:
         cfg = compose("evaluate", overrides=["pred=p", "gt=g"])
     assert (cfg.version, cfg.split, cfg.tolerance_mm, cfg.output) == ("v1", None, 3.0,
                                                                        "p/evaluation")
+
+
+def test_visualize_config_composes_with_its_defaults() -> None:
+    from hydra import compose, initialize_config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("visualize", overrides=["ct=c.nii.gz", "labels=l.nii.gz", "out=o.png"])
+    assert (cfg.version, cfg.window, cfg.alpha, cfg.max_legend) == (None, "abdomen", 0.5, 20)

@@ -220,23 +220,26 @@ class SegmentationModule(LightningModule):
                  batch_size=image.shape[0])
         return loss
 
-    def _evaluate(self, batch: Mapping[str, Tensor], stage: str) -> None:
-        """Add the per-class voxel counts of one whole volume (batch of one) to `stage`'s Dice."""
+    def _evaluate(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
+        """Add the per-class voxel counts of one whole volume (batch of one) to `stage`'s Dice;
+        its (D, H, W) predicted labels."""
         image, label = self._plain(batch)
         if image.shape[0] != 1:
             raise ValueError(f"{stage} batches hold one whole volume each, got {image.shape[0]}; "
                              "use batch_size=1 for evaluation loaders")
-        getattr(self, f"{stage}_dice").update(self.predict_labels(image),
-                                              self.scored_labels(label[0, 0]))
+        pred = self.predict_labels(image)
+        getattr(self, f"{stage}_dice").update(pred, self.scored_labels(label[0, 0]))
+        return pred
 
     def scored_labels(self, label: Tensor) -> Tensor:
         """Ground-truth labels as the Dice counts them: as they are (a subclass may count some
         classes as background)."""
         return label
 
-    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        """Sliding-window Dice counts of one validation volume."""
-        self._evaluate(batch, "val")
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Sliding-window Dice counts of one validation volume; its predicted labels as "pred"
+        (for callbacks such as ValidationOverlays)."""
+        return {"pred": self._evaluate(batch, "val")}
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         """Sliding-window Dice counts of one test volume."""
