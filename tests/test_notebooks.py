@@ -1,15 +1,44 @@
-"""Every notebook in notebooks/ runs top to bottom in a fresh python3 kernel without error."""
+"""The notebooks in notebooks/ are stored without outputs and run top to bottom in a fresh python3
+kernel, showing what each one is for."""
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+# What each notebook's outputs must show (regular expressions over its text outputs).
+EXPECTED = {
+    "01_quickstart.ipynb": [
+        r"epochs: 30 steps: 210",
+        r"'test/native/mean_dice': 0\.\d+",
+        r"\d+ predicted, 0 skipped, 0 failed",
+        r"3 cases; NSD at 3 mm; mean over classes: Dice 0\.\d+, NSD 0\.\d+",
+        r"written: .*prediction\.png \([1-9]\d* structures in the slices shown",
+    ],
+    "02_dataset.ipynb": [
+        r"totalseg_mini: 1 subjects, 104 structure masks per subject",
+        r"totalseg_mini: \{'train': 0, 'val': 0, 'test': 1\}",
+        r"phantoms: \{'train': 6, 'val': 1, 'test': 1\}",
+        r"\d+ of 104 classes present in the crop; largest:\s+liver",
+        r"[1-9]\d* structures in the three slices",
+    ],
+    "03_compare_runs.ipynb": [
+        r"\['0', '1'\]",
+        r"\| rank \| run \| best val/mean_dice",
+        r"2 runs; written .*compare\.md",
+        r"runs compared: 2",
+    ],
+}
 
 
 def outputs_text(notebook: nbformat.NotebookNode) -> str:
@@ -22,17 +51,36 @@ def outputs_text(notebook: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
-def test_notebooks_are_found():
-    assert [p.name for p in NOTEBOOKS] == ["quickstart.ipynb"]
+def images(notebook: nbformat.NotebookNode) -> list[np.ndarray]:
+    """The PNG images the executed notebook displayed, as RGB(A) arrays."""
+    return [mpimg.imread(io.BytesIO(base64.b64decode(output["data"]["image/png"])), format="png")
+            for cell in notebook.cells for output in cell.get("outputs", [])
+            if "image/png" in output.get("data", {})]
+
+
+def test_every_notebook_is_checked():
+    assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_without_outputs(path: Path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path: Path):
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
+    NotebookClient(notebook, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO)}}).execute()
     text = outputs_text(notebook)
-    assert "epochs: 2 steps: 2" in text
-    assert "'last.ckpt'" in text
-    assert "'val/mean_dice':" in text
+    for pattern in EXPECTED[path.name]:
+        assert re.search(pattern, text), f"{path.name}: no output matches {pattern!r}"
+    shown = images(notebook)
+    assert shown, f"{path.name} displays no figure"
+    for image in shown:
+        rgb = image[..., :3]
+        assert rgb.std() > 0.05, f"{path.name}: a blank figure"
