@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint",
             return read_checkpoint(path, what)
         detail = f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
         raise CheckpointError(f"{path}: cannot read the {what} (corrupt, truncated, or not a "
-                              f"readable PyTorch file; {detail[:160]})") from err
+                              f"readable PyTorch file; {textwrap.shorten(detail, 160)})") from err
 
 
 def load_bundle_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
