@@ -92,12 +92,13 @@ def compose_cfg(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def vista3d_quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run folder of `python train.py experiment=vista3d_quick` (the CLI, its defaults), shared
-    by the learning test and the VISTA3D prediction tests."""
+    """Run folder of `python train.py experiment=vista3d_quick` (the CLI, its defaults, with
+    native-resolution test evaluation), shared by the learning test and the VISTA3D prediction
+    tests."""
     tmp = tmp_path_factory.mktemp("vista3d_quick")
     run = tmp / "run"
     command = [sys.executable, "train.py", "experiment=vista3d_quick", "logger=csv",
-               f"hydra.run.dir={run}", f"paths.data_dir={tmp / 'data'}",
+               "evaluation.native=true", f"hydra.run.dir={run}", f"paths.data_dir={tmp / 'data'}",
                f"paths.log_dir={tmp / 'outputs'}"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
