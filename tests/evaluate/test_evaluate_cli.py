@@ -19,6 +19,9 @@ from ctseg.data.merge import prepare
 from ctseg.errors import DatasetError
 from ctseg.evaluate.__main__ import evaluate
 from ctseg.evaluate.report import OUTPUTS, region
+from ctseg.inference.prompts import output_names
+from ctseg.labels import label_names
+from ctseg.vista3d_labels import vista3d_ids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,3 +90,30 @@ def test_a_mistyped_prediction_folder_is_named_and_not_created(shared_data, tmp_
     assert result.returncode == 1
     assert f"error: pred={tmp_path / 'nope'}: no such folder" in result.stderr
     assert not (tmp_path / "nope").exists()
+
+
+def test_vista3d_predictions_are_scored_by_structure_name(merged, shared_data, tmp_path, caplog):
+    # predict.py with a VISTA3D checkpoint writes VISTA3D ids and their names in labels.json
+    names = label_names("v1")
+    ids = vista3d_ids(names)
+    to_vista = np.array([i or 0 for i in ids], dtype=np.uint8)
+    case = merged / "s0001"
+    img = nib.load(case / "labels.nii.gz")
+    truth = np.asarray(img.dataobj)
+    present = sorted(int(v) for v in np.unique(truth) if v)
+    predicted = to_vista[truth]
+    predicted[truth == names.index("spleen")] = 254  # a zero-shot id: no TotalSegmentator class
+    nib.save(nib.Nifti1Image(predicted, img.affine, img.header), case / "labels.nii.gz")
+    table = output_names(sorted({int(v) for v in np.unique(predicted) if v}))
+    (case / "labels.json").write_text(json.dumps({str(k): v for k, v in table.items()}))
+    summary = evaluate({"pred": merged, "gt": shared_data, "progress": False})
+    scored = summary["classes"]
+    for c in present:
+        expected = 1.0 if ids[c] and names[c] != "spleen" else 0.0
+        assert scored[names[c]]["dice"]["mean"] == expected, names[c]
+    assert "count as background: " + table[254] in caplog.text
+    # labels.json of the evaluated version itself (predict.py with a SegResNet) changes nothing
+    nib.save(nib.Nifti1Image(truth, img.affine, img.header), case / "labels.nii.gz")
+    (case / "labels.json").write_text(json.dumps(dict(enumerate(names))))
+    assert evaluate({"pred": merged, "gt": shared_data, "progress": False}
+                    )["overall"]["dice"]["mean"] == 1.0
