@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged
 
 from ctseg.data.transforms import IMAGE, infer_transforms
-from ctseg.errors import ConfigError
+from ctseg.errors import ConfigError, DatasetError
 from ctseg.inference.aggregate import label_dtype, pad_to_roi, sliding_window_predict
 from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
@@ -264,13 +264,20 @@ class CasePredictor:
 
         seg = self.segment(case, lap)
         o = self.options
+        seg_error: DatasetError | None = None
         with atomic_folder(folder, overwrite) as tmp:
             write_case(tmp, seg.labels, seg.affine, seg.header, seg.names, o.masks,
                        seg.probabilities)
             if o.dicom_seg and case.kind == "dicom":
-                write_dicom_seg(tmp / SEG_FILE, seg.labels, seg.affine,
-                                series_datasets(case.path, o.series_uid), seg.names,
-                                f"ctseg {self.model.kind}")
+                try:
+                    write_dicom_seg(tmp / SEG_FILE, seg.labels, seg.affine,
+                                    series_datasets(case.path, o.series_uid), seg.names,
+                                    f"ctseg {self.model.kind}")
+                except DatasetError as err:
+                    seg_error = err  # the NIfTI outputs are kept; the case still fails
+        if seg_error is not None:
+            raise DatasetError(seg_error.path, f"{seg_error.problem} (no {SEG_FILE}; the NIfTI "
+                               f"outputs are in {folder}, overwrite=true redoes the case)")
         lap("save")
         times["total"] = round(time.perf_counter() - start, 3)
         report: dict[str, Any] = {

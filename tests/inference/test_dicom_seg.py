@@ -4,6 +4,7 @@ series; empty predictions and off-grid instances."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -148,3 +149,23 @@ def test_hand_made_labels_on_a_reversed_oblique_series_round_trip(tmp_path, capl
         write_dicom_seg(tmp_path / "moved" / SEG_FILE, labels, affine,
                         [*sources[:3], moved, *sources[4:]], NAMES)
     assert not (tmp_path / "moved").exists()
+
+
+def test_a_series_off_its_grid_keeps_the_nifti_outputs_and_fails_the_case(
+        tiny_ckpt, shared_ct, tmp_path):
+    ct = nib.load(shared_ct)
+    folder = tmp_path / "inputs" / "scan"
+    write_dicom_series(nib.Nifti1Image(np.asanyarray(ct.dataobj)[:32, :24, :8], ct.affine),
+                       folder)
+    moved = sorted(folder.iterdir())[3]
+    ds = pydicom.dcmread(moved)
+    ds.ImagePositionPatient = [float(v) + d for v, d in zip(ds.ImagePositionPatient,
+                                                            (0.0, 0.0, 1.0), strict=True)]
+    ds.save_as(moved)
+    out = tmp_path / "out"
+    assert predict_with_defaults(tiny_ckpt, tmp_path / "inputs", out, "dicom_seg=true") == 1
+    assert (out / "scan" / LABELS_FILE).is_file() and not (out / "scan" / SEG_FILE).exists()
+    failed = json.loads((out / "timing.json").read_text())["failed"]
+    assert len(failed) == 1 and failed[0]["case"] == "scan"
+    assert failed[0]["error"].startswith(f"{moved}: ")
+    assert f"the NIfTI outputs are in {out / 'scan'}" in failed[0]["error"]
