@@ -3,7 +3,6 @@ NSD per case and class on the ground truth's grid, written as CSV, JSON, Markdow
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,10 @@ from rich.progress import track
 
 from ctseg.config import CONFIG_DIR
 from ctseg.errors import ConfigError, DatasetError, reported
-from ctseg.evaluate.metrics import case_scores, stored_labels
+from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
-from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON
-from ctseg.labels import label_map_dtype, label_names
-from ctseg.vista3d_labels import vista3d_name
+from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
+from ctseg.labels import label_names
 
 log = logging.getLogger(__name__)
 
@@ -53,45 +51,15 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
 
 
 def class_lookup(case_dir: Path, names: list[str]) -> np.ndarray | None:
-    """Prediction value -> class index of `names`, from the labels.json that predict.py wrote
-    beside the label map (VISTA3D ids and names, or another class list, matched by structure
-    name); None when the values already are `names`' indices or there is no labels.json."""
+    """Prediction value -> class index of `names` from the labels.json that predict.py wrote
+    beside the label map (`names_lookup`); None without one or when the values already are
+    `names`' indices."""
     path = case_dir / LABELS_JSON
     if not path.is_file():
         return None
-    try:
-        table = {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
-    except (ValueError, AttributeError) as err:
-        raise DatasetError(path, f"not a label table {{\"0\": \"background\", ...}} ({err}); "
-                           "fix or remove it (without it values are taken as class "
-                           "indices)") from err
-    if all(names[v] == n for v, n in table.items() if 0 <= v < len(names)) \
-            and max(table, default=0) < len(names):
-        return None
-    index = {n.lower(): c for c, n in enumerate(names)}
-    index.update({vista3d_name(n).lower(): c for c, n in enumerate(names) if c})
-    lookup = np.zeros(max(table, default=0) + 1, dtype=label_map_dtype(len(names)))
-    unknown = []
-    for value, name in table.items():
-        if value and name.lower() in index:
-            lookup[value] = index[name.lower()]
-        elif value:
-            unknown.append(name)
-    if unknown:
-        log.warning("%s: %d predicted structures are not TotalSegmentator classes of this "
-                    "version and count as background: %s", path, len(unknown),
-                    ", ".join(unknown))
-    return lookup
-
-
-def mapped(pred: np.ndarray, lookup: np.ndarray | None, path: Path) -> np.ndarray:
-    """The prediction's values as class indices through `lookup` (as they are for None)."""
-    if lookup is None:
-        return pred
-    top = int(pred.max(initial=0))
-    if top >= len(lookup):
-        raise DatasetError(path, f"label value {top} is not in the {LABELS_JSON} beside it")
-    return lookup[pred]
+    table = read_label_json(path, "fix or remove it (without it values are taken as class "
+                                  "indices)")
+    return names_lookup(table, names, path)
 
 
 def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -117,8 +85,7 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                                disable=not cfg.get("progress", True)):
         p, g, spacing = load_pair(pred / case / LABELS_FILE, gt_path)
         p = mapped(p, class_lookup(pred / case, names), pred / case / LABELS_FILE)
-        for c, (d, s) in case_scores(p, g, spacing, range(1, len(names)), tolerance).items():
-            rows.append({"case": case, "class": c, "structure": names[c], "dice": d, "nsd": s})
+        rows += case_rows(case, p, g, spacing, names, tolerance)
     out = Path(str(cfg.get("output") or pred / "evaluation"))
     summary = write_outputs(rows, out, tolerance)
     summary["missing"] = missing

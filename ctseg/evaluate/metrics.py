@@ -10,13 +10,22 @@ one structure, not classes x voxels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import compute_surface_dice
 from scipy import ndimage
+
+from ctseg.errors import DatasetError
+from ctseg.labels import label_map_dtype
+from ctseg.vista3d_labels import vista3d_name
+
+log = logging.getLogger(__name__)
 
 NAN = float("nan")
 
@@ -81,3 +90,46 @@ def stored_labels(img: nib.Nifti1Image) -> np.ndarray:
     native resolution stays ~200 MB, not 800 MB as int32); float-stored maps rounded."""
     data = np.asanyarray(img.dataobj)
     return data if np.issubdtype(data.dtype, np.integer) else np.rint(data).astype(np.int32)
+
+
+def case_rows(case: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+              names: Sequence[str], tolerance: float) -> list[dict[str, Any]]:
+    """One row (case, class, structure, Dice, NSD) per foreground class of `names`."""
+    return [{"case": case, "class": c, "structure": names[c], "dice": d, "nsd": s}
+            for c, (d, s) in case_scores(pred, gt, spacing, range(1, len(names)),
+                                         tolerance).items()]
+
+
+def names_lookup(table: Mapping[int, str], names: Sequence[str], source: str | Path
+                 ) -> np.ndarray | None:
+    """Label value -> class index of `names` for a label map whose values `table` names (VISTA3D
+    ids and names, or another class list, matched by structure name in either spelling); None
+    when the values already are `names`' indices. Structures that are no class of `names` map to
+    background, with a warning naming `source`."""
+    if max(table, default=0) < len(names) and all(names[v] == n for v, n in table.items()
+                                                  if v >= 0):
+        return None
+    index = {n.lower(): c for c, n in enumerate(names)}
+    index.update({vista3d_name(n).lower(): c for c, n in enumerate(names) if c})
+    lookup = np.zeros(max(table, default=0) + 1, dtype=label_map_dtype(len(names)))
+    unknown = []
+    for value, name in table.items():
+        if value and name.lower() in index:
+            lookup[value] = index[name.lower()]
+        elif value:
+            unknown.append(name)
+    if unknown:
+        log.warning("%s: %d predicted structures are not TotalSegmentator classes of this "
+                    "version and count as background: %s", source, len(unknown),
+                    ", ".join(unknown))
+    return lookup
+
+
+def mapped(pred: np.ndarray, lookup: np.ndarray | None, path: str | Path) -> np.ndarray:
+    """The prediction's values as class indices through `lookup` (as they are for None)."""
+    if lookup is None:
+        return pred
+    top = int(pred.max(initial=0))
+    if top >= len(lookup):
+        raise DatasetError(path, f"label value {top} has no name in its label table")
+    return lookup[pred]

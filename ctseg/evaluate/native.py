@@ -15,17 +15,17 @@ import numpy as np
 import torch
 from lightning import LightningModule
 
+from ctseg.data.datamodule import SUBJECT
 from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig
 from ctseg.errors import DatasetError
-from ctseg.evaluate.metrics import case_scores, stored_labels
+from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
 from ctseg.inference.inputs import Case
 from ctseg.inference.model import LoadedModel
+from ctseg.inference.outputs import label_table
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
 from ctseg.models.vista3d import VISTA3DModule
 
 log = logging.getLogger(__name__)
-
-SUBJECT = "subject"
 
 
 def loaded_model(module: LightningModule, pipeline: PipelineConfig) -> LoadedModel:
@@ -39,17 +39,12 @@ def loaded_model(module: LightningModule, pipeline: PipelineConfig) -> LoadedMod
     return LoadedModel(net, list(module.label_names), pipeline, roi)
 
 
-def class_lookup(module: LightningModule) -> tuple[np.ndarray, np.ndarray] | None:
-    """For VISTA3D: (VISTA3D id -> class index, class index -> scored class) lookup tables that
-    bring its predictions and the ground truth to the data's class indices; None otherwise."""
+def scored_truth(module: LightningModule) -> np.ndarray | None:
+    """For VISTA3D: class index -> class as scored (classes without a VISTA3D id count as
+    background, as in its test Dice); None otherwise."""
     if not isinstance(module, VISTA3DModule):
         return None
-    ids = module.vista_ids.cpu().numpy()
-    to_class = np.zeros(int(ids.max()) + 1, dtype=np.int64)
-    for index, vista_id in enumerate(ids):
-        if vista_id:
-            to_class[vista_id] = index
-    return to_class, module.scored_classes.cpu().numpy()
+    return module.scored_classes.cpu().numpy()
 
 
 def score_records(module: LightningModule, pipeline: PipelineConfig,
@@ -58,26 +53,26 @@ def score_records(module: LightningModule, pipeline: PipelineConfig,
     """Per case and class Dice and NSD rows (as `python -m ctseg.evaluate` writes them) of the
     module's native-resolution predictions of `records` (dicts with image, label, subject)."""
     names: Sequence[str] = module.label_names
-    lookup = class_lookup(module)
+    truth_lookup = scored_truth(module)
     options = PredictOptions(device=str(device), masks=False)
     rows: list[dict[str, Any]] = []
     with CasePredictor(loaded_model(module, pipeline), options) as predictor:
         for record in records:
             image, label = Path(record[IMAGE]), Path(record[LABEL])
             case = str(record.get(SUBJECT) or image.parent.name)
-            pred = predictor.segment(Case(case, image, "nifti")).labels.astype(np.int32)
+            seg = predictor.segment(Case(case, image, "nifti"))
+            # VISTA3D predicts its own ids (named in seg.names): back to the data's classes
+            pred = mapped(seg.labels.astype(np.int32),
+                          names_lookup(label_table(seg.names), names, image), image)
             gt_img = nib.load(label)
             gt = stored_labels(gt_img)
-            if lookup is not None:
-                pred, gt = lookup[0][np.clip(pred, 0, len(lookup[0]) - 1)], lookup[1][gt]
+            if truth_lookup is not None:
+                gt = truth_lookup[gt]
             if pred.shape != gt.shape:
                 raise DatasetError(label, f"grid {gt.shape} differs from its CT {image} "
                                    f"({pred.shape}); prepare the dataset again")
             spacing = tuple(float(s) for s in gt_img.header.get_zooms()[:3])
-            for c, (d, s) in case_scores(pred, gt, spacing, range(1, len(names)),
-                                         tolerance).items():
-                rows.append({"case": case, "class": c, "structure": names[c], "dice": d,
-                             "nsd": s})
+            rows += case_rows(case, pred, gt, spacing, names, tolerance)
             log.info("native evaluation: %s scored on its %s grid", case, "x".join(
                 str(n) for n in gt.shape))
     return rows

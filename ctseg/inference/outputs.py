@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from ctseg.atomic import default_mode, write_atomic
+from ctseg.errors import DatasetError
 from ctseg.labels import label_map_dtype
 
 LABELS_FILE = "labels.nii.gz"
@@ -65,6 +66,16 @@ def label_json(names: Names) -> str:
     """`{"0": "background", "1": "spleen", ...}` as indented JSON text."""
     return json.dumps({str(i): n for i, n in sorted(label_table(names).items())},
                       indent=2) + "\n"
+
+
+def read_label_json(path: Path, remedy: str) -> dict[int, str]:
+    """The label table of a labels.json written by `label_json`; DatasetError naming the file
+    and `remedy` when it is not one."""
+    try:
+        return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, AttributeError) as err:
+        raise DatasetError(path, f"not a label table {{\"0\": \"background\", ...}} ({err}); "
+                           f"{remedy}") from err
 
 
 def slicer_table(names: Names) -> str:

@@ -3,7 +3,6 @@ through the centre of the labelled structures, in the colour tables' colours, wi
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ctseg.config import CONFIG_DIR
-from ctseg.errors import ConfigError, DatasetError, reported
+from ctseg.errors import ConfigError, reported
 from ctseg.figures import save_png
-from ctseg.inference.outputs import LABELS_JSON, Names
+from ctseg.inference.outputs import LABELS_JSON, Names, read_label_json
 from ctseg.labels import VERSIONS, label_names
 from ctseg.visualize.overlay import DEFAULT_ALPHA, DEFAULT_WINDOW, MAX_LEGEND, overlay_figure
 
@@ -33,12 +32,7 @@ def structure_names(labels: Path, version: str | None) -> tuple[Names, str]:
         return label_names(version), f"TotalSegmentator {version}"
     table = labels.parent / LABELS_JSON
     if table.is_file():
-        try:
-            names = {int(k): str(v) for k, v in json.loads(table.read_text()).items()}
-        except (ValueError, AttributeError) as err:
-            raise DatasetError(table, f"not a label table {{\"0\": \"background\", ...}} ({err}); "
-                               "fix it, or pass version=v1|v2") from err
-        return names, str(table)
+        return read_label_json(table, "fix it, or pass version=v1|v2"), str(table)
     return label_names("v1"), "TotalSegmentator v1 (no labels.json beside the label map)"
 
 
