@@ -96,8 +96,9 @@ def by_split(subjects: Iterable[Subject]) -> dict[str, list[Subject]]:
     return groups
 
 
-def load_nifti(path: str | Path) -> nib.Nifti1Image:
-    """Read a 3-D NIfTI file into memory; DatasetError if it is missing, corrupt or not 3-D."""
+def load_nifti(path: str | Path, remedy: str = "re-download it") -> nib.Nifti1Image:
+    """Read a 3-D NIfTI file into memory; DatasetError if it is missing, corrupt (with `remedy`)
+    or not 3-D."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(path, "file not found")
@@ -107,7 +108,7 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError,
             nib.filebasedimages.ImageFileError) as err:
         raise DatasetError(path, f"corrupt or truncated NIfTI file ({type(err).__name__}: {err}); "
-                                 "re-download it") from err
+                                 f"{remedy}") from err
     shape = data.shape
     if len(shape) == 4 and shape[3] == 1:
         data = data[..., 0]

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig
 from rich.progress import track
 
 from ctseg.config import CONFIG_DIR
+from ctseg.data.layout import load_nifti
 from ctseg.errors import ConfigError, DatasetError, reported
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
@@ -39,7 +39,8 @@ def ground_truth(gt: Path, version: str, split: str | None) -> list[tuple[str, P
 
 def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, tuple]:
     """Prediction and ground truth as integer arrays of one grid, and its spacing (mm)."""
-    pred, gt = nib.load(pred_path), nib.load(gt_path)
+    pred = load_nifti(pred_path, "predict the case again (overwrite=true)")
+    gt = load_nifti(gt_path, "merge or write the ground truth again")
     if pred.shape != gt.shape or not np.allclose(pred.affine, gt.affine, atol=1e-3):
         raise DatasetError(pred_path, f"grid {pred.shape} (affine diagonal "
                            f"{np.round(np.diag(pred.affine)[:3], 3).tolist()}) differs from the "

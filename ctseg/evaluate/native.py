@@ -10,12 +10,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from lightning import LightningModule
 
 from ctseg.data.datamodule import SUBJECT
+from ctseg.data.layout import load_nifti
 from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig
 from ctseg.errors import DatasetError
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
@@ -64,7 +64,7 @@ def score_records(module: LightningModule, pipeline: PipelineConfig,
             # VISTA3D predicts its own ids (named in seg.names): back to the data's classes
             pred = mapped(seg.labels.astype(np.int32),
                           names_lookup(label_table(seg.names), names, image), image)
-            gt_img = nib.load(label)
+            gt_img = load_nifti(label, "prepare the dataset again")
             gt = stored_labels(gt_img)
             if truth_lookup is not None:
                 gt = truth_lookup[gt]

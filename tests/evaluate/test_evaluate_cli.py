@@ -117,3 +117,10 @@ def test_vista3d_predictions_are_scored_by_structure_name(merged, shared_data, t
     (case / "labels.json").write_text(json.dumps(dict(enumerate(names))))
     assert evaluate({"pred": merged, "gt": shared_data, "progress": False}
                     )["overall"]["dice"]["mean"] == 1.0
+
+
+def test_a_corrupt_prediction_is_named(merged, shared_data):
+    (merged / "s0001" / "labels.nii.gz").write_bytes(b"not a NIfTI file")
+    with pytest.raises(DatasetError, match=r"s0001/labels\.nii\.gz: corrupt or truncated NIfTI "
+                                           r"file .*; predict the case again"):
+        evaluate({"pred": merged, "gt": shared_data, "progress": False})
