@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -78,12 +79,20 @@ def slurm_gpus(devices: Any) -> int:
     return devices
 
 
+def launch_dir() -> str:
+    """The folder the command was started from: Hydra's `runtime.cwd` inside a job, the current
+    folder before Hydra has set its config (a multirun's sweep folder is resolved then, where
+    the `hydra:` resolver cannot answer)."""
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+
+
 def register_resolvers() -> None:
-    """Register `${ctseg.num_classes:v1}`, `${ctseg.label_names:v1}` and `${ctseg.run_name:}`
-    with OmegaConf."""
+    """Register the `${ctseg.*:}` resolvers (class tables, run name, launch folder, ranks) with
+    OmegaConf."""
     OmegaConf.register_new_resolver("ctseg.num_classes", num_classes, replace=True)
     OmegaConf.register_new_resolver("ctseg.label_names", label_names, replace=True)
     OmegaConf.register_new_resolver("ctseg.run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("ctseg.launch_dir", launch_dir, replace=True)
     OmegaConf.register_new_resolver("ctseg.rank_suffix", rank_suffix, replace=True)
     OmegaConf.register_new_resolver("ctseg.hydra_subdir", hydra_subdir, replace=True)
     OmegaConf.register_new_resolver("ctseg.slurm_gpus", slurm_gpus, replace=True)
