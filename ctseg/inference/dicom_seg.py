@@ -13,10 +13,11 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from ctseg import __version__
 from ctseg.atomic import write_atomic
-from ctseg.errors import DatasetError
+from ctseg.errors import DatasetError, blamed_on
 from ctseg.inference.inputs import pick_series
 from ctseg.inference.outputs import Names, label_colours, label_table
 from ctseg.labels import label_map_dtype
@@ -33,10 +34,12 @@ CATEGORY = codes.SCT.AnatomicalStructure
 PROPERTY_TYPE = codes.SCT.AnatomicalStructure
 ALGORITHM = hd.AlgorithmIdentificationSequence(
     name="ctseg", family=codes.cid7162.ArtificialIntelligence, version=__version__)
-# Type 2 patient/study attributes that highdicom copies from the first source instance; those
-# an anonymiser removed are written empty.
+# Type 2 attributes (Patient and General Study modules) that highdicom reads from the first source
+# instance without a default; those an anonymiser removed are written empty.
 COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
                 "StudyID", "StudyDate", "StudyTime")
+# UIDs shared by the whole series that an anonymiser may blank or remove: generated once for it.
+SERIES_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 # The SEG series follows its source series in a viewer's series list.
 SERIES_NUMBER_OFFSET = 1000
 
@@ -55,7 +58,14 @@ def series_datasets(folder: Path, series_uid: str | None = None) -> list[pydicom
 
 def origin(ds: pydicom.Dataset) -> str:
     """The file `ds` was read from, or its SOPInstanceUID when it was not read from a file."""
-    return str(ds.get("filename") or ds.SOPInstanceUID)
+    return str(ds.get("filename") or ds.get("SOPInstanceUID") or "<DICOM data set without a file "
+               "or SOPInstanceUID>")
+
+
+def series_origin(ds: pydicom.Dataset) -> str:
+    """The folder of the file `ds` (an instance of the series) was read from, or `origin(ds)`."""
+    filename = ds.get("filename")
+    return str(Path(filename).parent) if filename else origin(ds)
 
 
 def sources_by_slice(sources: Sequence[pydicom.Dataset], affine: np.ndarray,
@@ -97,13 +107,76 @@ def sources_by_slice(sources: Sequence[pydicom.Dataset], affine: np.ndarray,
     return [by_slice[k] for k in range(shape[2])]
 
 
-def with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A shallow copy of `ds` with the COPIED_TYPE2 attributes it lacks present and empty."""
-    ds = copy.copy(ds)
-    for keyword in COPIED_TYPE2:
-        if keyword not in ds:
-            setattr(ds, keyword, None)
+def with_values(ds: pydicom.Dataset, values: dict[str, str | float | None]) -> pydicom.Dataset:
+    """`ds` itself when `values` is empty, else a copy of it with `values` set (a copy.copy of a
+    pydicom Dataset shares its elements, so setting one would change `ds` too)."""
+    if not values:
+        return ds
+    ds = copy.deepcopy(ds)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
     return ds
+
+
+def with_type2(ds: pydicom.Dataset, slice_spacing: float) -> tuple[pydicom.Dataset, list[str]]:
+    """`ds` (the source instance highdicom copies from) with the COPIED_TYPE2 attributes it lacks
+    present and empty, and a missing or empty SliceThickness (Type 2, but without one highdicom
+    writes a SEG it cannot read back) set to `slice_spacing`; and a note when it was."""
+    values: dict[str, str | float | None] = {
+        keyword: None for keyword in COPIED_TYPE2 if keyword not in ds}
+    notes = []
+    if not ds.get("SliceThickness"):
+        values["SliceThickness"] = slice_spacing
+        notes.append(f"took the SliceThickness from the slice spacing ({slice_spacing} mm)")
+    return with_values(ds, values), notes
+
+
+def derived_uid(keyword: str, files: Sequence[str | None]) -> str:
+    """A UID for `keyword` derived from the source `files` (the same on a rerun over the same
+    files); random when a source was not read from a file."""
+    if None in files:
+        return generate_uid()
+    return generate_uid(entropy_srcs=[keyword, *files])
+
+
+def sop_class(ds: pydicom.Dataset) -> str:
+    """The SOPClassUID of `ds`, or when it is blank or missing the MediaStorageSOPClassUID of its
+    file meta; DatasetError when neither has one."""
+    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    if not uid:
+        raise DatasetError(origin(ds), "no SOPClassUID, neither in the data set nor in the file "
+                                       "meta (MediaStorageSOPClassUID), so no DICOM SEG can "
+                                       "reference it; set dicom_seg=false")
+    return str(uid)
+
+
+def with_uids(sources: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[str]]:
+    """`sources` with blank or missing UIDs filled in, as an anonymiser leaves them: SOPClassUID
+    from the file meta, SOPInstanceUID per instance and the SERIES_UIDS once for the series,
+    derived from the file paths (so the SEG written and the one read back on a rerun name the
+    same instances); and notes on what was filled in, for the log."""
+    files = [str(Path(f).resolve()) if (f := ds.get("filename")) else None for ds in sources]
+    series = {keyword: derived_uid(keyword, files) for keyword in SERIES_UIDS
+              if any(not ds.get(keyword) for ds in sources)}
+    completed, instances, classes = [], 0, []
+    for ds, file in zip(sources, files, strict=True):
+        values: dict[str, str | float | None] = {
+            keyword: uid for keyword, uid in series.items() if not ds.get(keyword)}
+        if not ds.get("SOPInstanceUID"):
+            values["SOPInstanceUID"] = derived_uid("SOPInstanceUID", [file])
+            instances += 1
+        if not ds.get("SOPClassUID"):
+            classes.append(sop_class(ds))
+            values["SOPClassUID"] = classes[-1]
+        completed.append(with_values(ds, values))
+    generated = [f"{keyword} {uid}" for keyword, uid in series.items()]
+    if instances:
+        generated.append(f"the SOPInstanceUIDs of {instances} instance(s)")
+    notes = [f"generated {', '.join(generated)}"] if generated else []
+    if classes:
+        notes.append(f"took the SOPClassUID of {len(classes)} instance(s) from the file meta "
+                     f"({', '.join(sorted(set(classes)))})")
+    return completed, notes
 
 
 def segment_descriptions(values: Sequence[int], names: Names) -> list[hd.seg.SegmentDescription]:
@@ -143,20 +216,28 @@ def write_dicom_seg(path: Path, labels: np.ndarray, affine: np.ndarray,
     segment_numbers[present] = np.arange(1, len(present) + 1)
     # frames: (slices, rows, columns), frame k of source ordered[k]
     frames = segment_numbers[labels.transpose(2, 1, 0)]
-    first = ordered[0] = with_type2(ordered[0])
-    seg = hd.seg.Segmentation(
-        source_images=ordered, pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(present, names),
-        series_instance_uid=hd.UID(),
-        series_number=int(first.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ctseg",
-        manufacturer_model_name=model_name, software_versions=__version__,
-        # software has no serial number: its version stands in
-        device_serial_number=__version__, content_label="CTSEG",
-        content_description="ctseg automatic segmentation",
-        series_description=f"ctseg {first.get('SeriesDescription', '')}".strip()[:64],
-    )
+    descriptions = segment_descriptions(present, names)
+    ordered, notes = with_uids(ordered)
+    first, type2_notes = with_type2(ordered[0], round(float(np.linalg.norm(affine[:3, 2])), 4))
+    ordered[0] = first
+    where = series_origin(first)
+    if notes or type2_notes:
+        log.warning("DICOM series %s: blank or missing attributes (an anonymised series?); for "
+                    "its DICOM SEG ctseg %s", where, "; ".join(notes + type2_notes))
+    # highdicom checks and copies the source headers: what it refuses is a problem of the series
+    with blamed_on(where, "highdicom cannot build a DICOM SEG of this series"):
+        seg = hd.seg.Segmentation(
+            source_images=ordered, pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(),
+            series_number=int(first.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ctseg",
+            manufacturer_model_name=model_name, software_versions=__version__,
+            # software has no serial number: its version stands in
+            device_serial_number=__version__, content_label="CTSEG",
+            content_description="ctseg automatic segmentation",
+            series_description=f"ctseg {first.get('SeriesDescription', '')}".strip()[:64],
+        )
     return write_atomic(path, seg.save_as)
 
 
@@ -173,7 +254,7 @@ def read_dicom_seg(path: Path, sources: Sequence[pydicom.Dataset], affine: np.nd
             raise ValueError(f"{path}: segment {item.SegmentLabel!r} is not in the label table")
         lookup[int(item.SegmentNumber)] = value_of[item.SegmentLabel]
     shape = (int(sources[0].Columns), int(sources[0].Rows), len(sources))
-    ordered = sources_by_slice(sources, affine, shape)
+    ordered, _ = with_uids(sources_by_slice(sources, affine, shape))
     numbers = seg.get_pixels_by_source_instance(
         [ds.SOPInstanceUID for ds in ordered], combine_segments=True)
     return lookup[numbers].transpose(2, 1, 0)

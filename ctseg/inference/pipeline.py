@@ -109,6 +109,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def seg_failure(err: Exception, source: Path, folder: Path) -> Exception:
+    """The error that fails a case whose DICOM SEG `err` stopped after its NIfTI outputs were
+    written to `folder`: a DatasetError (a problem of the series, highdicom's refusals included)
+    keeps its type and file; anything else is unexpected and says its type and the series."""
+    kept = f"no {SEG_FILE}; the NIfTI outputs are in {folder}, overwrite=true redoes the case"
+    if isinstance(err, DatasetError):
+        return DatasetError(err.path, f"{err.problem} ({kept})")
+    return RuntimeError(f"{source}: writing the DICOM SEG failed ({type(err).__name__}: {err}); "
+                        f"{kept}")
+
+
 class CasePredictor:
     """Runs `LoadedModel` on cases: one instance per run (a context manager: temporary exports
     of the backend live until it closes), `predict(case, folder)` per case."""
@@ -264,7 +275,7 @@ class CasePredictor:
 
         seg = self.segment(case, lap)
         o = self.options
-        seg_error: DatasetError | None = None
+        seg_error: Exception | None = None
         with atomic_folder(folder, overwrite) as tmp:
             write_case(tmp, seg.labels, seg.affine, seg.header, seg.names, o.masks,
                        seg.probabilities)
@@ -273,11 +284,10 @@ class CasePredictor:
                     write_dicom_seg(tmp / SEG_FILE, seg.labels, seg.affine,
                                     series_datasets(case.path, o.series_uid), seg.names,
                                     f"ctseg {self.model.kind}")
-                except DatasetError as err:
-                    seg_error = err  # the NIfTI outputs are kept; the case still fails
+                except Exception as err:  # the NIfTI outputs stand on their own: kept
+                    seg_error = err
         if seg_error is not None:
-            raise DatasetError(seg_error.path, f"{seg_error.problem} (no {SEG_FILE}; the NIfTI "
-                               f"outputs are in {folder}, overwrite=true redoes the case)")
+            raise seg_failure(seg_error, case.path, folder) from seg_error
         lap("save")
         times["total"] = round(time.perf_counter() - start, 3)
         report: dict[str, Any] = {

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from rich.progress import Progress
 
 from ctseg.config import plain
+from ctseg.errors import user_message
 from ctseg.inference.inputs import discover_cases
 from ctseg.inference.model import load_model
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
@@ -37,6 +38,15 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
         dicom_seg=bool(cfg.get("dicom_seg", False)),
         prompt=parse_prompt(plain(cfg.get("prompt"))),
     )
+
+
+def failure_message(err: BaseException) -> str:
+    """The message of a failed case: a CtsegError's own (it says what to do), else
+    `<ExceptionType>: <message>` (the message alone can be empty or a bare `''`)."""
+    message = user_message(err)
+    if message is not None:
+        return message
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 def _summary_line(report: Mapping[str, Any]) -> str:
@@ -75,9 +85,12 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
                     log.info(_summary_line(report))
                     reports.append(report)
                 except Exception as err:
-                    log.error("%s failed: %s", case.path, err)
+                    message = failure_message(err)
+                    log.error("%s failed: %s", case.path, message)
+                    # the console keeps one line per case; the log file gets the traceback
+                    log.debug("%s: traceback of the failure", case.path, exc_info=True)
                     failures.append({"case": case.name, "input": str(case.path),
-                                     "error": str(err)})
+                                     "error": message})
             progress.advance(task)
     write_json(output / TIMING_FILE, {"cases": reports, "skipped": skipped,
                                       "failed": failures})

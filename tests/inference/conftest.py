@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -53,8 +54,10 @@ def shared_ct(shared_data: Path) -> Path:
 
 
 def write_dicom_series(img: nib.Nifti1Image, folder: Path, modality: str = "CT",
-                       description: str = "ctseg test", series_uid: str | None = None) -> str:
-    """Write a NIfTI volume as one DICOM series (one slice per file along the third axis)."""
+                       description: str = "ctseg test", series_uid: str | None = None,
+                       edit: Callable[[int, pydicom.Dataset], None] | None = None) -> str:
+    """Write a NIfTI volume as one DICOM series (one slice per file along the third axis);
+    `edit(k, ds)` changes the instance of slice k before it is saved."""
     folder.mkdir(parents=True, exist_ok=True)
     data = np.asanyarray(img.dataobj).astype(np.int16)
     affine = img.affine
@@ -85,5 +88,7 @@ def write_dicom_series(img: nib.Nifti1Image, folder: Path, modality: str = "CT",
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = 1, 0
         ds.PixelData = np.ascontiguousarray(data[:, :, k].T).tobytes()
+        if edit is not None:
+            edit(k, ds)
         ds.save_as(folder / f"slice_{series_uid[-6:]}_{k:03d}.dcm", enforce_file_format=True)
     return series_uid

@@ -1,4 +1,5 @@
-"""predict: geometry restored, DICOM = NIfTI, outputs, bad inputs, batches, skip/overwrite, CLI."""
+"""predict: geometry restored, DICOM = NIfTI, outputs, bad inputs, batches, skip/overwrite, CLI,
+failure messages and where their tracebacks are logged."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from conftest import save_checkpoint, tiny_module, write_dicom_series
 from nibabel.orientations import axcodes2ornt, ornt_transform
 
+from ctseg.config import CONFIG_DIR
 from ctseg.data.layout import DatasetError
 from ctseg.inference.outputs import (
     ITKSNAP_TABLE,
@@ -24,7 +26,8 @@ from ctseg.inference.outputs import (
     SLICER_TABLE,
     TIMING_FILE,
 )
-from ctseg.inference.runner import run
+from ctseg.inference.pipeline import seg_failure
+from ctseg.inference.runner import failure_message, run
 from ctseg.labels import label_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -263,3 +266,52 @@ def test_totalsegmentator_root_gives_one_case_per_subject(tmp_path: Path) -> Non
     cases = discover_cases(tmp_path)
     assert [(c.name, c.path.relative_to(tmp_path).as_posix()) for c in cases] == [
         ("extra", "extra.nii.gz"), ("s0001", "s0001/ct.nii.gz"), ("s0002", "s0002/ct.nii.gz")]
+
+
+def test_a_failure_message_is_never_empty_and_names_a_foreign_error_type(tmp_path):
+    assert failure_message(KeyError("")) == "KeyError: ''"
+    assert failure_message(RuntimeError()) == "RuntimeError"
+    wrapped = RuntimeError("applying transform <Spacingd>")
+    wrapped.__cause__ = DatasetError(tmp_path / "ct.nii.gz", "corrupt")
+    assert failure_message(wrapped) == f"{tmp_path / 'ct.nii.gz'}: corrupt"
+    kept = f"the NIfTI outputs are in {tmp_path / 'out'}, overwrite=true redoes the case"
+    assert failure_message(seg_failure(KeyError(""), tmp_path / "scan", tmp_path / "out")) == (
+        f"RuntimeError: {tmp_path / 'scan'}: writing the DICOM SEG failed (KeyError: ''); "
+        f"no seg.dcm; {kept}")
+    assert failure_message(seg_failure(DatasetError(tmp_path / "a.dcm", "off the grid"),
+                                       tmp_path / "scan", tmp_path / "out")) == (
+        f"{tmp_path / 'a.dcm'}: off the grid (no seg.dcm; {kept})")
+
+
+LOG_RECORDS = """
+import json, logging.config, sys
+logging.config.dictConfig(json.loads(sys.argv[1]))
+try:
+    raise KeyError("")
+except KeyError:
+    logging.getLogger("ctseg.inference.runner").error("scan failed: KeyError: ''")
+    logging.getLogger("ctseg.inference.runner").debug("scan: traceback", exc_info=True)
+logging.getLogger("highdicom.base").debug("copied attribute")
+"""
+
+
+def test_predict_logging_keeps_failure_tracebacks_out_of_the_console_and_in_the_file(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("predict", overrides=["ckpt=x", "input=y", f"output={tmp_path}"],
+                      return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    logging_cfg = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
+    logging_cfg["handlers"]["file"]["filename"] = str(tmp_path / "predict.log")
+    done = subprocess.run([sys.executable, "-c", LOG_RECORDS, json.dumps(logging_cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "scan failed: KeyError: ''" in done.stdout and "Traceback" not in done.stdout
+    log_file = (tmp_path / "predict.log").read_text()
+    assert "scan failed: KeyError: ''" in log_file and "scan: traceback" in log_file
+    assert "scan: traceback\nTraceback (most recent call last):" in log_file
+    assert log_file.endswith("KeyError: ''\n") and "copied attribute" not in log_file
