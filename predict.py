@@ -9,12 +9,14 @@ from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR
 from ctseg.errors import reported
-from ctseg.inference.runner import run
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Predict every input case; exit non-zero when any case failed."""
+    # Imported once Hydra has read the command line: --help answers without loading torch.
+    from ctseg.inference.runner import run
+
     with reported("predict.py"):
         status = run(cfg)
     if status:

@@ -9,12 +9,15 @@ from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, run_name
 from ctseg.errors import reported
-from ctseg.training import train
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run training; return the metric named by `optimized_metric` for Hydra sweepers."""
+    # Imported once Hydra has read the command line: --help and --cfg answer without loading
+    # torch, Lightning and MONAI.
+    from ctseg.training import train
+
     with reported("train.py"):
         metrics, _ = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
