@@ -11,6 +11,22 @@ from pathlib import Path
 import pytest
 from helpers import REPO, SHARED_DATA
 
+# Session fixtures that train: every test using one runs on the same pytest-xdist worker.
+TRAINED_FIXTURES = ("vista3d_quick_run",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group the tests for pytest-xdist (`--dist loadgroup`): a module's tests run on one worker,
+    so its module fixtures are built once, and so do all modules using a session fixture that
+    trains."""
+    group = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        trained = [f for f in TRAINED_FIXTURES if f in getattr(item, "fixturenames", ())]
+        group[module] = trained[0] if trained else group.get(module, module)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::")[0]]))
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):

@@ -1,0 +1,481 @@
+"""Every command that the README, docs/ and the --help texts show, run as typed.
+
+Each command runs as a real subprocess from a copy of the clone (`<tmp>/ctseg`, with the shared
+data beside it as `../shared`, as a user has it), with the environment of a fresh user: no ctseg
+variable set, HOME in the temporary folder. A command's documented placeholders (`<run>`,
+`/data/Totalsegmentator_dataset`, `ct.nii.gz`, ...) are replaced by what the embedded data gives
+(`PLACEHOLDERS`), and only size-shrinking overrides are appended (epochs, steps, phantom count and
+shape, trials). Commands that need a download, a GPU, a database server or a cluster are listed in
+`PLAN` with the reason they do not run here. A command added to the documentation fails
+`test_every_documented_command_is_planned` until it is planned here.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import optuna
+import pytest
+import torch
+from helpers import REPO, SHARED_DATA, write_dicom_series
+
+pytestmark = pytest.mark.slow
+
+# Lines that start with one of these are ctseg commands.
+PROGRAMS = re.compile(r"^(python (train|predict)\.py|python -m ctseg\.|torchrun |ctseg-)")
+# The documents whose fenced code blocks hold commands, and the commands that print help texts.
+DOCUMENTS = ("README.md", "docs")
+HELP = (
+    "python train.py --help", "python predict.py --help", "python -m ctseg.evaluate --help",
+    "python -m ctseg.export --help", "python -m ctseg.visualize --help",
+    "python -m ctseg.compare --help", "python -m ctseg.data --help",
+    "python -m ctseg.hparams_search --help",
+)
+
+# Size-shrinking overrides of a training run: one epoch of two steps (validated, so that it
+# checkpoints), few and small phantoms.
+TRAIN = ("trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
+         "trainer.limit_train_batches=2", "data.n_phantoms=8", "data.phantom_shape=[24,24,16]",
+         "data.patch_size=[16,16,16]")
+# A resumed run: one more epoch than TRAIN.
+RESUME = ("trainer.max_epochs=2", *TRAIN[1:])
+SEARCH = ("hparams_search.n_trials=2", *TRAIN)
+
+CROP = "../shared/data/totalseg_mini"
+CT = f"{CROP}/s0001/ct.nii.gz"
+# Documented placeholder -> what the embedded data gives; `{name}` fields come from `Workspace`.
+PLACEHOLDERS = {
+    "/data/Totalsegmentator_dataset": CROP,
+    "outputs/train/runs/<date_time_id>": "outputs/train/runs/{train}",
+    "outputs/train/runs/<run>": "outputs/train/runs/{train}",
+    "outputs/train/runs/2026-11-26_10-00-00": "outputs/train/runs/{train}",
+    "outputs/train/runs/<a> outputs/train/runs/<b>":
+        "outputs/train/runs/{train} outputs/train/runs/{train_b}",
+    "ckpt=<run>/": "ckpt=outputs/train/runs/{train}/",
+    "ckpt=last.ckpt": "ckpt=outputs/train/runs/{train}/checkpoints/last.ckpt",
+    "ckpt_path=/path/to/epoch_010.ckpt":
+        "ckpt_path=outputs/train/runs/{train}/checkpoints/epoch_000.ckpt",
+    "ckpt=run/checkpoints/": "ckpt=outputs/vista3d_quick/runs/{vista}/checkpoints/",
+    "ckpt=... input=... output=...":
+        f"ckpt=outputs/vista3d_quick/runs/{{vista}}/checkpoints/last.ckpt input={CT} output=pred",
+    "outputs/phantom_quick/multiruns/<name>": "outputs/phantom_quick/multiruns/{sweep}",
+    "input=ct.nii.gz": f"input={CT}",
+    "ct=scan.nii.gz labels=predictions/scan/": f"ct={CT} labels=predictions/s0001/",
+    "ct=s0001/ct.nii.gz labels=s0001/": f"ct={CT} labels={CROP}/s0001/",
+    "ct=ct.nii.gz labels=label_totalseg_v2": f"ct={CT} labels={CROP}/s0001/label_totalseg_v2",
+    "gt=<folder of <case>.nii.gz label maps>": "gt={label_maps}",
+    "/data/dicom/study": "dicom_study",
+    "series_uid=1.2.840...": "series_uid={series_uid}",
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run the command (placeholders replaced, `shrink` appended) and expect `files` (globs
+    relative to the clone, with `{name}` fields) and `prints` in its output."""
+
+    shrink: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    prints: tuple[str, ...] = ()
+    fresh: bool = False  # in a clone of its own (it writes where other commands read)
+    gpu: bool = False  # skipped without CUDA
+    after: tuple[str, ...] = ()  # commands whose outputs it reads
+    check: Callable[[Workspace], None] | None = None  # what its outputs must hold
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A command that cannot run here, and why."""
+
+    reason: str
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    """Rows of the CSV logger's metrics file of a run folder."""
+    with (run / "csv" / "version_0" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def trained_and_tested(ws: Workspace) -> None:
+    """The default run logged a validation and a test mean Dice in [0, 1]."""
+    rows = metrics(ws.clone / "outputs/train/runs" / ws.value("train"))
+    for key in ("val/mean_dice", "test/mean_dice"):
+        values = [float(r[key]) for r in rows if r.get(key)]
+        assert values and all(0 <= v <= 1 for v in values), (key, values)
+
+
+def labels_on_the_ct_grid(ws: Workspace) -> None:
+    """predictions/ct/labels.nii.gz lies on the CT's grid and holds v1 class indices."""
+    ct, labels = nib.load(SHARED_DATA / "totalseg_mini/s0001/ct.nii.gz"), nib.load(
+        ws.clone / "predictions/ct/labels.nii.gz")
+    assert labels.shape == ct.shape and np.allclose(labels.affine, ct.affine)
+    assert 0 <= np.asanyarray(labels.dataobj).max() <= 104
+
+
+def one_job_per_combination(ws: Workspace) -> None:
+    """The lr x seed sweep ran four jobs, each with its own overrides and checkpoint."""
+    sweep = ws.clone / "outputs/phantom_quick/multiruns" / ws.value("sweep")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.name.isdigit())
+    assert jobs == ["0", "1", "2", "3"]
+    overrides = {(sweep / j / ".hydra/overrides.yaml").read_text() for j in jobs}
+    assert len(overrides) == 4 and all("model.optimizer.lr=" in o for o in overrides)
+
+
+def two_finished_trials(ws: Workspace) -> None:
+    """The search's SQLite study holds the two trials asked for, finished."""
+    folder = ws.clone / "outputs/phantom_quick/optuna/phantom_quick"
+    study = optuna.load_study(study_name="phantom_quick", storage=f"sqlite:///{folder}/study.db")
+    states = [t.state for t in study.trials]
+    assert len(states) == 2 and all(s.is_finished() for s in states), states
+
+
+def seg_reads_back(ws: Workspace) -> None:
+    """The DICOM SEG of the DICOM study reads back with highdicom, one segment or more."""
+    seg = hd.seg.segread(ws.clone / "predictions/dicom_study/seg.dcm")
+    assert len(seg.SegmentSequence) >= 1
+
+
+DATASET_PREDICTION = ("python predict.py ckpt=<run>/checkpoints/last.ckpt "
+                      "input=/data/Totalsegmentator_dataset output=predictions")
+FIRST_PREDICTION = ("python predict.py "
+                    "ckpt=outputs/train/runs/<date_time_id>/checkpoints/last.ckpt "
+                    "input=../shared/data/totalseg_mini/s0001/ct.nii.gz output=predictions")
+EXPORT = "python -m ctseg.export ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt output=export"
+DOWNLOAD = "needs the TotalSegmentator download (the shared crop is one test subject, no training"
+GPU = "a CUDA GPU"
+PLAN: dict[str, Run | Skip] = {
+    # README: set-up and quickstart
+    "python train.py": Run(TRAIN, ("outputs/train/runs/{train}/checkpoints/last.ckpt",),
+                           ("checkpoints:",), check=trained_and_tested),
+    FIRST_PREDICTION: Run(files=("predictions/ct/labels.nii.gz", "predictions/ct/labels.json"),
+                          check=labels_on_the_ct_grid),
+    "python train.py experiment=phantom_quick":
+        Run(TRAIN, ("outputs/phantom_quick/runs/*/checkpoints/last.ckpt",)),
+    # README: the dataset
+    "python -m ctseg.data check /data/Totalsegmentator_dataset": Run(prints=("1 subject",)),
+    "python -m ctseg.data prepare /data/Totalsegmentator_dataset --version v1 --workers 8":
+        Run(files=("home/.cache/ctseg/prepared/totalseg_mini-*/v1/manifest.json",)),
+    "python -m ctseg.data phantoms data/phantoms --n 12 --seed 0":
+        Run(("--shape", "24", "24", "16"),
+            ("data/phantoms/meta.csv", "data/phantoms/s0011/ct.nii.gz"), fresh=True),
+    # README: training
+    "python train.py --help": Run(prints=("experiment:", "python train.py")),
+    "python train.py --cfg job": Run(prints=("optimized_metric:",)),
+    "python train.py experiment=wholebody_highres data.root=/data/Totalsegmentator_dataset":
+        Skip(f"{DOWNLOAD} subject) and {GPU} (trainer=gpu)"),
+    "python train.py data=totalseg_v2 data.root=/data/TotalsegmentatorV2 trainer=gpu":
+        Skip(f"needs the TotalSegmentator v2 download and {GPU}"),
+    "python train.py experiment=wholebody_highres "
+    "model.pretrained=/bundles/wholeBody_ct_segmentation/models/model.pt":
+        Skip(f"needs the bundle's weights, {DOWNLOAD} subject) and {GPU}"),
+    "python train.py data=totalseg_v2 model.pretrained=.../model.pt model.reinit_head=true":
+        Skip("needs the bundle's weights and the TotalSegmentator v2 download"),
+    "python train.py ckpt_path=outputs/train/runs/2026-11-26_10-00-00": Run(RESUME),
+    "python train.py ckpt_path=/path/to/epoch_010.ckpt": Run(RESUME),
+    "python train.py ckpt_path=last hydra.run.dir=outputs/train/runs/2026-11-26_10-00-00":
+        Run(RESUME),
+    "python train.py callbacks.overlays=null": Run(TRAIN),
+    # train.py --help
+    "python train.py -m model.optimizer.lr=1e-3,3e-4 seed=1,2":
+        Run(TRAIN, ("outputs/train/multiruns/*/3/checkpoints/last.ckpt",)),
+    "python train.py ckpt_path=outputs/train/runs/<run>": Run(RESUME),
+    "python train.py callbacks.overlays.max_cases=4 callbacks.overlays.every_n_validations=5":
+        Run(TRAIN),
+    # README: logging, sweeps and search
+    "python -m ctseg.compare outputs/phantom_quick/multiruns/<name>":
+        Run(files=("outputs/phantom_quick/multiruns/{sweep}/compare.csv",)),
+    "python -m ctseg.compare outputs/train/runs/<a> outputs/train/runs/<b> --out comparison":
+        Run(files=("comparison/compare.csv", "comparison/val_curves.png")),
+    "python -m ctseg.hparams_search hparams_search=optuna experiment=phantom_quick":
+        Run(SEARCH, ("outputs/phantom_quick/optuna/phantom_quick/study.db",
+                     "outputs/phantom_quick/optuna/phantom_quick/trial_1/checkpoints/last.ckpt"),
+            check=two_finished_trials),
+    "python -m ctseg.hparams_search hparams_search=optuna hparams_search.n_trials=50 "
+    "hparams_search.storage=postgresql://user:pass@db/optuna hparams_search.params.lr.high=0.1":
+        Skip("needs a PostgreSQL server; the same search on the default SQLite storage runs"),
+    "python -m ctseg.compare outputs/phantom_quick/optuna/phantom_quick":
+        Run(files=("outputs/phantom_quick/optuna/phantom_quick/compare.csv",)),
+    # README: on a cluster
+    "python train.py -m experiment=phantom_quick model.optimizer.lr=1e-3,3e-3 seed=1,2":
+        Run(TRAIN, ("outputs/phantom_quick/multiruns/{sweep}/3/checkpoints/last.ckpt",),
+            check=one_job_per_combination),
+    "python train.py -m experiment=phantom_quick trainer=ddp trainer.accelerator=cpu "
+    "trainer.devices=2 precision=fp32 seed=1,2":
+        Run(TRAIN, ("outputs/phantom_quick/multiruns/*/1/checkpoints/last.ckpt",)),
+    "python train.py experiment=wholebody_highres trainer=ddp trainer.devices=4":
+        Skip(f"{DOWNLOAD} subject) and 4 GPUs; the DDP sweep on 2 CPU processes runs"),
+    "python train.py -m experiment=wholebody_highres trainer=ddp trainer.devices=4 seed=1,2":
+        Skip(f"{DOWNLOAD} subject) and 4 GPUs; the DDP sweep on 2 CPU processes runs"),
+    "torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=<host>:29400 "
+    "--rdzv-id=wb1 train.py experiment=wholebody_highres trainer=ddp trainer.devices=4 "
+    "trainer.num_nodes=2": Skip("needs two nodes with 4 GPUs each and the download; "
+                                "tests/test_scale_out.py runs torchrun on 2 CPU processes"),
+    "python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu "
+    "hydra.launcher.timeout_min=720 experiment=wholebody_highres trainer=ddp trainer.devices=4 "
+    "trainer.num_nodes=2 seed=1,2": Skip("needs a SLURM cluster; the same submitit launcher "
+                                         "runs locally with hydra/launcher=local_submitit"),
+    "python train.py -m hydra/launcher=local_submitit experiment=phantom_quick seed=1,2":
+        Run(TRAIN, ("outputs/phantom_quick/multiruns/*/1/checkpoints/last.ckpt",)),
+    # README: VISTA3D
+    "python train.py experiment=vista3d_quick":
+        Run(TRAIN, ("outputs/vista3d_quick/runs/{vista}/checkpoints/last.ckpt",)),
+    "python train.py experiment=vista3d_totalseg data.root=/data/TotalsegmentatorV2 "
+    "model.pretrained=/bundles/vista3d/models/model.pt":
+        Skip("needs the vista3d bundle's weights, the TotalSegmentator v2 download and a GPU"),
+    "python predict.py ckpt=run/checkpoints/last.ckpt input=ct.nii.gz output=pred":
+        Run(files=("pred/ct/labels.nii.gz",)),
+    "python predict.py ckpt=... input=... output=... 'prompt.labels=[1,3]'":
+        Run(files=("pred/ct/labels.nii.gz",)),
+    "python predict.py ckpt=... input=... output=... 'prompt.labels=[2]'":
+        Run(files=("pred/ct/labels.nii.gz",)),
+    "python predict.py ckpt=... input=... output=... 'prompt.points=[[91,51,20]]' "
+    "'prompt.point_labels=[1]'": Run(files=("pred/ct/labels.nii.gz",)),
+    "python predict.py ckpt=... input=... output=... 'prompt.points=[[91,51,20],[70,40,20]]' "
+    "'prompt.point_labels=[1,0]' 'prompt.labels=[1]'": Run(files=("pred/ct/labels.nii.gz",)),
+    "python predict.py ckpt=... input=... output=... 'prompt.labels=[140]' "
+    "'prompt.points=[[60,70,12]]' 'prompt.point_labels=[1]'": Run(files=("pred/ct/labels.nii.gz",)),
+    # README: prediction
+    "python predict.py ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt "
+    "input=../shared/data/totalseg_mini/s0001/ct.nii.gz output=predictions":
+        Run(files=("predictions/ct/labels.nii.gz",)),
+    "python predict.py ckpt=model.pt input=/data/ct_folder output=predictions device=cuda "
+    "probabilities=[liver,spleen] overwrite=true":
+        Skip(f"needs the wholeBody_ct_segmentation bundle's weights and {GPU}"),
+    "python predict.py ckpt=last.ckpt input=/data/dicom/study output=predictions "
+    "series_uid=1.2.840...": Run(files=("predictions/dicom_study/labels.nii.gz",)),
+    "python predict.py --help": Run(prints=("ckpt",)),
+    "python predict.py ckpt=last.ckpt input=/data/dicom/study output=predictions dicom_seg=true":
+        Run(files=("predictions/dicom_study/seg.dcm",), check=seg_reads_back),
+    # README: evaluation and overlays
+    DATASET_PREDICTION: Run(files=("predictions/s0001/labels.nii.gz",)),
+    "python -m ctseg.evaluate pred=predictions gt=/data/Totalsegmentator_dataset version=v1 "
+    "split=test": Run(files=("predictions/evaluation/scores.csv",), after=(DATASET_PREDICTION,)),
+    "python -m ctseg.evaluate pred=predictions gt=<folder of <case>.nii.gz label maps> "
+    "tolerance_mm=2": Run(files=("predictions/evaluation/scores.csv",),
+                          after=(DATASET_PREDICTION,)),
+    "python -m ctseg.visualize ct=scan.nii.gz labels=predictions/scan/labels.nii.gz "
+    "out=scan_overlay.png": Run(files=("scan_overlay.png",), after=(DATASET_PREDICTION,)),
+    "python -m ctseg.visualize ct=s0001/ct.nii.gz labels=s0001/label_totalseg_v2.nii.gz "
+    "version=v2 out=s0001.png window=lung alpha=1": Run(files=("s0001.png",)),
+    "python -m ctseg.visualize --help": Run(prints=("ct=",)),
+    # README: export
+    EXPORT:
+        Run(files=("export/export.json", "export/model.ts", "export/model.onnx")),
+    "python -m ctseg.export ckpt=model.pt formats=[onnx,trt_fp16] output=export "
+    "sample=ct.nii.gz": Skip(f"needs the bundle's weights and {GPU} (TensorRT)"),
+    "python train.py experiment=phantom_quick callbacks=export":
+        Run(TRAIN, ("outputs/phantom_quick/runs/*/export/export.json",)),
+    "python predict.py ckpt=export input=ct.nii.gz output=predictions":
+        Run(files=("predictions/ct/labels.nii.gz",), after=(EXPORT,)),
+    "python predict.py ckpt=last.ckpt backend=onnxruntime input=ct.nii.gz output=predictions":
+        Run(files=("predictions/ct/labels.nii.gz",)),
+    "python -m ctseg.export --help": Run(prints=("formats",)),
+    # python -m ctseg.export --help, python -m ctseg.visualize --help
+    "python predict.py ckpt=export backend=onnxruntime input=ct.nii.gz output=pred":
+        Run(files=("pred/ct/labels.nii.gz",), after=(EXPORT,)),
+    "python -m ctseg.visualize ct=ct.nii.gz labels=label_totalseg_v2.nii.gz version=v2 out=o.png "
+    "window=[1500,-600] alpha=1": Run(files=("o.png",)),
+}
+# Which command gives each `{name}` field of PLACEHOLDERS and of the expected files.
+SOURCES = {
+    "train": "python train.py",
+    "train_b": "python train.py callbacks.overlays=null",
+    "vista": "python train.py experiment=vista3d_quick",
+    "sweep": "python train.py -m experiment=phantom_quick model.optimizer.lr=1e-3,3e-3 seed=1,2",
+}
+
+
+def commands_in(text: str) -> list[str]:
+    """The ctseg commands of the fenced code blocks (or help text) `text`: continuation lines
+    joined, `# comments` and repeated spaces removed, `a && b` split."""
+    blocks = re.findall(r"^\s*```[^\n]*\n(.*?)^\s*```", text, re.S | re.M) or [text]
+    commands = []
+    for block in blocks:
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            for part in line.split(" && "):
+                part = re.sub(r"\s+#.*$", "", part.strip())
+                if PROGRAMS.match(part):
+                    commands.append(re.sub(r"\s+", " ", part))
+    return commands
+
+
+def documented_commands() -> list[str]:
+    """Commands of README.md and of every page under docs/, in order, without repeats."""
+    files = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    return list(dict.fromkeys(c for f in files if f.is_file() for c in commands_in(f.read_text())))
+
+
+@dataclass
+class Workspace:
+    """A user's clone in a temporary folder and the commands run in it so far."""
+
+    tmp: Path
+    clone: Path
+    env: dict[str, str]
+    results: dict[str, subprocess.CompletedProcess] = field(default_factory=dict)
+    values: dict[str, str] = field(default_factory=dict)
+    makers: dict[str, Callable[[Workspace], str]] = field(default_factory=dict)
+
+    def value(self, name: str) -> str:
+        """The value of a `{name}` field, running the command that gives it first."""
+        if name not in self.values:
+            if name in SOURCES:
+                self.run(SOURCES[name])
+            else:
+                self.values[name] = self.makers[name](self)
+        return self.values[name]
+
+    def fill(self, text: str) -> str:
+        """`text` with its `{name}` fields filled in."""
+        return re.sub(r"\{(\w+)\}", lambda m: self.value(m.group(1)), text)
+
+    def run(self, command: str) -> subprocess.CompletedProcess:
+        """Run a planned command once (later calls return the first result)."""
+        if command in self.results:
+            return self.results[command]
+        plan = PLAN[command] if command in PLAN else Run()
+        assert isinstance(plan, Run), command
+        for earlier in plan.after:
+            self.run(earlier)
+        typed = command
+        for placeholder, value in PLACEHOLDERS.items():
+            typed = typed.replace(placeholder, value)
+        cwd = self.clone
+        if plan.fresh:
+            cwd = copy_clone(self.tmp / f"fresh{len(self.results)}" / "ctseg")
+        before = runs_under(self.clone)
+        words = shlex.split(self.fill(typed))
+        predicts = words[:2] == ["python", "predict.py"] and "--help" not in words
+        if predicts:
+            # Earlier predictions into the same folder would make this command skip its case.
+            output = cwd / next(w for w in words if w.startswith("output="))[len("output="):]
+            if output.exists():
+                output.rename(output.with_name(f"{output.name}.before{len(self.results)}"))
+        argv = [sys.executable if w == "python" else w for w in words] + list(plan.shrink)
+        result = subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, text=True,
+                                timeout=900)
+        self.results[command] = result
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{typed}\n{output[-4000:]}"
+        assert "Traceback" not in output, f"{typed}\n{output[-4000:]}"
+        if predicts:
+            assert re.search(r"\b[1-9]\d* predicted, 0 skipped, 0 failed", output), output[-3000:]
+        for name, source in SOURCES.items():
+            if source == command:
+                new = sorted(set(runs_under(self.clone)) - set(before))
+                assert new, f"{command} made no run folder"
+                self.values[name] = new[0].name
+        return result
+
+
+def runs_under(clone: Path) -> list[Path]:
+    """Run and sweep folders under the clone's outputs/ (outputs/<task>/{runs,multiruns}/<n>)."""
+    return sorted(clone.glob("outputs/*/runs/*")) + sorted(clone.glob("outputs/*/multiruns/*"))
+
+
+def copy_clone(dest: Path) -> Path:
+    """Copy the files git tracks (and untracked files it does not ignore) to `dest`, with the
+    shared data beside it as `../shared`."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source, target = REPO / name, dest / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the working tree
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        else:
+            shutil.copy2(source, target)
+    shared = dest.parent / "shared"
+    if not shared.exists():
+        shared.symlink_to(SHARED_DATA.parent, target_is_directory=True)
+    return dest
+
+
+def dicom_study(ws: Workspace) -> str:
+    """Write the shared CT as a DICOM series to `<clone>/dicom_study`; its SeriesInstanceUID."""
+    return write_dicom_series(nib.load(SHARED_DATA / "totalseg_mini/s0001/ct.nii.gz"),
+                              ws.clone / "dicom_study")
+
+
+def label_maps(ws: Workspace) -> str:
+    """A folder of `<case>.nii.gz` label maps: the crop's merged label map as `s0001.nii.gz`."""
+    ws.run("python -m ctseg.data prepare /data/Totalsegmentator_dataset --version v1 --workers 8")
+    merged = next((ws.tmp / "home").glob(".cache/ctseg/prepared/totalseg_mini-*/v1/s0001*"))
+    folder = ws.clone / "label_maps"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(merged if merged.is_file() else next(merged.glob("*.nii.gz")),
+                folder / "s0001.nii.gz")
+    return "label_maps"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """A fresh user's clone, environment and home folder."""
+    tmp = tmp_path_factory.mktemp("user")
+    clone = copy_clone(tmp / "ctseg")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CTSEG_", "WANDB_", "PYTEST_", "HYDRA_"))}
+    (tmp / "home").mkdir()
+    env["HOME"] = str(tmp / "home")
+    makers = {"series_uid": dicom_study, "label_maps": label_maps}
+    return Workspace(tmp, clone, env, makers=makers)
+
+
+@pytest.fixture(scope="module")
+def help_texts(workspace: Workspace) -> dict[str, str]:
+    """The output of every CLI's --help."""
+    return {c: workspace.run(c).stdout for c in HELP}
+
+
+def test_every_documented_command_is_planned(help_texts: dict[str, str]):
+    documented = documented_commands()
+    for text in help_texts.values():
+        documented += [c for c in commands_in(text) if c not in documented]
+    assert len(documented) > 40
+    unplanned = [c for c in documented if c not in PLAN and c not in HELP]
+    assert not unplanned, "plan these commands in tests/test_commands_as_typed.py:\n" + \
+        "\n".join(unplanned)
+    stale = [c for c in PLAN if c not in documented]
+    assert not stale, "no longer documented; remove from PLAN:\n" + "\n".join(stale)
+
+
+def test_commands_are_read_from_fenced_blocks_with_continuations_and_comments():
+    text = ("prose `python train.py x=1`\n```bash\npip install -e . && python train.py\n"
+            "python predict.py a=1 \\\n    b=2   # a comment\nls\n```\n")
+    assert commands_in(text) == ["python train.py", "python predict.py a=1 b=2"]
+
+
+@pytest.mark.parametrize("command", list(PLAN))
+def test_documented_command_runs_as_typed(command: str, workspace: Workspace):
+    plan = PLAN[command]
+    if isinstance(plan, Skip):
+        pytest.skip(plan.reason)
+    if plan.gpu and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    output = workspace.run(command)
+    text = output.stdout + output.stderr
+    for expected in plan.prints:
+        assert expected in text, f"{command}: {expected!r} not in its output\n{text[-3000:]}"
+    for pattern in plan.files:
+        pattern = workspace.fill(pattern)
+        root = workspace.tmp if pattern.startswith("home/") else workspace.clone
+        if plan.fresh:
+            root = workspace.tmp
+            pattern = f"fresh*/ctseg/{pattern}"
+        assert list(root.glob(pattern)), f"{command}: no {pattern} under {root}"
+    if plan.check is not None:
+        plan.check(workspace)
