@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
+from monai.data.utils import compute_importance_map
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CTSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -45,3 +49,22 @@ def wandb_records(run_dir: Path) -> list:
 def wandb_run(run_dir: Path):
     """The RunRecord (id, name, group, job type, tags) of the offline W&B run under `run_dir`."""
     return next(r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run")
+
+
+def blend_windows(image: torch.Tensor, predictor: Callable[..., torch.Tensor],
+                  starts: Sequence[Sequence[int]], roi: Sequence[int], mode: str = "gaussian"
+                  ) -> torch.Tensor:
+    """Reference (C, D, H, W) blend of `predictor(patch, slices)` over only the windows at `starts`
+    with MONAI's importance map; NaN where no window reaches."""
+    weight = compute_importance_map(tuple(roi), mode=mode, sigma_scale=0.125)
+    values, weights = torch.empty(0), torch.zeros(image.shape[2:])
+    for start in starts:
+        window = tuple(slice(a, a + r) for a, r in zip(start, roi, strict=True))
+        patch_coords = (slice(None), slice(None), *window)
+        with torch.no_grad():
+            logits = predictor(image[patch_coords], patch_coords)[0].float()
+        if not values.numel():
+            values = torch.zeros((logits.shape[0], *image.shape[2:]))
+        values[(slice(None), *window)] += logits * weight
+        weights[window] += weight
+    return values / weights
