@@ -54,15 +54,15 @@ def wandb_run(run_dir: Path):
 def blend_windows(image: torch.Tensor, predictor: Callable[..., torch.Tensor],
                   starts: Sequence[Sequence[int]], roi: Sequence[int], mode: str = "gaussian"
                   ) -> torch.Tensor:
-    """Reference (C, D, H, W) blend of `predictor(patch, slices)` over only the windows at `starts`
-    with MONAI's importance map; NaN where no window reaches."""
+    """Reference (C, D, H, W) blend of `predictor(patch, [slices])` (MONAI's `with_coord` call)
+    over only the windows at `starts` with MONAI's importance map; NaN where no window reaches."""
     weight = compute_importance_map(tuple(roi), mode=mode, sigma_scale=0.125)
     values, weights = torch.empty(0), torch.zeros(image.shape[2:])
     for start in starts:
         window = tuple(slice(a, a + r) for a, r in zip(start, roi, strict=True))
         patch_coords = (slice(None), slice(None), *window)
         with torch.no_grad():
-            logits = predictor(image[patch_coords], patch_coords)[0].float()
+            logits = predictor(image[patch_coords], [patch_coords])[0].float()
         if not values.numel():
             values = torch.zeros((logits.shape[0], *image.shape[2:]))
         values[(slice(None), *window)] += logits * weight

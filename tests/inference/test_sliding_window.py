@@ -153,8 +153,8 @@ class WindowPredictor:
 def _reference(image: torch.Tensor, predictor: WindowPredictor, starts: list, with_windows: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and softmax of the blend of only the windows at `starts`, 0 where none reaches."""
-    def run(patch: torch.Tensor, coords: tuple) -> torch.Tensor:
-        window = tuple((s.start, s.stop) for s in coords[2:])
+    def run(patch: torch.Tensor, coords: list) -> torch.Tensor:
+        window = tuple((s.start, s.stop) for s in coords[0][2:])
         return predictor(patch, [window]) if with_windows else predictor(patch)
 
     logits = blend_windows(image, run, starts, ROI)
