@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
+import torch
+from monai.data.utils import compute_importance_map
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -95,3 +97,22 @@ def write_dicom_series(img: nib.Nifti1Image, folder: Path, modality: str = "CT",
             edit(k, ds)
         ds.save_as(folder / f"slice_{series_uid[-6:]}_{k:03d}.dcm", enforce_file_format=True)
     return series_uid
+
+
+def blend_windows(image: torch.Tensor, predictor: Callable[..., torch.Tensor],
+                  starts: Sequence[Sequence[int]], roi: Sequence[int], mode: str = "gaussian"
+                  ) -> torch.Tensor:
+    """Reference (C, D, H, W) blend of `predictor(patch, [slices])` (MONAI's `with_coord` call)
+    over only the windows at `starts` with MONAI's importance map; NaN where no window reaches."""
+    weight = compute_importance_map(tuple(roi), mode=mode, sigma_scale=0.125)
+    values, weights = torch.empty(0), torch.zeros(image.shape[2:])
+    for start in starts:
+        window = tuple(slice(a, a + r) for a, r in zip(start, roi, strict=True))
+        patch_coords = (slice(None), slice(None), *window)
+        with torch.no_grad():
+            logits = predictor(image[patch_coords], [patch_coords])[0].float()
+        if not values.numel():
+            values = torch.zeros((logits.shape[0], *image.shape[2:]))
+        values[(slice(None), *window)] += logits * weight
+        weights[window] += weight
+    return values / weights

@@ -259,9 +259,7 @@ class _SlabStitcher:
         """Blend one weighted window, given as (C, planes, *rest), into the accumulator."""
         if not self.channels:
             self._allocate(values.shape[0])
-        row = window[self.axis][0]
-        if row > self.start:
-            self._flush(row - self.start)
+        self._flush(window[self.axis][0] - self.start)
         region = (slice(None), slice(None), *(slice(*window[d]) for d in rest))
         self.values[region] += values
         self.weights[region] += weight
@@ -271,8 +269,17 @@ class _SlabStitcher:
         self._flush(self.size[self.axis] - self.start)
 
     def _flush(self, count: int) -> None:
-        """Normalise the first `count` planes, reduce them to outputs and roll the accumulator."""
-        # Voxels outside every window (explicit windows only) have weight 0: logits 0, label 0.
+        """Finish the next `count` planes (any number), at most one accumulator depth at a time."""
+        while count > 0:
+            chunk = min(count, self.planes)
+            self._flush_planes(chunk)
+            count -= chunk
+
+    def _flush_planes(self, count: int) -> None:
+        """Normalise the first `count` (<= planes) planes, reduce them to outputs, roll them out."""
+        # Voxels outside every window (explicit windows only) have weight 0 and logits 0: label
+        # 0 (the first maximum), and their probabilities are set to 0.
+        covered = self.weights[0, :count] > 0
         weights = self.weights[:, :count].clamp_min(torch.finfo(self.dtype).tiny)
         logits = self.values[:, :count].div_(weights)
         done = slice(self.start, self.start + count)
@@ -283,7 +290,8 @@ class _SlabStitcher:
         if self.probabilities:
             norm = torch.logsumexp(logits, dim=0)
             for c, volume in self.probabilities.items():
-                volume.movedim(self.axis, 0)[done] = torch.exp(logits[c] - norm).to(
+                probability = torch.exp(logits[c] - norm).where(covered, 0.0)
+                volume.movedim(self.axis, 0)[done] = probability.to(
                     self.output_device, torch.float32
                 )
         for buffer in (self.values, self.weights):

@@ -1,5 +1,5 @@
-"""predict.py with a VISTA3D checkpoint: every prompt mode on a non-RAS, anisotropic phantom, and
-every prompt error (exit 1, nothing written)."""
+"""predict.py with a VISTA3D checkpoint: every prompt mode on a non-RAS, anisotropic phantom, a
+liver click on a phantom longer than a window, and every prompt error (exit 1, nothing written)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from ctseg.inference.vista3d import click_windows, keep_clicked_components, to_m
 
 pytestmark = pytest.mark.slow
 LIVER = 1  # VISTA3D id
+WINDOW = (32, 32, 24)  # vista3d_quick's patch: its prediction window
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,31 @@ def test_click_with_the_liver_id_gives_a_component_holding_the_click(
     assert set(np.unique(labels)) <= {0, LIVER}
     components, _ = ndimage.label(labels == LIVER, structure=np.ones((3, 3, 3)))
     assert components[click] > 0
+
+
+@pytest.fixture(scope="module")
+def tiled_phantom(oblique_phantom, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The oblique phantom tiled to 1.5x its size per axis (model grid ~43 x 43 x 39 > a window)."""
+    image, _ = oblique_phantom
+    source = nib.load(image)
+    size = tuple(s * 3 // 2 for s in source.shape)
+    tiled = np.tile(np.asarray(source.dataobj), (2, 2, 2))[tuple(slice(s) for s in size)]
+    path = tmp_path_factory.mktemp("tiled") / "tiled.nii.gz"
+    nib.save(nib.Nifti1Image(tiled, source.affine), path)
+    return path
+
+
+@pytest.mark.parametrize("point_window", [True, False])
+def test_liver_click_on_a_ct_longer_than_a_window_labels_the_clicked_voxel(
+        ckpt, oblique_phantom, tiled_phantom, tmp_path, point_window):
+    image, click = tiled_phantom, oblique_phantom[1]
+    folder = _predict(ckpt, image, tmp_path, labels=[LIVER], points=[list(click)],
+                      point_labels=[1], point_window=point_window)
+    labels = _check_geometry(folder, image)
+    grid = json.loads((tmp_path / "timing.json").read_text())["cases"][0]["model_grid"]
+    assert all(g > r for g, r in zip(grid, WINDOW, strict=True)), grid
+    assert labels[click] == LIVER
+    assert set(np.unique(labels)) <= {0, LIVER}
 
 
 @pytest.mark.parametrize("point_window", [True, False])
