@@ -15,6 +15,7 @@ from helpers import REPO, SHARED_DATA
 TRAINED_FIXTURES = ("vista3d_quick_run",)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group the tests for pytest-xdist (`--dist loadgroup`): a module's tests run on one worker,
     so its module fixtures are built once, and so do all modules using a session fixture that
