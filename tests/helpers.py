@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -116,3 +117,9 @@ def blend_windows(image: torch.Tensor, predictor: Callable[..., torch.Tensor],
         values[(slice(None), *window)] += logits * weight
         weights[window] += weight
     return values / weights
+
+
+def metric_rows(run: Path, version: int = 0) -> list[dict[str, str]]:
+    """Rows of the CSV logger's metrics file of `version` in a run folder."""
+    with (run / "csv" / f"version_{version}" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))

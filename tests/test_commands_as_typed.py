@@ -12,7 +12,6 @@ shape, trials). Commands that need a download, a GPU, a database server or a clu
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import shlex
@@ -29,7 +28,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from helpers import REPO, SHARED_DATA, write_dicom_series
+from helpers import REPO, SHARED_DATA, metric_rows, write_dicom_series
 
 pytestmark = pytest.mark.slow
 
@@ -102,15 +101,9 @@ class Skip:
     reason: str
 
 
-def metrics(run: Path) -> list[dict[str, str]]:
-    """Rows of the CSV logger's metrics file of a run folder."""
-    with (run / "csv" / "version_0" / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
 def trained_and_tested(ws: Workspace) -> None:
     """The default run logged a validation and a test mean Dice in [0, 1]."""
-    rows = metrics(ws.clone / "outputs/train/runs" / ws.value("train"))
+    rows = metric_rows(ws.clone / "outputs/train/runs" / ws.value("train"))
     for key in ("val/mean_dice", "test/mean_dice"):
         values = [float(r[key]) for r in rows if r.get(key)]
         assert values and all(0 <= v <= 1 for v in values), (key, values)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import wandb_records, wandb_run
+from helpers import metric_rows, wandb_records, wandb_run
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 
@@ -38,12 +38,6 @@ TINY = (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def metric_rows(run: Path, version: int = 0) -> list[dict[str, str]]:
-    """Rows of the CSV logger's metrics file of `version` in a run folder."""
-    with (run / "csv" / f"version_{version}" / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
 
 
 def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
