@@ -116,8 +116,8 @@ def with_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any], path: 
                    source: str) -> dict[str, Any]:
     """`data` (the preprocessing of `source`) with the command line's `overrides`, logged."""
     if overrides:
-        log.info("%s: %s override %s", path,
-                 ", ".join(f"data.{k}={v}" for k, v in overrides.items()), source)
+        log.info("%s: %s override %s", path, ", ".join(
+            f"data.{k}={v} (was {data.get(k)})" for k, v in overrides.items()), source)
     return {**data, **overrides}
 
 
@@ -157,7 +157,7 @@ def _load_vista3d(path: Path, obj: Any, state: Mapping[str, torch.Tensor],
         module = VISTA3DModule(**_module_kwargs(obj[HPARAMS], VISTA3DModule))
         net = module.net
         known = sorted(module.prompt_ids.tolist())
-        data, source = dict(obj.get(DATA_HPARAMS) or {}), "the checkpoint's"
+        data, source = dict(obj.get(DATA_HPARAMS) or {}), "the checkpoint"
         roi = tuple(int(r) for r in module.hparams.roi_size)
     else:
         net = build_vista3d(**vista3d_architecture(state, path))
@@ -228,7 +228,7 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
     if isinstance(obj, Mapping) and isinstance(obj.get(HPARAMS), Mapping):
         hparams = dict(obj[HPARAMS])
         data = dict(obj.get(DATA_HPARAMS) or {})
-        source, origin = "the checkpoint's hyper_parameters", "the checkpoint's"
+        source, origin = "the checkpoint's hyper_parameters", "the checkpoint"
     else:
         # A bare state dict (a bundle model.pt) follows the bundle's inference.json: no smoothing.
         hparams = dict(model_cfg)
