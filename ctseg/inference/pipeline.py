@@ -25,12 +25,13 @@ from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.model import LoadedModel
 from ctseg.inference.outputs import atomic_folder, write_case
-from ctseg.inference.prompts import Prompt, check_points_inside
+from ctseg.inference.prompts import OUTSIDE_NAME, Prompt, check_points_inside
 from ctseg.inference.vista3d import (
     keep_clicked_components,
     plan_case,
     plan_exported,
     to_model_grid,
+    window_coverage,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class PredictOptions:
     roi_size: Sequence[int] | None = None
     overlap: float = 0.25
     mode: str = "gaussian"
-    padding_mode: str = "replicate"
+    padding_mode: str | None = None
     sw_batch_size: int = 1
     slab_axis: int | None = None
     device: str = "cpu"
@@ -146,6 +147,9 @@ class CasePredictor:
             steps = steps[1:]  # cases are loaded by ctseg.inference.inputs (NIfTI or DICOM)
         self.transforms = Compose(steps)
         self.roi = tuple(options.roi_size or model.roi_size)
+        # Padding of a volume thinner than a window: the bundles' (wholeBody inference.json
+        # replicates, VISTA3D's inferers pad with zeros) unless sw.padding_mode says otherwise.
+        self.padding_mode = options.padding_mode or ("constant" if self.vista3d else "replicate")
         self._stack = ExitStack()
         self.runner, self.format = open_runner(model, options.backend, self.device, self.amp,
                                                options.channels_last, self._stack)
@@ -178,14 +182,15 @@ class CasePredictor:
         o, prompt = self.options, self.options.prompt
         volume = data[IMAGE][None].as_tensor()
         spatial = tuple(int(s) for s in volume.shape[2:])
-        padded, pad = pad_to_roi(volume, self.roi, 0.0, o.padding_mode)
-        before = torch.tensor([b for b, _ in pad], dtype=torch.float32)
+        padded, pad = pad_to_roi(volume, self.roi, 0.0, self.padding_mode)
+        before = torch.tensor([b for b, _ in pad], dtype=torch.float64)
         points = None
         if prompt.has_points:
             points = to_model_grid(prompt.points, np.asarray(image.affine),
-                                   np.asarray(data[IMAGE].affine), spatial) + before
+                                   np.asarray(data[IMAGE].affine), spatial)
         plan = self.exported_plan or plan_case(self.model.net, prompt, self.model.known_ids,
-                                               points, padded.shape[2:], self.roi, o.overlap)
+                                               points, before, padded.shape[2:], self.roi,
+                                               o.overlap)
         result = sliding_window_predict(
             padded, self._predictor(plan.predictor), self.roi, o.overlap, mode=o.mode,
             sw_batch_size=1 if plan.with_windows else o.sw_batch_size, slab_axis=o.slab_axis,
@@ -195,10 +200,15 @@ class CasePredictor:
         crop = tuple(slice(b, b + s) for (b, _), s in zip(pad, spatial, strict=True))
         channels = result.labels[crop]
         if plan.keep_clicked is not None:
-            clicks, point_labels = plan.keep_clicked
-            channels = keep_clicked_components(channels, clicks - before, point_labels)
-        table = torch.tensor(plan.channel_ids, dtype=label_dtype(max(plan.channel_ids) + 1))
-        return table[channels.long()], plan.names
+            channels = keep_clicked_components(channels, *plan.keep_clicked)
+        top = max(*plan.channel_ids, prompt.outside_value)
+        labels = torch.tensor(plan.channel_ids, dtype=label_dtype(top + 1))[channels.long()]
+        names = plan.names
+        covered = window_coverage(plan.window_starts, padded.shape[2:], self.roi)
+        if prompt.outside_value and covered is not None and not covered[crop].all():
+            labels[~covered[crop]] = prompt.outside_value
+            names = {**names, prompt.outside_value: OUTSIDE_NAME}
+        return labels, names
 
     def _autocast(self, predictor: Any) -> Any:
         """`predictor` under autocast (CUDA float16 with AMP, CPU bfloat16 with cpu_bf16),
@@ -243,7 +253,7 @@ class CasePredictor:
         else:
             result = sliding_window_predict(
                 data[IMAGE][None], self._predictor(self.runner), self.roi, o.overlap, mode=o.mode,
-                padding_mode=o.padding_mode, sw_batch_size=o.sw_batch_size,
+                padding_mode=self.padding_mode, sw_batch_size=o.sw_batch_size,
                 slab_axis=o.slab_axis, keep_channels=self.keep,
                 sw_device=self.device, device=self.device, output_device="cpu",
             )

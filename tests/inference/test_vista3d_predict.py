@@ -121,7 +121,7 @@ def test_a_click_lands_on_the_same_anatomy_on_the_model_grid(oblique_phantom, tm
     nearest = Spacing(pixdim=(6.0, 6.0, 6.0), mode="nearest")(
         Orientation(axcodes="RAS")(EnsureChannelFirst()(loaded)))
     point = to_model_grid([click], np.asarray(loaded.affine), np.asarray(grid.affine),
-                          grid.shape[1:])[0].long().tolist()
+                          grid.shape[1:])[0].round().long().tolist()
     assert nib.aff2axcodes(np.asarray(grid.affine)) == ("R", "A", "S")
     assert int(nearest[(0, *point)]) == int(truth[click])
 
