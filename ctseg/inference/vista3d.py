@@ -67,11 +67,20 @@ def keep_clicked_components(labels: Tensor, points: Tensor, point_labels: Tensor
     """`labels` (D, H, W) with only the 26-connected foreground components that hold a positive
     click."""
     mask = (labels > 0).cpu().numpy()
-    components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    positive = points[point_labels > 0].long().tolist()
-    keep = {int(components[tuple(p)]) for p in positive} - {0}
-    kept = torch.from_numpy(np.isin(components, sorted(keep)))
-    return torch.where(kept.to(labels.device), labels, torch.zeros_like(labels))
+    # Components are found inside the foreground's bounding box only (the rest is background).
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
+    if not spans[0].size:
+        return labels
+    box = tuple(slice(int(span[0]), int(span[-1]) + 1) for span in spans)
+    components, _ = ndimage.label(mask[box], structure=np.ones((3, 3, 3)))
+    starts = np.array([b.start for b in box])
+    stops = np.array([b.stop for b in box])
+    positive = [p for p in points[point_labels > 0].long().tolist()
+                if np.all(starts <= p) and np.all(np.array(p) < stops)]
+    keep = {int(components[tuple(np.array(p) - starts)]) for p in positive} - {0}
+    kept = np.zeros(mask.shape, dtype=bool)
+    kept[box] = np.isin(components, sorted(keep))
+    return torch.where(torch.from_numpy(kept).to(labels.device), labels, torch.zeros_like(labels))
 
 
 def plan_case(net: torch.nn.Module, prompt: Prompt, known: Sequence[int],
