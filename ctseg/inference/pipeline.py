@@ -213,7 +213,10 @@ class CasePredictor:
         if plan.keep_clicked is not None:
             clicks, point_labels = plan.keep_clicked
             channels = keep_clicked_components(channels, clicks - before, point_labels)
-        table = torch.tensor(plan.channel_ids, dtype=label_dtype(max(plan.channel_ids) + 1))
+        dtype = label_dtype(max(plan.channel_ids) + 1)
+        if len(plan.channel_ids) == 2:  # background and one structure: no lookup over the volume
+            return channels.to(dtype) * plan.channel_ids[1], plan.names
+        table = torch.tensor(plan.channel_ids, dtype=dtype)
         return table[channels.long()], plan.names
 
     def _autocast(self, predictor: Any) -> Any:
@@ -230,14 +233,21 @@ class CasePredictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _invert(self, data: dict[str, Any], volume: torch.Tensor, nearest: bool) -> np.ndarray:
-        """`volume` (D, H, W) on the preprocessed grid mapped back to the loaded input's grid."""
+    def _inverted(self, data: dict[str, Any], volume: torch.Tensor, nearest: bool
+                  ) -> torch.Tensor:
+        """`volume` (D, H, W) on the preprocessed grid mapped back to the loaded input's grid,
+        as a float32 tensor."""
         image = data[IMAGE]
         pred = MetaTensor(volume[None].float(), meta=dict(image.meta),
                           applied_operations=list(image.applied_operations))
         inverter = Invertd(keys=PRED, transform=self.transforms, orig_keys=IMAGE,
                            nearest_interp=nearest)
-        return np.asarray(inverter({IMAGE: image, PRED: pred})[PRED])[0]
+        inverted = inverter({IMAGE: image, PRED: pred})[PRED]
+        return (inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted)[0]
+
+    def _invert(self, data: dict[str, Any], volume: torch.Tensor, nearest: bool) -> np.ndarray:
+        """`volume` (D, H, W) on the preprocessed grid mapped back to the loaded input's grid."""
+        return self._inverted(data, volume, nearest).numpy()
 
     def prepare(self, case: Case, prompt: Prompt | None = None,
                 lap: Callable[[str], None] = lambda stage: None) -> PreparedCase:
@@ -253,10 +263,12 @@ class CasePredictor:
         lap("preprocess")
         return PreparedCase(case, image, data, shape, affine, header)
 
-    def input_labels(self, prepared: PreparedCase, grid_labels: torch.Tensor) -> np.ndarray:
+    def input_labels(self, prepared: PreparedCase, grid_labels: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> np.ndarray:
         """Labels (D, H, W) on the model grid of `prepared` mapped back to its input's grid
-        (nearest neighbour), as floats holding integers."""
-        labels = np.rint(self._invert(prepared.data, grid_labels, nearest=True))
+        (nearest neighbour), in `dtype` (default: floats holding integers)."""
+        labels = self._inverted(prepared.data, grid_labels, nearest=True).round().to(dtype)
+        labels = labels.numpy()
         if labels.shape != prepared.shape:
             raise RuntimeError(f"{prepared.case.path}: inverted labels have shape {labels.shape}, "
                                f"input {prepared.shape}; the preprocessing is not invertible")

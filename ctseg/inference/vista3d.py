@@ -78,9 +78,10 @@ def keep_clicked_components(labels: Tensor, points: Tensor, point_labels: Tensor
     positive = [p for p in points[point_labels > 0].long().tolist()
                 if np.all(starts <= p) and np.all(np.array(p) < stops)]
     keep = {int(components[tuple(np.array(p) - starts)]) for p in positive} - {0}
-    kept = np.zeros(mask.shape, dtype=bool)
-    kept[box] = np.isin(components, sorted(keep))
-    return torch.where(torch.from_numpy(kept).to(labels.device), labels, torch.zeros_like(labels))
+    kept = torch.from_numpy(np.isin(components, sorted(keep))).to(labels.device)
+    result = torch.zeros_like(labels)
+    result[box] = torch.where(kept, labels[box], result[box])
+    return result
 
 
 def plan_case(net: torch.nn.Module, prompt: Prompt, known: Sequence[int],
