@@ -33,12 +33,12 @@ from monai.networks.nets.vista3d import VISTA3D
 from torch import Tensor, nn
 
 from ctseg.errors import ConfigError
+from ctseg.inference.aggregate import label_dtype
 from ctseg.inference.inputs import Case, discover_cases
 from ctseg.inference.model import LoadedModel, load_model
 from ctseg.inference.outputs import atomic_folder, write_case
 from ctseg.inference.pipeline import CasePredictor, PredictOptions, PreparedCase
 from ctseg.inference.prompts import Prompt, check_points_inside, parse_prompt
-from ctseg.labels import label_map_dtype
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class CachedEncoder(nn.Module):
         if point or label:
             out, out_auto = self.encoder(x, with_point=point, with_label=label)
             self.cache.encoder_runs += 1
-        if with_point and not point and entry.source is not None:
+        if with_point and not point and entry.source is not None:  # features cached
             shape, dtype = entry.source
             out = torch.zeros((), dtype=dtype, device=x.device).expand(shape)
         return out, out_auto
@@ -183,12 +183,11 @@ class CachedClassHead(nn.Module):
     def forward(self, src: Tensor, class_vector: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, class embeddings) as `ClassMappingClassify.forward` returns them."""
         entry = self.cache.current()
-        key = _ids(class_vector)
-        if key is None or key not in entry.classes:
+        key = tuple(int(i) for i in class_vector.flatten().tolist())
+        if key not in entry.classes:
             logits, embedding = self.head(src, class_vector)
-            if key is not None:
-                entry.classes[key] = (self.cache.store(logits), embedding.detach().clone(),
-                                      logits.dtype)
+            entry.classes[key] = (self.cache.store(logits), embedding.detach().clone(),
+                                  logits.dtype)
             return logits, embedding
         logits, embedding, dtype = entry.classes[key]
         return logits.to(dtype, copy=True), embedding
@@ -238,7 +237,7 @@ class SessionVISTA3D(VISTA3D):
             if coords is not None and labels is not None:
                 inside = (tuple(coords.flatten().tolist()), tuple(labels.flatten().tolist()))
         key = (inside, _ids(class_vector), _ids(prompt_class), transpose)
-        entry = self.cache.enter(window, _ids(class_vector))  # type: ignore[arg-type]
+        entry = self.cache.enter(window, _ids(class_vector))
         if entry.output is not None and entry.output[0] == key:
             return entry.output[1].clone()
         out = super().forward(input_images, patch_coords=patch_coords, point_coords=point_coords,
@@ -262,9 +261,9 @@ class ClickSession:
     """Clicks on one image with a VISTA3D checkpoint, each returning the clicked structure's
     labels on the input's grid; open with `ClickSession.open(ckpt, image)`.
 
-    Clicks accumulate (`reset` starts another structure); the labels of a click equal predict.py's
-    with all the clicks so far as `prompt.points` / `point_labels`, `label` as `prompt.labels`
-    and the session's `point_window`. `point_window=True` (predict's default, as the bundle)
+    Clicks accumulate (`reset` starts another structure); `prompt` holds them as predict.py's
+    `prompt` (points, point_labels, the label as labels, point_window), and the labels of a click
+    equal predict.py's with that prompt. `point_window=True` (predict's default, as the bundle)
     centres one window on each click, so every click at a new place encodes its window;
     `point_window=False` runs the sliding-window grid's windows, so further clicks in windows
     already clicked run the heads only. Memory: `cache_bytes` (windows touched only;
@@ -279,11 +278,8 @@ class ClickSession:
             raise ConfigError(f"a click session needs a VISTA3D checkpoint; this one is a "
                               f"{predictor.model.kind}")
         self.predictor, self.prepared, self.cache = predictor, prepared, cache
-        self.point_window = point_window
         self.net = SessionVISTA3D(net, cache)
-        self.points: tuple[tuple[float, float, float], ...] = ()
-        self.point_labels: tuple[int, ...] = ()
-        self.label: int | None = None
+        self.prompt = Prompt(point_window=point_window)
         self.names: dict[int, str] = {}
         self.labels: np.ndarray | None = None
 
@@ -330,6 +326,21 @@ class ClickSession:
         self.predictor.close()
 
     @property
+    def points(self) -> tuple[tuple[float, float, float], ...]:
+        """The clicks so far (input-file voxel indices)."""
+        return self.prompt.points
+
+    @property
+    def point_labels(self) -> tuple[int, ...]:
+        """The labels of the clicks so far (1 positive, 0 negative)."""
+        return self.prompt.point_labels
+
+    @property
+    def label(self) -> int | None:
+        """The VISTA3D id the clicks so far go with (None: the clicked structure)."""
+        return self.prompt.label
+
+    @property
     def cache_bytes(self) -> int:
         """Bytes the cache holds (features, class logits and window outputs)."""
         return self.cache.nbytes
@@ -344,8 +355,8 @@ class ClickSession:
         """Times the image encoder ran in this session (once per new window and branch)."""
         return self.cache.encoder_runs
 
-    def prompt(self, points: Sequence[Sequence[float]], point_labels: Sequence[int] | None,
-               label: int | None) -> Prompt:
+    def _with_clicks(self, points: Sequence[Sequence[float]],
+                     point_labels: Sequence[int] | None, label: int | None) -> Prompt:
         """The prompt of the session's clicks followed by `points` (checked as predict.py
         checks `prompt`); ConfigError when `label` differs from the clicks' so far."""
         if self.points and label != self.label:
@@ -356,7 +367,7 @@ class ClickSession:
         prompt = parse_prompt({"labels": None if label is None else [label],
                                "points": [*self.points, *new],
                                "point_labels": [*self.point_labels, *labels],
-                               "point_window": self.point_window})
+                               "point_window": self.prompt.point_window})
         check_points_inside(prompt, self.prepared.shape, self.prepared.case.path)
         return prompt
 
@@ -365,13 +376,12 @@ class ClickSession:
         """Add clicks and return the structure's labels on the input's grid: `points` as
         [x, y, z] voxel indices of the input file, `point_labels` 1 positive (the default) or 0
         negative, `label` the VISTA3D id they go with (None: the clicked structure, labelled 1)."""
-        prompt = self.prompt(points, point_labels, label)
+        prompt = self._with_clicks(points, point_labels, label)
         start, runs = time.perf_counter(), self.cache.encoder_runs
         grid, names = self.predictor.vista3d_labels(self.prepared, prompt, self.net)
-        labels = self.predictor.input_labels(self.prepared, grid)
-        self.labels = labels.astype(label_map_dtype(max(names) + 1))
-        self.points, self.point_labels = prompt.points, prompt.point_labels
-        self.label, self.names = label, names
+        self.labels = self.predictor.input_labels(self.prepared, grid,
+                                                  label_dtype(max(names) + 1))
+        self.prompt, self.names = prompt, names
         self.cache.trim()
         log.info("click %d: %.2f s, %d encoder runs, cache %.1f MiB in %d windows",
                  len(self.points), time.perf_counter() - start, self.cache.encoder_runs - runs,
@@ -380,7 +390,7 @@ class ClickSession:
 
     def reset(self) -> None:
         """Forget the clicks (the cache stays) to segment another structure."""
-        self.points, self.point_labels, self.label = (), (), None
+        self.prompt = Prompt(point_window=self.prompt.point_window)
         self.names, self.labels = {}, None
 
     def save(self, folder: str | Path, masks: bool = False) -> Path:
