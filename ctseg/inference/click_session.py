@@ -73,8 +73,8 @@ class WindowEntry:
 
 class WindowCache:
     """The entries of the windows clicks touched, least recently used first: features and class
-    logits stored in `dtype` (float16 halves them), at most `max_bytes` after each click (least
-    recently used windows dropped; None: no limit)."""
+    logits stored in at most `dtype`'s width (float16 halves float32 ones), at most `max_bytes`
+    after each click (least recently used windows dropped; None: no limit)."""
 
     def __init__(self, dtype: torch.dtype = torch.float32, max_bytes: int | None = None) -> None:
         """An empty cache."""
@@ -105,8 +105,10 @@ class WindowCache:
         return self.entries[self.window]
 
     def store(self, tensor: Tensor) -> Tensor:
-        """A detached copy of `tensor` in the cache's dtype."""
-        return tensor.detach().to(self.dtype, copy=True)
+        """A detached copy of `tensor` in the cache's dtype, or its own when that is narrower
+        (float16 features under CUDA autocast stay float16)."""
+        narrower = self.dtype.itemsize < tensor.dtype.itemsize
+        return tensor.detach().to(self.dtype if narrower else tensor.dtype, copy=True)
 
     @property
     def nbytes(self) -> int:

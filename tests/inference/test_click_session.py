@@ -18,7 +18,7 @@ from helpers import REPO
 from omegaconf import OmegaConf
 
 from ctseg.errors import ConfigError
-from ctseg.inference.click_session import ClickSession
+from ctseg.inference.click_session import ClickSession, WindowCache
 from ctseg.inference.model import LoadedModel, load_model
 from ctseg.inference.runner import run
 from ctseg.labels import label_names
@@ -170,6 +170,12 @@ def test_float16_cache_agrees_and_halves_the_features(model, shared_ct):
     assert sessions[1].cache_bytes < sessions[0].cache_bytes
     for session in sessions:
         session.close()
+
+
+def test_the_cache_stores_at_most_its_width_and_never_widens():
+    assert WindowCache(torch.float16).store(torch.ones(2)).dtype == torch.float16
+    kept = WindowCache(torch.float32).store(torch.ones(2, dtype=torch.float16))
+    assert kept.dtype == torch.float16  # float16 features under CUDA autocast stay float16
 
 
 def test_a_cache_limit_drops_old_windows_and_keeps_the_labels(model, shared_ct, encoder_calls):
