@@ -78,11 +78,21 @@ def keep_clicked_components(labels: Tensor, points: Tensor, point_labels: Tensor
     """`labels` (D, H, W) with only the 26-connected foreground components that hold a positive
     click (at its rounded coordinates)."""
     mask = (labels > 0).cpu().numpy()
-    components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    positive = torch.round(points[point_labels > 0]).long().tolist()
-    keep = {int(components[tuple(p)]) for p in positive} - {0}
-    kept = torch.from_numpy(np.isin(components, sorted(keep)))
-    return torch.where(kept.to(labels.device), labels, torch.zeros_like(labels))
+    # Components are found inside the foreground's bounding box only (the rest is background).
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
+    if not spans[0].size:
+        return labels
+    box = tuple(slice(int(span[0]), int(span[-1]) + 1) for span in spans)
+    components, _ = ndimage.label(mask[box], structure=np.ones((3, 3, 3)))
+    starts = np.array([b.start for b in box])
+    stops = np.array([b.stop for b in box])
+    positive = [p for p in torch.round(points[point_labels > 0]).long().tolist()
+                if np.all(starts <= p) and np.all(np.array(p) < stops)]
+    keep = {int(components[tuple(np.array(p) - starts)]) for p in positive} - {0}
+    kept = torch.from_numpy(np.isin(components, sorted(keep))).to(labels.device)
+    result = torch.zeros_like(labels)
+    result[box] = torch.where(kept, labels[box], result[box])
+    return result
 
 
 def window_coverage(starts: Sequence[Sequence[int]] | None, size: Sequence[int],

@@ -186,6 +186,17 @@ def test_only_components_holding_a_positive_click_are_kept():
     assert int(kept.sum()) == 64 and int(kept[3, 3, 3]) == 1 and int(kept[12, 12, 12]) == 0
 
 
+def test_components_are_kept_with_clicks_anywhere_and_on_empty_labels():
+    labels = torch.zeros(30, 30, 30, dtype=torch.uint8)
+    labels[10:14, 12:15, 20:22] = 3
+    clicks = torch.tensor([[0.0, 0.0, 0.0], [29.0, 29.0, 29.0], [11.0, 13.0, 21.0]])
+    kept = keep_clicked_components(labels, clicks, torch.tensor([1, 1, 1]))
+    assert torch.equal(kept, labels)
+    assert not keep_clicked_components(labels, clicks[:2], torch.tensor([1, 1])).any()
+    empty = torch.zeros_like(labels)
+    assert torch.equal(keep_clicked_components(empty, clicks, torch.tensor([1, 0, 1])), empty)
+
+
 def test_click_windows_are_centred_and_kept_inside():
     starts = click_windows(torch.tensor([[50.0, 2.0, 99.0], [50.0, 2.0, 99.0]]), (100, 80, 100),
                            (32, 32, 32))
