@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO, SHARED_DATA
 
 # Session fixtures that train: every test using one runs on the same pytest-xdist worker.
 TRAINED_FIXTURES = ("vista3d_quick_run",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Share the CPU cores between pytest-xdist workers: each worker, and every process its tests
+    start, runs cores // workers threads. PyTorch's default (a thread per core in every process)
+    oversubscribes a 2-core machine several times over, and its OpenMP kernels then slow down by
+    far more than the oversubscription (a 3-minute training took 20 minutes). An
+    OMP_NUM_THREADS set by the user wins."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, or a run without workers
+        return
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker reads the marks
