@@ -27,6 +27,9 @@ from ctseg.models.weights import read_checkpoint
 
 log = logging.getLogger(__name__)
 
+# Lightning's DDP strategies that have a `<name>_find_unused_parameters_true` variant.
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path | None = None) -> str | None:
     """Map `ckpt_path` to a checkpoint file or None: a file, a run folder (its last.ckpt), or
@@ -131,6 +134,17 @@ def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.Light
     return RunPlan(ckpt_path, test)
 
 
+def ddp_strategy(strategy: Any, model: L.LightningModule) -> Any:
+    """`strategy`, or its find-unused-parameters variant for a model whose steps can leave
+    parameters without a gradient (VISTA3D: a step without clicks skips the point head), as the
+    MONAI vista3d bundle wraps its network (`find_unused_parameters: true`)."""
+    if getattr(model, "leaves_parameters_unused", False) and strategy in DDP_STRATEGIES:
+        log.info("trainer.strategy=%s: using %s_find_unused_parameters_true (%s can leave "
+                 "parameters unused in a step)", strategy, strategy, type(model).__name__)
+        return f"{strategy}_find_unused_parameters_true"
+    return strategy
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
           ) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the model on the datamodule, test the best checkpoint; return metrics and objects.
@@ -144,7 +158,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
     if evaluation.get("native"):
         callbacks.append(NativeEvaluation(evaluation.output_dir, evaluation.tolerance_mm))
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    strategy = cfg.trainer.get("strategy")
+    chosen = {"strategy": ddp_strategy(strategy, model)} if strategy is not None else {}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     **chosen)
     checkpoint_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or output_dir)
     plan = preflight(cfg, datamodule, model, trainer, checkpoint_dir)
     config_path = checkpoint_dir / "config.yaml"

@@ -119,6 +119,11 @@ def blend_windows(image: torch.Tensor, predictor: Callable[..., torch.Tensor],
     return values / weights
 
 
+def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
+    """(epoch, value) of every row of `metric_rows` where `name` was logged."""
+    return [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name)]
+
+
 def metric_rows(run: Path, version: int = 0) -> list[dict[str, str]]:
     """Rows of the CSV logger's metrics file of `version` in a run folder."""
     with (run / "csv" / f"version_{version}" / "metrics.csv").open() as f:

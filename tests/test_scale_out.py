@@ -103,6 +103,21 @@ def test_ddp_writes_one_folder_and_its_val_dice_equals_one_process(compose_cfg, 
     assert len(scored) == len(set(scored)) == 104 * len(tested)
 
 
+def test_vista3d_trains_under_ddp_with_steps_that_leave_the_point_head_unused(tmp_path):
+    # No clicks in any step: the point head and the encoder's point branch get no gradient,
+    # which plain `ddp` refuses at the second step; ctseg picks the find-unused variant.
+    output = finish(train_py(
+        "experiment=vista3d_quick", "data.n_phantoms=17", "data.phantom_shape=[24,24,16]",
+        "data.patch_size=[16,16,16]", "data.batch_size=2", "model.drop_point_prob=1.0",
+        "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1",
+        "callbacks.progress_bar=null", "test=false", "logger=csv", *DDP, tmp=tmp_path))
+    assert "using ddp_find_unused_parameters_true" in output
+    runs = list((tmp_path / "outputs" / "vista3d_quick" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    assert len(val_dice(runs[0])) == 2
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_multirun_of_ddp_jobs_finishes_in_one_folder_per_job(tmp_path):
     finish(train_py("-m", *TINY, *DDP, "trainer.max_epochs=1", "seed=1,2",
                     "model.optimizer.lr=1e-3,3e-4", tmp=tmp_path), timeout=900)

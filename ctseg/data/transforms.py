@@ -11,6 +11,11 @@ Intensity schemes (`PipelineConfig.intensity`):
 - ``hu_window``: VISTA3D style — clip Hounsfield units to `hu_window` and map them to [0, 1], then
   crop to voxels above the window's lower bound (> 0) with the same margin and divisibility.
 
+Prediction steps (`PipelineConfig.predict_steps`): ``ctseg`` orients to RAS, resamples and scales
+intensities, without a crop; ``vista3d_bundle`` follows the vista3d bundle's inference.json order:
+resample, crop to voxels above 0 HU with a 10-voxel margin, scale intensities, orient to RAS (the
+default for its bare `model.pt`). Both are inverted exactly by `monai.transforms.Invertd`.
+
 The bundle smooths in training (train.json) but not in prediction (inference.json). ctseg keeps
 the smoothing a setting of its own (`smooth_sigma`, 0 = off) that a checkpoint records, so a ctseg
 model predicts with the preprocessing it was trained with, and a bundle `model.pt` with the
@@ -56,6 +61,7 @@ from monai.transforms import (
 
 INTENSITIES = ("segresnet", "hu_window")
 SAMPLERS = ("random", "classes")
+PREDICT_STEPS = ("ctseg", "vista3d_bundle")
 # Bump when the deterministic transforms change, so disk caches of older tensors are not reused.
 TRANSFORM_VERSION = "2"
 IMAGE, LABEL = "image", "label"
@@ -90,8 +96,8 @@ def _triple(value: float | Sequence[float], name: str, kind: type) -> tuple:
 class PipelineConfig:
     """Preprocessing settings: voxel spacing (mm), intensity scheme, HU window, Gaussian smoothing
     (sigma in voxels; None: the scheme's default, 0: none), patch size, random patches per volume,
-    patch sampler and class count (for the `classes` sampler). Values are normalised on
-    construction."""
+    patch sampler, class count (for the `classes` sampler) and the order of the prediction steps
+    (`predict_steps`). Values are normalised on construction."""
 
     spacing: float | tuple[float, float, float] = 1.5
     intensity: str = "segresnet"
@@ -101,12 +107,16 @@ class PipelineConfig:
     smooth_sigma: float | None = None
     sampler: str = "random"
     num_classes: int | None = None
+    predict_steps: str = "ctseg"
 
     def __post_init__(self) -> None:
         """Validate every field and store spacing/patch_size as 3-tuples, hu_window as floats."""
         if self.intensity not in INTENSITIES:
             raise ValueError(f"unknown intensity scheme {self.intensity!r}; choose one of "
                              f"{', '.join(INTENSITIES)}")
+        if self.predict_steps not in PREDICT_STEPS:
+            raise ValueError(f"unknown predict_steps {self.predict_steps!r}; choose one of "
+                             f"{', '.join(PREDICT_STEPS)}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown patch sampler {self.sampler!r}; choose one of "
                              f"{', '.join(SAMPLERS)}")
@@ -219,16 +229,24 @@ def train_transforms(cfg: PipelineConfig) -> Compose:
 
 
 def infer_transforms(cfg: PipelineConfig) -> Compose:
-    """Prediction pipeline for key "image" only: orientation, spacing, intensity and smoothing as
-    in training but no crop, so `monai.transforms.Invertd(transform=this, orig_keys="image")`
-    maps outputs back to the input grid exactly."""
+    """Prediction pipeline for key "image" only, in the order of `cfg.predict_steps`: ctseg's
+    (orientation, spacing, intensity and smoothing as in training, no crop) or the vista3d
+    bundle's inference.json (spacing, foreground crop, intensity, orientation); either way
+    `monai.transforms.Invertd(transform=this, orig_keys="image")` maps outputs back to the input
+    grid exactly."""
     keys = (IMAGE,)
+    orient = Orientationd(keys=keys, axcodes="RAS", labels=AXIS_LABELS)
+    spacing = Spacingd(keys=keys, pixdim=list(cfg.spacing), mode="bilinear")
+    if cfg.predict_steps == "vista3d_bundle":
+        # inference.json's CropForegroundd: voxels above 0 HU, before any intensity scaling.
+        crop = CropForegroundd(keys=keys, source_key=IMAGE, margin=CROP_MARGIN, allow_smaller=True)
+        steps = [spacing, crop, *_intensity(cfg, crop=()), orient]
+    else:
+        steps = [orient, spacing, *_intensity(cfg, crop=())]
     return Compose([
         LoadImaged(keys=IMAGE, image_only=True, dtype=np.float32),
         EnsureChannelFirstd(keys=keys),
         EnsureTyped(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS", labels=AXIS_LABELS),
-        Spacingd(keys=keys, pixdim=list(cfg.spacing), mode="bilinear"),
-        *_intensity(cfg, crop=()),
+        *steps,
         EnsureTyped(keys=keys, dtype=torch.float32),
     ])

@@ -152,6 +152,9 @@ def sliding_window_predict(
         windows = grid_windows(size, roi, overlaps)
     else:
         windows = _explicit_windows(window_starts, size, roi)
+    # Explicit windows are blended inside their bounding box only (voxels outside get label 0).
+    origin = tuple(min(w[d][0] for w in windows) for d in range(SPATIAL_DIMS))
+    box = tuple(max(w[d][1] for w in windows) - o for d, o in enumerate(origin))
     windows.sort(key=lambda w: w[axis][0])  # stable: MONAI's order within one row of windows
     weight = compute_importance_map(
         roi, mode=blend, sigma_scale=sigma_scale, device=sw_device, dtype=accum_dtype
@@ -161,7 +164,7 @@ def sliding_window_predict(
     slab_weight = weight[0].movedim(axis + 1, 1).to(device)
 
     stitch = _SlabStitcher(
-        size=size,
+        size=box,
         axis=axis,
         planes=roi[axis],
         keep=keep,
@@ -178,9 +181,10 @@ def sliding_window_predict(
         logits = _check_logits(output, len(batch), roi)
         logits *= weight
         for window, values in zip(batch, logits.to(device), strict=True):
-            stitch.add(window, values.movedim(axis + 1, 1), slab_weight, rest)
+            inside = tuple((a - o, b - o) for (a, b), o in zip(window, origin, strict=True))
+            stitch.add(inside, values.movedim(axis + 1, 1), slab_weight, rest)
     stitch.finish()
-    labels, probabilities = stitch.outputs(pad, spatial)
+    labels, probabilities = stitch.outputs(pad, spatial, origin, size)
     log.debug(
         "stitched %d windows along axis %d with accumulator %s",
         len(windows),
@@ -299,15 +303,31 @@ class _SlabStitcher:
         self.start += count
 
     def outputs(
-        self, pad: list[tuple[int, int]], spatial: tuple[int, ...]
+        self,
+        pad: list[tuple[int, int]],
+        spatial: tuple[int, ...],
+        origin: tuple[int, ...],
+        full: tuple[int, ...],
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Labels and kept probabilities cropped back from the padded grid to `spatial`."""
+        """Labels and kept probabilities placed at `origin` of the padded grid of size `full`
+        (zeros around them), then cropped back from the padded grid to `spatial`."""
+        labels, probabilities = self.labels, self.probabilities
+        if self.size != full:
+            region = tuple(slice(o, o + s) for o, s in zip(origin, self.size, strict=True))
+            labels = _placed(labels, region, full)
+            probabilities = {c: _placed(v, region, full) for c, v in probabilities.items()}
         if not any(before or after for before, after in pad):
-            return self.labels, self.probabilities
+            return labels, probabilities
         crop = tuple(slice(before, before + s) for (before, _), s in zip(pad, spatial, strict=True))
-        return self.labels[crop].clone(), {
-            c: v[crop].clone() for c, v in self.probabilities.items()
-        }
+        return labels[crop].clone(), {c: v[crop].clone() for c, v in probabilities.items()}
+
+
+def _placed(volume: torch.Tensor, region: tuple[slice, ...], size: tuple[int, ...]
+            ) -> torch.Tensor:
+    """A zero volume of `size` holding `volume` at `region`."""
+    out = torch.zeros(size, dtype=volume.dtype, device=volume.device)
+    out[region] = volume
+    return out
 
 
 def _roll_planes(buffer: torch.Tensor, count: int) -> None:

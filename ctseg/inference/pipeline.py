@@ -25,12 +25,13 @@ from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.model import LoadedModel
 from ctseg.inference.outputs import atomic_folder, write_case
-from ctseg.inference.prompts import Prompt, check_points_inside
+from ctseg.inference.prompts import OUTSIDE_NAME, Prompt, check_points_inside
 from ctseg.inference.vista3d import (
     keep_clicked_components,
     plan_case,
     plan_exported,
     to_model_grid,
+    window_coverage,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class PredictOptions:
     roi_size: Sequence[int] | None = None
     overlap: float = 0.25
     mode: str = "gaussian"
-    padding_mode: str = "replicate"
+    padding_mode: str | None = None
     sw_batch_size: int = 1
     slab_axis: int | None = None
     device: str = "cpu"
@@ -73,6 +74,19 @@ class Segmentation:
     names: Sequence[str] | dict[int, str]
     probabilities: dict[int, np.ndarray]
     model_grid: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A loaded and preprocessed case: the input as loaded (`image`), the preprocessed data, the
+    input's shape, affine and NIfTI header (None for DICOM)."""
+
+    case: Case
+    image: MetaTensor
+    data: dict[str, Any]
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    header: Any
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,6 +160,9 @@ class CasePredictor:
             steps = steps[1:]  # cases are loaded by ctseg.inference.inputs (NIfTI or DICOM)
         self.transforms = Compose(steps)
         self.roi = tuple(options.roi_size or model.roi_size)
+        # Padding of a volume thinner than a window: the bundles' (wholeBody inference.json
+        # replicates, VISTA3D's inferers pad with zeros) unless sw.padding_mode says otherwise.
+        self.padding_mode = options.padding_mode or ("constant" if self.vista3d else "replicate")
         self._stack = ExitStack()
         self.runner, self.format = open_runner(model, options.backend, self.device, self.amp,
                                                options.channels_last, self._stack)
@@ -172,20 +189,23 @@ class CasePredictor:
         """`predictor` under autocast when it is the torch network, float32 logits either way."""
         return self._autocast(predictor) if self.format == "torch" else predictor
 
-    def _vista3d(self, image: MetaTensor, data: dict[str, Any]
-                 ) -> tuple[torch.Tensor, dict[int, str]]:
-        """VISTA3D labels (as VISTA3D ids) on the model grid and their names, for the prompt."""
-        o, prompt = self.options, self.options.prompt
+    def vista3d_labels(self, prepared: PreparedCase, prompt: Prompt,
+                       net: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[int, str]]:
+        """VISTA3D labels (as VISTA3D ids) on the model grid of `prepared` and their names, for
+        `prompt`, run by `net` (default: the loaded network; a click session passes its cached
+        one)."""
+        o, data = self.options, prepared.data
         volume = data[IMAGE][None].as_tensor()
         spatial = tuple(int(s) for s in volume.shape[2:])
-        padded, pad = pad_to_roi(volume, self.roi, 0.0, o.padding_mode)
-        before = torch.tensor([b for b, _ in pad], dtype=torch.float32)
+        padded, pad = pad_to_roi(volume, self.roi, 0.0, self.padding_mode)
+        before = torch.tensor([b for b, _ in pad], dtype=torch.float64)
         points = None
         if prompt.has_points:
-            points = to_model_grid(prompt.points, np.asarray(image.affine),
-                                   np.asarray(data[IMAGE].affine), spatial) + before
-        plan = self.exported_plan or plan_case(self.model.net, prompt, self.model.known_ids,
-                                               points, padded.shape[2:], self.roi, o.overlap)
+            points = to_model_grid(prompt.points, np.asarray(prepared.image.affine),
+                                   np.asarray(data[IMAGE].affine), spatial)
+        plan = self.exported_plan or plan_case(net or self.model.net, prompt,
+                                               self.model.known_ids, points, before,
+                                               padded.shape[2:], self.roi, o.overlap)
         result = sliding_window_predict(
             padded, self._predictor(plan.predictor), self.roi, o.overlap, mode=o.mode,
             sw_batch_size=1 if plan.with_windows else o.sw_batch_size, slab_axis=o.slab_axis,
@@ -195,10 +215,19 @@ class CasePredictor:
         crop = tuple(slice(b, b + s) for (b, _), s in zip(pad, spatial, strict=True))
         channels = result.labels[crop]
         if plan.keep_clicked is not None:
-            clicks, point_labels = plan.keep_clicked
-            channels = keep_clicked_components(channels, clicks - before, point_labels)
-        table = torch.tensor(plan.channel_ids, dtype=label_dtype(max(plan.channel_ids) + 1))
-        return table[channels.long()], plan.names
+            channels = keep_clicked_components(channels, *plan.keep_clicked)
+        top = max(*plan.channel_ids, prompt.outside_value)
+        dtype = label_dtype(top + 1)
+        if len(plan.channel_ids) == 2:  # background and one structure: no lookup over the volume
+            labels = channels.to(dtype) * plan.channel_ids[1]
+        else:
+            labels = torch.tensor(plan.channel_ids, dtype=dtype)[channels.long()]
+        names = plan.names
+        covered = window_coverage(plan.window_starts, padded.shape[2:], self.roi)
+        if prompt.outside_value and covered is not None and not covered[crop].all():
+            labels[~covered[crop]] = prompt.outside_value
+            names = {**names, prompt.outside_value: OUTSIDE_NAME}
+        return labels, names
 
     def _autocast(self, predictor: Any) -> Any:
         """`predictor` under autocast (CUDA float16 with AMP, CPU bfloat16 with cpu_bf16),
@@ -214,36 +243,62 @@ class CasePredictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _invert(self, data: dict[str, Any], volume: torch.Tensor, nearest: bool) -> np.ndarray:
-        """`volume` (D, H, W) on the preprocessed grid mapped back to the loaded input's grid."""
+    def _inverted(self, data: dict[str, Any], volume: torch.Tensor, nearest: bool
+                  ) -> torch.Tensor:
+        """`volume` (D, H, W) on the preprocessed grid mapped back to the loaded input's grid,
+        as a float32 tensor."""
         image = data[IMAGE]
         pred = MetaTensor(volume[None].float(), meta=dict(image.meta),
                           applied_operations=list(image.applied_operations))
         inverter = Invertd(keys=PRED, transform=self.transforms, orig_keys=IMAGE,
                            nearest_interp=nearest)
-        return np.asarray(inverter({IMAGE: image, PRED: pred})[PRED])[0]
+        inverted = inverter({IMAGE: image, PRED: pred})[PRED]
+        return (inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted)[0]
 
-    def segment(self, case: Case, lap: Callable[[str], None] = lambda stage: None
-                ) -> Segmentation:
-        """Load, preprocess and predict `case`; its labels on the input's grid. `lap(stage)` is
-        called after each of the load, preprocess, inference and postprocess stages."""
+    def _invert(self, data: dict[str, Any], volume: torch.Tensor, nearest: bool) -> np.ndarray:
+        """`volume` (D, H, W) on the preprocessed grid mapped back to the loaded input's grid."""
+        return self._inverted(data, volume, nearest).numpy()
+
+    def prepare(self, case: Case, prompt: Prompt | None = None,
+                lap: Callable[[str], None] = lambda stage: None) -> PreparedCase:
+        """Load `case` and preprocess it as in training (`lap` after each stage); ConfigError
+        when a click of `prompt` (default: the run's) lies outside it."""
         image, header = load_case(case, self.options.series_uid)
         shape, affine = tuple(image.shape), np.asarray(image.affine, dtype=np.float64)
-        check_points_inside(self.options.prompt, shape, case.path)
+        check_points_inside(self.options.prompt if prompt is None else prompt, shape, case.path)
         if header is not None:
             affine = header.get_best_affine()
         lap("load")
         data = self.transforms({IMAGE: image})
         lap("preprocess")
+        return PreparedCase(case, image, data, shape, affine, header)
+
+    def input_labels(self, prepared: PreparedCase, grid_labels: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> np.ndarray:
+        """Labels (D, H, W) on the model grid of `prepared` mapped back to its input's grid
+        (nearest neighbour), in `dtype` (default: floats holding integers)."""
+        labels = self._inverted(prepared.data, grid_labels, nearest=True).round().to(dtype)
+        labels = labels.numpy()
+        if labels.shape != prepared.shape:
+            raise RuntimeError(f"{prepared.case.path}: inverted labels have shape {labels.shape}, "
+                               f"input {prepared.shape}; the preprocessing is not invertible")
+        return labels
+
+    def segment(self, case: Case, lap: Callable[[str], None] = lambda stage: None
+                ) -> Segmentation:
+        """Load, preprocess and predict `case`; its labels on the input's grid. `lap(stage)` is
+        called after each of the load, preprocess, inference and postprocess stages."""
+        prepared = self.prepare(case, lap=lap)
+        data = prepared.data
         o = self.options
         names: Sequence[str] | dict[int, str] = self.model.label_names
         probabilities: dict[int, np.ndarray] = {}
         if self.vista3d:
-            grid_labels, names = self._vista3d(image, data)
+            grid_labels, names = self.vista3d_labels(prepared, o.prompt)
         else:
             result = sliding_window_predict(
                 data[IMAGE][None], self._predictor(self.runner), self.roi, o.overlap, mode=o.mode,
-                padding_mode=o.padding_mode, sw_batch_size=o.sw_batch_size,
+                padding_mode=self.padding_mode, sw_batch_size=o.sw_batch_size,
                 slab_axis=o.slab_axis, keep_channels=self.keep,
                 sw_device=self.device, device=self.device, output_device="cpu",
             )
@@ -251,12 +306,9 @@ class CasePredictor:
             probabilities = {c: self._invert(data, v, nearest=False)
                              for c, v in result.probabilities.items()}
         lap("inference")
-        labels = np.rint(self._invert(data, grid_labels, nearest=True))
-        if labels.shape != shape:
-            raise RuntimeError(f"{case.path}: inverted labels have shape {labels.shape}, input "
-                               f"{shape}; the preprocessing is not invertible")
+        labels = self.input_labels(prepared, grid_labels)
         lap("postprocess")
-        return Segmentation(labels, affine, header, names, probabilities,
+        return Segmentation(labels, prepared.affine, prepared.header, names, probabilities,
                             tuple(grid_labels.shape))
 
     def predict(self, case: Case, folder: Path, overwrite: bool = False) -> dict[str, Any]:

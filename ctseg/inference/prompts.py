@@ -1,5 +1,7 @@
 """VISTA3D prompts of predict.py (`prompt.labels`, `prompt.points`, `prompt.point_labels`,
-`prompt.point_window`), checked before any case is read so that a bad prompt costs nothing."""
+`prompt.point_window`, and the values that restore the vista3d bundle's behaviour where ctseg
+differs: `prompt.bundle_grid`, `prompt.outside_value`, `prompt.special_ids`), checked before any
+case is read so that a bad prompt costs nothing."""
 
 from __future__ import annotations
 
@@ -13,16 +15,25 @@ from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_labels
 # The value and name of a structure clicked without a label id (the bundle writes 1 as well).
 CLICKED = 1
 CLICKED_NAME = "clicked structure"
+# Name of `prompt.outside_value` (voxels no click window reached; the bundle writes 255 there).
+OUTSIDE_NAME = "not computed"
+# The vista3d bundle's special ids (VistaPreTransformd's `special_index`).
+BUNDLE_SPECIAL_IDS = (25, 26, 27, 28, 29, 117)
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """What to segment: class ids, clicks (input-file voxel coordinates) or neither."""
+    """What to segment: class ids, clicks (input-file voxel coordinates) or neither; and how:
+    windows centred on the clicks or the grid (`bundle_grid`: as the bundle computes that grid),
+    the value where no window reached, the ids whose clicks are labelled 2/3 (None: ctseg's)."""
 
     labels: tuple[int, ...] = ()
     points: tuple[tuple[float, float, float], ...] = ()
     point_labels: tuple[int, ...] = ()
     point_window: bool = True
+    bundle_grid: bool = False
+    outside_value: int = 0
+    special_ids: tuple[int, ...] | None = None
 
     @property
     def has_points(self) -> bool:
@@ -101,8 +112,17 @@ def parse_prompt(spec: Mapping[str, Any] | None) -> Prompt:
     if points and 1 not in point_labels:
         raise ConfigError("prompt.point_labels: at least one click must be positive (1)")
     _check_labels(labels, with_points=bool(points))
+    outside = _ints(spec.get("outside_value", 0), "prompt.outside_value")
+    last_id = vista3d_labels().zero_shot[1]
+    if len(outside) != 1 or not (outside[0] == 0 or outside[0] > last_id):
+        raise ConfigError(f"prompt.outside_value must be 0 (background) or above the VISTA3D ids "
+                          f"(> {last_id}; the bundle writes 255), got "
+                          f"{spec.get('outside_value')!r}")
+    special = spec.get("special_ids")
     return Prompt(labels=labels, points=tuple(points), point_labels=point_labels,  # type: ignore[arg-type]
-                  point_window=bool(spec.get("point_window", True)))
+                  point_window=bool(spec.get("point_window", True)),
+                  bundle_grid=bool(spec.get("bundle_grid", False)), outside_value=outside[0],
+                  special_ids=None if special is None else _ints(special, "prompt.special_ids"))
 
 
 def check_points_inside(prompt: Prompt, shape: Sequence[int], source: object) -> None:

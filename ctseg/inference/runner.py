@@ -28,7 +28,7 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
     probabilities = plain(cfg.get("probabilities")) or []
     return PredictOptions(
         roi_size=sw.get("roi_size"), overlap=float(sw.get("overlap", 0.25)),
-        mode=sw.get("mode", "gaussian"), padding_mode=sw.get("padding_mode", "replicate"),
+        mode=sw.get("mode", "gaussian"), padding_mode=sw.get("padding_mode"),
         sw_batch_size=int(sw.get("batch_size", 1)),
         slab_axis=sw.get("slab_axis"), device=str(cfg.get("device", "cpu")),
         amp=bool(cfg.get("amp", True)), cpu_bf16=bool(cfg.get("cpu_bf16", False)),

@@ -6,8 +6,16 @@ Modes (as the bundle's inference.json, with ctseg's memory-bounded aggregation):
   the argmax is VistaPostTransformd's (background where no logit is above 0);
 - clicks with one supported id: class head and point head combined by the network's
   connected-component rule;
-- clicks alone or with a zero-shot id: point head only, then only the connected components that
-  hold a positive click are kept (VistaPostTransformd's `keep_components_with_positive_points`).
+- clicks with a zero-shot id: point head only;
+- clicks alone: point head only, then only the connected components that hold a positive click
+  are kept (VistaPostTransformd's `keep_components_with_positive_points`).
+
+Clicks reach the network unrounded (the bundle's evaluator carries them through the affines in
+float64). With `point_window=false`, ctseg computes only the grid windows a click is inside and
+shifts clicks by the padding of a volume thinner than a window; `bundle_grid` computes every
+window as the bundle does (those without a click answer -9999, which suppresses the structure
+where they overlap) and leaves the clicks unshifted, as MONAI's sliding window hands the network
+its padding only after the windows.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_labels
 @dataclass(frozen=True)
 class Vista3DPlan:
     """How to run one case: the predictor for the aggregator, the channel -> id table, the
-    windows to compute (None: the whole grid) and the clicks for post-processing."""
+    windows to compute (None: the whole grid) and the clicks (unpadded model grid) for
+    post-processing."""
 
     predictor: Callable[..., Tensor]
     with_windows: bool
@@ -42,18 +51,20 @@ class Vista3DPlan:
 
 def to_model_grid(points: Sequence[Sequence[float]], input_affine: np.ndarray,
                   model_affine: np.ndarray, shape: Sequence[int]) -> Tensor:
-    """Clicks in input-file voxel indices as (N, 3) voxel coordinates of the preprocessed grid
-    (through world coordinates: orientation and resampling both carried), inside `shape`."""
+    """Clicks in input-file voxel indices as (N, 3) float64 voxel coordinates of the preprocessed
+    grid, unrounded (through world coordinates: orientation, resampling and crop carried), moved
+    inside `shape`."""
     homogeneous = np.c_[np.asarray(points, dtype=np.float64), np.ones(len(points))]
     grid = (np.linalg.inv(model_affine) @ input_affine @ homogeneous.T).T[:, :3]
-    grid = np.clip(np.rint(grid), 0, np.asarray(shape) - 1)
-    return torch.as_tensor(grid, dtype=torch.float32)
+    grid = np.clip(grid, 0, np.asarray(shape) - 1)
+    return torch.as_tensor(grid, dtype=torch.float64)
 
 
 def click_windows(points: Tensor, size: Sequence[int], roi: Sequence[int]
                   ) -> list[tuple[int, int, int]]:
-    """Start of a `roi` window centred on each click, moved inside an image of `size` (MONAI's
-    `point_based_window_inferer` placement), without repeats."""
+    """Start of a `roi` window centred on each click (its voxel: coordinates truncated), moved
+    inside an image of `size` (MONAI's `point_based_window_inferer` placement), without
+    repeats."""
     starts = []
     for point in points.tolist():
         start = tuple(int(min(max(int(p) - r // 2, 0), s - r))
@@ -65,20 +76,41 @@ def click_windows(points: Tensor, size: Sequence[int], roi: Sequence[int]
 
 def keep_clicked_components(labels: Tensor, points: Tensor, point_labels: Tensor) -> Tensor:
     """`labels` (D, H, W) with only the 26-connected foreground components that hold a positive
-    click."""
+    click (at its rounded coordinates)."""
     mask = (labels > 0).cpu().numpy()
-    components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    positive = points[point_labels > 0].long().tolist()
-    keep = {int(components[tuple(p)]) for p in positive} - {0}
-    kept = torch.from_numpy(np.isin(components, sorted(keep)))
-    return torch.where(kept.to(labels.device), labels, torch.zeros_like(labels))
+    # Components are found inside the foreground's bounding box only (the rest is background).
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
+    if not spans[0].size:
+        return labels
+    box = tuple(slice(int(span[0]), int(span[-1]) + 1) for span in spans)
+    components, _ = ndimage.label(mask[box], structure=np.ones((3, 3, 3)))
+    starts = np.array([b.start for b in box])
+    stops = np.array([b.stop for b in box])
+    positive = [p for p in torch.round(points[point_labels > 0]).long().tolist()
+                if np.all(starts <= p) and np.all(np.array(p) < stops)]
+    keep = {int(components[tuple(np.array(p) - starts)]) for p in positive} - {0}
+    kept = torch.from_numpy(np.isin(components, sorted(keep))).to(labels.device)
+    result = torch.zeros_like(labels)
+    result[box] = torch.where(kept, labels[box], result[box])
+    return result
+
+
+def window_coverage(starts: Sequence[Sequence[int]] | None, size: Sequence[int],
+                    roi: Sequence[int]) -> Tensor | None:
+    """Voxels of an image of `size` inside a window of `roi` at one of `starts` (None: all)."""
+    if starts is None:
+        return None
+    covered = torch.zeros(tuple(size), dtype=torch.bool)
+    for start in starts:
+        covered[tuple(slice(a, a + r) for a, r in zip(start, roi, strict=True))] = True
+    return covered
 
 
 def plan_case(net: torch.nn.Module, prompt: Prompt, known: Sequence[int],
-              grid_points: Tensor | None, padded_size: Sequence[int], roi: Sequence[int],
-              overlap: float) -> Vista3DPlan:
+              grid_points: Tensor | None, pad_before: Tensor, padded_size: Sequence[int],
+              roi: Sequence[int], overlap: float) -> Vista3DPlan:
     """The prediction plan of `prompt` for a case whose clicks are at `grid_points` (model grid,
-    already shifted by any padding) on a padded grid of `padded_size`."""
+    before the padding of `pad_before` voxels per axis) on a padded grid of `padded_size`."""
     if not prompt.has_points:
         ids = prompt_ids(prompt, known)
         class_ids = torch.tensor(ids)
@@ -92,19 +124,22 @@ def plan_case(net: torch.nn.Module, prompt: Prompt, known: Sequence[int],
         raise ValueError("a prompt with clicks needs their model-grid coordinates")
     table = vista3d_labels()
     label = prompt.label
+    special = table.special if prompt.special_ids is None else prompt.special_ids
     point_labels = torch.tensor(prompt.point_labels)
-    if label is not None and label in table.special:
+    if label is not None and label in special:
         point_labels = point_labels + 2
     class_vector = None if label is None or label > LAST_SUPPORTED else torch.tensor([[label]])
     prompt_class = None if label is None else torch.tensor([[label]])
     value = CLICKED if label is None else label
+    bundle_grid = prompt.bundle_grid and not prompt.point_window
+    points = grid_points if bundle_grid else grid_points + pad_before
 
     def clicked(windows: Tensor, batch: list[Window]) -> Tensor:
         outputs = []
         for image, window in zip(windows, batch, strict=True):
             coords = [(slice(None), slice(None), *(slice(a, b) for a, b in window))]
             device = image.device
-            out = net(image[None], point_coords=grid_points[None].to(device),
+            out = net(image[None], point_coords=points[None].to(device),
                       point_labels=point_labels[None].to(device),
                       class_vector=None if class_vector is None else class_vector.to(device),
                       prompt_class=None if prompt_class is None else prompt_class.to(device),
@@ -114,11 +149,11 @@ def plan_case(net: torch.nn.Module, prompt: Prompt, known: Sequence[int],
 
     starts = None
     if prompt.point_window:
-        starts = click_windows(grid_points, padded_size, roi)
-    elif class_vector is None:
+        starts = click_windows(points, padded_size, roi)
+    elif class_vector is None and not bundle_grid:
         grid = [tuple(a for a, _ in w) for w in grid_windows(padded_size, roi, overlap)]
-        starts = [s for s in grid if any(_inside(p, s, roi) for p in grid_points.tolist())]
-    keep = (grid_points, torch.tensor(prompt.point_labels)) if class_vector is None else None
+        starts = [s for s in grid if any(_inside(p, s, roi) for p in points.tolist())]
+    keep = (grid_points, torch.tensor(prompt.point_labels)) if label is None else None
     return Vista3DPlan(clicked, True, [0, value],
                        output_names([value], clicked=label is None), starts, keep)
 

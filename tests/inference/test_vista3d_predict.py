@@ -121,7 +121,7 @@ def test_a_click_lands_on_the_same_anatomy_on_the_model_grid(oblique_phantom, tm
     nearest = Spacing(pixdim=(6.0, 6.0, 6.0), mode="nearest")(
         Orientation(axcodes="RAS")(EnsureChannelFirst()(loaded)))
     point = to_model_grid([click], np.asarray(loaded.affine), np.asarray(grid.affine),
-                          grid.shape[1:])[0].long().tolist()
+                          grid.shape[1:])[0].round().long().tolist()
     assert nib.aff2axcodes(np.asarray(grid.affine)) == ("R", "A", "S")
     assert int(nearest[(0, *point)]) == int(truth[click])
 
@@ -184,6 +184,17 @@ def test_only_components_holding_a_positive_click_are_kept():
     clicks = torch.tensor([[3.0, 3.0, 3.0], [17.0, 3.0, 3.0]])
     kept = keep_clicked_components(labels, clicks, torch.tensor([1, 0]))
     assert int(kept.sum()) == 64 and int(kept[3, 3, 3]) == 1 and int(kept[12, 12, 12]) == 0
+
+
+def test_components_are_kept_with_clicks_anywhere_and_on_empty_labels():
+    labels = torch.zeros(30, 30, 30, dtype=torch.uint8)
+    labels[10:14, 12:15, 20:22] = 3
+    clicks = torch.tensor([[0.0, 0.0, 0.0], [29.0, 29.0, 29.0], [11.0, 13.0, 21.0]])
+    kept = keep_clicked_components(labels, clicks, torch.tensor([1, 1, 1]))
+    assert torch.equal(kept, labels)
+    assert not keep_clicked_components(labels, clicks[:2], torch.tensor([1, 1])).any()
+    empty = torch.zeros_like(labels)
+    assert torch.equal(keep_clicked_components(empty, clicks, torch.tensor([1, 0, 1])), empty)
 
 
 def test_click_windows_are_centred_and_kept_inside():

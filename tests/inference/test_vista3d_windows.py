@@ -88,7 +88,8 @@ def _grid_starts(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 def _automatic(net: Callable, image: torch.Tensor, ids: list[int]) -> np.ndarray:
-    """The bundle's class-prompt inference: MONAI's gaussian sliding window, VistaPostTransformd."""
+    """Class-prompt inference by MONAI's gaussian sliding window (ctseg's default blending) and
+    VistaPostTransformd."""
     with torch.no_grad():
         logits = SlidingWindowInferer(ROI, overlap=OVERLAP, mode="gaussian",
                                       padding_mode="replicate")(
@@ -112,9 +113,10 @@ def test_class_prompts_equal_monai_sliding_window(small_vista3d, tiled_ct, tmp_p
 
 
 def _click_prompts(clicks: list, point_labels: list, label: int | None) -> dict:
-    """VISTA3D's click arguments as MONAI's inferers pass them (a zero-shot id: prompt only)."""
+    """VISTA3D's click arguments as the bundle's evaluator passes them (float64 clicks; a
+    zero-shot id: prompt only)."""
     supported = label is not None and label <= LAST_SUPPORTED
-    return {"point_coords": torch.tensor([clicks], dtype=torch.float32),
+    return {"point_coords": torch.tensor([clicks], dtype=torch.float64),
             "point_labels": torch.tensor([point_labels]),
             "class_vector": torch.tensor([[label]]) if supported else None,
             "prompt_class": None if label is None else torch.tensor([[label]])}
@@ -143,7 +145,7 @@ def test_clicks_equal_monai_point_inference(small_vista3d, tiled_ct, tmp_path, l
             starts = [s for s in _grid_starts(image.shape[2:]) if any(all(
                 a < c < a + r for c, a, r in zip(click, s, ROI, strict=True)) for click in clicks)]
             logits = blend_windows(image, predictor, starts, ROI)[None]
-    if label != 1:  # point head only: keep the components holding a positive click
+    if label is None:  # clicks alone: keep the components holding a positive click
         logits = keep_components_with_positive_points(
             logits, prompts["point_coords"], prompts["point_labels"])
     expected = _post(logits[0], [label or 1])
