@@ -185,7 +185,7 @@ class CachedClassHead(nn.Module):
     def forward(self, src: Tensor, class_vector: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, class embeddings) as `ClassMappingClassify.forward` returns them."""
         entry = self.cache.current()
-        key = tuple(int(i) for i in class_vector.flatten().tolist())
+        key = _ids(class_vector)
         if key not in entry.classes:
             logits, embedding = self.head(src, class_vector)
             entry.classes[key] = (self.cache.store(logits), embedding.detach().clone(),
