@@ -13,10 +13,11 @@ import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from monai.networks.nets import SegResNetDS2
 from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMappingSAM
 from torch import Tensor, nn
@@ -30,10 +31,59 @@ log = logging.getLogger(__name__)
 
 # What `trainable` may name: the whole network, the heads (image encoder frozen), the point head.
 TRAINABLE = ("all", "heads", "point_head")
+# Which prompts the Dice term averages over: all (the bundle), or those with a non-empty target.
+DICE_OVER = ("all", "foreground")
 # Class embeddings of both heads (`vista3d132`: ids 0..511).
 EMBEDDINGS = 512
 # Checkpoint entry holding the prompt generator's state.
 RNG_KEY = "vista3d_prompt_rng"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Training epochs (None: to the end), what trains in them and how prompts are drawn."""
+
+    epochs: int | None
+    trainable: str
+    sampling: PromptSampling
+
+    def __post_init__(self) -> None:
+        """Refuse an unknown `trainable` and a non-positive length."""
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"a training stage needs epochs >= 1, got {self.epochs}")
+
+
+def training_stages(base: Stage, stages: Sequence[Mapping[str, Any]] | None) -> list[Stage]:
+    """The stages of `model.stages` (each `epochs`, optional `trainable` and prompt-sampling keys
+    overriding `base`), or `base` alone for the whole run."""
+    if not stages:
+        return [base]
+    fields = {"epochs", "trainable", *PromptSampling.__dataclass_fields__}
+    result = []
+    for i, spec in enumerate(stages):
+        unknown = sorted(set(spec) - fields)
+        if unknown:
+            raise ValueError(f"model.stages[{i}] has unknown keys {unknown}; a stage takes "
+                             f"{sorted(fields)}")
+        if "epochs" not in spec and i < len(stages) - 1:
+            raise ValueError(f"model.stages[{i}] needs epochs (only the last runs to the end)")
+        sampling = {k: v for k, v in spec.items() if k not in ("epochs", "trainable")}
+        result.append(Stage(epochs=spec.get("epochs"),
+                            trainable=spec.get("trainable", base.trainable),
+                            sampling=replace(base.sampling, **sampling)))
+    return result
+
+
+def stage_at(stages: Sequence[Stage], epoch: int) -> Stage:
+    """The stage epoch `epoch` (from 0) belongs to; the last stage continues to the end."""
+    end = 0
+    for stage in stages:
+        end += stage.epochs or 0
+        if stage.epochs is None or epoch < end:
+            return stage
+    return stages[-1]
 
 
 def build_vista3d(encoder_embed_dim: int = 48, blocks_down: Sequence[int] = (1, 2, 2, 4, 4),
@@ -155,21 +205,47 @@ class VISTA3DModule(SegmentationModule):
         sw_batch_size: int = 1,
         sw_overlap: float = 0.25,
         sw_mode: str = "gaussian",
+        dice_over: str = "all",
+        stages: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         """Store the architecture, prompt sampling and training settings."""
-        if trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+        if dice_over not in DICE_OVER:
+            raise ValueError(f"dice_over must be one of {DICE_OVER}, got {dice_over!r}")
+        base = Stage(epochs=None, trainable=trainable, sampling=PromptSampling(
+            max_prompt=max_prompt, max_foreprompt=max_foreprompt, max_backprompt=max_backprompt,
+            max_point=max_point, drop_label_prob=drop_label_prob, drop_point_prob=drop_point_prob))
+        self.stages = training_stages(base, stages)
+        self.stage = self.stages[0]
+        self.sampling = self.stage.sampling
         super().__init__(
             num_classes=num_classes, label_names=label_names, optimizer=optimizer,
             scheduler=scheduler, warmup_epochs=warmup_epochs, roi_size=roi_size,
             sw_batch_size=sw_batch_size, sw_overlap=sw_overlap, sw_mode=sw_mode,
             warmup_multiplier=warmup_multiplier,
         )
-        self.sampling = PromptSampling(
-            max_prompt=max_prompt, max_foreprompt=max_foreprompt, max_backprompt=max_backprompt,
-            max_point=max_point, drop_label_prob=drop_label_prob, drop_point_prob=drop_point_prob)
         self.rng = random.Random(seed)
         self._rng_restored = False
+
+    def on_train_epoch_start(self) -> None:
+        """Enter the training stage of this epoch (what trains, how prompts are drawn)."""
+        stage = stage_at(self.stages, self.current_epoch)
+        if stage is not self.stage or self.current_epoch == 0:
+            if len(self.stages) > 1:
+                log.info("VISTA3D training stage %d of %d from epoch %d: trainable=%s, %s",
+                         self.stages.index(stage) + 1, len(self.stages), self.current_epoch,
+                         stage.trainable, stage.sampling)
+            self.stage, self.sampling = stage, stage.sampling
+            self.set_trainable(stage.trainable)
+
+    def set_trainable(self, trainable: str) -> None:
+        """Train the whole network (`all`), the heads (image encoder frozen) or the point head."""
+        net = self.net
+        net.requires_grad_(True)
+        net.auto_freeze = net.point_freeze = False
+        if trainable == "heads":
+            net.image_encoder.requires_grad_(False)
+        elif trainable == "point_head":
+            net.set_auto_grad(auto_freeze=True)
 
     def on_fit_start(self) -> None:
         """Seed the prompt generator per DDP rank (rank 0 keeps `seed`), unless resumed."""
@@ -205,15 +281,15 @@ class VISTA3DModule(SegmentationModule):
             load_into(self.net, load_bundle_state_dict(hp.pretrained), source=hp.pretrained,
                       head_prefix="class_head.")
             log.info("loaded pretrained VISTA3D weights from %s", hp.pretrained)
-        if hp.trainable == "heads":
-            self.net.image_encoder.requires_grad_(False)
-        elif hp.trainable == "point_head":
-            self.net.set_auto_grad(auto_freeze=True)
+        self.set_trainable(self.stage.trainable)
 
     def configure_losses(self) -> None:
         """The bundle's per-prompt sigmoid DiceCE (train.json `loss`)."""
         self.loss = DiceCELoss(include_background=True, sigmoid=True, smooth_dr=1e-5,
                                smooth_nr=0, squared_pred=True, to_onehot_y=False)
+        self.dice = DiceLoss(include_background=True, sigmoid=True, smooth_dr=1e-5,
+                             smooth_nr=0, squared_pred=True, to_onehot_y=False)
+        self.bce = torch.nn.BCEWithLogitsLoss()
 
     def forward(self, image: Tensor, **prompts: Any) -> Tensor:
         """VISTA3D logits (P, 1, D, H, W) of one (1, C, D, H, W) patch for `prompts`
@@ -239,7 +315,14 @@ class VISTA3DModule(SegmentationModule):
             logits = net(image[i:i + 1], point_coords=p.points, point_labels=p.point_labels,
                          class_vector=p.label_prompt)
             target = (labels[i][None] == p.prompt_class[:, :, None, None, None]).float()
-            losses.append(self.loss(logits.float(), target))
+            if self.hparams.dice_over == "all":
+                losses.append(self.loss(logits.float(), target))
+                continue
+            fg = target.flatten(1).any(1)
+            loss = self.bce(logits.float(), target)
+            if fg.any():
+                loss = loss + self.dice(logits.float()[fg], target[fg])
+            losses.append(loss)
         return torch.stack(losses).mean()
 
     def _window_logits(self, windows: Tensor) -> Tensor:

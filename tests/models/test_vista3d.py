@@ -6,11 +6,14 @@ import random
 
 import pytest
 import torch
+from lightning import Callback, Trainer
+from monai.losses import DiceLoss
 from monai.networks.nets import vista3d132
+from torch.utils.data import DataLoader
 
 from ctseg.labels import label_names
-from ctseg.models.vista3d import RNG_KEY, VISTA3DModule
-from ctseg.models.vista3d_prompts import sample_prompt_pairs
+from ctseg.models.vista3d import RNG_KEY, Stage, VISTA3DModule, stage_at, training_stages
+from ctseg.models.vista3d_prompts import PromptSampling, sample_prompt_pairs
 from ctseg.models.weights import save_bundle_state_dict
 
 SMALL = {"encoder_embed_dim": 16, "blocks_down": (1, 1, 1, 1), "roi_size": (32, 32, 24)}
@@ -133,3 +136,84 @@ def test_validation_maps_automatic_labels_back_to_class_indices():
     assert labels.shape == (40, 36, 24)
     known = set(module.channel_classes.tolist())
     assert set(labels.unique().tolist()) <= known
+
+
+def test_foreground_dice_leaves_empty_prompts_to_the_cross_entropy():
+    """dice_over=foreground: the Dice term averages over prompts with a non-empty target only
+    (an empty target's Dice is a constant 1 in the bundle's loss); the BCE covers every prompt."""
+    label = _batch(True)["label"][:1]  # the liver only
+    image = torch.rand(1, 1, 32, 32, 24)
+    knobs = {"max_backprompt": 3, "drop_label_prob": 0.0, "drop_point_prob": 1.0, "seed": 5}
+    bundle = VISTA3DModule(105, label_names("v1"), **knobs, **SMALL)
+    ours = VISTA3DModule(105, label_names("v1"), dice_over="foreground", **knobs, **SMALL)
+    ours.net.load_state_dict(bundle.net.state_dict())
+    losses = {"all": bundle.training_loss(image, label),
+              "foreground": ours.training_loss(image, label)}
+    vista = bundle.vista_labels(label[:, 0])[0]
+    p = sample_prompt_pairs(vista, bundle.prompt_ids.tolist(), random.Random(5),
+                            bundle.sampling, bundle.special)
+    liver = label_names("v1").index("liver")
+    assert p.prompt_class.flatten().tolist()[0] == bundle.vista_ids[liver]
+    assert len(p.prompt_class) == 4  # the liver, then three absent classes
+    with torch.no_grad():
+        logits = bundle.net(image, class_vector=p.label_prompt).float()
+    target = (vista[None] == p.prompt_class[:, :, None, None, None]).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    liver_dice = DiceLoss(sigmoid=True, smooth_dr=1e-5, smooth_nr=0, squared_pred=True)(
+        logits[:1], target[:1])
+    torch.testing.assert_close(losses["foreground"].detach(), bce + liver_dice)
+    torch.testing.assert_close(losses["all"].detach(), bce + (liver_dice + 3) / 4)
+
+
+def test_stages_switch_what_trains_by_epoch():
+    """model.stages: the automatic branch for one epoch, then the point head on the frozen
+    encoder (points only): the encoder and class head stop changing, the point head learns."""
+    stages = [{"epochs": 1, "drop_label_prob": 0.0, "drop_point_prob": 1.0},
+              {"trainable": "point_head", "drop_label_prob": 1.0, "drop_point_prob": 0.0}]
+    module = VISTA3DModule(105, label_names("v1"), stages=stages, **SMALL)
+    batch = _batch(True)
+    data = [{"image": batch["image"][i], "label": batch["label"][i]} for i in range(2)]
+    snapshots = []
+
+    class Snapshot(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshots.append({n: p.detach().clone()
+                              for n, p in pl_module.net.state_dict().items()})
+
+    initial = {n: p.detach().clone() for n, p in module.net.state_dict().items()}
+    trainer = Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[Snapshot()], limit_val_batches=0)
+    trainer.fit(module, DataLoader(data, batch_size=2))
+    assert module.stage is module.stages[1] and module.sampling.drop_label_prob == 1.0
+    first, _, last = snapshots
+
+    def changed(a: dict, b: dict, prefix: str) -> bool:
+        return any(not torch.equal(a[n], b[n]) for n in a if n.startswith(prefix))
+
+    assert changed(initial, first, "image_encoder.encoder.")
+    assert changed(initial, first, "class_head.")
+    assert not changed(initial, first, "point_head.")
+    assert not changed(first, last, "image_encoder.encoder.")
+    assert not changed(first, last, "image_encoder.up_layers_auto.")
+    assert not changed(first, last, "class_head.")
+    assert changed(first, last, "point_head.")
+    assert changed(first, last, "image_encoder.up_layers.")
+
+
+def test_stages_are_checked_and_found_by_epoch():
+    base = Stage(epochs=None, trainable="all", sampling=PromptSampling())
+    stages = training_stages(base, [{"epochs": 2, "drop_point_prob": 1.0},
+                                    {"epochs": 1, "trainable": "heads"},
+                                    {"trainable": "point_head", "max_point": 2}])
+    assert [stage_at(stages, e).trainable for e in range(6)] == [
+        "all", "all", "heads", "point_head", "point_head", "point_head"]
+    assert stages[0].sampling == PromptSampling(drop_point_prob=1.0)
+    assert stages[2].sampling == PromptSampling(max_point=2)
+    assert training_stages(base, None) == [base]
+    with pytest.raises(ValueError, match=r"stages\[0\] has unknown keys \['lr'\]"):
+        training_stages(base, [{"epochs": 1, "lr": 1.0}])
+    with pytest.raises(ValueError, match=r"stages\[0\] needs epochs"):
+        training_stages(base, [{"trainable": "heads"}, {"trainable": "all"}])
+    with pytest.raises(ValueError, match="trainable"):
+        training_stages(base, [{"epochs": 1, "trainable": "encoder"}])
