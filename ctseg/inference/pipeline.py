@@ -40,6 +40,10 @@ PRED = "pred"
 STAGES = ("load", "preprocess", "inference", "postprocess", "save")
 
 
+# Accumulator dtypes of the sliding-window blend (`sw.accum_dtype`; None: the image's, float32).
+ACCUM_DTYPES = ("float32", "float16")
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """Sliding-window, device and output settings of a prediction run."""
@@ -50,6 +54,7 @@ class PredictOptions:
     padding_mode: str | None = None
     sw_batch_size: int = 1
     slab_axis: int | None = None
+    accum_dtype: str | None = None
     device: str = "cpu"
     amp: bool = True
     cpu_bf16: bool = False
@@ -60,6 +65,17 @@ class PredictOptions:
     series_uid: str | None = None
     dicom_seg: bool = False
     prompt: Prompt = field(default_factory=Prompt)
+
+    def __post_init__(self) -> None:
+        """Refuse an accumulator dtype the blend cannot use."""
+        if self.accum_dtype is not None and self.accum_dtype not in ACCUM_DTYPES:
+            raise ConfigError(f"sw.accum_dtype: {self.accum_dtype!r} is not one of "
+                              f"{', '.join(ACCUM_DTYPES)} (or null: float32)")
+
+    @property
+    def accumulator(self) -> torch.dtype | None:
+        """The accumulator's torch dtype (None: the image's)."""
+        return None if self.accum_dtype is None else getattr(torch, self.accum_dtype)
 
 
 @dataclass(frozen=True)
@@ -209,7 +225,8 @@ class CasePredictor:
         result = sliding_window_predict(
             padded, self._predictor(plan.predictor), self.roi, o.overlap, mode=o.mode,
             sw_batch_size=1 if plan.with_windows else o.sw_batch_size, slab_axis=o.slab_axis,
-            window_starts=plan.window_starts, with_windows=plan.with_windows,
+            accum_dtype=o.accumulator, window_starts=plan.window_starts,
+            with_windows=plan.with_windows,
             sw_device=self.device, device=self.device, output_device="cpu",
         )
         crop = tuple(slice(b, b + s) for (b, _), s in zip(pad, spatial, strict=True))
@@ -299,7 +316,7 @@ class CasePredictor:
             result = sliding_window_predict(
                 data[IMAGE][None], self._predictor(self.runner), self.roi, o.overlap, mode=o.mode,
                 padding_mode=self.padding_mode, sw_batch_size=o.sw_batch_size,
-                slab_axis=o.slab_axis, keep_channels=self.keep,
+                slab_axis=o.slab_axis, keep_channels=self.keep, accum_dtype=o.accumulator,
                 sw_device=self.device, device=self.device, output_device="cpu",
             )
             grid_labels = result.labels
