@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -54,9 +55,17 @@ def wandb_records(run_dir: Path) -> list:
     return records
 
 
-def wandb_run(run_dir: Path):
-    """The RunRecord (id, name, group, job type, tags) of the offline W&B run under `run_dir`."""
-    return next(r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run")
+def wandb_run(run_dir: Path, wait_s: float = 30.0):
+    """The RunRecord (id, name, group, job type, tags) of the offline W&B run under `run_dir`,
+    waiting up to `wait_s` for it: W&B's service process writes the file asynchronously, and a
+    resumed run's record was missing right after training in one of three full-suite runs."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = [r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
+        if runs or time.monotonic() > deadline:
+            assert runs, f"no run record in the W&B file under {run_dir} after {wait_s} s"
+            return runs[0]
+        time.sleep(0.5)
 
 
 def write_dicom_series(img: nib.Nifti1Image, folder: Path, modality: str = "CT",
