@@ -30,8 +30,8 @@ from ctseg.export.formats import (
     write_format,
 )
 from ctseg.export.runtime import load_runner
-from ctseg.inference.aggregate import pad_to_roi
-from ctseg.inference.model import LoadedModel
+from ctseg.models.loading import LoadedModel
+from ctseg.sliding_window import pad_to_roi
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from rich.progress import Progress
 from ctseg.config import plain
 from ctseg.errors import user_message
 from ctseg.inference.inputs import discover_cases
-from ctseg.inference.model import load_model
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
 from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions
 from ctseg.inference.prompts import parse_prompt
+from ctseg.models.loading import load_model
 
 log = logging.getLogger(__name__)
 
