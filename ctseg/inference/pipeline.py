@@ -55,7 +55,7 @@ class PredictOptions:
     sw_batch_size: int = 1
     slab_axis: int | None = None
     accum_dtype: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     amp: bool = True
     cpu_bf16: bool = False
     backend: str = "auto"
