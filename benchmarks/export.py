@@ -77,9 +77,9 @@ def worker_variant(args: argparse.Namespace) -> dict:
     """Time one window and one end-to-end prediction with the variant's options."""
     import torch
 
-    from ctseg.inference.model import load_model
     from ctseg.inference.pipeline import CasePredictor
     from ctseg.inference.runner import options_from, run
+    from ctseg.models.loading import load_model
 
     slug = "".join(c if c.isalnum() else "_" for c in args.variant)
     cfg = predict_cfg(args, VARIANTS[args.variant], Path(args.workdir) / f"pred_{slug}")

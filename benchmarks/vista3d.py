@@ -117,8 +117,8 @@ def worker_session(args: argparse.Namespace) -> dict:
 
     from ctseg.inference.click_session import ClickSession
     from ctseg.inference.inputs import Case
-    from ctseg.inference.model import load_model
     from ctseg.inference.pipeline import CasePredictor, PredictOptions
+    from ctseg.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     model = load_model(args.ckpt, {}, {})
@@ -163,8 +163,8 @@ def worker_everything(args: argparse.Namespace) -> dict:
     import torch
 
     from ctseg.inference.inputs import Case
-    from ctseg.inference.model import load_model
     from ctseg.inference.pipeline import CasePredictor, PredictOptions
+    from ctseg.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     model = load_model(args.ckpt, {}, {})

@@ -22,7 +22,7 @@ from ctseg.atomic import write_atomic
 from ctseg.callbacks.native_evaluation import NativeEvaluation
 from ctseg.config import instantiate_group
 from ctseg.errors import ConfigError, MissingFileError
-from ctseg.logger.wandb import log_dice_table
+from ctseg.logger.wandb_runs import log_dice_table
 from ctseg.models.weights import read_checkpoint
 
 log = logging.getLogger(__name__)

@@ -112,7 +112,6 @@ def compose_cfg(tmp_path: Path):
             cfg.paths.output_dir = str(tmp_path / "run")
             cfg.paths.log_dir = str(tmp_path / "outputs")
             cfg.paths.data_dir = str(tmp_path / "data")
-            cfg.paths.cache_dir = str(tmp_path / "cache")
             cfg.paths.shared_data_dir = str(SHARED_DATA)
             cfg.hydra.runtime.output_dir = str(tmp_path / "run")
             cfg.hydra.job.num = 0

@@ -13,9 +13,9 @@ import torch
 from ctseg.data.merge import prepare
 from ctseg.data.transforms import PipelineConfig, eval_transforms, train_transforms
 from ctseg.inference.inputs import Case, load_case
-from ctseg.inference.model import load_model
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
 from ctseg.inference.runner import run
+from ctseg.models.loading import load_model
 from ctseg.reference import wholebody_bundle as bundle
 
 RECIPES = {"lowres": 3.0, "highres": 1.5}

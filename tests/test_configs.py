@@ -181,3 +181,23 @@ def test_visualize_config_composes_with_its_defaults() -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose("visualize", overrides=["ct=c.nii.gz", "labels=l.nii.gz", "out=o.png"])
     assert (cfg.version, cfg.window, cfg.alpha, cfg.max_legend) == (None, "abdomen", 0.5, 20)
+
+
+def test_predict_options_defaults_are_predict_yamls():
+    """conf/predict.yaml and PredictOptions (the Python API's defaults) say the same thing, and
+    options_from fills a key the config leaves out with that default."""
+    from omegaconf import OmegaConf
+
+    from ctseg.config import CONFIG_DIR
+    from ctseg.inference.pipeline import PredictOptions
+    from ctseg.inference.runner import options_from
+
+    cfg = OmegaConf.load(CONFIG_DIR / "predict.yaml")
+    from_yaml = options_from(cfg)
+    defaults = PredictOptions()
+    for name in ("roi_size", "overlap", "mode", "padding_mode", "sw_batch_size", "slab_axis",
+                 "accum_dtype", "device", "amp", "cpu_bf16", "backend", "channels_last", "masks",
+                 "series_uid", "dicom_seg"):
+        assert getattr(from_yaml, name) == getattr(defaults, name), name
+    assert list(from_yaml.probabilities) == list(defaults.probabilities)
+    assert options_from({}) == defaults

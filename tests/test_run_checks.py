@@ -94,6 +94,19 @@ def test_train_cli_reports_a_truncated_ct_in_one_line(two_subjects: Path, tmp_pa
     assert not list(run.rglob("*.ckpt"))
 
 
+def test_train_cli_sends_a_search_to_its_own_command(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    command = [sys.executable, "train.py", "hparams_search=optuna", f"hydra.run.dir={run}",
+               f"paths.log_dir={tmp_path / 'outputs'}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: hparams_search: train.py trains one run; run the search with "
+                      "python -m ctseg.hparams_search hparams_search=<space> [overrides]"]
+    assert "Traceback" not in result.stderr
+    assert not list(run.rglob("*.ckpt"))
+
+
 def test_missing_test_split_skips_the_test_stage(two_subjects, compose_cfg, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ctseg.training"):
         metrics, objects = train(compose_cfg(*SMALL, f"data.root={two_subjects}"))

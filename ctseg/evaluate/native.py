@@ -20,9 +20,9 @@ from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig
 from ctseg.errors import DatasetError
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
 from ctseg.inference.inputs import Case
-from ctseg.inference.model import LoadedModel
 from ctseg.inference.outputs import label_table
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
+from ctseg.models.loading import LoadedModel
 from ctseg.models.vista3d import VISTA3DModule
 
 log = logging.getLogger(__name__)

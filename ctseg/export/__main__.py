@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from ctseg.config import CONFIG_DIR, plain
 from ctseg.errors import ConfigError, reported
 from ctseg.export.exporter import export_model, sample_window
-from ctseg.inference.model import load_model
+from ctseg.models.loading import load_model
 
 
 def summary(manifest: Mapping[str, Any]) -> list[str]:

@@ -26,12 +26,11 @@ from ctseg.export.formats import (
     TRT_FORMATS,
     check_formats,
     trt_unavailable,
-    window_network,
     write_format,
 )
 from ctseg.export.runtime import load_runner
-from ctseg.inference.aggregate import pad_to_roi
-from ctseg.inference.model import LoadedModel
+from ctseg.models.loading import LoadedModel, window_network
+from ctseg.sliding_window import pad_to_roi
 
 log = logging.getLogger(__name__)
 

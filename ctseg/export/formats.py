@@ -1,5 +1,5 @@
-"""The export formats: file names, the network each one holds (one sliding window in, logits
-out), and how a network is written in each of them."""
+"""The export formats: file names and how a network (one sliding window in, logits out:
+`ctseg.models.loading.window_network`) is written in each of them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from ctseg.atomic import write_atomic
 from ctseg.errors import ConfigError
-from ctseg.models.vista3d import automatic_logits
 
 log = logging.getLogger(__name__)
 
@@ -32,29 +31,6 @@ INPUT, OUTPUT = "image", "logits"
 # Batch and spatial axes stay free in ONNX, so any window size and sw_batch_size run.
 DYNAMIC_AXES = {name: {0: "batch", 2: "depth", 3: "height", 4: "width"}
                 for name in (INPUT, OUTPUT)}
-
-
-class AutomaticVISTA3D(nn.Module):
-    """VISTA3D's automatic mode for fixed class ids: (B, 1, *roi) -> (B, 1 + P, *roi) logits,
-    background first (the image encoder and class head, as the bundle's TensorRT export)."""
-
-    def __init__(self, net: nn.Module, class_ids: list[int]) -> None:
-        """Wrap `net` prompting `class_ids` in every window."""
-        super().__init__()
-        self.net = net
-        self.register_buffer("class_ids", torch.tensor(class_ids), persistent=False)
-
-    def forward(self, image: Tensor) -> Tensor:
-        """Background + one logit channel per class id."""
-        return automatic_logits(self.net, image, self.class_ids)
-
-
-def window_network(net: nn.Module, kind: str, known_ids: list[int]) -> nn.Module:
-    """The module an export holds: the network itself (SegResNet) or VISTA3D's automatic mode
-    over `known_ids`."""
-    if kind == "vista3d":
-        return AutomaticVISTA3D(net, known_ids).eval()
-    return net.eval()
 
 
 def check_formats(formats: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ from ctseg.errors import ConfigError
 from ctseg.export.exporter import export_model, sample_window
 from ctseg.export.formats import FILES, trt_unavailable
 from ctseg.export.runtime import Runner, load_runner
-from ctseg.inference.model import LoadedModel
+from ctseg.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

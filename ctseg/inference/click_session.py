@@ -33,12 +33,12 @@ from monai.networks.nets.vista3d import VISTA3D
 from torch import Tensor, nn
 
 from ctseg.errors import ConfigError
-from ctseg.inference.aggregate import label_dtype
 from ctseg.inference.inputs import Case, discover_cases
-from ctseg.inference.model import LoadedModel, load_model
 from ctseg.inference.outputs import atomic_folder, write_case
 from ctseg.inference.pipeline import CasePredictor, PredictOptions, PreparedCase
 from ctseg.inference.prompts import Prompt, check_points_inside, parse_prompt
+from ctseg.models.loading import LoadedModel, load_model
+from ctseg.sliding_window import label_dtype
 
 log = logging.getLogger(__name__)
 

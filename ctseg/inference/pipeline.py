@@ -19,11 +19,9 @@ from monai.transforms import Compose, Invertd, LoadImaged
 
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError, DatasetError
-from ctseg.inference.aggregate import label_dtype, pad_to_roi, sliding_window_predict
 from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.inputs import Case, load_case
-from ctseg.inference.model import LoadedModel
 from ctseg.inference.outputs import atomic_folder, write_case
 from ctseg.inference.prompts import OUTSIDE_NAME, Prompt, check_points_inside
 from ctseg.inference.vista3d import (
@@ -33,6 +31,8 @@ from ctseg.inference.vista3d import (
     to_model_grid,
     window_coverage,
 )
+from ctseg.models.loading import LoadedModel
+from ctseg.sliding_window import label_dtype, pad_to_roi, sliding_window_predict
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class PredictOptions:
     sw_batch_size: int = 1
     slab_axis: int | None = None
     accum_dtype: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     amp: bool = True
     cpu_bf16: bool = False
     backend: str = "auto"

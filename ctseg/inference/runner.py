@@ -14,29 +14,33 @@ from rich.progress import Progress
 from ctseg.config import plain
 from ctseg.errors import user_message
 from ctseg.inference.inputs import discover_cases
-from ctseg.inference.model import load_model
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
 from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions
 from ctseg.inference.prompts import parse_prompt
+from ctseg.models.loading import load_model
 
 log = logging.getLogger(__name__)
 
 
 def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
-    """PredictOptions from the `sw`, device and output keys of conf/predict.yaml."""
+    """PredictOptions from the `sw`, device and output keys of conf/predict.yaml; a key left out
+    takes PredictOptions' default (the same as predict.yaml's)."""
+    d = PredictOptions()
     sw = plain(cfg.get("sw")) or {}
-    probabilities = plain(cfg.get("probabilities")) or []
     return PredictOptions(
-        roi_size=sw.get("roi_size"), overlap=float(sw.get("overlap", 0.25)),
-        mode=sw.get("mode", "gaussian"), padding_mode=sw.get("padding_mode"),
-        sw_batch_size=int(sw.get("batch_size", 1)),
-        slab_axis=sw.get("slab_axis"), accum_dtype=sw.get("accum_dtype"),
-        device=str(cfg.get("device", "cpu")),
-        amp=bool(cfg.get("amp", True)), cpu_bf16=bool(cfg.get("cpu_bf16", False)),
-        backend=str(cfg.get("backend") or "auto"),
-        channels_last=bool(cfg.get("channels_last", True)), masks=bool(cfg.get("masks", True)),
-        probabilities=list(probabilities), series_uid=cfg.get("series_uid"),
-        dicom_seg=bool(cfg.get("dicom_seg", False)),
+        roi_size=sw.get("roi_size", d.roi_size), overlap=float(sw.get("overlap", d.overlap)),
+        mode=sw.get("mode", d.mode), padding_mode=sw.get("padding_mode", d.padding_mode),
+        sw_batch_size=int(sw.get("batch_size", d.sw_batch_size)),
+        slab_axis=sw.get("slab_axis", d.slab_axis),
+        accum_dtype=sw.get("accum_dtype", d.accum_dtype),
+        device=str(cfg.get("device", d.device)), amp=bool(cfg.get("amp", d.amp)),
+        cpu_bf16=bool(cfg.get("cpu_bf16", d.cpu_bf16)),
+        backend=str(cfg.get("backend") or d.backend),
+        channels_last=bool(cfg.get("channels_last", d.channels_last)),
+        masks=bool(cfg.get("masks", d.masks)),
+        probabilities=tuple(plain(cfg.get("probabilities")) or d.probabilities),
+        series_uid=cfg.get("series_uid", d.series_uid),
+        dicom_seg=bool(cfg.get("dicom_seg", d.dicom_seg)),
         prompt=parse_prompt(plain(cfg.get("prompt"))),
     )
 

@@ -29,9 +29,9 @@ from scipy import ndimage
 from torch import Tensor
 
 from ctseg.errors import ConfigError
-from ctseg.inference.aggregate import Window, grid_windows
 from ctseg.inference.prompts import CLICKED, Prompt, output_names, prompt_ids
 from ctseg.models.vista3d import automatic_logits, with_background
+from ctseg.sliding_window import Window, grid_windows
 from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_labels
 
 

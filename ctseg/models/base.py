@@ -1,7 +1,7 @@
 """Shared LightningModule for ctseg segmentation networks: loss, optimiser, sliding-window Dice.
 
 Validation and test evaluate whole volumes with the memory-bounded slab aggregation of
-`ctseg.inference.aggregate` (the one predict.py uses): label maps, then per-class voxel counts,
+`ctseg.sliding_window` (the one predict.py uses): label maps, then per-class voxel counts,
 never the full classes x voxels logit volume, so evaluating a whole-body CT costs what
 predicting it costs. No validation loss is computed (it would need that volume); model
 selection and early stopping use the Dice.
@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from torchmetrics import Metric
 
-from ctseg.inference.aggregate import sliding_window_predict
+from ctseg.sliding_window import sliding_window_predict
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ class SegResNetModule(SegmentationModule):
         optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
         scheduler: str | None = None,
         warmup_epochs: int = 0,
+        warmup_multiplier: float = 0.0,
         roi_size: Sequence[int] = (96, 96, 96),
         sw_batch_size: int = 4,
         sw_overlap: float = 0.25,
@@ -53,6 +54,7 @@ class SegResNetModule(SegmentationModule):
             num_classes=num_classes, label_names=label_names, optimizer=optimizer,
             scheduler=scheduler, warmup_epochs=warmup_epochs, roi_size=roi_size,
             sw_batch_size=sw_batch_size, sw_overlap=sw_overlap, sw_mode=sw_mode,
+            warmup_multiplier=warmup_multiplier,
         )
 
     def configure_models(self) -> None:

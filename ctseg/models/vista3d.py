@@ -170,6 +170,21 @@ def automatic_logits(net: VISTA3D, windows: Tensor, class_ids: Tensor) -> Tensor
     return with_background(net(windows, class_vector=class_ids.reshape(-1, 1), transpose=True))
 
 
+class AutomaticVISTA3D(nn.Module):
+    """VISTA3D's automatic mode for fixed class ids: (B, 1, *roi) -> (B, 1 + P, *roi) logits,
+    background first (the image encoder and class head, as the bundle's TensorRT export)."""
+
+    def __init__(self, net: nn.Module, class_ids: list[int]) -> None:
+        """Wrap `net` prompting `class_ids` in every window."""
+        super().__init__()
+        self.net = net
+        self.register_buffer("class_ids", torch.tensor(class_ids), persistent=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Background + one logit channel per class id."""
+        return automatic_logits(self.net, image, self.class_ids)
+
+
 class VISTA3DModule(SegmentationModule):
     """VISTA3D at `self.net` (keys of the bundle's `model.pt`), trained with prompts sampled per
     patch: sigmoid DiceCE per prompt (the bundle's loss), AdamW, optional warm-up cosine.

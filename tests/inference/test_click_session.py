@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 
 from ctseg.errors import ConfigError
 from ctseg.inference.click_session import ClickSession, WindowCache
-from ctseg.inference.model import LoadedModel, load_model
 from ctseg.inference.runner import run
 from ctseg.labels import label_names
+from ctseg.models.loading import LoadedModel, load_model
 from ctseg.models.vista3d import VISTA3DModule
 
 # vista3d_quick's grid and window: the crop is 61 x 50 x 15 voxels at 6 mm (padded to 24 in z),

@@ -21,8 +21,8 @@ from ctseg.export.exporter import MANIFEST, export_model, sample_window
 from ctseg.export.formats import trt_unavailable
 from ctseg.export.parity import ParityError
 from ctseg.export.runtime import ExportFileError, load_runner
-from ctseg.inference.model import load_model
 from ctseg.inference.runner import run
+from ctseg.models.loading import load_model
 from ctseg.vista3d_labels import vista3d_labels
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import SegResNet
 from monai.transforms import SpatialPad
 
-from ctseg.inference.aggregate import sliding_window_labels, sliding_window_predict
+from ctseg.sliding_window import sliding_window_labels, sliding_window_predict
 
 NUM_CLASSES = 13
 

@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 
 from ctseg.errors import ConfigError
 from ctseg.inference.inputs import Case, load_case
-from ctseg.inference.model import EXPORT_MANIFEST, load_model
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
 from ctseg.inference.prompts import OUTSIDE_NAME, parse_prompt
 from ctseg.inference.runner import run
 from ctseg.inference.vista3d import plan_case
+from ctseg.models.loading import EXPORT_MANIFEST, load_model
 from ctseg.reference import vista3d_bundle as bundle
 
 SPACINGS = (1.5, 3.0)  # the bundle's resample_spacing, and 3 mm

@@ -167,6 +167,16 @@ def test_warmup_cosine_schedule_warms_up_then_decays():
     assert recorder.lrs == pytest.approx(expected)
 
 
+def test_warmup_starts_at_the_multiplier_of_the_learning_rate():
+    recorder = LrRecorder()
+    module = tiny_module(scheduler="warmup_cosine", warmup_epochs=1, warmup_multiplier=0.1,
+                         optimizer={"_target_": "torch.optim.SGD", "lr": 0.1})
+    trainer(max_epochs=3, callbacks=[recorder], limit_val_batches=0).fit(
+        module, DataLoader(batches(2), batch_size=1))
+    # MONAI's WarmupCosineSchedule: lr x (m + (1 - m) x step / warmup) during the warm-up.
+    assert recorder.lrs[:2] == pytest.approx([0.01, 0.055])
+
+
 def test_warmup_longer_than_run_is_refused():
     module = tiny_module(scheduler="warmup_cosine", warmup_epochs=2)
     with pytest.raises(ValueError, match=r"warmup_epochs=2 must be below trainer\.max_epochs=2"):

@@ -23,7 +23,7 @@ from ctseg.data.transforms import PipelineConfig
 from ctseg.errors import ConfigError, MissingFileError
 from ctseg.labels import label_names, num_classes
 from ctseg.models.segresnet import SegResNetModule
-from ctseg.models.vista3d import VISTA3DModule, build_vista3d
+from ctseg.models.vista3d import AutomaticVISTA3D, VISTA3DModule, build_vista3d
 from ctseg.models.weights import (
     SEGRESNET_HEAD,
     load_into,
@@ -258,3 +258,11 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
     log.info("%s: %d classes, spacing %s mm, intensity %s, smoothing sigma %s", path, expected,
              pipeline.spacing, pipeline.intensity, pipeline.smooth_sigma)
     return LoadedModel(module.net.eval(), list(module.label_names), pipeline, roi)
+
+
+def window_network(net: nn.Module, kind: str, known_ids: list[int]) -> nn.Module:
+    """The module an export holds: the network itself (SegResNet) or VISTA3D's automatic mode
+    over `known_ids`."""
+    if kind == "vista3d":
+        return AutomaticVISTA3D(net, known_ids).eval()
+    return net.eval()
