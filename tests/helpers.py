@@ -61,9 +61,11 @@ def wandb_run(run_dir: Path, wait_s: float = 30.0):
     resumed run's record was missing right after training in one of three full-suite runs."""
     deadline = time.monotonic() + wait_s
     while True:
-        runs = [r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
+        records = wandb_records(run_dir)
+        runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         if runs or time.monotonic() > deadline:
-            assert runs, f"no run record in the W&B file under {run_dir} after {wait_s} s"
+            assert runs, (f"no run record in the W&B file under {run_dir} after {wait_s} s; "
+                          f"records: {[r.WhichOneof('record_type') for r in records]}")
             return runs[0]
         time.sleep(0.5)
 
