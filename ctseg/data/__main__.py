@@ -16,6 +16,8 @@ from ctseg.errors import CtsegError
 from ctseg.labels import VERSIONS, label_names
 
 console = Console()
+# errors go to stderr, as every other ctseg CLI writes them
+error_console = Console(stderr=True)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CtsegError, ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+        error_console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
         return 1
 
 

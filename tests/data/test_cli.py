@@ -42,7 +42,9 @@ def test_v2_check_on_v1_download_lists_the_missing_masks(shared_data: Path, caps
 
 def test_errors_are_one_line_with_exit_status_1(tmp_path: Path, capsys) -> None:
     assert main(["prepare", str(tmp_path)]) == 1
-    assert f"error: {tmp_path}/meta.csv: meta.csv not found" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"error: {tmp_path}/meta.csv: meta.csv not found" in captured.err
+    assert "error:" not in captured.out
 
 
 def test_truncated_ct_with_default_workers_is_one_line(two_subjects: Path, tmp_path: Path) -> None:
@@ -53,7 +55,7 @@ def test_truncated_ct_with_default_workers_is_one_line(two_subjects: Path, tmp_p
                              "--out", str(out)], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "COLUMNS": "400"})
     assert result.returncode == 1, result.stdout + result.stderr
-    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {two_subjects}/s0002/ct.nii.gz: corrupt or truncated NIfTI file "
                       f"{errors[0].split('NIfTI file ', 1)[1]}"]
     assert "re-download it" in errors[0]

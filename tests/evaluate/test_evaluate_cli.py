@@ -92,6 +92,17 @@ def test_a_mistyped_prediction_folder_is_named_and_not_created(shared_data, tmp_
     assert not (tmp_path / "nope").exists()
 
 
+def test_an_unknown_version_is_one_line(shared_data, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ctseg.evaluate", f"pred={tmp_path}",
+                             f"gt={shared_data}", "version=v3"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: version=v3: not a TotalSegmentator version; use v1 or v2"]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "evaluation").exists()
+
+
 def test_vista3d_predictions_are_scored_by_structure_name(merged, shared_data, tmp_path, caplog):
     # predict.py with a VISTA3D checkpoint writes VISTA3D ids and their names in labels.json
     names = label_names("v1")
