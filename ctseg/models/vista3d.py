@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceCELoss
 from monai.networks.nets import SegResNetDS2
 from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMappingSAM
 from torch import Tensor, nn
@@ -231,7 +231,6 @@ class VISTA3DModule(SegmentationModule):
             max_point=max_point, drop_label_prob=drop_label_prob, drop_point_prob=drop_point_prob))
         self.stages = training_stages(base, stages)
         self.stage = self.stages[0]
-        self.sampling = self.stage.sampling
         super().__init__(
             num_classes=num_classes, label_names=label_names, optimizer=optimizer,
             scheduler=scheduler, warmup_epochs=warmup_epochs, roi_size=roi_size,
@@ -249,8 +248,13 @@ class VISTA3DModule(SegmentationModule):
                 log.info("VISTA3D training stage %d of %d from epoch %d: trainable=%s, %s",
                          self.stages.index(stage) + 1, len(self.stages), self.current_epoch,
                          stage.trainable, stage.sampling)
-            self.stage, self.sampling = stage, stage.sampling
+            self.stage = stage
             self.set_trainable(stage.trainable)
+
+    @property
+    def sampling(self) -> PromptSampling:
+        """How prompts are drawn in the current training stage."""
+        return self.stage.sampling
 
     def set_trainable(self, trainable: str) -> None:
         """Train the whole network (`all`), the heads (image encoder frozen) or the point head."""
@@ -302,9 +306,6 @@ class VISTA3DModule(SegmentationModule):
         """The bundle's per-prompt sigmoid DiceCE (train.json `loss`)."""
         self.loss = DiceCELoss(include_background=True, sigmoid=True, smooth_dr=1e-5,
                                smooth_nr=0, squared_pred=True, to_onehot_y=False)
-        self.dice = DiceLoss(include_background=True, sigmoid=True, smooth_dr=1e-5,
-                             smooth_nr=0, squared_pred=True, to_onehot_y=False)
-        self.bce = torch.nn.BCEWithLogitsLoss()
 
     def forward(self, image: Tensor, **prompts: Any) -> Tensor:
         """VISTA3D logits (P, 1, D, H, W) of one (1, C, D, H, W) patch for `prompts`
@@ -330,13 +331,15 @@ class VISTA3DModule(SegmentationModule):
             logits = net(image[i:i + 1], point_coords=p.points, point_labels=p.point_labels,
                          class_vector=p.label_prompt)
             target = (labels[i][None] == p.prompt_class[:, :, None, None, None]).float()
+            logits = logits.float()
             if self.hparams.dice_over == "all":
-                losses.append(self.loss(logits.float(), target))
+                losses.append(self.loss(logits, target))
                 continue
+            # The bundle loss's own two terms, its Dice over the prompts with a target only.
             fg = target.flatten(1).any(1)
-            loss = self.bce(logits.float(), target)
+            loss = self.loss.bce(logits, target)
             if fg.any():
-                loss = loss + self.dice(logits.float()[fg], target[fg])
+                loss = loss + self.loss.dice(logits[fg], target[fg])
             losses.append(loss)
         return torch.stack(losses).mean()
 
