@@ -51,6 +51,18 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
     return stored_labels(pred), stored_labels(gt), spacing
 
 
+def check_classes(labels: np.ndarray, path: Path, names: list[str], version: str,
+                  fix: str) -> None:
+    """Refuse a label map with values above the version's classes (a map of another version or
+    label space would be scored wrongly without a word)."""
+    if int(labels.max(initial=0)) < len(names):
+        return
+    above = np.unique(labels[labels >= len(names)])
+    shown = ", ".join(str(v) for v in above[:5]) + (", ..." if len(above) > 5 else "")
+    raise DatasetError(path, f"label values {shown} are above the {len(names) - 1} classes of "
+                       f"version={version}; {fix}")
+
+
 def class_lookup(case_dir: Path, names: list[str]) -> np.ndarray | None:
     """Prediction value -> class index of `names` from the labels.json that predict.py wrote
     beside the label map (`names_lookup`); None without one or when the values already are
@@ -89,6 +101,11 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                                disable=not cfg.get("progress", True)):
         p, g, spacing = load_pair(pred / case / LABELS_FILE, gt_path)
         p = mapped(p, class_lookup(pred / case, names), pred / case / LABELS_FILE)
+        check_classes(p, pred / case / LABELS_FILE, names, version,
+                      "score it with the version it was predicted for, or keep the labels.json "
+                      "predict.py writes beside it")
+        check_classes(g, gt_path, names, version,
+                      "score against ground truth of the same TotalSegmentator version")
         rows += case_rows(case, p, g, spacing, names, tolerance)
     out = Path(str(cfg.get("output") or pred / "evaluation"))
     summary = write_outputs(rows, out, tolerance)

@@ -135,3 +135,19 @@ def test_a_corrupt_prediction_is_named(merged, shared_data):
     with pytest.raises(DatasetError, match=r"s0001/labels\.nii\.gz: corrupt or truncated NIfTI "
                                            r"file .*; predict the case again"):
         evaluate({"pred": merged, "gt": shared_data, "progress": False})
+
+
+def test_a_label_map_of_another_version_is_refused(merged, shared_data, tmp_path):
+    """TotalSegmentator's own v2 map of the crop scored as v1 (no labels.json beside it): its
+    values above 104 are named, not silently counted as background."""
+    shutil.copy(shared_data / "s0001" / "label_totalseg_v2.nii.gz",
+                merged / "s0001" / "labels.nii.gz")
+    result = subprocess.run([sys.executable, "-m", "ctseg.evaluate", f"pred={merged}",
+                             f"gt={shared_data}", "version=v1", "progress=false"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert f"{merged / 's0001' / 'labels.nii.gz'}: label values " in errors[0]
+    assert "are above the 104 classes of version=v1" in errors[0]
+    assert not (merged / "evaluation").exists()
