@@ -9,16 +9,18 @@ from typing import Any
 
 import numpy as np
 
+from ctseg.errors import ConfigError
+
 VERSIONS = ("v1", "v2")
 BACKGROUND = "background"
 
 
 def check_version(version: str) -> str:
-    """Return `version` if it is a known TotalSegmentator version, else raise ValueError."""
+    """Return `version` if it is a known TotalSegmentator version, else raise ConfigError (a
+    ValueError naming the key)."""
     if version not in VERSIONS:
-        raise ValueError(
-            f"unknown TotalSegmentator version {version!r}; choose one of {', '.join(VERSIONS)}"
-        )
+        raise ConfigError(f"version={version}: unknown TotalSegmentator version {version!r}; "
+                          f"choose one of {', '.join(VERSIONS)}")
     return version
 
 

@@ -18,7 +18,7 @@ from ctseg.errors import ConfigError, DatasetError, reported
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
 from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
-from ctseg.labels import VERSIONS, label_names
+from ctseg.labels import check_version, label_names
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Score every ground-truth case that has a prediction; write the outputs; the summary."""
     pred, gt = Path(str(cfg["pred"])), Path(str(cfg["gt"]))
     version, tolerance = str(cfg.get("version", "v1")), float(cfg.get("tolerance_mm", 3.0))
-    if version not in VERSIONS:
-        raise ConfigError(f"version={version}: not a TotalSegmentator version; use "
-                          f"{' or '.join(VERSIONS)}")
+    check_version(version)
     for folder, what in ((pred, "pred"), (gt, "gt")):
         if not folder.is_dir():
             raise ConfigError(f"{what}={folder}: no such folder")

@@ -98,7 +98,8 @@ def test_an_unknown_version_is_one_line(shared_data, tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: version=v3: not a TotalSegmentator version; use v1 or v2"]
+    assert errors == ["error: version=v3: unknown TotalSegmentator version 'v3'; "
+                      "choose one of v1, v2"]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "evaluation").exists()
 
