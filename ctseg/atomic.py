@@ -1,14 +1,35 @@
-"""Atomic writes: a temp file beside the target, renamed over it only once complete."""
+"""Atomic writes: a temp file beside the target, flushed to disk and renamed over it only once
+complete, then the folder flushed, so a crash or power loss leaves the old file or the new one."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+
+from ctseg.errors import output_error
+
+# In the name of every temporary file or folder ctseg writes, with the writer's host and process
+# id, so leftovers of killed processes are recognised (`remove_leftovers`).
+TEMP_MARK = "ctseg-tmp"
+_OWNER = re.compile(rf"\.{TEMP_MARK}\.([^.]+)\.(\d+)\.")
+
+
+def _host() -> str:
+    """This machine's name without dots (a field of temporary names)."""
+    return socket.gethostname().replace(".", "-") or "localhost"
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary file or folder that will become `name`."""
+    return f".{name}.{TEMP_MARK}.{_host()}.{os.getpid()}."
 
 
 def default_mode(directory: bool = False) -> int:
@@ -19,18 +40,38 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a written file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | Path, writer: Callable[[Path], Any], suffix: str = ".tmp") -> Path:
-    """Call `writer(tmp)` on a temp file beside `path` (ending in `suffix`), then rename it
-    (with the permissions a plain write would have given)."""
+    """Call `writer(tmp)` on a temp file beside `path` (ending in `suffix`), flush it, rename it
+    (with the permissions a plain write would have given) and flush the folder. A failure to
+    write (no permission, disk full, file-size limit) is an OutputError naming `path`; nothing
+    is left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name),
+                                        suffix=suffix)
+    except OSError as err:
+        raise output_error(path, err) from err
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         writer(tmp)
+        fsync_path(tmp)
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
+        fsync_path(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise output_error(path, err) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -42,3 +83,39 @@ def save_nifti_atomic(img: nib.Nifti1Image, path: str | Path) -> Path:
     path = Path(path)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     return write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
+
+
+def _owner_alive(path: Path) -> bool:
+    """Whether the process that made temporary `path` may still be writing it: it runs on another
+    machine (unknown), or its process id is running and started before `path` was last changed."""
+    import psutil
+
+    found = _OWNER.search(path.name)
+    if found is None or found.group(1) != _host():
+        return found is not None
+    try:
+        started = psutil.Process(int(found.group(2))).create_time()
+    except psutil.Error:
+        return False
+    return started <= path.lstat().st_mtime + 1.0
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and folders in `folder` whose writer on this machine is gone
+    (a killed run); the paths removed. Temporaries of running processes stay."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.glob(f".*{TEMP_MARK}*"):
+        try:
+            if _owner_alive(path):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue  # another process removed it first
+        removed.append(path)
+    return removed

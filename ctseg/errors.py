@@ -7,9 +7,12 @@ finds it inside the traceback text of a spawned DDP process.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import struct
 import sys
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,24 @@ class CheckpointError(CtsegError, ValueError):
 
 class MissingFileError(CtsegError, FileNotFoundError):
     """A file the run needs (checkpoint, weights, input) does not exist."""
+
+
+class OutputError(CtsegError, OSError):
+    """A file or folder ctseg cannot write (permissions, disk full, a file-size limit); the
+    message names it."""
+
+
+# errno values that mean "no room": disk full, quota, file-size limit (ulimit -f).
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def output_error(path: str | Path, err: OSError) -> OutputError:
+    """An OutputError naming `path` for `err`, with the fix."""
+    if err.errno in NO_ROOM:
+        fix = "free disk space, raise the file-size limit, or write elsewhere"
+    else:
+        fix = "choose a writable folder"
+    return OutputError(f"{path}: cannot write ({err.strerror or err}); {fix}")
 
 
 class DatasetError(CtsegError, ValueError):
@@ -105,16 +126,34 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def data_errors() -> tuple[type[BaseException], ...]:
+    """What reading or decoding a bad file raises: OS and gzip errors, nibabel's and pydicom's
+    file errors, and the ValueErrors numpy and nibabel raise for inconsistent headers."""
+    from nibabel.filebasedimages import ImageFileError
+    from pydicom.errors import InvalidDicomError
+
+    return (OSError, EOFError, ValueError, zlib.error, struct.error, ImageFileError,
+            InvalidDicomError)
+
+
 @contextmanager
 def blamed_on(path: str | Path, doing: str) -> Iterator[None]:
-    """Re-raise a failure inside as a DatasetError naming `path`: "<doing> (<type>: <cause>)".
-    DatasetErrors and MemoryErrors pass unchanged."""
+    """Re-raise a failure to read or decode data inside as a DatasetError naming `path`:
+    "<doing> (<type>: <cause>)". No room to write (disk full, file-size limit) is an OutputError
+    naming the file written; ctseg's own errors, MemoryErrors and anything else (a bug) pass
+    unchanged."""
     try:
         yield
-    except (DatasetError, MemoryError):
+    except (CtsegError, MemoryError):
         raise
     except Exception as err:
         cause = root_cause(err)
+        if isinstance(cause, CtsegError):
+            raise cause from err
+        if isinstance(cause, OSError) and cause.errno in NO_ROOM:
+            raise output_error(cause.filename or path, cause) from err
+        if not isinstance(cause, data_errors()):
+            raise
         raise DatasetError(path, f"{doing} ({type(cause).__name__}: {cause})") from err
 
 

@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ctseg.atomic import write_atomic
+from ctseg.atomic import remove_leftovers, write_atomic
+from ctseg.callbacks.checkpoint_io import AtomicCheckpointIO
 from ctseg.callbacks.native_evaluation import NativeEvaluation
 from ctseg.config import instantiate_group
 from ctseg.errors import ConfigError, MissingFileError
@@ -102,6 +103,7 @@ def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.Light
     """
     check_writable(Path(cfg.paths.output_dir), "run's logs")
     check_writable(checkpoint_dir, "checkpoints")
+    remove_leftovers(checkpoint_dir)
     ckpt_path = resolve_ckpt_path(requeued_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir),
                                   checkpoint_dir)
     if ckpt_path is not None:
@@ -160,6 +162,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
     loggers = instantiate_group(cfg.get("logger"))
     strategy = cfg.trainer.get("strategy")
     chosen = {"strategy": ddp_strategy(strategy, model)} if strategy is not None else {}
+    if not cfg.trainer.get("plugins"):
+        chosen["plugins"] = [AtomicCheckpointIO()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      **chosen)
     checkpoint_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or output_dir)

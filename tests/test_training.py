@@ -133,8 +133,10 @@ def test_sigterm_writes_checkpoint_and_resume_continues(compose_cfg, tmp_path):
     run = tmp_path / "killed"
     last = run / "checkpoints" / "last.ckpt"
     metrics = run / "csv" / "version_0" / "metrics.csv"
-    # No validation, so no checkpoint is written unless the SIGTERM handling writes one.
-    cmd = [sys.executable, "train.py", *TINY, "trainer.max_epochs=1000",
+    # 25 steps per epoch and no validation: the signal comes in the first epoch, before any
+    # checkpoint, so last.ckpt exists only if the SIGTERM handling writes it.
+    many = ("data.samples_per_volume=25",)
+    cmd = [sys.executable, "train.py", *TINY, *many, "trainer.max_epochs=1000",
            "trainer.check_val_every_n_epoch=1000", "trainer.log_every_n_steps=1",
            "+logger.csv.flush_logs_every_n_steps=1", f"hydra.run.dir={run}",
            f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'outputs'}"]
@@ -158,11 +160,26 @@ def test_sigterm_writes_checkpoint_and_resume_continues(compose_cfg, tmp_path):
     step, epoch = saved["global_step"], saved["epoch"]
     assert step >= max(1, *(int(r["step"]) for r in metric_rows(run)))
 
-    _, objects = train(compose_cfg(*TINY, f"trainer.max_epochs={epoch + 3}", f"ckpt_path={last}"))
+    _, objects = train(compose_cfg(*TINY, *many, f"trainer.max_epochs={epoch + 2}",
+                                   f"ckpt_path={last}"))
     trainer = objects["trainer"]
-    assert step < trainer.global_step <= step + 3
-    assert trainer.current_epoch == epoch + 3
+    assert step < trainer.global_step <= (epoch + 2) * trainer.num_training_batches
+    assert trainer.current_epoch == epoch + 2
     assert min(e for e, _ in column(metric_rows(tmp_path / "run"), "train/loss_epoch")) >= epoch
+
+
+def test_a_run_shorter_than_its_validation_interval_keeps_last_ckpt(compose_cfg, tmp_path):
+    """Validation every 5 epochs, 2 epochs run: last.ckpt holds the end of the run, written
+    atomically (no temporary file beside it), and resuming from it continues."""
+    _, first = train(compose_cfg(*TINY, "trainer.max_epochs=2",
+                                 "trainer.check_val_every_n_epoch=5"))
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "last.ckpt"]
+    saved = torch.load(folder / "last.ckpt", weights_only=True)
+    assert (saved["global_step"], saved["epoch"]) == (first["trainer"].global_step, 1)
+    _, second = train(compose_cfg(*TINY, "trainer.max_epochs=3",
+                                  "trainer.check_val_every_n_epoch=5", "ckpt_path=last"))
+    assert second["trainer"].global_step == 3 * first["trainer"].num_training_batches
 
 
 def test_bf16_mixed_runs_on_cpu(compose_cfg):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ctseg.atomic import remove_leftovers, temp_prefix
 from ctseg.data.transforms import (
     IMAGE,
     LABEL,
@@ -146,6 +147,7 @@ class VolumeCache:
              progress: bool = False) -> None:
         """Build the missing entries of `records` (in `workers` processes), so that DataLoader
         workers only ever read; a record that cannot be preprocessed is a DatasetError."""
+        remove_leftovers(self.root)
         todo = [r for r in records if self._valid(self.root / record_key(r)) is None]
         if not todo:
             return
@@ -195,7 +197,7 @@ class VolumeCache:
 
     def _discard(self, folder: Path) -> None:
         """Move a damaged entry aside (atomically), then delete it."""
-        trash = self.root / f".trash-{folder.name}-{uuid.uuid4().hex}"
+        trash = self.root / f"{temp_prefix(folder.name)}trash-{uuid.uuid4().hex}"
         try:
             folder.rename(trash)
         except OSError:
@@ -209,7 +211,7 @@ class VolumeCache:
         label = np.ascontiguousarray(data[LABEL].numpy(), dtype=np.uint8)
         locations = class_locations(label[0], self.pipeline.num_classes)
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{folder.name}-{uuid.uuid4().hex}"
+        tmp = self.root / f"{temp_prefix(folder.name)}{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
             np.save(tmp / IMAGE_FILE, image)

@@ -16,7 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ctseg.atomic import default_mode, write_atomic
+from ctseg.atomic import default_mode, fsync_path, temp_prefix, write_atomic
 from ctseg.errors import DatasetError
 from ctseg.labels import label_map_dtype
 
@@ -145,25 +145,30 @@ def write_case(
               folder / PROBABILITIES_DIR / f"{file_name(table[index])}.nii.gz")
 
 
+class OutputExists(FileExistsError):
+    """The case folder appeared while the case was predicted (another process finished it)."""
+
+
 @contextmanager
 def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield an empty temporary folder beside `target` that replaces `target` on success and is
     deleted on failure, so a case folder is either complete or absent."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name)))
     try:
         yield tmp
         os.chmod(tmp, default_mode(directory=True))
         if target.exists():
             if not overwrite:
-                raise FileExistsError(f"{target}: output exists; set overwrite=true to replace it")
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.",
+                raise OutputExists(f"{target}: output exists; set overwrite=true to replace it")
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name),
                                         suffix=".old"))
             os.replace(target, old / target.name)
             os.replace(tmp, target)
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
+        fsync_path(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

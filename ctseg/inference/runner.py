@@ -11,10 +11,11 @@ from typing import Any
 from omegaconf import DictConfig
 from rich.progress import Progress
 
+from ctseg.atomic import remove_leftovers
 from ctseg.config import plain
 from ctseg.errors import user_message
 from ctseg.inference.inputs import discover_cases
-from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
+from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, OutputExists, write_json
 from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions
 from ctseg.inference.prompts import parse_prompt
 from ctseg.models.loading import load_model
@@ -74,7 +75,15 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
     model = load_model(str(cfg["ckpt"]), plain(cfg.get("model")) or {},
                        plain(cfg.get("data")) or {})
     overwrite = bool(cfg.get("overwrite", False))
+    removed = remove_leftovers(output)
+    if removed:
+        log.info("removed %d temporary folders of an interrupted run in %s", len(removed), output)
     reports, skipped, failures = [], [], []
+
+    def write_timing() -> None:
+        write_json(output / TIMING_FILE, {"cases": reports, "skipped": skipped,
+                                          "failed": failures})
+
     with CasePredictor(model, options) as predictor, \
             Progress(disable=not cfg.get("progress", True)) as progress:
         task = progress.add_task("predict", total=len(cases))
@@ -89,6 +98,9 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
                     report = predictor.predict(case, folder, overwrite=overwrite)
                     log.info(_summary_line(report))
                     reports.append(report)
+                except OutputExists:
+                    log.info("%s: written by another process meanwhile, kept", folder)
+                    skipped.append(case.name)
                 except Exception as err:
                     message = failure_message(err)
                     log.error("%s failed: %s", case.path, message)
@@ -97,8 +109,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
                     failures.append({"case": case.name, "input": str(case.path),
                                      "error": message})
             progress.advance(task)
-    write_json(output / TIMING_FILE, {"cases": reports, "skipped": skipped,
-                                      "failed": failures})
+            write_timing()  # after each case, so a killed run keeps the timings so far
     log.info("%d predicted, %d skipped, %d failed; timings in %s", len(reports), len(skipped),
              len(failures), output / TIMING_FILE)
     if failures:

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ctseg.atomic import TEMP_MARK
 from ctseg.data.layout import DatasetError, read_meta
 from ctseg.data.merge import default_prepared_dir, prepare
 from ctseg.labels import class_names
@@ -153,7 +154,7 @@ def test_two_processes_share_one_result(mini_copy: Path, tmp_path: Path) -> None
     label = nib.load(paths.pop())
     assert label.shape == (122, 101, 30)
     assert len(np.unique(np.asanyarray(label.dataobj))) == 41
-    assert not [p for p in (out / "v1").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in (out / "v1").iterdir() if TEMP_MARK in p.name]
 
 
 def _corrupt(path: Path) -> None:
@@ -223,7 +224,7 @@ def test_bad_files_name_the_file_and_write_nothing(mini_copy: Path, tmp_path: Pa
     with pytest.raises(DatasetError, match=message) as info:
         prepare(mini_copy, out=out)
     assert info.value.path == mini_copy.resolve() / "s0001" / target
-    assert not list((out / "v1").glob("*.nii.gz")) and not list((out / "v1").glob("*.tmp"))
+    assert not list((out / "v1").glob("*.nii.gz")) and not list((out / "v1").glob(f"*{TEMP_MARK}*"))
     assert not (out / "v1" / "manifest.json").exists()
 
 

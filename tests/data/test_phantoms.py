@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ctseg.atomic import TEMP_MARK
 from ctseg.data.layout import by_split, read_meta, subject_problems
 from ctseg.data.phantoms import PHANTOM_STRUCTURES, split_assignment, write_phantoms
 from ctseg.labels import VERSIONS, class_names
@@ -129,7 +130,7 @@ def test_rewrite_replaces_meta_and_subject_does_not_depend_on_n(tmp_path: Path) 
     assert read_meta(tmp_path / "big")[0].split == "train"
     alone = write_phantoms(tmp_path / "one", 1, seed=1, shape=(16, 16, 16))
     assert np.array_equal(_array(folders[0] / "ct.nii.gz"), _array(alone[0] / "ct.nii.gz"))
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob(f"*{TEMP_MARK}*"))
 
 
 def test_refuses_to_overwrite_a_real_dataset(mini_copy: Path, tree_digest) -> None:

@@ -1,0 +1,80 @@
+"""What is blamed on a file and what is not, and atomic writes that fail cleanly."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctseg.atomic import write_atomic
+from ctseg.errors import ConfigError, DatasetError, OutputError, blamed_on
+
+
+def test_a_truncated_nifti_is_blamed_on_its_file(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), path)
+    path.write_bytes(path.read_bytes()[:60])
+    expected = rf"^{path}: cannot read \((EOFError|OSError|BadGzipFile|error|ImageFileError)"
+    with pytest.raises(DatasetError, match=expected), blamed_on(path, "cannot read"):
+        np.asarray(nib.load(path).dataobj)
+
+
+def test_a_bug_inside_is_not_blamed_on_the_file(tmp_path):
+    with pytest.raises(TypeError), blamed_on(tmp_path / "ct.nii.gz", "cannot read"):
+        len(3)  # a programming error, not bad data
+    with pytest.raises(ConfigError, match=r"^key: fix"), blamed_on(tmp_path, "cannot read"):
+        raise ConfigError("key: fix")
+
+
+def test_no_room_is_blamed_on_the_file_written_not_the_subject(tmp_path):
+    cache = tmp_path / "cache" / "s0001.npy"
+    expected = rf"^{cache}: cannot write \(No space left on device\); free disk space"
+    with pytest.raises(OutputError, match=expected), \
+            blamed_on(tmp_path / "s0001" / "ct.nii.gz", "cannot preprocess"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(cache))
+
+
+def test_write_atomic_names_an_unwritable_target_and_leaves_nothing(tmp_path):
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "out" / "labels.json"
+    with pytest.raises(OutputError, match=rf"^{target}: cannot write \(Not a directory\); "
+                                          "choose a writable folder"):
+        write_atomic(target, lambda tmp: tmp.write_text("{}"))
+
+
+def test_write_atomic_under_a_file_size_limit_keeps_the_old_file(tmp_path):
+    """`ulimit -f` in a child process: the write fails with EFBIG (Python ignores SIGXFSZ), the
+    error names the target, the old content stays and no temp file remains."""
+    target = tmp_path / "labels.nii.gz"
+    target.write_bytes(b"old")
+    code = f"""
+import resource, sys
+from ctseg.atomic import write_atomic
+from ctseg.errors import OutputError
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    write_atomic({str(target)!r}, lambda tmp: tmp.write_bytes(b"0" * 100_000))
+except OutputError as err:
+    print(err)
+    sys.exit(1)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == (f"{target}: cannot write (File too large); free disk "
+                                     "space, raise the file-size limit, or write elsewhere")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]
+
+
+def test_write_atomic_replaces_the_whole_file(tmp_path):
+    target = tmp_path / "a" / "b.json.gz"
+    write_atomic(target, lambda tmp: tmp.write_bytes(gzip.compress(b"new")))
+    assert gzip.decompress(target.read_bytes()) == b"new"
+    assert [p.name for p in target.parent.iterdir()] == ["b.json.gz"]
