@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctseg.atomic import write_atomic
+from ctseg.atomic import TEMP_MARK, remove_leftovers, temp_prefix, write_atomic
 from ctseg.errors import ConfigError, DatasetError, OutputError, blamed_on
 
 
@@ -55,7 +56,7 @@ def test_write_atomic_under_a_file_size_limit_keeps_the_old_file(tmp_path):
     target.write_bytes(b"old")
     code = f"""
 import resource, sys
-from ctseg.atomic import write_atomic
+from ctseg.atomic import TEMP_MARK, remove_leftovers, temp_prefix, write_atomic
 from ctseg.errors import OutputError
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 try:
@@ -78,3 +79,23 @@ def test_write_atomic_replaces_the_whole_file(tmp_path):
     write_atomic(target, lambda tmp: tmp.write_bytes(gzip.compress(b"new")))
     assert gzip.decompress(target.read_bytes()) == b"new"
     assert [p.name for p in target.parent.iterdir()] == ["b.json.gz"]
+
+
+def test_leftovers_of_a_dead_process_go_and_a_running_ones_stay(tmp_path):
+    """A temporary folder and file of a killed process (a pid that no longer runs) are removed;
+    this process's own temporary, another machine's and ordinary files stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = temp_prefix("case")
+    killed = ours.replace(f".{os.getpid()}.", f".{dead}.")
+    (tmp_path / f"{killed}abc").mkdir()
+    (tmp_path / f"{killed}abc" / "labels.nii.gz").write_bytes(b"partial")
+    (tmp_path / f".labels.json{killed[len('.case'):]}x.tmp").write_text("{")
+    (tmp_path / f"{ours}mine").mkdir()
+    other_host = f".case.{TEMP_MARK}.elsewhere.{dead}.x"
+    (tmp_path / other_host).mkdir()
+    (tmp_path / "case").mkdir()
+    removed = remove_leftovers(tmp_path)
+    assert len(removed) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{ours}mine", other_host, "case"])
