@@ -8,7 +8,8 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,67 @@ def write_atomic(path: str | Path, writer: Callable[[Path], Any], suffix: str = 
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class OutputExists(FileExistsError):
+    """The case folder appeared while the case was predicted (another process finished it)."""
+
+
+@contextmanager
+def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target` that replaces `target` on success and is
+    deleted on failure, so a case folder is either complete or absent."""
+    tmp = _temp_folder(target)
+    try:
+        yield tmp
+        os.chmod(tmp, default_mode(directory=True))
+        if target.exists():
+            if not overwrite:
+                raise OutputExists(f"{target}: output exists; set overwrite=true to replace it")
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name),
+                                        suffix=".old"))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+        fsync_path(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _temp_folder(target: Path) -> Path:
+    """A new private temporary folder beside `target` (its parent created); OutputError when
+    that cannot be written."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name)))
+    except OSError as err:
+        raise output_error(target, err) from err
+
+
+@contextmanager
+def staged_files(folder: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `folder`; on success its files are flushed and
+    moved into `folder` (created if needed; files of the same names replaced, others kept), on
+    failure it is deleted and `folder` stays as it was."""
+    tmp = _temp_folder(folder)
+    try:
+        yield tmp
+        try:
+            folder.mkdir(exist_ok=True)
+            files = sorted(p for p in tmp.iterdir() if p.is_file())
+            for path in files:
+                fsync_path(path)
+                os.chmod(path, default_mode())
+            for path in files:
+                os.replace(path, folder / path.name)
+            fsync_path(folder)
+        except OSError as err:
+            raise output_error(folder, err) from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_nifti_atomic(img: nib.Nifti1Image, path: str | Path) -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ctseg.atomic import write_atomic
+from ctseg.atomic import remove_leftovers, staged_files, write_atomic
 from ctseg.data.phantoms import render_subject
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.export import parity
@@ -28,13 +28,11 @@ from ctseg.export.formats import (
     trt_unavailable,
     write_format,
 )
-from ctseg.export.runtime import load_runner
-from ctseg.models.loading import LoadedModel, window_network
+from ctseg.export.runtime import load_runner, sha256_of
+from ctseg.models.loading import EXPORT_MANIFEST, LoadedModel, window_network
 from ctseg.sliding_window import pad_to_roi
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "export.json"
 
 
 def centre_window(volume: Tensor, roi: Sequence[int]) -> Tensor:
@@ -73,36 +71,40 @@ def export_model(model: LoadedModel, formats: Sequence[str], output: str | Path,
                  window: Tensor, source: str = "", opset: int = 17,
                  thresholds: Mapping[str, Any] | None = None, device: str = "cpu",
                  max_batch: int = 4) -> dict[str, Any]:
-    """Write `model` in each of `formats` to `output`, check each on `window` and write
-    `export.json`; TensorRT formats are skipped with one logged line where they cannot run.
-    Raises ParityError (naming format and figures) when an export differs from the network."""
+    """Write `model` in each of `formats` to `output`, check each on `window`, then write
+    `export.json` with each file's SHA-256; TensorRT formats are skipped with one logged line
+    where they cannot run. The files are written and checked in a private folder and moved into
+    `output` only once every check passed: a ParityError (naming format and figures) leaves a
+    previous export in `output` as it was."""
     if model.net is None:
         raise ValueError("export_model needs a model with its torch network")
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output.parent)
     net = window_network(model.net, model.kind, model.known_ids).cpu()
     window = window.float().cpu()
     manifest = manifest_entry(model, source, opset)
     skipped = {}
     references: dict[torch.device, Tensor] = {}  # the torch logits, once per device
-    for fmt in check_formats(list(formats)):
-        if fmt in TRT_FORMATS and (reason := trt_unavailable()):
-            log.warning("%s skipped: %s", fmt, reason)
-            skipped[fmt] = reason
-            continue
-        run_device = torch.device("cuda" if fmt in TRT_FORMATS else device)
-        path = write_format(net, fmt, output / FILES[fmt], window, opset, max_batch)
-        if run_device not in references:
-            references[run_device] = parity.reference_logits(net.to(run_device),
-                                                             window.to(run_device))
-            net.cpu()
-        runner = load_runner(path, fmt, run_device)
-        report = parity.check(fmt, path, references[run_device], runner, window.to(run_device),
-                              parity.thresholds_for(fmt, thresholds))
-        manifest["formats"][fmt] = {"file": path.name, "parity": report}
+    with staged_files(output) as staging:
+        for fmt in check_formats(list(formats)):
+            if fmt in TRT_FORMATS and (reason := trt_unavailable()):
+                log.warning("%s skipped: %s", fmt, reason)
+                skipped[fmt] = reason
+                continue
+            run_device = torch.device("cuda" if fmt in TRT_FORMATS else device)
+            path = write_format(net, fmt, staging / FILES[fmt], window, opset, max_batch)
+            if run_device not in references:
+                references[run_device] = parity.reference_logits(net.to(run_device),
+                                                                 window.to(run_device))
+                net.cpu()
+            digest = sha256_of(path)
+            runner = load_runner(path, fmt, run_device, digest)
+            report = parity.check(fmt, path, references[run_device], runner,
+                                  window.to(run_device), parity.thresholds_for(fmt, thresholds))
+            manifest["formats"][fmt] = {"file": path.name, "sha256": digest, "parity": report}
     if skipped:
         manifest["skipped"] = skipped
     text = json.dumps(manifest, indent=2) + "\n"
-    write_atomic(output / MANIFEST, lambda tmp: tmp.write_text(text))
+    write_atomic(output / EXPORT_MANIFEST, lambda tmp: tmp.write_text(text))
     log.info("exported %s to %s", ", ".join(manifest["formats"]) or "nothing", output)
     return manifest

@@ -81,10 +81,10 @@ def check(fmt: str, export_file: Path, reference: Tensor, runner: Runner, window
              "passed" if passed else "FAILED")
     if not passed:
         raise ParityError(
-            f"{fmt} export {export_file} fails parity: max |logit diff| "
+            f"{fmt} export {export_file.name} fails parity: max |logit diff| "
             f"{figures['max_abs_diff']:.3g} (limit {limits.max_abs_diff:.3g}), argmax agreement "
-            f"{figures['argmax_agreement']:.5f} (limit {limits.min_agreement:.5f}); see "
-            f"{parity_path(export_file)}")
+            f"{figures['argmax_agreement']:.5f} (limit {limits.min_agreement:.5f}); the "
+            "previous export, if any, is kept")
     return report
 
 

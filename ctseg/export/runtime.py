@@ -3,6 +3,7 @@ to (B, K, *roi) float32 logits on the batch's device, with one clear error for a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -67,12 +68,27 @@ def _onnxruntime(path: Path, device: torch.device) -> Runner:
     return run
 
 
-def load_runner(path: str | Path, fmt: str, device: torch.device | str = "cpu") -> Runner:
-    """The exported `path` (format `fmt`) as a window runner on `device`."""
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_runner(path: str | Path, fmt: str, device: torch.device | str, sha256: str) -> Runner:
+    """The exported `path` (format `fmt`) as a window runner on `device`, once its bytes match
+    `sha256` (the digest export.json records: TorchScript and ONNX files are code, loaded only
+    as exported)."""
     path, device = Path(path), torch.device(device)
     if not path.is_file():
         raise MissingFileError(f"{path}: no {fmt} export there; export it with python -m "
                                "ctseg.export ckpt=<.ckpt> formats=[" + fmt + "] output=<dir>")
+    if sha256_of(path) != sha256:
+        raise ExportFileError(f"{path}: its SHA-256 differs from the one export.json records, so "
+                              "the file changed after export (damaged, or replaced); export it "
+                              "again with python -m ctseg.export ckpt=<.ckpt> output=<dir>")
     if fmt == "onnx":
         return _onnxruntime(path, device)
     return _torchscript(path, fmt, device)

@@ -13,9 +13,9 @@ from torch import Tensor
 
 from ctseg.errors import ConfigError
 from ctseg.export.exporter import export_model, sample_window
-from ctseg.export.formats import FILES, trt_unavailable
+from ctseg.export.formats import trt_unavailable
 from ctseg.export.runtime import Runner, load_runner
-from ctseg.models.loading import LoadedModel
+from ctseg.models.loading import LoadedModel, load_export
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,13 @@ def _format_for(model: LoadedModel, backend: str, amp: bool) -> str:
     return formats[0]
 
 
-def _export_now(model: LoadedModel, fmt: str, stack: ExitStack) -> Path:
+def _export_now(model: LoadedModel, fmt: str, stack: ExitStack) -> LoadedModel:
     """Export `model` to `fmt` in a temporary folder kept for the run (parity checked on a
-    phantom window); the folder's path."""
+    phantom window); that export, loaded."""
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctseg_backend_")))
     log.info("exporting the network to %s for this run", fmt)
     export_model(model, [fmt], folder, sample_window(model))
-    return folder
+    return load_export(folder)
 
 
 def open_runner(model: LoadedModel, backend: str | None, device: torch.device, amp: bool,
@@ -101,8 +101,6 @@ def open_runner(model: LoadedModel, backend: str | None, device: torch.device, a
                               "backend=onnxruntime, or give the checkpoint for backend=torch")
         return torch_runner(model.net, device, channels_last), "torch"
     fmt = _format_for(model, backend, amp)
-    folder = model.export_dir
-    name = model.formats.get(fmt)
-    if folder is None:
-        folder, name = _export_now(model, fmt, stack), FILES[fmt]
-    return load_runner(folder / str(name), fmt, device), fmt
+    exported = model if model.export_dir is not None else _export_now(model, fmt, stack)
+    path = Path(str(exported.export_dir)) / exported.formats[fmt]
+    return load_runner(path, fmt, device, exported.digests[fmt]), fmt

@@ -32,9 +32,10 @@ import torch
 from monai.networks.nets.vista3d import VISTA3D
 from torch import Tensor, nn
 
+from ctseg.atomic import atomic_folder
 from ctseg.errors import ConfigError
 from ctseg.inference.inputs import Case, discover_cases
-from ctseg.inference.outputs import atomic_folder, write_case
+from ctseg.inference.outputs import write_case
 from ctseg.inference.pipeline import CasePredictor, PredictOptions, PreparedCase
 from ctseg.inference.prompts import Prompt, check_points_inside, parse_prompt
 from ctseg.models.loading import LoadedModel, load_model

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import colorsys
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from ctseg.atomic import default_mode, fsync_path, temp_prefix, write_atomic
+from ctseg.atomic import write_atomic
 from ctseg.errors import DatasetError
 from ctseg.labels import label_map_dtype
 
@@ -143,35 +139,6 @@ def write_case(
         prob = volume.astype(np.float32, copy=False)
         _save(nifti_like(prob, affine, header),
               folder / PROBABILITIES_DIR / f"{file_name(table[index])}.nii.gz")
-
-
-class OutputExists(FileExistsError):
-    """The case folder appeared while the case was predicted (another process finished it)."""
-
-
-@contextmanager
-def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `target` that replaces `target` on success and is
-    deleted on failure, so a case folder is either complete or absent."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name)))
-    try:
-        yield tmp
-        os.chmod(tmp, default_mode(directory=True))
-        if target.exists():
-            if not overwrite:
-                raise OutputExists(f"{target}: output exists; set overwrite=true to replace it")
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name),
-                                        suffix=".old"))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-        fsync_path(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -17,12 +17,13 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged
 
+from ctseg.atomic import atomic_folder
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError, DatasetError
 from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.inputs import Case, load_case
-from ctseg.inference.outputs import atomic_folder, write_case
+from ctseg.inference.outputs import write_case
 from ctseg.inference.prompts import OUTSIDE_NAME, Prompt, check_points_inside
 from ctseg.inference.vista3d import (
     keep_clicked_components,

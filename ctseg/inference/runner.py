@@ -11,11 +11,11 @@ from typing import Any
 from omegaconf import DictConfig
 from rich.progress import Progress
 
-from ctseg.atomic import remove_leftovers
+from ctseg.atomic import OutputExists, remove_leftovers
 from ctseg.config import plain
 from ctseg.errors import user_message
 from ctseg.inference.inputs import discover_cases
-from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, OutputExists, write_json
+from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
 from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions
 from ctseg.inference.prompts import parse_prompt
 from ctseg.models.loading import load_model

@@ -74,6 +74,7 @@ class LoadedModel:
     known_ids: list[int] = field(default_factory=list)
     export_dir: Path | None = None
     formats: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # format -> SHA-256 of its file
 
     @property
     def num_classes(self) -> int:
@@ -183,6 +184,7 @@ def load_export(folder: Path, overrides: Mapping[str, Any] | None = None) -> Loa
     try:
         manifest = json.loads(manifest_path.read_text())
         formats = {fmt: str(entry["file"]) for fmt, entry in manifest["formats"].items()}
+        digests = {fmt: str(entry["sha256"]) for fmt, entry in manifest["formats"].items()}
         pipeline_data = dict(manifest["pipeline"])
         roi = tuple(int(r) for r in manifest["roi_size"])
         kind, names = str(manifest["kind"]), list(manifest["label_names"])
@@ -199,7 +201,7 @@ def load_export(folder: Path, overrides: Mapping[str, Any] | None = None) -> Loa
     log.info("%s: %s export (%s), spacing %s mm", folder, kind, ", ".join(formats),
              pipeline.spacing)
     return LoadedModel(None, names, pipeline, roi, kind=kind, known_ids=known,
-                       export_dir=folder, formats=formats)
+                       export_dir=folder, formats=formats, digests=digests)
 
 
 def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]

@@ -17,12 +17,12 @@ from omegaconf import OmegaConf
 
 from ctseg.errors import reported
 from ctseg.export.__main__ import run as export_run
-from ctseg.export.exporter import MANIFEST, export_model, sample_window
+from ctseg.export.exporter import export_model, sample_window
 from ctseg.export.formats import trt_unavailable
 from ctseg.export.parity import ParityError
-from ctseg.export.runtime import ExportFileError, load_runner
+from ctseg.export.runtime import ExportFileError, load_runner, sha256_of
 from ctseg.inference.runner import run
-from ctseg.models.loading import load_model
+from ctseg.models.loading import EXPORT_MANIFEST, load_model
 from ctseg.vista3d_labels import vista3d_labels
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,13 +75,14 @@ def exported(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_export_writes_files_parity_reports_and_a_manifest(exported: Path, tiny_ckpt: Path):
-    manifest = json.loads((exported / MANIFEST).read_text())
+    manifest = json.loads((exported / EXPORT_MANIFEST).read_text())
     assert manifest["kind"] == "segresnet" and len(manifest["label_names"]) == 105
     assert manifest["roi_size"] == [32, 32, 32] and manifest["pipeline"]["spacing"] == [4.0] * 3
     assert manifest["source"] == str(tiny_ckpt)
     for fmt, name in (("torchscript", "model.ts"), ("onnx", "model.onnx")):
         report = json.loads((exported / f"{name}.parity.json").read_text())
         assert manifest["formats"][fmt]["file"] == name and (exported / name).stat().st_size > 1e5
+        assert manifest["formats"][fmt]["sha256"] == sha256_of(exported / name)
         assert report["passed"] and report["window"] == [1, 1, 32, 32, 32]
         assert report["argmax_agreement"] == 1.0
         assert report["max_abs_diff"] < (1e-5 if fmt == "onnx" else 1e-7)
@@ -96,7 +97,7 @@ def test_exports_run_other_window_and_batch_sizes(exported: Path, tiny_ckpt: Pat
     with torch.no_grad():
         reference = net(windows)
     for fmt, name in (("torchscript", "model.ts"), ("onnx", "model.onnx")):
-        logits = load_runner(exported / name, fmt)(windows)
+        logits = load_runner(exported / name, fmt, "cpu", sha256_of(exported / name))(windows)
         assert logits.shape == (2, 105, 48, 32, 40)
         assert torch.allclose(logits, reference, atol=1e-4)
 
@@ -126,12 +127,15 @@ def test_a_damaged_export_is_named_and_predict_writes_nothing(
     broken = tmp_path / "broken"
     shutil.copytree(exported, broken)
     truncate(broken / name)
-    with pytest.raises(ExportFileError, match=rf"{broken / name}: not a readable {fmt} export"):
-        load_runner(broken / name, fmt)
+    # export.json's digest is checked before the file is loaded: a changed file is not run
     out = tmp_path / "pred"
     assert predict(broken / name, shared_ct, out) == 1
-    assert f"{broken / name}: not a readable {fmt} export" in capsys.readouterr().err
+    assert (f"{broken / name}: its SHA-256 differs from the one export.json records"
+            in capsys.readouterr().err)
     assert not (out / "ct").exists()
+    # a file that is not a model at all is named by the loader
+    with pytest.raises(ExportFileError, match=rf"{broken / name}: not a readable {fmt} export"):
+        load_runner(broken / name, fmt, "cpu", sha256_of(broken / name))
 
 
 def test_a_missing_or_foreign_backend_is_refused(exported, shared_ct, tmp_path, capsys):
@@ -143,14 +147,22 @@ def test_a_missing_or_foreign_backend_is_refused(exported, shared_ct, tmp_path, 
     assert "backend=openvino: choose one of auto, torch" in capsys.readouterr().err
 
 
-def test_a_failed_parity_check_names_the_format_and_figures(tiny_ckpt, tmp_path):
-    cfg = export_cfg(tiny_ckpt, tmp_path, "formats=[onnx]", "parity.onnx.max_abs_diff=0")
-    with pytest.raises(ParityError, match=r"onnx export .* fails parity: max \|logit diff\| "
-                                          r"[0-9.e-]+ \(limit 0\), argmax agreement 1.00000"):
+def test_a_failed_parity_check_names_the_format_and_keeps_the_previous_export(
+        exported, tiny_ckpt, tmp_path, tree_digest):
+    out = tmp_path / "export"
+    cfg = export_cfg(tiny_ckpt, out, "formats=[onnx]", "parity.onnx.max_abs_diff=0")
+    message = (r"onnx export model.onnx fails parity: max \|logit diff\| [0-9.e-]+ \(limit 0\), "
+               r"argmax agreement 1.00000")
+    with pytest.raises(ParityError, match=message):
         export_run(cfg)
-    report = json.loads((tmp_path / "model.onnx.parity.json").read_text())
-    assert report["passed"] is False and report["max_abs_diff"] > 0
-    assert not (tmp_path / MANIFEST).exists()
+    assert not out.exists()
+    # a re-export over a good one: the previous files and export.json stay byte-identical
+    shutil.copytree(exported, out)
+    before = tree_digest(out)
+    with pytest.raises(ParityError, match=message):
+        export_run(cfg)
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
 def test_export_checks_parity_on_the_given_ct(tiny_ckpt, shared_ct, tmp_path):

@@ -8,9 +8,8 @@ import stat
 
 import pytest
 
-from ctseg.atomic import write_atomic
+from ctseg.atomic import atomic_folder, write_atomic
 from ctseg.inference.outputs import (
-    atomic_folder,
     itksnap_table,
     label_colours,
     label_json,
