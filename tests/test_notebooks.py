@@ -19,7 +19,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 # What each notebook's outputs must show (regular expressions over its text outputs).
 EXPECTED = {
     "01_quickstart.ipynb": [
-        r"epochs: 30 steps: 210",
+        r"epochs: 12 steps: 84",
         r"'test/native/mean_dice': 0\.\d+",
         r"\d+ predicted, 0 skipped, 0 failed",
         r"3 cases; NSD at 3 mm; mean over classes: Dice 0\.\d+, NSD 0\.\d+",

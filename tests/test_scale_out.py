@@ -119,14 +119,14 @@ def test_vista3d_trains_under_ddp_with_steps_that_leave_the_point_head_unused(tm
 
 
 def test_multirun_of_ddp_jobs_finishes_in_one_folder_per_job(tmp_path):
-    finish(train_py("-m", *TINY, *DDP, "trainer.max_epochs=1", "seed=1,2",
-                    "model.optimizer.lr=1e-3,3e-4", tmp=tmp_path), timeout=900)
+    finish(train_py("-m", *TINY, *DDP, "trainer.max_epochs=1", "seed=1,2", tmp=tmp_path),
+           timeout=900)
     outputs = tmp_path / "outputs" / "phantom_quick"
     assert not (outputs / "runs").exists()  # no rank wrote a folder of its own
     sweeps = list((outputs / "multiruns").iterdir())
     assert len(sweeps) == 1
     jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    assert [p.name for p in jobs] == ["0", "1"]
     for job in jobs:
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert len(val_dice(job)) == 1
@@ -137,13 +137,11 @@ def test_multirun_of_ddp_jobs_finishes_in_one_folder_per_job(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with (sweeps[0] / "compare.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert [r["run"] for r in table] != [] and sorted(r["run"] for r in table) == [
-        "0", "1", "2", "3"]
+    assert sorted(r["run"] for r in table) == ["0", "1"]
     best = [float(r["best val/mean_dice"]) for r in table]
     assert best == sorted(best, reverse=True)
     assert best[0] == pytest.approx(max(val_dice(job)[0] for job in jobs), abs=1e-4)
     assert {r["seed"] for r in table} == {"1", "2"}
-    assert {r["model.optimizer.lr"] for r in table} == {"0.001", "0.0003"}
     assert "trainer.devices" not in table[0]  # the same in every run: not a column
     text = (sweeps[0] / "compare.md").read_text()
     assert text.startswith("| rank | run | best val/mean_dice |")

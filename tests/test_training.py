@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import column, metric_rows, wandb_records, wandb_run
-from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 
 from ctseg.training import train
@@ -245,15 +244,6 @@ def test_wandb_offline_run_is_named_grouped_and_resumed(compose_cfg, tmp_path, m
                       f"ckpt_path={tmp_path / 'first'}"))
     assert (run / "wandb_id.txt").read_text().strip() == first.run_id
     assert wandb_run(run).run_id == first.run_id
-
-
-def test_ddp_cpu_two_processes(compose_cfg):
-    metrics, objects = train(compose_cfg(*TINY, "trainer=ddp_cpu", "trainer.max_epochs=1",
-                                         "data.n_phantoms=6"))
-    trainer = objects["trainer"]
-    assert trainer.world_size == 2
-    assert isinstance(trainer.strategy, DDPStrategy)
-    assert "val/mean_dice" in metrics
 
 
 @pytest.mark.gpu
