@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR
-from ctseg.errors import reported
+from ctseg.errors import reported, run_cli
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
@@ -18,10 +16,8 @@ def main(cfg: DictConfig) -> None:
     from ctseg.inference.runner import run
 
     with reported("predict.py"):
-        status = run(cfg)
-    if status:
-        sys.exit(status)
+        run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "predict.py")

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, run_name
-from ctseg.errors import ConfigError, reported
+from ctseg.errors import ConfigError, reported, run_cli
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -29,4 +29,4 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     # DDP ranks and submitit jobs started from here inherit the run folder's name.
     os.environ[RUN_NAME_ENV] = run_name()
-    main()
+    run_cli(main, "train.py")

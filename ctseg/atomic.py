@@ -15,7 +15,7 @@ from typing import Any
 
 import nibabel as nib
 
-from ctseg.errors import output_error
+from ctseg.errors import OutputError, output_error
 
 # In the name of every temporary file or folder ctseg writes, with the writer's host and process
 # id, so leftovers of killed processes are recognised (`remove_leftovers`).
@@ -89,7 +89,12 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     deleted on failure, so a case folder is either complete or absent."""
     tmp = _temp_folder(target)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:
+            if isinstance(err, OutputError | FileExistsError):
+                raise
+            raise output_error(target, err) from err
         os.chmod(tmp, default_mode(directory=True))
         if target.exists():
             if not overwrite:
@@ -105,6 +110,16 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def make_folder(folder: str | Path) -> Path:
+    """Create `folder` (and its parents) if needed; OutputError naming it when it cannot be."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_error(folder, err) from err
+    return folder
 
 
 def _temp_folder(target: Path) -> Path:

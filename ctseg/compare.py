@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
 from ctseg.atomic import write_atomic
-from ctseg.errors import ConfigError, reported
+from ctseg.errors import ConfigError, blamed_on, reported
 from ctseg.figures import save_png
 
 log = logging.getLogger(__name__)
@@ -74,16 +74,19 @@ def _metrics_rows(folder: Path) -> list[dict[str, str]]:
 
 def load_run(folder: Path) -> Run | None:
     """The run in `folder`, or None when it has no logged validation yet."""
-    cfg = OmegaConf.load(folder / CONFIG)
+    with blamed_on(folder / CONFIG, "cannot read the run's config (YAML)"):
+        cfg = OmegaConf.load(folder / CONFIG)
     overrides = {}
     if (folder / OVERRIDES).is_file():
-        for item in OmegaConf.load(folder / OVERRIDES):
-            key, _, value = str(item).partition("=")
-            overrides[key.lstrip("+~")] = value
+        with blamed_on(folder / OVERRIDES, "cannot read the run's overrides (YAML list)"):
+            for item in OmegaConf.load(folder / OVERRIDES):
+                key, _, value = str(item).partition("=")
+                overrides[key.lstrip("+~")] = value
     metric = str(cfg.get("optimized_metric") or "val/mean_dice")
     mode = "min" if "loss" in metric else "max"
     run = Run(folder, overrides, metric, mode, _metrics_rows(folder))
-    return run if run.curve(metric) else None
+    with blamed_on(folder / "csv", "a metrics.csv value is not a number"):
+        return run if run.curve(metric) else None
 
 
 def find_runs(folders: Sequence[str | Path]) -> list[Run]:

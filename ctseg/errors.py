@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +130,14 @@ def root_cause(err: BaseException) -> BaseException:
 
 def data_errors() -> tuple[type[BaseException], ...]:
     """What reading or decoding a bad file raises: OS and gzip errors, nibabel's and pydicom's
-    file errors, and the ValueErrors numpy and nibabel raise for inconsistent headers."""
+    file errors, YAML syntax errors, and the ValueErrors numpy and nibabel raise for
+    inconsistent headers."""
     from nibabel.filebasedimages import ImageFileError
     from pydicom.errors import InvalidDicomError
+    from yaml import YAMLError
 
     return (OSError, EOFError, ValueError, zlib.error, struct.error, ImageFileError,
-            InvalidDicomError)
+            InvalidDicomError, YAMLError)
 
 
 @contextmanager
@@ -157,16 +161,43 @@ def blamed_on(path: str | Path, doing: str) -> Iterator[None]:
         raise DatasetError(path, f"{doing} ({type(cause).__name__}: {cause})") from err
 
 
+def cli_message(err: BaseException) -> str | None:
+    """The one-line message for an error a user can fix: a CtsegError (however wrapped), an
+    error of Hydra about the command line, or an OS error naming a path; None for anything
+    else (a bug, which keeps its traceback)."""
+    from hydra.errors import HydraException
+
+    message = user_message(err)
+    if message is not None:
+        return message
+    if isinstance(err, HydraException) and not isinstance(err, CtsegError):
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        return " ".join(lines[:2]) if lines else type(err).__name__
+    if isinstance(err, OSError) and err.filename:
+        return (f"{err.filename}: {err.strerror or err}; check that the path exists and is "
+                "writable (a folder, not a file)")
+    return None
+
+
 @contextmanager
 def reported(program: str) -> Iterator[None]:
-    """Turn a CtsegError (however wrapped) into `error: <message>` on stderr and exit status 1;
+    """Turn a user error (`cli_message`) into `error: <message>` on stderr and exit status 1;
     the traceback goes to the log at debug level. Other errors propagate unchanged."""
     try:
         yield
     except Exception as err:
-        message = user_message(err)
+        message = cli_message(err)
         if message is None:
             raise
         log.debug("%s failed", program, exc_info=True)
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def run_cli(main: Callable[[], Any], program: str) -> Any:
+    """Run a command line entry point (a `hydra.main` function) so that each user error is one
+    `error:` line: Hydra raises the errors it meets (its own and the task's) instead of printing
+    them as a traceback, and `reported` answers them."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    with reported(program):
+        return main()

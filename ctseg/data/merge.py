@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from filelock import FileLock
 
-from ctseg.atomic import remove_leftovers, save_nifti_atomic, write_atomic
+from ctseg.atomic import make_folder, remove_leftovers, save_nifti_atomic, write_atomic
 from ctseg.data.layout import Subject, check_binary, check_grid, load_nifti, read_meta
 from ctseg.errors import CtsegError, DatasetError, blamed_on
 from ctseg.labels import check_version, class_names, label_map_dtype, num_classes
@@ -140,8 +140,7 @@ def prepare(
     if out == root or root in out.parents:
         raise DatasetError(out, f"the prepared folder must lie outside the raw dataset {root} "
                                 "(ctseg never writes into a download); choose another --out")
-    version_dir = out / version
-    version_dir.mkdir(parents=True, exist_ok=True)
+    version_dir = make_folder(out / version)
     remove_leftovers(version_dir)
     manifest_path = version_dir / MANIFEST
     with FileLock(str(version_dir / ".lock")):

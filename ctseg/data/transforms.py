@@ -59,6 +59,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from ctseg.errors import ConfigError
+
 INTENSITIES = ("segresnet", "hu_window")
 SAMPLERS = ("random", "classes")
 PREDICT_STEPS = ("ctseg", "vista3d_bundle")
@@ -83,12 +85,12 @@ def _triple(value: float | Sequence[float], name: str, kind: type) -> tuple:
     (int values must be whole numbers)."""
     values = [value] * 3 if np.ndim(value) == 0 else list(value)
     if len(values) != 3:
-        raise ValueError(f"{name} needs one value or three (one per axis), got {value!r}")
+        raise ConfigError(f"data.{name}={value!r}: needs one value or three (one per axis)")
     out = tuple(kind(v) for v in values)
     if kind is int and out != tuple(values):
-        raise ValueError(f"{name} values must be whole numbers, got {value!r}")
+        raise ConfigError(f"data.{name}={value!r}: values must be whole numbers")
     if not all(math.isfinite(v) and v > 0 for v in out):
-        raise ValueError(f"{name} values must be finite and > 0, got {value!r}")
+        raise ConfigError(f"data.{name}={value!r}: values must be finite and > 0")
     return out
 
 

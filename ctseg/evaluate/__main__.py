@@ -14,7 +14,7 @@ from rich.progress import track
 
 from ctseg.config import CONFIG_DIR
 from ctseg.data.layout import load_nifti
-from ctseg.errors import ConfigError, DatasetError, reported
+from ctseg.errors import ConfigError, DatasetError, reported, run_cli
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
 from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
@@ -121,4 +121,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m ctseg.evaluate")

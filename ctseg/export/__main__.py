@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR, plain
-from ctseg.errors import ConfigError, reported
+from ctseg.errors import ConfigError, reported, run_cli
 from ctseg.export.exporter import export_model, sample_window
 from ctseg.models.loading import load_model
 
@@ -54,4 +54,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m ctseg.export")

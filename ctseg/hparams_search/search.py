@@ -77,6 +77,10 @@ def run_search(cfg: DictConfig) -> optuna.Study:
     """Run trials until the study holds `n_trials` finished (complete or pruned) ones."""
     search = OmegaConf.to_container(cfg.hparams_search, resolve=True)
     metric = str(cfg.optimized_metric)
+    n_trials = search.get("n_trials")
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ConfigError(f"hparams_search.n_trials={n_trials}: the number of finished trials "
+                          "to reach must be a whole number >= 1")
     study = open_study(search)
     root = Path(search["dir"])
 
@@ -94,7 +98,7 @@ def run_search(cfg: DictConfig) -> optuna.Study:
         return metrics[metric]
 
     done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
-    remaining = int(search["n_trials"]) - done
+    remaining = n_trials - done
     log.info("study %s: %d finished trials, %d to run (storage %s)", study.study_name, done,
              max(remaining, 0), search["storage"])
     if remaining > 0:

@@ -41,6 +41,9 @@ PRED = "pred"
 STAGES = ("load", "preprocess", "inference", "postprocess", "save")
 
 
+# Blend and padding modes of the sliding window (MONAI's BlendMode, PytorchPadMode values).
+BLEND_MODES = ("gaussian", "constant")
+PAD_MODES = ("constant", "replicate", "reflect", "circular")
 # Accumulator dtypes of the sliding-window blend (`sw.accum_dtype`; None: the image's, float32).
 ACCUM_DTYPES = ("float32", "float16")
 
@@ -68,10 +71,24 @@ class PredictOptions:
     prompt: Prompt = field(default_factory=Prompt)
 
     def __post_init__(self) -> None:
-        """Refuse an accumulator dtype the blend cannot use."""
+        """Refuse, before any work, sliding-window values the blend cannot use."""
         if self.accum_dtype is not None and self.accum_dtype not in ACCUM_DTYPES:
             raise ConfigError(f"sw.accum_dtype: {self.accum_dtype!r} is not one of "
                               f"{', '.join(ACCUM_DTYPES)} (or null: float32)")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"sw.overlap={self.overlap}: the windows' overlap is a fraction "
+                              "in [0, 1), e.g. 0.25 or 0.5")
+        if self.mode not in BLEND_MODES:
+            raise ConfigError(f"sw.mode={self.mode}: choose {' or '.join(BLEND_MODES)}")
+        if self.padding_mode is not None and self.padding_mode not in PAD_MODES:
+            raise ConfigError(f"sw.padding_mode={self.padding_mode}: choose one of "
+                              f"{', '.join(PAD_MODES)} (or null: the model's)")
+        if self.sw_batch_size < 1:
+            raise ConfigError(f"sw.batch_size={self.sw_batch_size}: windows per batch must be "
+                              ">= 1")
+        if self.slab_axis is not None and self.slab_axis not in range(-3, 3):
+            raise ConfigError(f"sw.slab_axis={self.slab_axis}: an axis in -3..2, or null (the "
+                              "axis that needs the smallest accumulator)")
 
     @property
     def accumulator(self) -> torch.dtype | None:
@@ -112,9 +129,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} requested but CUDA is not available; use device=cpu")
+        raise ConfigError(f"device={name}: CUDA is not available on this machine; use "
+                          "device=cpu or device=auto")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda or auto, got {name!r}")
+        raise ConfigError(f"device={name}: choose cpu, cuda, cuda:N or auto")
     return device
 
 
@@ -125,11 +143,11 @@ def class_indices(names: Sequence[str], wanted: Sequence[str | int]) -> list[int
         if isinstance(item, int) or str(item).isdigit():
             index = int(item)
             if not 0 <= index < len(names):
-                raise ValueError(f"probabilities: class index {index} outside 0..{len(names) - 1}")
+                raise ConfigError(f"probabilities: class index {index} outside 0..{len(names) - 1}")
         elif item in names:
             index = list(names).index(item)
         else:
-            raise ValueError(f"probabilities: unknown structure {item!r}; names are those of "
+            raise ConfigError(f"probabilities: unknown structure {item!r}; names are those of "
                              "labels.json (e.g. liver, spleen)")
         indices.append(index)
     return sorted(set(indices))

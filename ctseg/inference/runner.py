@@ -13,26 +13,46 @@ from rich.progress import Progress
 
 from ctseg.atomic import OutputExists, remove_leftovers
 from ctseg.config import plain
-from ctseg.errors import user_message
+from ctseg.errors import ConfigError, CtsegError, user_message
 from ctseg.inference.inputs import discover_cases
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
-from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions
+from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions, resolve_device
 from ctseg.inference.prompts import parse_prompt
 from ctseg.models.loading import load_model
 
 log = logging.getLogger(__name__)
 
 
+class CasesFailed(CtsegError):
+    """Some cases of a batch failed (each named in the log); the others were written."""
+
+
+def _number(key: str, value: Any, kind: type) -> Any:
+    """`value` as `kind` (float or int); ConfigError naming `key` when it is not a number."""
+    if value is None or isinstance(value, bool):
+        raise ConfigError(f"{key}={value}: expected a number")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value}: expected a number") from None
+    if kind is int and number != value and str(number) != str(value):
+        raise ConfigError(f"{key}={value}: expected a whole number")
+    return number
+
+
 def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
     """PredictOptions from the `sw`, device and output keys of conf/predict.yaml; a key left out
-    takes PredictOptions' default (the same as predict.yaml's)."""
+    takes PredictOptions' default (the same as predict.yaml's). A bad value is a ConfigError
+    naming its key, before any model is loaded."""
     d = PredictOptions()
     sw = plain(cfg.get("sw")) or {}
+    slab_axis = sw.get("slab_axis", d.slab_axis)
     return PredictOptions(
-        roi_size=sw.get("roi_size", d.roi_size), overlap=float(sw.get("overlap", d.overlap)),
-        mode=sw.get("mode", d.mode), padding_mode=sw.get("padding_mode", d.padding_mode),
-        sw_batch_size=int(sw.get("batch_size", d.sw_batch_size)),
-        slab_axis=sw.get("slab_axis", d.slab_axis),
+        roi_size=sw.get("roi_size", d.roi_size),
+        overlap=_number("sw.overlap", sw.get("overlap", d.overlap), float),
+        mode=str(sw.get("mode", d.mode)), padding_mode=sw.get("padding_mode", d.padding_mode),
+        sw_batch_size=_number("sw.batch_size", sw.get("batch_size", d.sw_batch_size), int),
+        slab_axis=None if slab_axis is None else _number("sw.slab_axis", slab_axis, int),
         accum_dtype=sw.get("accum_dtype", d.accum_dtype),
         device=str(cfg.get("device", d.device)), amp=bool(cfg.get("amp", d.amp)),
         cpu_bf16=bool(cfg.get("cpu_bf16", d.cpu_bf16)),
@@ -64,9 +84,11 @@ def _summary_line(report: Mapping[str, Any]) -> str:
 
 
 def run(cfg: DictConfig | Mapping[str, Any]) -> int:
-    """Predict every case of `cfg.input` into `cfg.output`; 0 if all succeeded, 1 otherwise."""
+    """Predict every case of `cfg.input` into `cfg.output`; exit status 0. Failed cases are
+    logged as they happen and, once the others are written, raised as one CasesFailed."""
     output = Path(str(cfg["output"]))
     options = options_from(cfg)
+    resolve_device(options.device)  # device=cuda without CUDA: said before the model loads
     cases = discover_cases(str(cfg["input"]))
     nifti = [c.name for c in cases if c.kind == "nifti"]
     if options.dicom_seg and nifti:
@@ -113,7 +135,11 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
     log.info("%d predicted, %d skipped, %d failed; timings in %s", len(reports), len(skipped),
              len(failures), output / TIMING_FILE)
     if failures:
-        log.error("failed cases:\n%s", "\n".join(f"  {f['input']}: {f['error']}"
-                                                  for f in failures))
-        return 1
+        first = failures[0]["error"]
+        if len(cases) == 1:
+            raise CasesFailed(first)
+        more = f" and {len(failures) - 1} more (listed above)" if len(failures) > 1 else ""
+        raise CasesFailed(f"{len(failures)} of {len(cases)} cases failed: {first}{more}; the "
+                          f"others are written to {output}; fix or remove the failed inputs and "
+                          "run the same command again (finished cases are kept)")
     return 0

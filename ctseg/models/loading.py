@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ctseg.data.transforms import PipelineConfig
-from ctseg.errors import ConfigError, MissingFileError
+from ctseg.errors import CheckpointError, ConfigError, MissingFileError
 from ctseg.labels import label_names, num_classes
 from ctseg.models.segresnet import SegResNetModule
 from ctseg.models.vista3d import AutomaticVISTA3D, VISTA3DModule, build_vista3d
@@ -241,12 +241,12 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
     names = hparams.get("label_names") or (label_names(version) if version else None)
     expected = int(hparams.get("num_classes") or len(names or ()))
     if names is not None and len(names) != expected:
-        raise ValueError(f"{path}: {source} give {expected} classes but {len(names)} label names "
-                         f"(data.version={version})")
+        raise CheckpointError(f"{path}: {source} give {expected} classes but {len(names)} "
+                              f"label names (data.version={version})")
     if version and num_classes(version) != expected:
-        raise ValueError(f"{path}: {source} give {expected} classes but TotalSegmentator "
-                         f"{version} has {num_classes(version)}; the checkpoint does not match "
-                         "its data version")
+        raise CheckpointError(f"{path}: {source} give {expected} classes but TotalSegmentator "
+                              f"{version} has {num_classes(version)}; the checkpoint does not "
+                              "match its data version")
     if found != expected:
         raise ValueError(f"{path}: the weights have {found} output classes but {source} expect "
                          f"{expected}; use a checkpoint trained for this class set or set "

@@ -126,8 +126,10 @@ def load_into(
                   for k in sorted(body_mismatch)[:_SHOWN]]
         problems.append(f"shape mismatches (file vs model): {'; '.join(shapes)}")
     if problems:
-        raise ValueError(f"{source}: weights do not fit the network architecture; "
-                         + "; ".join(problems))
+        raise CheckpointError(f"{source}: weights do not fit the network architecture; "
+                              + "; ".join(problems) + "; choose the model config they were "
+                              "trained with (the wholeBody_ct_segmentation bundle's model.pt "
+                              "needs model=segresnet)")
     head = [k for k in own if k.startswith(head_prefix)]
     if mismatched and not reinit_head:
         key = mismatched[0]

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ctseg.config import CONFIG_DIR
-from ctseg.errors import ConfigError, reported
+from ctseg.errors import ConfigError, reported, run_cli
 from ctseg.figures import save_png
 from ctseg.inference.outputs import LABELS_JSON, Names, read_label_json
 from ctseg.labels import VERSIONS, label_names
@@ -70,4 +70,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m ctseg.visualize")

@@ -32,7 +32,7 @@ from ctseg.inference.dicom_seg import (
 )
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.outputs import LABELS_FILE, MASKS_DIR, TIMING_FILE, label_colours
-from ctseg.inference.runner import run
+from ctseg.inference.runner import CasesFailed, run
 from ctseg.labels import label_names
 
 NAMES = label_names("v1")
@@ -47,6 +47,8 @@ def predict_with_defaults(ckpt: Path, source: Path, output: Path, *overrides: st
                                                 f"output={output}", "device=cpu",
                                                 "progress=false", *overrides])
         return run(cfg)
+    except CasesFailed:
+        return 1
     finally:
         GlobalHydra.instance().clear()
 

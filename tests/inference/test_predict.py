@@ -27,16 +27,20 @@ from ctseg.inference.outputs import (
     TIMING_FILE,
 )
 from ctseg.inference.pipeline import seg_failure
-from ctseg.inference.runner import failure_message, run
+from ctseg.inference.runner import CasesFailed, failure_message, run
 from ctseg.labels import label_names
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def predict(ckpt: Path, source: Path, output: Path, **options) -> int:
-    """Run the batch predictor on CPU without a progress bar."""
-    return run({"ckpt": str(ckpt), "input": str(source), "output": str(output),
-                "device": "cpu", "progress": False, **options})
+    """Run the batch predictor on CPU without a progress bar; the exit status predict.py gives
+    (1 when a case failed, after the others are written)."""
+    try:
+        return run({"ckpt": str(ckpt), "input": str(source), "output": str(output),
+                    "device": "cpu", "progress": False, **options})
+    except CasesFailed:
+        return 1
 
 
 def labels_of(folder: Path) -> nib.Nifti1Image:
