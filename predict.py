@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR
-from ctseg.errors import reported, run_cli
+from ctseg.errors import run_cli
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
@@ -15,8 +15,7 @@ def main(cfg: DictConfig) -> None:
     # Imported once Hydra has read the command line: --help answers without loading torch.
     from ctseg.inference.runner import run
 
-    with reported("predict.py"):
-        run(cfg)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, run_name
-from ctseg.errors import ConfigError, reported, run_cli
+from ctseg.errors import ConfigError, run_cli
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -18,11 +18,10 @@ def main(cfg: DictConfig) -> float | None:
     # torch, Lightning and MONAI.
     from ctseg.training import train
 
-    with reported("train.py"):
-        if cfg.get("hparams_search") is not None:
-            raise ConfigError("hparams_search: train.py trains one run; run the search with "
-                              "python -m ctseg.hparams_search hparams_search=<space> [overrides]")
-        metrics, _ = train(cfg)
+    if cfg.get("hparams_search") is not None:
+        raise ConfigError("hparams_search: train.py trains one run; run the search with "
+                          "python -m ctseg.hparams_search hparams_search=<space> [overrides]")
+    metrics, _ = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 
 

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import struct
 import sys
 import zlib
@@ -194,10 +195,53 @@ def reported(program: str) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+class WorkDone:
+    """Mixin of errors raised after a run wrote results of its own (its log folder stays)."""
+
+
+def remove_unstarted_run() -> None:
+    """Delete the run folder Hydra made for a run that ended before writing anything of its own
+    (it holds only Hydra's `.hydra` and the log file), and the folders above it that this leaves
+    empty (never the working folder or its parents), so a run that never started leaves no
+    folder behind."""
+    # The run folder is where Hydra's job logging writes its file (<run dir>/<job>.log).
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not handlers:
+        return
+    folder = Path(handlers[0].baseFilename).parent
+    cwd = Path.cwd().resolve()
+    if folder.resolve() in (cwd, *cwd.parents):
+        return  # never the folder the user works in (hydra.run.dir=.)
+    if not folder.is_dir() or any(p.name != ".hydra" and p.suffix != ".log"
+                                  for p in folder.iterdir()):
+        return
+    for handler in handlers:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if parent.resolve() in (cwd, *cwd.parents):
+            break
+        try:
+            parent.rmdir()  # only an empty folder goes
+        except OSError:
+            break
+
+
 def run_cli(main: Callable[[], Any], program: str) -> Any:
     """Run a command line entry point (a `hydra.main` function) so that each user error is one
-    `error:` line: Hydra raises the errors it meets (its own and the task's) instead of printing
-    them as a traceback, and `reported` answers them."""
+    `error:` line on stderr with exit status 1, and a run that failed before its work began
+    leaves no folder: Hydra raises the errors it meets (its own and the task's) instead of
+    printing a traceback, and `cli_message` words them. A bug keeps its traceback."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    with reported(program):
+    try:
         return main()
+    except Exception as err:
+        message = cli_message(err)
+        if message is None:
+            raise
+        if not isinstance(err, WorkDone):
+            remove_unstarted_run()
+        log.debug("%s failed", program, exc_info=True)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None

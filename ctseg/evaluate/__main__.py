@@ -14,7 +14,7 @@ from rich.progress import track
 
 from ctseg.config import CONFIG_DIR
 from ctseg.data.layout import load_nifti
-from ctseg.errors import ConfigError, DatasetError, reported, run_cli
+from ctseg.errors import ConfigError, DatasetError, run_cli
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
 from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
@@ -114,8 +114,7 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Evaluate, print the region table and where the outputs went."""
-    with reported("python -m ctseg.evaluate"):
-        summary = evaluate(cfg)
+    summary = evaluate(cfg)
     print(markdown(summary, float(cfg.tolerance_mm)).split("\n\n")[0])
     print("written: " + ", ".join(str(Path(cfg.output) / o) for o in OUTPUTS))
 

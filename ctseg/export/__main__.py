@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR, plain
-from ctseg.errors import ConfigError, reported, run_cli
+from ctseg.errors import ConfigError, run_cli
 from ctseg.export.exporter import export_model, sample_window
 from ctseg.models.loading import load_model
 
@@ -47,8 +47,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     """Export, check parity, print one line per format."""
-    with reported("python -m ctseg.export"):
-        manifest = run(cfg)
+    manifest = run(cfg)
     print("\n".join(summary(manifest)))
     print(f"written to {cfg.output} (export.json describes it for predict.py ckpt={cfg.output})")
 

@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR
-from ctseg.errors import ConfigError, CtsegError, reported, run_cli
+from ctseg.errors import ConfigError, CtsegError, run_cli
 from ctseg.hparams_search.search import FINISHED, run_search
 
 
@@ -17,17 +17,16 @@ class SearchError(CtsegError):
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     """Run the search, print the best trial and the state counts."""
-    with reported("python -m ctseg.hparams_search"):
-        if cfg.get("hparams_search") is None:
-            raise ConfigError("choose a search space: hparams_search=optuna (conf/hparams_search)")
-        study = run_search(cfg)
-        trials = study.get_trials(deepcopy=False)
-        counts = {s.name.lower(): sum(t.state == s for t in trials) for s in FINISHED}
-        if not counts["complete"]:
-            raise SearchError(f"study {study.study_name}: none of its {len(trials)} trials "
-                              f"completed ({counts['pruned']} pruned, the others failed; their "
-                              "errors are in the log above); fix the cause and run the same "
-                              "command again, the study resumes")
+    if cfg.get("hparams_search") is None:
+        raise ConfigError("choose a search space: hparams_search=optuna (conf/hparams_search)")
+    study = run_search(cfg)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in FINISHED}
+    if not counts["complete"]:
+        raise SearchError(f"study {study.study_name}: none of its {len(trials)} trials "
+                          f"completed ({counts['pruned']} pruned, the others failed; their "
+                          "errors are in the log above); fix the cause and run the same "
+                          "command again, the study resumes")
     print(f"study {study.study_name}: {len(trials)} trials ({counts['complete']} complete, "
           f"{counts['pruned']} pruned)")
     best = study.best_trial

@@ -13,7 +13,7 @@ from rich.progress import Progress
 
 from ctseg.atomic import OutputExists, remove_leftovers
 from ctseg.config import plain
-from ctseg.errors import ConfigError, CtsegError, user_message
+from ctseg.errors import ConfigError, CtsegError, WorkDone, user_message
 from ctseg.inference.inputs import discover_cases
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
 from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions, resolve_device
@@ -23,7 +23,7 @@ from ctseg.models.loading import load_model
 log = logging.getLogger(__name__)
 
 
-class CasesFailed(CtsegError):
+class CasesFailed(CtsegError, WorkDone):
     """Some cases of a batch failed (each named in the log); the others were written."""
 
 

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ctseg.config import CONFIG_DIR
-from ctseg.errors import ConfigError, reported, run_cli
+from ctseg.errors import ConfigError, run_cli
 from ctseg.figures import save_png
 from ctseg.inference.outputs import LABELS_JSON, Names, read_label_json
 from ctseg.labels import VERSIONS, label_names
@@ -63,8 +63,7 @@ def visualize(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="visualize")
 def main(cfg: DictConfig) -> None:
     """Write the overlay and say where it went."""
-    with reported("python -m ctseg.visualize"):
-        result = visualize(cfg)
+    result = visualize(cfg)
     print(f"written: {result['out']} ({result['shown']} structures in the slices shown; names: "
           f"{result['names']})")
 

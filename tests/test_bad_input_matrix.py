@@ -1,0 +1,191 @@
+"""Bad input to every command line, as real processes: exit 1, exactly one `error:` line that
+names the file or key, no traceback, and nothing created where the command would have written.
+
+The matrix: predict.py (16 cases), train.py (3), python -m ctseg.hparams_search (1),
+ctseg.data (1), ctseg.evaluate (2), ctseg.visualize (2), ctseg.export (2), ctseg.compare (2).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import REPO, SHARED_DATA, truncate
+
+from ctseg.labels import label_names
+from ctseg.models.segresnet import SegResNetModule
+
+pytestmark = pytest.mark.slow
+CROP = SHARED_DATA / "totalseg_mini"
+V2_MAP = CROP / "s0001" / "label_totalseg_v2.nii.gz"
+
+
+def checkpoint(path: Path, num_classes: int = 105) -> Path:
+    """A tiny random SegResNet checkpoint (8 filters, 4 mm, v1 data)."""
+    torch.manual_seed(0)
+    names = label_names("v1") if num_classes == 105 else None
+    module = SegResNetModule(num_classes=num_classes, label_names=names, init_filters=8,
+                             roi_size=(32, 32, 32))
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "datamodule_hyper_parameters": {"version": "v1", "spacing": 4.0,
+                                                "intensity": "segresnet",
+                                                "patch_size": [32, 32, 32]}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Good and broken inputs: a checkpoint, one of 118 classes, the crop's CT, an empty, a
+    truncated and a singular-affine NIfTI, a regular file to put outputs under, a run folder
+    with a broken config.yaml and one with a broken metrics.csv."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    checkpoint(d / "tiny.ckpt")
+    checkpoint(d / "classes118.ckpt", num_classes=118)
+    shutil.copy(d / "tiny.ckpt", d / "truncated.ckpt")
+    truncate(d / "truncated.ckpt")
+    ct = CROP / "s0001" / "ct.nii.gz"
+    shutil.copy(ct, d / "ct.nii.gz")
+    (d / "empty.nii.gz").write_bytes(b"")
+    shutil.copy(ct, d / "truncated.nii.gz")
+    truncate(d / "truncated.nii.gz")
+    img = nib.load(ct)
+    singular = nib.Nifti1Image(np.asanyarray(img.dataobj), None, img.header.copy())
+    affine = img.affine.copy()
+    affine[2, :3] = 0
+    singular.header.set_sform(affine, code=1)
+    singular.header.set_qform(None, code=0)
+    nib.save(singular, d / "singular.nii.gz")
+    (d / "a_file").write_text("not a folder\n")
+    (d / "pred" / "s0001").mkdir(parents=True)
+    shutil.copy(d / "truncated.nii.gz", d / "pred" / "s0001" / "labels.nii.gz")
+    for name, config, metrics in (("runs_yaml", "a: [unclosed\n", "epoch,val/mean_dice\n0,0.5\n"),
+                                  ("runs_csv", "seed: 1\n", "epoch,val/mean_dice\n0,abc\n")):
+        (d / name / "r1" / "checkpoints").mkdir(parents=True)
+        (d / name / "r1" / "checkpoints" / "config.yaml").write_text(config)
+        (d / name / "r1" / "csv" / "version_0").mkdir(parents=True)
+        (d / name / "r1" / "csv" / "version_0" / "metrics.csv").write_text(metrics)
+    return d
+
+
+@dataclass(frozen=True)
+class Case:
+    """A command (`{d}`: the inputs' folder, `{o}`: a fresh output folder), what its error line
+    says, and glob patterns (under `{o}` or `{d}`) that must match nothing afterwards."""
+
+    command: str
+    says: str
+    absent: tuple[str, ...] = ("{o}/*",)
+    limit_kb: int | None = None  # ulimit -f for the process
+
+
+PREDICT = "predict.py ckpt={d}/tiny.ckpt input={d}/ct.nii.gz output={o}/pred"
+TRAIN = "train.py paths.log_dir={o}/logs paths.data_dir={d}/data"
+CASES = {
+    "predict: checkpoint of another class count": Case(
+        "predict.py ckpt={d}/classes118.ckpt input={d}/ct.nii.gz output={o}/pred",
+        "classes118.ckpt: the checkpoint's hyper_parameters give 118 classes but "
+        "TotalSegmentator v1 has 105"),
+    "predict: device=cuda without CUDA": Case(f"{PREDICT} device=cuda", "device=cuda: CUDA is "
+                                              "not available on this machine"),
+    "predict: unknown probabilities name": Case(f"{PREDICT} probabilities=[no_such_organ]",
+                                                "probabilities: unknown structure"),
+    "predict: sw.overlap=abc": Case(f"{PREDICT} sw.overlap=abc", "sw.overlap=abc: expected a "
+                                    "number"),
+    "predict: sw.overlap out of range": Case(f"{PREDICT} sw.overlap=1.5", "sw.overlap=1.5: the "
+                                             "windows' overlap is a fraction in [0, 1)"),
+    "predict: sw.mode unknown": Case(f"{PREDICT} sw.mode=median", "sw.mode=median: choose "
+                                     "gaussian or constant"),
+    "predict: missing input": Case("predict.py ckpt={d}/tiny.ckpt input={d}/nope.nii.gz "
+                                   "output={o}/pred", "nope.nii.gz: input not found"),
+    "predict: empty input": Case("predict.py ckpt={d}/tiny.ckpt input={d}/empty.nii.gz "
+                                 "output={o}/pred", "empty.nii.gz: corrupt or unreadable NIfTI",
+                                 ("{o}/pred/empty",)),
+    "predict: truncated input": Case("predict.py ckpt={d}/tiny.ckpt input={d}/truncated.nii.gz "
+                                     "output={o}/pred", "truncated.nii.gz: corrupt or truncated "
+                                     "NIfTI", ("{o}/pred/truncated",)),
+    "predict: singular affine": Case("predict.py ckpt={d}/tiny.ckpt input={d}/singular.nii.gz "
+                                     "output={o}/pred", "singular.nii.gz: invalid voxel-to-world "
+                                     "affine", ("{o}/pred/singular",)),
+    "predict: output under a regular file": Case("predict.py ckpt={d}/tiny.ckpt "
+                                                 "input={d}/ct.nii.gz output={d}/a_file/pred",
+                                                 "a_file/pred", ("{d}/a_file/pred",)),
+    "predict: file-size limit while writing": Case(
+        PREDICT, "pred/ct: cannot write (File too large); free disk space, raise the file-size "
+        "limit", ("{o}/pred/ct",), limit_kb=16),
+    "predict: missing checkpoint": Case("predict.py ckpt={d}/nope.ckpt input={d}/ct.nii.gz "
+                                        "output={o}/pred", "nope.ckpt: checkpoint not found"),
+    "predict: empty checkpoint": Case("predict.py ckpt={d}/empty.nii.gz input={d}/ct.nii.gz "
+                                      "output={o}/pred", "empty.nii.gz: cannot read the "
+                                      "checkpoint"),
+    "predict: truncated checkpoint": Case("predict.py ckpt={d}/truncated.ckpt "
+                                          "input={d}/ct.nii.gz output={o}/pred",
+                                          "truncated.ckpt: cannot read the checkpoint"),
+    "predict: unknown key": Case(f"{PREDICT} sw.overlaps=0.5", "Could not override "
+                                 "'sw.overlaps'"),
+    "train: data.spacing=-1": Case(f"{TRAIN} data.spacing=-1", "data.spacing=-1: values must be "
+                                   "finite and > 0"),
+    "train: pretrained weights of another architecture": Case(
+        f"{TRAIN} model.pretrained={{d}}/tiny.ckpt", "tiny.ckpt: weights do not fit the network "
+        "architecture"),
+    "train: log folder under a regular file": Case(
+        "train.py paths.log_dir={d}/a_file/logs paths.data_dir={d}/data", "a_file/logs",
+        ("{d}/a_file/logs",)),
+    "hparams_search: n_trials=0": Case(
+        "-m ctseg.hparams_search hparams_search=optuna experiment=phantom_quick "
+        "hparams_search.n_trials=0 paths.log_dir={o}/logs paths.data_dir={d}/data",
+        "hparams_search.n_trials=0: the number of finished trials to reach must be"),
+    "data prepare: --out under a regular file": Case(
+        f"-m ctseg.data prepare {CROP} --out {{d}}/a_file/prepared",
+        "a_file/prepared/v1: cannot write (Not a directory)", ("{d}/a_file/prepared",)),
+    "evaluate: truncated prediction": Case(
+        f"-m ctseg.evaluate pred={{d}}/pred gt={CROP} output={{o}}/evaluation",
+        "pred/s0001/labels.nii.gz: corrupt or truncated NIfTI"),
+    "evaluate: missing ground truth": Case(
+        "-m ctseg.evaluate pred={d}/pred gt={d}/nope output={o}/evaluation",
+        "gt={d}/nope: no such folder"),
+    "visualize: truncated CT": Case(
+        f"-m ctseg.visualize ct={{d}}/truncated.nii.gz labels={V2_MAP} version=v2 "
+        "out={o}/overlay.png", "truncated.nii.gz: cannot read the CT's voxels"),
+    "visualize: singular affine": Case(
+        f"-m ctseg.visualize ct={{d}}/singular.nii.gz labels={V2_MAP} version=v2 "
+        "out={o}/overlay.png", "singular.nii.gz"),
+    "export: truncated checkpoint": Case("-m ctseg.export ckpt={d}/truncated.ckpt "
+                                         "output={o}/export", "truncated.ckpt: cannot read the "
+                                         "checkpoint"),
+    "export: output under a regular file": Case("-m ctseg.export ckpt={d}/tiny.ckpt "
+                                                "output={d}/a_file/export", "a_file/export",
+                                                ("{d}/a_file/export",)),
+    "compare: broken config.yaml": Case("-m ctseg.compare {d}/runs_yaml --out {o}/compare",
+                                        "runs_yaml/r1/checkpoints/config.yaml: cannot read the "
+                                        "run's config (YAML)"),
+    "compare: broken metrics.csv": Case("-m ctseg.compare {d}/runs_csv --out {o}/compare",
+                                        "runs_csv/r1/csv: a metrics.csv value is not a number"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_error_line_and_creates_nothing(name, files, tmp_path):
+    case = CASES[name]
+    out = tmp_path / "out"
+    fill = {"d": str(files), "o": str(out)}
+    if "device=cuda" in case.command and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = [sys.executable, *case.command.format(**fill).split()]
+    if case.limit_kb:
+        argv = ["bash", "-c", f'ulimit -f {case.limit_kb}; exec "$@"', "bash", *argv]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    assert case.says.format(**fill) in errors[0], errors[0]
+    for pattern in case.absent:
+        found = Path("/").glob(pattern.format(**fill).lstrip("/"))
+        assert not list(found), (pattern, sorted(out.rglob("*")))
