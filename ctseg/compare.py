@@ -19,7 +19,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
-from ctseg.atomic import write_atomic
+from ctseg.atomic import staged_files
 from ctseg.errors import ConfigError, blamed_on, reported
 from ctseg.figures import save_png
 
@@ -181,9 +181,10 @@ def compare(folders: Sequence[str | Path], out: Path) -> list[Run]:
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     text = markdown(runs, root)
-    write_atomic(out / OUTPUTS[0], lambda tmp: tmp.write_text(text))
-    write_atomic(out / OUTPUTS[1], lambda tmp: tmp.write_text(buffer.getvalue()))
-    plot_curves(runs, root, out / OUTPUTS[2])
+    with staged_files(out) as staging:  # all written before any replaces its old version
+        (staging / OUTPUTS[0]).write_text(text)
+        (staging / OUTPUTS[1]).write_text(buffer.getvalue())
+        plot_curves(runs, root, staging / OUTPUTS[2])
     return runs
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ctseg.atomic import write_atomic
+from ctseg.atomic import staged_files
 from ctseg.figures import save_png
 
 OUTPUTS = ("scores.csv", "summary.json", "summary.md", "dice_per_class.png",
@@ -113,7 +113,8 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: Pat
 
 def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, tolerance: float
                   ) -> dict[str, Any]:
-    """Write every output of OUTPUTS to `out`; the summary."""
+    """Write every output of OUTPUTS to `out`, all of them first in a private folder, so a
+    failure or a kill never leaves a mix of old and new outputs; the summary."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["case", "class", "structure", "region", "dice",
                                                 "nsd"])
@@ -122,9 +123,9 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, tolerance: float
     summary = summarise(rows)
     summary["tolerance_mm"] = tolerance
     text = json.dumps(summary, indent=2, allow_nan=True) + "\n"
-    write_atomic(out / OUTPUTS[0], lambda tmp: tmp.write_text(buffer.getvalue()))
-    write_atomic(out / OUTPUTS[1], lambda tmp: tmp.write_text(text))
-    md = markdown(summary, tolerance)
-    write_atomic(out / OUTPUTS[2], lambda tmp: tmp.write_text(md))
-    plot(rows, summary, out)
+    with staged_files(out) as staging:
+        (staging / OUTPUTS[0]).write_text(buffer.getvalue())
+        (staging / OUTPUTS[1]).write_text(text)
+        (staging / OUTPUTS[2]).write_text(markdown(summary, tolerance))
+        plot(rows, summary, staging)
     return summary

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ctseg.atomic import TEMP_MARK
 from ctseg.data.merge import prepare
 from ctseg.errors import DatasetError
 from ctseg.evaluate.__main__ import evaluate
@@ -152,3 +153,21 @@ def test_a_label_map_of_another_version_is_refused(merged, shared_data, tmp_path
     assert f"{merged / 's0001' / 'labels.nii.gz'}: label values " in errors[0]
     assert "are above the 104 classes of version=v1" in errors[0]
     assert not (merged / "evaluation").exists()
+
+
+def test_a_failed_evaluation_leaves_the_previous_outputs_whole(merged, shared_data, tree_digest,
+                                                               monkeypatch):
+    """The five outputs are written together: a failure while drawing the figures (after the
+    tables are written) leaves the previous evaluation byte-identical, no temporary folder."""
+    cfg = {"pred": merged, "gt": shared_data, "version": "v1", "progress": False}
+    evaluate(cfg)
+    before = tree_digest(merged)
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr("ctseg.evaluate.report.plot", broken_plot)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        evaluate(cfg)
+    assert tree_digest(merged) == before
+    assert not [p for p in merged.iterdir() if TEMP_MARK in p.name]
