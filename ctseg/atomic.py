@@ -15,7 +15,7 @@ from typing import Any
 
 import nibabel as nib
 
-from ctseg.errors import OutputError, output_error
+from ctseg.errors import CtsegError, output_error
 
 # In the name of every temporary file or folder ctseg writes, with the writer's host and process
 # id, so leftovers of killed processes are recognised (`remove_leftovers`).
@@ -92,7 +92,7 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         try:
             yield tmp
         except OSError as err:
-            if isinstance(err, OutputError | FileExistsError):
+            if isinstance(err, CtsegError):
                 raise
             raise output_error(target, err) from err
         os.chmod(tmp, default_mode(directory=True))

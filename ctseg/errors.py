@@ -180,21 +180,6 @@ def cli_message(err: BaseException) -> str | None:
     return None
 
 
-@contextmanager
-def reported(program: str) -> Iterator[None]:
-    """Turn a user error (`cli_message`) into `error: <message>` on stderr and exit status 1;
-    the traceback goes to the log at debug level. Other errors propagate unchanged."""
-    try:
-        yield
-    except Exception as err:
-        message = cli_message(err)
-        if message is None:
-            raise
-        log.debug("%s failed", program, exc_info=True)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
 class WorkDone:
     """Mixin of errors raised after a run wrote results of its own (its log folder stays)."""
 
@@ -228,20 +213,30 @@ def remove_unstarted_run() -> None:
             break
 
 
+@contextmanager
+def reported(program: str, remove_unstarted: bool = False) -> Iterator[None]:
+    """Turn a user error (`cli_message`) into `error: <message>` on stderr and exit status 1;
+    the traceback goes to the log at debug level. Other errors propagate unchanged. With
+    `remove_unstarted`, the Hydra run folder of a run that failed before its work began goes
+    (`remove_unstarted_run`; errors that are `WorkDone` keep it)."""
+    try:
+        yield
+    except Exception as err:
+        message = cli_message(err)
+        if message is None:
+            raise
+        if remove_unstarted and not isinstance(err, WorkDone):
+            remove_unstarted_run()
+        log.debug("%s failed", program, exc_info=True)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def run_cli(main: Callable[[], Any], program: str) -> Any:
     """Run a command line entry point (a `hydra.main` function) so that each user error is one
     `error:` line on stderr with exit status 1, and a run that failed before its work began
     leaves no folder: Hydra raises the errors it meets (its own and the task's) instead of
     printing a traceback, and `cli_message` words them. A bug keeps its traceback."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    try:
+    with reported(program, remove_unstarted=True):
         return main()
-    except Exception as err:
-        message = cli_message(err)
-        if message is None:
-            raise
-        if not isinstance(err, WorkDone):
-            remove_unstarted_run()
-        log.debug("%s failed", program, exc_info=True)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None

@@ -34,6 +34,10 @@ tqdm, _ = optional_import("tqdm", name="tqdm")
 log = logging.getLogger(__name__)
 
 SPATIAL_DIMS = 3
+# The window blends and image paddings the aggregation takes (MONAI's BlendMode and
+# PytorchPadMode values).
+BLEND_MODES = (BlendMode.GAUSSIAN.value, BlendMode.CONSTANT.value)
+PAD_MODES = tuple(m.value for m in PytorchPadMode)
 
 Predictor = Callable[..., torch.Tensor]
 Window = tuple[tuple[int, int], ...]
@@ -403,10 +407,9 @@ def _check_overlap(overlap: Sequence[float] | float) -> tuple[float, ...]:
 
 def _check_mode(mode: str) -> BlendMode:
     """Blend mode "gaussian" or "constant"."""
-    modes = {m.value: m for m in (BlendMode.GAUSSIAN, BlendMode.CONSTANT)}
-    if str(mode) not in modes:
-        raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
-    return modes[str(mode)]
+    if str(mode) not in BLEND_MODES:
+        raise ValueError(f"mode must be one of {sorted(BLEND_MODES)}, got {mode!r}")
+    return BlendMode(str(mode))
 
 
 def _check_axis(slab_axis: int | None, size: tuple[int, ...], roi: tuple[int, ...]) -> int:
@@ -420,9 +423,9 @@ def _check_axis(slab_axis: int | None, size: tuple[int, ...], roi: tuple[int, ..
 
 def _check_padding(padding_mode: str) -> str:
     """Padding mode among MONAI's (PyTorch's) pad modes."""
-    modes = [m.value for m in PytorchPadMode]
-    if str(padding_mode) not in modes:
-        raise ValueError(f"padding_mode must be one of {modes}, got {padding_mode!r}")
+    if str(padding_mode) not in PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {list(PAD_MODES)}, got "
+                         f"{padding_mode!r}")
     return str(padding_mode)
 
 

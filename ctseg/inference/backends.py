@@ -101,6 +101,7 @@ def open_runner(model: LoadedModel, backend: str | None, device: torch.device, a
                               "backend=onnxruntime, or give the checkpoint for backend=torch")
         return torch_runner(model.net, device, channels_last), "torch"
     fmt = _format_for(model, backend, amp)
-    exported = model if model.export_dir is not None else _export_now(model, fmt, stack)
-    path = Path(str(exported.export_dir)) / exported.formats[fmt]
-    return load_runner(path, fmt, device, exported.digests[fmt]), fmt
+    if model.export_dir is None:
+        model = _export_now(model, fmt, stack)
+    return load_runner(model.export_dir / model.formats[fmt], fmt, device,
+                       model.digests[fmt]), fmt

@@ -33,7 +33,13 @@ from ctseg.inference.vista3d import (
     window_coverage,
 )
 from ctseg.models.loading import LoadedModel
-from ctseg.sliding_window import label_dtype, pad_to_roi, sliding_window_predict
+from ctseg.sliding_window import (
+    BLEND_MODES,
+    PAD_MODES,
+    label_dtype,
+    pad_to_roi,
+    sliding_window_predict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +47,6 @@ PRED = "pred"
 STAGES = ("load", "preprocess", "inference", "postprocess", "save")
 
 
-# Blend and padding modes of the sliding window (MONAI's BlendMode, PytorchPadMode values).
-BLEND_MODES = ("gaussian", "constant")
-PAD_MODES = ("constant", "replicate", "reflect", "circular")
 # Accumulator dtypes of the sliding-window blend (`sw.accum_dtype`; None: the image's, float32).
 ACCUM_DTYPES = ("float32", "float16")
 
