@@ -186,9 +186,9 @@ class WorkDone:
 
 def remove_unstarted_run() -> None:
     """Delete the run folder Hydra made for a run that ended before writing anything of its own
-    (it holds only Hydra's `.hydra` and the log file), and the folders above it that this leaves
-    empty (never the working folder or its parents), so a run that never started leaves no
-    folder behind."""
+    (it holds only Hydra's `.hydra`, the log file and empty folders), and the folders above
+    it that this leaves empty (never the working folder or its parents), so a run that never
+    started leaves no folder behind."""
     # The run folder is where Hydra's job logging writes its file (<run dir>/<job>.log).
     handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     if not handlers:
@@ -198,6 +198,7 @@ def remove_unstarted_run() -> None:
     if folder.resolve() in (cwd, *cwd.parents):
         return  # never the folder the user works in (hydra.run.dir=.)
     if not folder.is_dir() or any(p.name != ".hydra" and p.suffix != ".log"
+                                  and not (p.is_dir() and not any(p.iterdir()))
                                   for p in folder.iterdir()):
         return
     for handler in handlers:

@@ -1,8 +1,10 @@
 """Bad input to every command line, as real processes: exit 1, exactly one `error:` line that
 names the file or key, no traceback, and nothing created where the command would have written.
 
-The matrix: predict.py (16 cases), train.py (3), python -m ctseg.hparams_search (1),
-ctseg.data (1), ctseg.evaluate (2), ctseg.visualize (2), ctseg.export (2), ctseg.compare (2).
+The matrix: predict.py (17 cases), train.py (4), python -m ctseg.hparams_search (2),
+ctseg.data (3), ctseg.evaluate (4), ctseg.visualize (5), ctseg.export (4), ctseg.compare (3):
+42 cases x 8 command lines. Every command that reads a file meets it missing, empty and
+truncated.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def checkpoint(path: Path, num_classes: int = 105) -> Path:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Good and broken inputs: a checkpoint, one of 118 classes, the crop's CT, an empty, a
-    truncated and a singular-affine NIfTI, a regular file to put outputs under, a run folder
-    with a broken config.yaml and one with a broken metrics.csv."""
+    truncated and a singular-affine NIfTI, a regular file to put outputs under, prediction
+    folders with a truncated and an empty label map, a DICOM folder holding a file that is not
+    DICOM, a run folder with a broken config.yaml and one with a broken metrics.csv."""
     d = tmp_path_factory.mktemp("bad_inputs")
     checkpoint(d / "tiny.ckpt")
     checkpoint(d / "classes118.ckpt", num_classes=118)
@@ -65,6 +68,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "a_file").write_text("not a folder\n")
     (d / "pred" / "s0001").mkdir(parents=True)
     shutil.copy(d / "truncated.nii.gz", d / "pred" / "s0001" / "labels.nii.gz")
+    (d / "pred_empty" / "s0001").mkdir(parents=True)
+    (d / "pred_empty" / "s0001" / "labels.nii.gz").write_bytes(b"")
+    (d / "dicom").mkdir()
+    (d / "dicom" / "IM0001.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
     for name, config, metrics in (("runs_yaml", "a: [unclosed\n", "epoch,val/mean_dice\n0,0.5\n"),
                                   ("runs_csv", "seed: 1\n", "epoch,val/mean_dice\n0,abc\n")):
         (d / name / "r1" / "checkpoints").mkdir(parents=True)
@@ -127,6 +134,9 @@ CASES = {
     "predict: truncated checkpoint": Case("predict.py ckpt={d}/truncated.ckpt "
                                           "input={d}/ct.nii.gz output={o}/pred",
                                           "truncated.ckpt: cannot read the checkpoint"),
+    "predict: DICOM folder without a DICOM file": Case(
+        "predict.py ckpt={d}/tiny.ckpt input={d}/dicom output={o}/pred",
+        "dicom: empty input folder: no NIfTI files (.nii/.nii.gz), no DICOM files"),
     "predict: unknown key": Case(f"{PREDICT} sw.overlaps=0.5", "Could not override "
                                  "'sw.overlaps'"),
     "train: data.spacing=-1": Case(f"{TRAIN} data.spacing=-1", "data.spacing=-1: values must be "
@@ -137,31 +147,64 @@ CASES = {
     "train: log folder under a regular file": Case(
         "train.py paths.log_dir={d}/a_file/logs paths.data_dir={d}/data", "a_file/logs",
         ("{d}/a_file/logs",)),
+    "train: dataset root without meta.csv": Case(
+        f"{TRAIN} data=totalseg_v1 data.root={{d}}/nope", "nope/meta.csv: meta.csv not found; "
+        "is this the root of a TotalSegmentator download"),
     "hparams_search: n_trials=0": Case(
         "-m ctseg.hparams_search hparams_search=optuna experiment=phantom_quick "
         "hparams_search.n_trials=0 paths.log_dir={o}/logs paths.data_dir={d}/data",
         "hparams_search.n_trials=0: the number of finished trials to reach must be"),
+    "hparams_search: every trial fails on a user error": Case(
+        "-m ctseg.hparams_search hparams_search=optuna experiment=phantom_quick "
+        "hparams_search.n_trials=2 paths.log_dir={o}/logs paths.data_dir={d}/data "
+        "model.pretrained={d}/empty.nii.gz", "empty.nii.gz: cannot read the pretrained weights",
+        ("{o}/logs/**/trial_0/checkpoints/*.ckpt", "{o}/logs/**/trial_1")),
+    "data prepare: missing root": Case("-m ctseg.data prepare {d}/nope --out {o}/prepared",
+                                       "nope/meta.csv: meta.csv not found"),
+    "data check: missing root": Case("-m ctseg.data check {d}/nope",
+                                     "nope/meta.csv: meta.csv not found"),
     "data prepare: --out under a regular file": Case(
         f"-m ctseg.data prepare {CROP} --out {{d}}/a_file/prepared",
         "a_file/prepared/v1: cannot write (Not a directory)", ("{d}/a_file/prepared",)),
     "evaluate: truncated prediction": Case(
         f"-m ctseg.evaluate pred={{d}}/pred gt={CROP} output={{o}}/evaluation",
         "pred/s0001/labels.nii.gz: corrupt or truncated NIfTI"),
+    "evaluate: empty prediction": Case(
+        f"-m ctseg.evaluate pred={{d}}/pred_empty gt={CROP} output={{o}}/evaluation",
+        "pred_empty/s0001/labels.nii.gz: corrupt or truncated NIfTI"),
+    "evaluate: missing prediction folder": Case(
+        f"-m ctseg.evaluate pred={{d}}/nope gt={CROP} output={{o}}/evaluation",
+        "pred={d}/nope: no such folder"),
     "evaluate: missing ground truth": Case(
         "-m ctseg.evaluate pred={d}/pred gt={d}/nope output={o}/evaluation",
         "gt={d}/nope: no such folder"),
     "visualize: truncated CT": Case(
         f"-m ctseg.visualize ct={{d}}/truncated.nii.gz labels={V2_MAP} version=v2 "
         "out={o}/overlay.png", "truncated.nii.gz: cannot read the CT's voxels"),
+    "visualize: missing CT": Case(
+        f"-m ctseg.visualize ct={{d}}/nope.nii.gz labels={V2_MAP} version=v2 "
+        "out={o}/overlay.png", "nope.nii.gz: no such file (the CT)"),
+    "visualize: empty label map": Case(
+        "-m ctseg.visualize ct={d}/ct.nii.gz labels={d}/empty.nii.gz version=v2 "
+        "out={o}/overlay.png", "empty.nii.gz: cannot read the label map as NIfTI"),
+    "visualize: output under a regular file": Case(
+        f"-m ctseg.visualize ct={{d}}/ct.nii.gz labels={V2_MAP} version=v2 "
+        "out={d}/a_file/overlay.png", "a_file/overlay.png: cannot write", ("{d}/a_file/*",)),
     "visualize: singular affine": Case(
         f"-m ctseg.visualize ct={{d}}/singular.nii.gz labels={V2_MAP} version=v2 "
         "out={o}/overlay.png", "singular.nii.gz"),
     "export: truncated checkpoint": Case("-m ctseg.export ckpt={d}/truncated.ckpt "
                                          "output={o}/export", "truncated.ckpt: cannot read the "
                                          "checkpoint"),
+    "export: missing checkpoint": Case("-m ctseg.export ckpt={d}/nope.ckpt output={o}/export",
+                                       "nope.ckpt: checkpoint not found"),
+    "export: empty checkpoint": Case("-m ctseg.export ckpt={d}/empty.nii.gz output={o}/export",
+                                     "empty.nii.gz: cannot read the checkpoint"),
     "export: output under a regular file": Case("-m ctseg.export ckpt={d}/tiny.ckpt "
                                                 "output={d}/a_file/export", "a_file/export",
                                                 ("{d}/a_file/export",)),
+    "compare: missing runs folder": Case("-m ctseg.compare {d}/nope --out {o}/compare",
+                                         "nope: no such folder"),
     "compare: broken config.yaml": Case("-m ctseg.compare {d}/runs_yaml --out {o}/compare",
                                         "runs_yaml/r1/checkpoints/config.yaml: cannot read the "
                                         "run's config (YAML)"),

@@ -16,7 +16,7 @@ from optuna.storages import RDBStorage, RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 from ctseg.atomic import write_atomic
-from ctseg.errors import ConfigError
+from ctseg.errors import ConfigError, user_message
 from ctseg.hparams_search.pruning import OptunaPruning
 from ctseg.training import train
 
@@ -74,7 +74,8 @@ def trial_config(cfg: DictConfig, values: Mapping[str, Any], folder: Path) -> Di
 
 
 def run_search(cfg: DictConfig) -> optuna.Study:
-    """Run trials until the study holds `n_trials` finished (complete or pruned) ones."""
+    """Run trials until the study holds `n_trials` finished (complete or pruned) ones; a trial
+    that fails on a user error (`ctseg.errors.user_message`) stops the search with that error."""
     search = OmegaConf.to_container(cfg.hparams_search, resolve=True)
     metric = str(cfg.optimized_metric)
     n_trials = search.get("n_trials")
@@ -83,6 +84,7 @@ def run_search(cfg: DictConfig) -> optuna.Study:
                           "to reach must be a whole number >= 1")
     study = open_study(search)
     root = Path(search["dir"])
+    failures: list[Exception] = []
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, search["params"])
@@ -90,8 +92,18 @@ def run_search(cfg: DictConfig) -> optuna.Study:
         overrides = "".join(f"- {k}={v}\n" for k, v in values.items())
         write_atomic(folder / ".hydra" / "overrides.yaml", lambda tmp: tmp.write_text(overrides))
         log.info("trial %d in %s: %s", trial.number, folder, values)
-        metrics, _ = train(trial_config(cfg, values, folder),
-                           extra_callbacks=[OptunaPruning(trial, metric)])
+        try:
+            metrics, _ = train(trial_config(cfg, values, folder),
+                               extra_callbacks=[OptunaPruning(trial, metric)])
+        except Exception as err:
+            if user_message(err) is None:
+                raise  # a bug keeps its traceback
+            # A user error (config, data) fails every trial alike: the trial is recorded as
+            # failed and the search stops with the error as one line, not Optuna's traceback.
+            log.error("trial %d failed: %s", trial.number, user_message(err))
+            failures.append(err)
+            trial.study.stop()
+            return float("nan")
         if metric not in metrics:
             raise ConfigError(f"optimized_metric={metric} was not logged by trial "
                               f"{trial.number}; logged: {', '.join(sorted(metrics))}")
@@ -103,4 +115,6 @@ def run_search(cfg: DictConfig) -> optuna.Study:
              max(remaining, 0), search["storage"])
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, gc_after_trial=True)
+    if failures:
+        raise failures[0]
     return study
