@@ -5,13 +5,18 @@ from __future__ import annotations
 import errno
 import gzip
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from helpers import REPO
 
 from ctseg.atomic import TEMP_MARK, remove_leftovers, temp_prefix, write_atomic
 from ctseg.errors import ConfigError, DatasetError, OutputError, blamed_on
@@ -99,3 +104,32 @@ def test_leftovers_of_a_dead_process_go_and_a_running_ones_stay(tmp_path):
     assert len(removed) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"{ours}mine", other_host, "case"])
+
+
+SAVER = """
+import sys, torch
+from ctseg.callbacks.checkpoint_io import AtomicCheckpointIO
+io, path = AtomicCheckpointIO(), sys.argv[1]
+for version in range(1, 10**6):
+    io.save_checkpoint({"version": version, "weights": torch.full((4_000_000,), float(version))},
+                       path)
+    print(version, flush=True)
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_checkpoint_save_killed_at_any_moment_leaves_a_whole_checkpoint(tmp_path, seed):
+    """SIGKILL while Lightning saves (through AtomicCheckpointIO) leaves the previous or the new
+    checkpoint, whole, and no temporary that the next start would not remove."""
+    path = tmp_path / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "1"  # one save done; the next ones are running
+    time.sleep(random.Random(seed).uniform(0.0, 1.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = torch.load(path, weights_only=True)
+    assert saved["version"] >= 1
+    assert torch.equal(saved["weights"], torch.full((4_000_000,), float(saved["version"])))
+    remove_leftovers(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
