@@ -1,31 +1,6 @@
 """Train a segmentation model: `python train.py [group=option ...] [key=value ...]` (see --help)."""
 
-from __future__ import annotations
-
-import os
-
-import hydra
-from omegaconf import DictConfig
-
-from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, run_name
-from ctseg.errors import ConfigError, run_cli
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Run training; return the metric named by `optimized_metric` for Hydra sweepers."""
-    # Imported once Hydra has read the command line: --help and --cfg answer without loading
-    # torch, Lightning and MONAI.
-    from ctseg.training import train
-
-    if cfg.get("hparams_search") is not None:
-        raise ConfigError("hparams_search: train.py trains one run; run the search with "
-                          "python -m ctseg.hparams_search hparams_search=<space> [overrides]")
-    metrics, _ = train(cfg)
-    return metrics.get(cfg.get("optimized_metric"))
-
+from ctseg.commands import train_cli
 
 if __name__ == "__main__":
-    # DDP ranks and submitit jobs started from here inherit the run folder's name.
-    os.environ[RUN_NAME_ENV] = run_name()
-    run_cli(main, "train.py")
+    train_cli()

@@ -20,8 +20,11 @@ from ctseg.labels import label_names, num_classes
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "conf"
+# The config tree: `ctseg/conf` in an installed wheel (the build copies the clone's top-level
+# conf/ there), `<clone>/conf` in the clone and in an editable install.
+_PACKAGE_CONFIG = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = (_PACKAGE_CONFIG if _PACKAGE_CONFIG.is_dir()
+              else Path(__file__).resolve().parents[1] / "conf")
 
 
 # The run folder name: train.py exports it, so that the processes it starts (DDP ranks, submitit

@@ -21,7 +21,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("evaluate", "visualize"),
     ("callbacks",),
     ("training",),
-    ("hparams_search", "compare"),
+    ("hparams_search", "compare", "commands"),
 )
 
 

@@ -119,5 +119,10 @@ def main(cfg: DictConfig) -> None:
     print("written: " + ", ".join(str(Path(cfg.output) / o) for o in OUTPUTS))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point (`ctseg-evaluate`, `python -m ctseg.evaluate`)."""
     run_cli(main, "python -m ctseg.evaluate")
+
+
+if __name__ == "__main__":
+    cli()

@@ -52,5 +52,10 @@ def main(cfg: DictConfig) -> None:
     print(f"written to {cfg.output} (export.json describes it for predict.py ckpt={cfg.output})")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point (`ctseg-export`, `python -m ctseg.export`)."""
     run_cli(main, "python -m ctseg.export")
+
+
+if __name__ == "__main__":
+    cli()

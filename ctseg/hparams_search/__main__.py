@@ -33,5 +33,10 @@ def main(cfg: DictConfig) -> None:
     print(f"best trial {best.number}: {cfg.optimized_metric}={best.value:.4f} {best.params}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point (`ctseg-hparams-search`, `python -m ctseg.hparams_search`)."""
     run_cli(main, "python -m ctseg.hparams_search")
+
+
+if __name__ == "__main__":
+    cli()

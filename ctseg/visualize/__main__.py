@@ -68,5 +68,10 @@ def main(cfg: DictConfig) -> None:
           f"{result['names']})")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point (`ctseg-visualize`, `python -m ctseg.visualize`)."""
     run_cli(main, "python -m ctseg.visualize")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,47 @@
+"""The training and prediction commands: `ctseg-train` / `python train.py` and `ctseg-predict` /
+`python predict.py` (the clone's scripts call these)."""
+
+from __future__ import annotations
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, run_name
+from ctseg.errors import ConfigError, run_cli
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def train_main(cfg: DictConfig) -> float | None:
+    """Run training; return the metric named by `optimized_metric` for Hydra sweepers."""
+    # Imported once Hydra has read the command line: --help and --cfg answer without loading
+    # torch, Lightning and MONAI.
+    from ctseg.training import train
+
+    if cfg.get("hparams_search") is not None:
+        raise ConfigError("hparams_search: train.py trains one run; run the search with "
+                          "python -m ctseg.hparams_search hparams_search=<space> [overrides]")
+    metrics, _ = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
+def predict_main(cfg: DictConfig) -> None:
+    """Predict every input case; a failed case ends the run with an error after the others."""
+    # Imported once Hydra has read the command line: --help answers without loading torch.
+    from ctseg.inference.runner import run
+
+    run(cfg)
+
+
+def train_cli() -> None:
+    """Console entry point of training (`ctseg-train`, `python train.py`)."""
+    # DDP ranks and submitit jobs started from here inherit the run folder's name.
+    os.environ[RUN_NAME_ENV] = run_name()
+    run_cli(train_main, "train.py")
+
+
+def predict_cli() -> None:
+    """Console entry point of prediction (`ctseg-predict`, `python predict.py`)."""
+    run_cli(predict_main, "predict.py")
