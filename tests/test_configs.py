@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
+from helpers import REPO
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
@@ -201,3 +204,17 @@ def test_predict_options_defaults_are_predict_yamls():
         assert getattr(from_yaml, name) == getattr(defaults, name), name
     assert list(from_yaml.probabilities) == list(defaults.probabilities)
     assert options_from({}) == defaults
+
+
+def test_an_experiment_folder_outside_the_clone_joins_through_the_search_path(tmp_path):
+    (tmp_path / "my_conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "my_conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: segresnet\nseed: 7\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"),
+         f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "experiment=mine", "--cfg", "job"],
+        cwd=tmp_path, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = OmegaConf.create(result.stdout)
+    assert cfg.seed == 7 and cfg.model.init_filters == 32  # the recipe and its group choice

@@ -1,7 +1,7 @@
 """ClickSession on the shared crop with a small random VISTA3D: every click's labels equal a fresh
 predict run of the clicks so far, the encoder runs once per new window (a forward hook on the real
-encoder), the cache holds the windows touched only, a float16 cache agrees, and the README's
-click session runs as printed."""
+encoder), the cache holds the windows touched only, a float16 cache agrees, and the click session
+of docs/vista3d.md runs as printed."""
 
 from __future__ import annotations
 
@@ -236,15 +236,15 @@ def test_open_refuses_what_a_session_cannot_do(tiny_ckpt, ckpt, shared_ct, tmp_p
         ClickSession.open(ckpt, tmp_path)
 
 
-def test_readme_click_session_runs_as_printed(ckpt, shared_ct, tmp_path, monkeypatch, caplog):
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+def test_documented_click_session_runs_as_printed(ckpt, shared_ct, tmp_path, monkeypatch, caplog):
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "vista3d.md").read_text(), re.S)
     (snippet,) = [b for b in blocks if "ClickSession" in b]
     assert len([line for line in snippet.splitlines() if line.strip()]) <= 5
     monkeypatch.chdir(tmp_path)
     code = snippet.replace('"run/checkpoints/last.ckpt"', repr(str(ckpt))).replace(
         '"ct.nii.gz"', repr(str(shared_ct)))
     caplog.set_level(logging.INFO, logger="ctseg.inference.click_session")
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/vista3d.md", "exec"), {})
     first, second = (r.getMessage() for r in caplog.records if r.getMessage().startswith("click"))
     assert ", 4 encoder runs" in first and ", 0 encoder runs" in second  # the second: heads only
     saved = nib.load(tmp_path / "pred_click" / "labels.nii.gz")

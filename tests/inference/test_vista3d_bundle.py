@@ -28,7 +28,7 @@ from ctseg.reference import vista3d_bundle as bundle
 
 SPACINGS = (1.5, 3.0)  # the bundle's resample_spacing, and 3 mm
 ROI = [32, 32, 32]  # data.patch_size (the bundle's patch_size): small windows, seconds per run
-# The values that restore the bundle where ctseg differs on purpose (README "VISTA3D").
+# The values that restore the bundle where ctseg differs on purpose (docs/vista3d.md).
 BUNDLE_SW = {"mode": "constant"}
 BUNDLE_PROMPT = {"bundle_grid": True, "outside_value": bundle.NOT_COMPUTED}
 LIVER, FAT = [19, 16, 4], [28, 14, 1]  # voxels of `bundle_ct`
