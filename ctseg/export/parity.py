@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from ctseg.atomic import write_atomic
+from ctseg.config import CONFIG_DIR
 from ctseg.errors import CtsegError
 from ctseg.export.runtime import Runner
 
@@ -32,13 +34,11 @@ class Thresholds:
     min_agreement: float = 0.999
 
 
-# Per format: TorchScript runs the same kernels; ONNX Runtime and TensorRT fp32 their own;
-# TensorRT fp16 rounds activations to 11 bits.
+# Per format, from the config tree (conf/parity/default.yaml, the one place they are written).
 DEFAULT_THRESHOLDS = {
-    "torchscript": Thresholds(1e-4, 0.9999),
-    "onnx": Thresholds(1e-2, 0.999),
-    "trt_fp32": Thresholds(5e-2, 0.999),
-    "trt_fp16": Thresholds(0.5, 0.99),
+    fmt: Thresholds(**{k: float(v) for k, v in entry.items()})
+    for fmt, entry in OmegaConf.to_container(
+        OmegaConf.load(CONFIG_DIR / "parity" / "default.yaml")).items()
 }
 
 
