@@ -104,6 +104,14 @@ def test_vista3d_recipe_matches_the_bundle(compose_cfg) -> None:
     assert m.max_prompt is None and m.max_backprompt == 1 and m.sw_overlap == 0.625
 
 
+def test_the_hu_window_is_the_same_in_every_data_config_and_in_code(compose_cfg) -> None:
+    from ctseg.data.transforms import HU_WINDOW, PipelineConfig
+
+    for data in ("phantoms", "totalseg_v1", "totalseg_v2"):
+        assert tuple(compose_cfg(f"data={data}").data.hu_window) == HU_WINDOW
+    assert PipelineConfig().hu_window == HU_WINDOW
+
+
 def test_v2_data_gives_118_channels(compose_cfg) -> None:
     cfg = compose_cfg("data=totalseg_v2")
     assert cfg.model.num_classes == 118

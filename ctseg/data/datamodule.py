@@ -22,7 +22,14 @@ from torch.utils.data import DistributedSampler
 from ctseg.data.layout import META, read_meta
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.phantoms import write_phantoms
-from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig, eval_transforms, train_transforms
+from ctseg.data.transforms import (
+    HU_WINDOW,
+    IMAGE,
+    LABEL,
+    PipelineConfig,
+    eval_transforms,
+    train_transforms,
+)
 from ctseg.data.volume_cache import CachedPatches, CachedVolumes, VolumeCache
 from ctseg.errors import ConfigError, blamed_on
 from ctseg.labels import check_version
@@ -121,7 +128,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
         version: str = "v1",
         spacing: float | Sequence[float] = 1.5,
         intensity: str = "segresnet",
-        hu_window: Sequence[float] = (-963.8, 1053.7),
+        hu_window: Sequence[float] = HU_WINDOW,
         cache: str = "disk",
         cache_rate: float = 1.0,
         cache_dir: str | None = None,
@@ -336,13 +343,13 @@ class TotalSegmentatorDataModule(LightningDataModule):
 
 
 class PhantomDataModule(TotalSegmentatorDataModule):
-    """TotalSegmentatorDataModule over synthetic phantoms written on first use into `phantom_root`,
+    """TotalSegmentatorDataModule over synthetic phantoms written on first use into `root`,
     plus optional `extra_roots` (e.g. the real crop), whose subjects join their meta.csv split, or
     `extra_split` for all of them."""
 
     def __init__(
         self,
-        phantom_root: str,
+        root: str,
         n_phantoms: int = 12,
         phantom_seed: int = 0,
         phantom_shape: Sequence[int] = (80, 80, 64),
@@ -357,12 +364,12 @@ class PhantomDataModule(TotalSegmentatorDataModule):
         if extra_repeat < 1:
             raise ValueError(f"extra_repeat must be >= 1, got {extra_repeat}")
         extras = [str(r) for r in extra_roots]
-        super().__init__(root=[str(phantom_root), *extras], **kwargs)
+        super().__init__(root=[str(root), *extras], **kwargs)
         self.phantom_shape = tuple(int(s) for s in phantom_shape)
-        # root is rebuilt from phantom_root and extra_roots; keeping it would pass it twice.
+        # root is rebuilt from the phantom root and extra_roots; keeping it would pass it twice.
         self.remove_ignored_hparams(["root"])
         self.save_hyperparameters({
-            "phantom_root": str(phantom_root), "n_phantoms": n_phantoms,
+            "phantom_root": str(root), "n_phantoms": n_phantoms,
             "phantom_seed": phantom_seed, "phantom_shape": list(self.phantom_shape),
             "extra_roots": extras, "extra_split": extra_split, "extra_repeat": extra_repeat,
         })

@@ -73,6 +73,9 @@ CROP_MARGIN = 10
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 # Gaussian smoothing of the bundle's training pipeline (train.json), in voxels, per scheme.
 DEFAULT_SMOOTH_SIGMA = {"segresnet": 0.4, "hu_window": 0.0}
+# The vista3d bundle's window (ScaleIntensityRanged a_min / a_max of its JSON): the Python default;
+# conf/data/totalseg_v1.yaml writes the same values (tests/test_configs.py compares them).
+HU_WINDOW = (-963.8247715525971, 1053.678477684517)
 # Voxel indices kept per class for the `classes` sampler (bounds the cached index lists).
 MAX_INDICES_PER_CLASS = 20_000
 INDICES = f"{LABEL}_cls_indices"
@@ -103,7 +106,7 @@ class PipelineConfig:
 
     spacing: float | tuple[float, float, float] = 1.5
     intensity: str = "segresnet"
-    hu_window: tuple[float, float] = (-963.8, 1053.7)
+    hu_window: tuple[float, float] = HU_WINDOW
     patch_size: int | tuple[int, int, int] = (96, 96, 96)
     samples_per_volume: int = 1
     smooth_sigma: float | None = None

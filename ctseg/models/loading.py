@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctseg.data.transforms import PipelineConfig
+from ctseg.data.transforms import HU_WINDOW, PipelineConfig
 from ctseg.errors import CheckpointError, ConfigError, MissingFileError
 from ctseg.labels import label_names, num_classes
 from ctseg.models.segresnet import SegResNetModule
@@ -49,7 +49,7 @@ WHOLEBODY_BUNDLE_DATA = {"spacing": 1.5, "intensity": "segresnet", "smooth_sigma
                          "patch_size": (96, 96, 96)}
 # The vista3d bundle's inference.json preprocessing, for its bare models/model.pt.
 VISTA3D_BUNDLE_DATA = {"spacing": 1.5, "intensity": "hu_window",
-                       "hu_window": (-963.8247715525971, 1053.678477684517),
+                       "hu_window": HU_WINDOW,
                        "smooth_sigma": 0.0, "patch_size": (128, 128, 128),
                        "predict_steps": "vista3d_bundle"}
 # Keys of a VISTA3D state dict that give its encoder's width and depth.

@@ -55,7 +55,7 @@ def test_shard_is_disjoint_covering_and_even() -> None:
 
 def test_phantom_module_batches(tmp_path: Path, tree_digest) -> None:
     root = tmp_path / "phantoms"
-    dm = PhantomDataModule(phantom_root=str(root), n_phantoms=4, phantom_shape=(40, 40, 32),
+    dm = PhantomDataModule(root=str(root), n_phantoms=4, phantom_shape=(40, 40, 32),
                            batch_size=2, samples_per_volume=2, cache="none",
                            prepared_dir=str(tmp_path / "prepared"), **FAST)
     dm.prepare_data()
@@ -177,7 +177,7 @@ def test_real_crop_test_split_and_errors(shared_data: Path, tmp_path: Path, tree
 
 def test_extra_root_joins_test_split(shared_data: Path, phantom_root: Path,
                                      tmp_path: Path) -> None:
-    dm = PhantomDataModule(phantom_root=str(phantom_root), n_phantoms=6, phantom_seed=1,
+    dm = PhantomDataModule(root=str(phantom_root), n_phantoms=6, phantom_seed=1,
                            phantom_shape=(40, 40, 32), extra_roots=[str(shared_data)],
                            prepared_dir=str(tmp_path / "prepared"), **FAST)
     dm.prepare_data()
@@ -190,7 +190,7 @@ def test_extra_root_joins_test_split(shared_data: Path, phantom_root: Path,
 
 def test_extra_roots_can_join_training_oversampled(shared_data: Path, phantom_root: Path,
                                                    tmp_path: Path) -> None:
-    dm = PhantomDataModule(phantom_root=str(phantom_root), n_phantoms=6, phantom_seed=1,
+    dm = PhantomDataModule(root=str(phantom_root), n_phantoms=6, phantom_seed=1,
                            phantom_shape=(40, 40, 32), extra_roots=[str(shared_data)],
                            extra_split="train", extra_repeat=3,
                            prepared_dir=str(tmp_path / "prepared"), **FAST)
@@ -202,7 +202,7 @@ def test_extra_roots_can_join_training_oversampled(shared_data: Path, phantom_ro
     assert real == ["s0001"] * 3
     assert (dm.hparams.extra_split, dm.hparams.extra_repeat) == ("train", 3)
     with pytest.raises(ValueError, match="extra_split must be"):
-        PhantomDataModule(phantom_root=str(phantom_root), extra_split="holdout")
+        PhantomDataModule(root=str(phantom_root), extra_split="holdout")
 
 
 def test_pipeline_settings_are_recorded_resolved(phantom_root: Path, tmp_path: Path) -> None:
