@@ -84,7 +84,8 @@ def test_phantom_quick_learns(compose_cfg, tmp_path):
         (cases / record["subject"] / "ct.nii.gz").symlink_to(record["image"])
     best = objects["trainer"].checkpoint_callback.best_model_path
     root = Path(objects["datamodule"].roots[0])
-    for command in (["predict.py", f"ckpt={best}", f"input={cases}", f"output={tmp_path / 'p'}"],
+    for command in (["predict.py", f"ckpt={best}", f"input={cases}", f"output={tmp_path / 'p'}",
+                     "masks=false"],
                     ["-m", "ctseg.evaluate", f"pred={tmp_path / 'p'}", f"gt={root}",
                      "version=v1", "split=test"]):
         result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True,
