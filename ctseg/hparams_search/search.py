@@ -96,11 +96,12 @@ def run_search(cfg: DictConfig) -> optuna.Study:
             metrics, _ = train(trial_config(cfg, values, folder),
                                extra_callbacks=[OptunaPruning(trial, metric)])
         except Exception as err:
-            if user_message(err) is None:
+            message = user_message(err)
+            if message is None:
                 raise  # a bug keeps its traceback
             # A user error (config, data) fails every trial alike: the trial is recorded as
             # failed and the search stops with the error as one line, not Optuna's traceback.
-            log.error("trial %d failed: %s", trial.number, user_message(err))
+            log.error("trial %d failed: %s", trial.number, message)
             failures.append(err)
             trial.study.stop()
             return float("nan")
