@@ -33,22 +33,32 @@ def download(shared_data: Path, tmp_path: Path) -> Path:
     return root
 
 
+def finished(out: Path) -> list[Path]:
+    """The merged label maps written so far."""
+    return [p for p in (out / "v1").glob("*.nii.gz") if TEMP_MARK not in p.name]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_killed_prepare_is_finished_by_the_same_command(download, tmp_path, seed):
     def command(out: Path) -> list[str]:
         return [sys.executable, "-m", "ctseg.data", "prepare", str(download), "--out", str(out),
                 "--workers", "1"]
 
-    start = time.monotonic()
-    subprocess.run(command(tmp_path / "uninterrupted"), cwd=REPO, check=True,
-                   capture_output=True, timeout=600)
-    seconds = time.monotonic() - start
+    rng = random.Random(seed)
+    merged_before_kill = rng.randint(0, len(SUBJECTS) - 1)  # the kill lands while one is merged
     out = tmp_path / "prepared"
     proc = subprocess.Popen(command(out), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    time.sleep(random.Random(seed).uniform(0.5, 0.95) * seconds)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL  # killed, not finished
+    try:
+        deadline = time.monotonic() + 300
+        while (not (out / "v1").is_dir() or len(finished(out)) < merged_before_kill) \
+                and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.15))  # within the next subject (~0.4 s)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
     again = subprocess.run(command(out), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     manifest = json.loads((out / "v1" / "manifest.json").read_text())

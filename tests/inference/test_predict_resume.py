@@ -39,8 +39,10 @@ def command(ckpt: Path, inputs: Path, out: Path) -> list[str]:
 
 
 def case_bytes(out: Path) -> dict[str, bytes]:
-    """The label file of every finished case, by case name."""
-    return {p.parent.name: p.read_bytes() for p in sorted(out.glob(f"*/{LABELS_FILE}"))}
+    """The label file of every finished case, by case name (a killed run's temporary folders left
+    out: the next run removes them)."""
+    return {p.parent.name: p.read_bytes() for p in sorted(out.glob(f"*/{LABELS_FILE}"))
+            if TEMP_MARK not in p.parent.name}
 
 
 def leftovers(out: Path) -> list[Path]:
