@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -102,8 +103,24 @@ def register_resolvers() -> None:
 
 
 def plain(value: Any) -> Any:
-    """A DictConfig/ListConfig as resolved builtins; anything else unchanged."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    """`value` as builtins: OmegaConf containers resolved, mappings as dicts, sequences as lists,
+    paths as strings, a keyword-only partial as its `{_target_, _partial_: true, ...}` config;
+    scalars unchanged. What checkpoints (`weights_only=True`) and loggers can hold."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, functools.partial):
+        if value.args:
+            raise ValueError(f"{value.func.__qualname__} must be a partial with keyword arguments "
+                             f"only (got positional {value.args})")
+        target = f"{value.func.__module__}.{value.func.__qualname__}"
+        return {"_target_": target, "_partial_": True, **plain(value.keywords)}
+    if isinstance(value, str | os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence):
+        return [plain(v) for v in value]
+    return value
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from helpers import REPO
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ctseg.config import CONFIG_DIR, instantiate_group
+from ctseg.config import CONFIG_DIR, instantiate_group, plain
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
 # Groups that train.yaml does not use, and the test that composes them.
@@ -231,3 +233,16 @@ def test_an_experiment_folder_outside_the_clone_joins_through_the_search_path(tm
     assert result.returncode == 0, result.stderr[-2000:]
     cfg = OmegaConf.create(result.stdout)
     assert cfg.seed == 7 and cfg.model.init_filters == 32  # the recipe and its group choice
+
+
+def test_plain_turns_configs_partials_paths_and_tuples_into_builtins():
+    cfg = OmegaConf.create({"size": [96, 96, 96], "ref": "${size}", "root": "data"})
+    value = {"cfg": cfg, "path": Path("a/b.nii.gz"), "spacing": (1.5, 1.5, 1.5),
+             "optimizer": functools.partial(torch.optim.AdamW, lr=1e-4), "n": 3, "off": None}
+    assert plain(value) == {
+        "cfg": {"size": [96, 96, 96], "ref": [96, 96, 96], "root": "data"},
+        "path": "a/b.nii.gz", "spacing": [1.5, 1.5, 1.5],
+        "optimizer": {"_target_": "torch.optim.adamw.AdamW", "_partial_": True, "lr": 1e-4},
+        "n": 3, "off": None}
+    with pytest.raises(ValueError, match="keyword arguments only"):
+        plain(functools.partial(torch.optim.AdamW, []))

@@ -19,6 +19,7 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import DistributedSampler
 
+from ctseg.config import plain
 from ctseg.data.layout import META, read_meta
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.phantoms import write_phantoms
@@ -81,15 +82,6 @@ def split_validation(train: list[dict], fraction: float,
     chosen = set(random.Random(seed).sample(range(len(train)), n_val))
     return ([r for i, r in enumerate(train) if i not in chosen],
             [r for i, r in enumerate(train) if i in chosen])
-
-
-def _plain_sequence(value: Any) -> Any:
-    """Lists of builtins for sequences (tuples, ListConfig), the value itself for scalars."""
-    if isinstance(value, str | os.PathLike):
-        return str(value)
-    if isinstance(value, Sequence) or hasattr(value, "__iter__"):
-        return [_plain_sequence(v) for v in value]
-    return value
 
 
 class NamedErrors(TorchDataset):
@@ -157,9 +149,9 @@ class TotalSegmentatorDataModule(LightningDataModule):
         roots = [str(root)] if isinstance(root, str | os.PathLike) else [str(r) for r in root]
         if not roots:
             raise ValueError("root must name at least one dataset folder")
-        self.pipeline = PipelineConfig(spacing=_plain_sequence(spacing), intensity=intensity,
-                                       hu_window=_plain_sequence(hu_window),
-                                       patch_size=_plain_sequence(patch_size),
+        self.pipeline = PipelineConfig(spacing=plain(spacing), intensity=intensity,
+                                       hu_window=plain(hu_window),
+                                       patch_size=plain(patch_size),
                                        samples_per_volume=samples_per_volume,
                                        smooth_sigma=smooth_sigma, sampler=sampler,
                                        num_classes=version_num_classes(version))
@@ -168,16 +160,16 @@ class TotalSegmentatorDataModule(LightningDataModule):
         self.roots = roots
         self.save_hyperparameters({
             "root": roots[0] if isinstance(root, str | os.PathLike) else roots,
-            "version": version, "spacing": _plain_sequence(spacing), "intensity": intensity,
-            "hu_window": _plain_sequence(hu_window), "cache": cache, "cache_rate": cache_rate,
+            "version": version, "spacing": plain(spacing), "intensity": intensity,
+            "hu_window": plain(hu_window), "cache": cache, "cache_rate": cache_rate,
             "cache_dir": None if cache_dir is None else str(cache_dir),
             "prepared_dir": None if prepared_dir is None else str(prepared_dir),
-            "patch_size": _plain_sequence(patch_size), "batch_size": batch_size,
+            "patch_size": plain(patch_size), "batch_size": batch_size,
             "samples_per_volume": samples_per_volume, "num_workers": num_workers,
             "val_fraction": val_fraction, "seed": seed, "prepare_workers": prepare_workers,
             # resolved (never None): predict.py reads what the checkpoint was trained with
             "smooth_sigma": self.pipeline.smooth_sigma, "sampler": sampler,
-            "val_crop": _plain_sequence(val_crop),
+            "val_crop": plain(val_crop),
         })
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, TorchDataset] = {}

@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,12 +21,13 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from monai.losses import DiceCELoss
 from monai.optimizers import WarmupCosineSchedule
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from torchmetrics import Metric
 
+from ctseg.config import plain
 from ctseg.sliding_window import sliding_window_predict
 
 log = logging.getLogger(__name__)
@@ -79,26 +79,6 @@ class PerClassDice(Metric):
         """Dice = 2|P∩T| / (|P|+|T|) per class; NaN where the class has no ground-truth voxel."""
         dice = 2 * self.intersection.double() / (self.pred_count + self.target_count).double()
         return torch.where(self.target_count > 0, dice, torch.nan).float()
-
-
-def _plain(value: Any) -> Any:
-    """`value` as builtins only (OmegaConf containers, paths, optimizer partials converted), so
-    checkpoints load with `weights_only=True` and loggers can write the hyper-parameters."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, functools.partial):
-        if value.args:
-            raise ValueError("optimizer must be a partial with keyword arguments only "
-                             f"(got positional {value.args})")
-        target = f"{value.func.__module__}.{value.func.__qualname__}"
-        return {"_target_": target, "_partial_": True, **_plain(value.keywords)}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def optimizer_factory(spec: OptimizerFactory | Mapping[str, Any] | None) -> OptimizerFactory:
@@ -167,7 +147,7 @@ class SegmentationModule(LightningModule):
         self.label_names = label_names
         self._optimizer = optimizer_factory(optimizer)
         self.save_hyperparameters()
-        self.save_hyperparameters(_plain({**self.hparams, "label_names": label_names,
+        self.save_hyperparameters(plain({**self.hparams, "label_names": label_names,
                                           "optimizer": self._optimizer}))
         self.configure_models()
         self.configure_losses()
@@ -205,7 +185,7 @@ class SegmentationModule(LightningModule):
         ).labels
 
     @staticmethod
-    def _plain(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _tensors(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Image and label of a batch as plain tensors: MONAI's MetaTensors would track metadata
         in every op, and logged values must load with weights_only (ddp_spawn sends them so)."""
         return batch["image"].as_subclass(Tensor), batch["label"].as_subclass(Tensor)
@@ -216,7 +196,7 @@ class SegmentationModule(LightningModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         """The training loss of a patch batch, logged as `train/loss`."""
-        image, label = self._plain(batch)
+        image, label = self._tensors(batch)
         loss = self.training_loss(image, label)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=image.shape[0])
@@ -225,7 +205,7 @@ class SegmentationModule(LightningModule):
     def _evaluate(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
         """Add the per-class voxel counts of one whole volume (batch of one) to `stage`'s Dice;
         its (D, H, W) predicted labels."""
-        image, label = self._plain(batch)
+        image, label = self._tensors(batch)
         if image.shape[0] != 1:
             raise ValueError(f"{stage} batches hold one whole volume each, got {image.shape[0]}; "
                              "use batch_size=1 for evaluation loaders")
