@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
-from monai.inferers.utils import _get_scan_interval
 from monai.utils import (
     BlendMode,
     PytorchPadMode,
@@ -28,6 +28,8 @@ from monai.utils import (
     fall_back_tuple,
     optional_import,
 )
+
+from ctseg.labels import label_map_dtype
 
 tqdm, _ = optional_import("tqdm", name="tqdm")
 
@@ -57,12 +59,9 @@ class SlidingWindowResult:
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
-    """Smallest integer dtype holding labels 0..num_classes-1 (uint8, int16 or int32)."""
-    if num_classes <= 256:
-        return torch.uint8
-    if num_classes <= 32768:
-        return torch.int16
-    return torch.int32
+    """The torch dtype of label maps in memory: uint8 where the file type
+    (`labels.label_map_dtype`) is uint8, int32 otherwise (torch's uint16 lacks most ops)."""
+    return torch.uint8 if label_map_dtype(num_classes) == np.uint8 else torch.int32
 
 
 def sliding_window_labels(
@@ -349,7 +348,8 @@ def grid_windows(size: Sequence[int], roi: Sequence[int], overlap: Sequence[floa
     """MONAI's sliding-window grid over an image of `size` (at least `roi` on every axis), in
     MONAI's order, as ((start, stop), ...) per axis."""
     overlaps = _check_overlap(overlap)
-    interval = _get_scan_interval(tuple(size), tuple(roi), SPATIAL_DIMS, overlaps)
+    interval = tuple(int(r) if r == s else max(int(r * (1 - o)), 1)
+                     for s, r, o in zip(size, roi, overlaps, strict=True))  # MONAI's scan interval
     return [tuple((int(a), int(b)) for a, b in w)
             for w in dense_patch_slices(tuple(size), tuple(roi), interval, return_slice=False)]
 

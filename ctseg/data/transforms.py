@@ -60,6 +60,7 @@ from monai.transforms import (
 )
 
 from ctseg.errors import ConfigError
+from ctseg.sliding_window import label_dtype
 
 INTENSITIES = ("segresnet", "hu_window")
 SAMPLERS = ("random", "classes")
@@ -80,9 +81,6 @@ HU_WINDOW = (-963.8247715525971, 1053.678477684517)
 MAX_INDICES_PER_CLASS = 20_000
 INDICES = f"{LABEL}_cls_indices"
 # Label maps are kept as uint8 (up to 256 classes): a quarter of float32 in memory and disk caches.
-LABEL_DTYPE = torch.uint8
-
-
 def _triple(value: float | Sequence[float], name: str, kind: type) -> tuple:
     """`value` repeated to three axes (or checked to have three), each converted with `kind`
     (int values must be whole numbers)."""
@@ -197,7 +195,7 @@ def _deterministic(cfg: PipelineConfig) -> list[MapTransform]:
             SpatialPadd(keys=keys, spatial_size=list(cfg.patch_size)),
         ]),
         EnsureTyped(keys=IMAGE, dtype=torch.float32),
-        EnsureTyped(keys=LABEL, dtype=LABEL_DTYPE),
+        EnsureTyped(keys=LABEL, dtype=label_dtype(cfg.num_classes or 2)),  # unknown: smallest
         *([ClassesToIndicesd(keys=LABEL, num_classes=cfg.num_classes,
                              max_samples_per_class=MAX_INDICES_PER_CLASS)]
           if cfg.sampler == "classes" else []),
