@@ -17,6 +17,7 @@ import numpy as np
 from filelock import FileLock
 
 from ctseg.atomic import make_folder, remove_leftovers, save_nifti_atomic, write_atomic
+from ctseg.data.file_stamp import file_stamp
 from ctseg.data.layout import Subject, check_binary, check_grid, load_nifti, read_meta
 from ctseg.errors import CtsegError, DatasetError, blamed_on
 from ctseg.labels import check_version, class_names, label_map_dtype, num_classes
@@ -70,15 +71,9 @@ def default_prepared_dir(root: str | Path) -> Path:
 
 def fingerprint(subject: Subject, version: str) -> str:
     """Hash of the size and modification time of a subject's CT and masks, and the merge format."""
-    parts = [f"format={MERGE_FORMAT}", f"version={version}"]
     paths = [subject.ct, *(subject.mask(n) for n in class_names(version).values())]
-    for path in paths:
-        try:
-            stat = path.stat()
-            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
-        except FileNotFoundError:
-            parts.append(f"{path.name}:missing")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return file_stamp({p.name: p for p in paths},
+                      header=(f"format={MERGE_FORMAT}", f"version={version}"))
 
 
 def merge_subject(subject: Subject, version: str, out_path: Path) -> list[int]:

@@ -18,7 +18,6 @@ aside and rebuilt.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -37,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctseg.atomic import remove_leftovers, temp_prefix
+from ctseg.data.file_stamp import file_stamp
 from ctseg.data.transforms import (
     IMAGE,
     LABEL,
@@ -56,11 +56,7 @@ IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE, META_FILE = (
 
 def record_key(record: dict[str, Any]) -> str:
     """Cache key of a record: its CT and label paths with their size and modification time."""
-    parts = []
-    for key in (IMAGE, LABEL):
-        stat = Path(record[key]).stat()
-        parts.append(f"{record[key]}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    return file_stamp({str(record[key]): Path(record[key]) for key in (IMAGE, LABEL)})[:24]
 
 
 def class_locations(label: np.ndarray, num_classes: int, seed: int = 0,
