@@ -24,8 +24,8 @@ from ctseg.visualize.overlay import (
     CUT_AXIS,
     MAX_LEGEND,
     PLANES,
+    IntensityWindow,
     Slices,
-    Window,
     figure_rgb,
     render_planes,
     slice_indices,
@@ -51,7 +51,7 @@ def voxel_spacing(image: Any) -> tuple[float, float, float]:
     return sizes[0], sizes[1], sizes[2]
 
 
-def case_name(batch: Mapping[str, Any], batch_idx: int) -> str:
+def batch_case_name(batch: Mapping[str, Any], batch_idx: int) -> str:
     """The subject id of a validation batch (its "subject" entry) as a file-name-safe word, else
     `case<batch_idx>`."""
     subject = batch.get("subject")
@@ -86,7 +86,7 @@ class ValidationOverlays(Callback):
     """
 
     def __init__(self, max_cases: int = 2, every_n_validations: int = 1,
-                 window: Window = "auto", alpha: float = 0.5,
+                 window: IntensityWindow = "auto", alpha: float = 0.5,
                  max_legend: int = MAX_LEGEND) -> None:
         """Remember how many volumes to show, how often, and the overlay's window, opacity and
         legend length ("auto" window: the training pipeline's images are not in HU)."""
@@ -125,7 +125,7 @@ class ValidationOverlays(Callback):
         if isinstance(outputs, Mapping) and outputs.get("pred") is not None:
             rows["prediction"] = _planes(outputs["pred"], slices)
         rows["ground truth"] = volume_planes(truth, slices)
-        case = case_name(batch, batch_idx)
+        case = batch_case_name(batch, batch_idx)
         figure = render_planes(
             _planes(batch[IMAGE], slices), rows, voxel_spacing(batch[IMAGE]),
             getattr(pl_module, "label_names", {}), slices, window=self.window, alpha=self.alpha,

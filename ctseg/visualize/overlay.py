@@ -46,10 +46,10 @@ LEGEND_INCHES = 2.6
 LEGEND_ENTRY_INCHES = 0.2
 
 Slices = tuple[int, int, int]
-Window = str | Sequence[float] | None
+IntensityWindow = str | Sequence[float] | None
 
 
-def window_bounds(window: Window) -> tuple[float, float] | None:
+def window_bounds(window: IntensityWindow) -> tuple[float, float] | None:
     """(low, high) intensities of a window given as a preset name (WINDOWS), [width, level] in
     HU, or None/"auto" (None: percentiles of the image)."""
     if window is None or isinstance(window, str):
@@ -105,7 +105,7 @@ def _display(plane: np.ndarray) -> np.ndarray:
     return np.swapaxes(np.asarray(plane), 0, 1)[::-1, ::-1]
 
 
-def _grey(planes: Sequence[np.ndarray], window: Window) -> list[np.ndarray]:
+def _grey(planes: Sequence[np.ndarray], window: IntensityWindow) -> list[np.ndarray]:
     """Planes scaled to [0, 1] by the window (auto: percentiles over all planes)."""
     bounds = window_bounds(window)
     if bounds is None:
@@ -139,7 +139,7 @@ def render_planes(
     spacing: Sequence[float],
     names: Names,
     slices: Slices,
-    window: Window = DEFAULT_WINDOW,
+    window: IntensityWindow = DEFAULT_WINDOW,
     alpha: float = DEFAULT_ALPHA,
     max_legend: int = MAX_LEGEND,
     title: str | None = None,
@@ -219,7 +219,7 @@ def render_overlay(
     spacing: Sequence[float],
     names: Names,
     slices: Slices | None = None,
-    window: Window = DEFAULT_WINDOW,
+    window: IntensityWindow = DEFAULT_WINDOW,
     alpha: float = DEFAULT_ALPHA,
     max_legend: int = MAX_LEGEND,
     title: str | None = None,
@@ -300,7 +300,7 @@ def check_same_grid(ct: nib.Nifti1Image, labels: nib.Nifti1Image, ct_path: Path,
 
 
 def overlay_figure(ct_path: Path, labels_path: Path, names: Names,
-                   window: Window = DEFAULT_WINDOW, alpha: float = DEFAULT_ALPHA,
+                   window: IntensityWindow = DEFAULT_WINDOW, alpha: float = DEFAULT_ALPHA,
                    max_legend: int = MAX_LEGEND) -> tuple[Figure, list[int]]:
     """The overlay figure of a CT and label map file of one grid, and the label values shown
     (checked against `names`)."""

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from monai.data import DataLoader, MetaTensor
 from torch.utils.data import Dataset
 
-from ctseg.callbacks.overlays import TAG, ValidationOverlays, case_name, voxel_spacing
+from ctseg.callbacks.overlays import TAG, ValidationOverlays, batch_case_name, voxel_spacing
 from ctseg.errors import ConfigError
 from ctseg.inference.outputs import label_colours
 from ctseg.models.segresnet import SegResNetModule
@@ -113,8 +113,8 @@ def test_settings_are_checked_at_construction():
 
 
 def test_case_names_and_spacing():
-    assert case_name({"subject": ["s0001/a b"]}, 3) == "s0001_a_b"
-    assert case_name({}, 3) == "case3"
+    assert batch_case_name({"subject": ["s0001/a b"]}, 3) == "s0001_a_b"
+    assert batch_case_name({}, 3) == "case3"
     affine = torch.tensor([[[0.0, 0, -1.5, 0], [2, 0, 0, 0], [0, 3, 0, 0], [0, 0, 0, 1]]])
     assert voxel_spacing(MetaTensor(torch.zeros(1, 1, 2, 2, 2), affine=affine)) == (2, 3, 1.5)
     assert voxel_spacing(torch.zeros(2, 2, 2)) == (1, 1, 1)
