@@ -20,7 +20,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 EXPECTED = {
     "01_quickstart.ipynb": [
         r"epochs: 12 steps: 84",
-        r"'test/native/mean_dice': 0\.\d+",
+        r"'test/native/mean_case_dice': 0\.\d+",
         r"\d+ predicted, 0 skipped, 0 failed",
         r"3 cases; NSD at 3 mm; mean over classes: Dice 0\.\d+, NSD 0\.\d+",
         r"written: .*prediction\.png \([1-9]\d* structures in the slices shown",

@@ -77,7 +77,7 @@ def test_phantom_quick_learns(compose_cfg, tmp_path):
     native = json.loads((evaluation / "summary.json").read_text())
     assert len(native["cases"]) == 3 and native["tolerance_mm"] == 3.0
     assert native["overall"]["dice"]["mean"] >= 0.5 and native["overall"]["nsd"]["mean"] >= 0.5
-    assert metrics["test/native/mean_dice"] == pytest.approx(native["overall"]["dice"]["mean"])
+    assert metrics["test/native/mean_case_dice"] == pytest.approx(native["overall"]["dice"]["mean"])
     cases = tmp_path / "test_cases"
     for record in objects["datamodule"].records["test"]:
         (cases / record["subject"]).mkdir(parents=True)

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 class NativeEvaluation(Callback):
     """At the end of the test epoch, score this rank's test subjects at native resolution, gather
     the rows over DDP ranks, write scores.csv, summary.json/.md and the plots to `output_dir`
-    (rank 0) and log `test/native/mean_dice` and `test/native/mean_nsd`."""
+    (rank 0) and log `test/native/mean_case_dice` and `test/native/mean_case_nsd`: means over
+    cases (the resampled-grid `test/mean_dice` pools each class's voxels over cases)."""
 
     def __init__(self, output_dir: str | Path = "evaluation", tolerance_mm: float = 3.0) -> None:
         """Remember where the outputs go and the NSD tolerance in mm."""
@@ -52,4 +53,4 @@ class NativeEvaluation(Callback):
         for metric in ("dice", "nsd"):
             value = overall[metric]["mean"]
             if not math.isnan(value):
-                pl_module.log(f"test/native/mean_{metric}", value, sync_dist=False)
+                pl_module.log(f"test/native/mean_case_{metric}", value, sync_dist=False)
