@@ -139,3 +139,16 @@ def metric_rows(run: Path, version: int = 0) -> list[dict[str, str]]:
     """Rows of the CSV logger's metrics file of `version` in a run folder."""
     with (run / "csv" / f"version_{version}" / "metrics.csv").open() as f:
         return list(csv.DictReader(f))
+
+
+def save_checkpoint(module: torch.nn.Module, path: Path, data_hparams: dict) -> Path:
+    """Write `module` as Lightning's Trainer.save_checkpoint would for inference: its state dict,
+    module and datamodule hyper-parameters, the Lightning version and the module's own additions."""
+    import lightning
+
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "datamodule_hyper_parameters": data_hparams,
+                  "pytorch-lightning_version": lightning.__version__}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, SHARED_DATA, truncate
+from helpers import REPO, SHARED_DATA, save_checkpoint, truncate
 
 from ctseg.labels import label_names
 from ctseg.models.segresnet import SegResNetModule
@@ -35,11 +35,8 @@ def checkpoint(path: Path, num_classes: int = 105) -> Path:
     names = label_names("v1") if num_classes == 105 else None
     module = SegResNetModule(num_classes=num_classes, label_names=names, init_filters=8,
                              roi_size=(32, 32, 32))
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "datamodule_hyper_parameters": {"version": "v1", "spacing": 4.0,
-                                                "intensity": "segresnet",
-                                                "patch_size": [32, 32, 32]}}, path)
-    return path
+    return save_checkpoint(module, path, {"version": "v1", "spacing": 4.0,
+                                          "intensity": "segresnet", "patch_size": [32, 32, 32]})
 
 
 @pytest.fixture(scope="module")

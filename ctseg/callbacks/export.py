@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from ctseg.data.transforms import IMAGE
 from ctseg.export.exporter import centre_window, export_model, sample_window
 from ctseg.export.formats import check_formats
-from ctseg.models.loading import LoadedModel, load_model
+from ctseg.models.loaded_model import LoadedModel
+from ctseg.models.loading import load_model
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lightning import LightningModule
 
 from ctseg.data.datamodule import SUBJECT
 from ctseg.data.layout import load_nifti
@@ -22,41 +22,21 @@ from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_label
 from ctseg.inference.inputs import Case
 from ctseg.inference.outputs import label_table
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
-from ctseg.models.loading import LoadedModel
-from ctseg.models.vista3d import VISTA3DModule
+from ctseg.models.base import SegmentationModule
 
 log = logging.getLogger(__name__)
 
 
-def loaded_model(module: LightningModule, pipeline: PipelineConfig) -> LoadedModel:
-    """The module's network (a copy, so prediction settings never touch the trained one) with its
-    classes, preprocessing and window, as predict.py loads it from the module's checkpoint."""
-    net = copy.deepcopy(module.net).eval()
-    roi = tuple(int(r) for r in module.hparams.roi_size)
-    if isinstance(module, VISTA3DModule):
-        return LoadedModel(net, [], pipeline, roi, kind="vista3d",
-                           known_ids=sorted(module.prompt_ids.tolist()))
-    return LoadedModel(net, list(module.label_names), pipeline, roi)
-
-
-def scored_truth(module: LightningModule) -> np.ndarray | None:
-    """For VISTA3D: class index -> class as scored (classes without a VISTA3D id count as
-    background, as in its test Dice); None otherwise."""
-    if not isinstance(module, VISTA3DModule):
-        return None
-    return module.scored_classes.cpu().numpy()
-
-
-def score_records(module: LightningModule, pipeline: PipelineConfig,
+def score_records(module: SegmentationModule, pipeline: PipelineConfig,
                   records: Iterable[Mapping[str, Any]], tolerance: float,
                   device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """Per case and class Dice and NSD rows (as `python -m ctseg.evaluate` writes them) of the
     module's native-resolution predictions of `records` (dicts with image, label, subject)."""
     names: Sequence[str] = module.label_names
-    truth_lookup = scored_truth(module)
     options = PredictOptions(device=str(device), masks=False)
     rows: list[dict[str, Any]] = []
-    with CasePredictor(loaded_model(module, pipeline), options) as predictor:
+    model = module.inference_model(pipeline)  # a copy: prediction never touches the trained net
+    with CasePredictor(replace(model, net=copy.deepcopy(model.net).eval()), options) as predictor:
         for record in records:
             image, label = Path(record[IMAGE]), Path(record[LABEL])
             case = str(record.get(SUBJECT) or image.parent.name)
@@ -66,8 +46,7 @@ def score_records(module: LightningModule, pipeline: PipelineConfig,
                           names_lookup(label_table(seg.names), names, image), image)
             gt_img = load_nifti(label, "prepare the dataset again")
             gt = stored_labels(gt_img)
-            if truth_lookup is not None:
-                gt = truth_lookup[gt]
+            gt = module.scored_labels(torch.from_numpy(gt)).numpy()  # as the module's test Dice
             if pred.shape != gt.shape:
                 raise DatasetError(label, f"grid {gt.shape} differs from its CT {image} "
                                    f"({pred.shape}); prepare the dataset again")

@@ -29,7 +29,8 @@ from ctseg.export.formats import (
     write_format,
 )
 from ctseg.export.runtime import load_runner, sha256_of
-from ctseg.models.loading import EXPORT_MANIFEST, LoadedModel, window_network
+from ctseg.models.loaded_model import LoadedModel
+from ctseg.models.loading import EXPORT_MANIFEST, window_network
 from ctseg.sliding_window import pad_to_roi
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from ctseg.errors import ConfigError
 from ctseg.export.exporter import export_model, sample_window
 from ctseg.export.formats import trt_unavailable
 from ctseg.export.runtime import Runner, load_runner
-from ctseg.models.loading import LoadedModel, load_export
+from ctseg.models.loaded_model import LoadedModel
+from ctseg.models.loading import load_export
 
 log = logging.getLogger(__name__)
 

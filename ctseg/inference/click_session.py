@@ -38,7 +38,8 @@ from ctseg.inference.inputs import Case, discover_cases
 from ctseg.inference.outputs import write_case
 from ctseg.inference.pipeline import CasePredictor, PredictOptions, PreparedCase
 from ctseg.inference.prompts import Prompt, check_points_inside, parse_prompt
-from ctseg.models.loading import LoadedModel, load_model
+from ctseg.models.loaded_model import LoadedModel
+from ctseg.models.loading import load_model
 from ctseg.sliding_window import label_dtype
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from ctseg.inference.vista3d import (
     to_model_grid,
     window_coverage,
 )
-from ctseg.models.loading import LoadedModel
+from ctseg.models.loaded_model import LoadedModel
 from ctseg.sliding_window import (
     BLEND_MODES,
     PAD_MODES,

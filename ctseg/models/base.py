@@ -28,12 +28,16 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from torchmetrics import Metric
 
 from ctseg.config import plain
+from ctseg.data.transforms import PipelineConfig
+from ctseg.models.loaded_model import LoadedModel
 from ctseg.sliding_window import sliding_window_predict
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("cosine", "warmup_cosine")
 STAGES = ("train", "val", "test")
+# Checkpoint key holding the module's class path (`SegmentationModule.on_save_checkpoint`).
+MODULE_CLASS = "ctseg_module_class"
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 # The MONAI wholeBody_ct_segmentation bundle's optimiser (configs/train.json).
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True,
@@ -254,10 +258,23 @@ class SegmentationModule(LightningModule):
         self._log_dice("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop `pretrained` from the saved hyper-parameters: the checkpoint holds the weights."""
+        """Record the module's class path (loading rebuilds it with `load_from_checkpoint`) and
+        drop `pretrained` from the saved hyper-parameters: the checkpoint holds the weights."""
+        checkpoint[MODULE_CLASS] = f"{type(self).__module__}.{type(self).__qualname__}"
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
         if hparams is not None and "pretrained" in hparams:
             checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {**hparams, "pretrained": None}
+
+    def inference_model(self, pipeline: PipelineConfig) -> LoadedModel:
+        """This module's network as prediction, export and native evaluation run it, with its
+        classes, the preprocessing `pipeline` and its window size (the network is shared, not
+        copied; callers set its mode)."""
+        return LoadedModel(self.net, list(self.label_names), pipeline, self.roi)
+
+    @property
+    def roi(self) -> tuple[int, int, int]:
+        """The sliding-window size (`roi_size`) as a tuple of ints."""
+        return tuple(int(r) for r in self.hparams.roi_size)
 
     def configure_optimizers(self) -> Optimizer | dict[str, Any]:
         """The configured optimiser, with a per-step cosine schedule (optionally warmed up) that

@@ -7,21 +7,23 @@ a value that cannot be honoured is an error, never ignored."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from torch import nn
 
 from ctseg.data.transforms import HU_WINDOW, PipelineConfig
 from ctseg.errors import CheckpointError, ConfigError, MissingFileError
 from ctseg.labels import label_names, num_classes
+from ctseg.models.base import MODULE_CLASS, SegmentationModule
+from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.segresnet import SegResNetModule
 from ctseg.models.vista3d import AutomaticVISTA3D, VISTA3DModule, build_vista3d
 from ctseg.models.weights import (
@@ -35,15 +37,16 @@ from ctseg.vista3d_labels import vista3d_labels
 log = logging.getLogger(__name__)
 
 HPARAMS, DATA_HPARAMS = "hyper_parameters", "datamodule_hyper_parameters"
+LIGHTNING_VERSION = "pytorch-lightning_version"
 # Preprocessing settings that prediction takes from a checkpoint or the `data` config.
 PREDICT_KEYS = ("spacing", "intensity", "hu_window", "patch_size", "smooth_sigma", "predict_steps")
 # Other keys of predict.py's `data` config: the class table of a bare SegResNet state dict.
 CLASS_KEYS = ("version",)
-# Module arguments that make no sense at inference (weights come from the checkpoint itself).
-_SKIPPED = ("pretrained", "reinit_head", "optimizer", "scheduler", "warmup_epochs",
-            "warmup_multiplier")
 # Keys only a VISTA3D state dict has (its class head).
 VISTA3D_MARK = "class_head."
+# model config keys that shape a bare SegResNet state dict's network.
+SEGRESNET_ARCHITECTURE = ("in_channels", "init_filters", "blocks_down", "blocks_up", "dropout_prob",
+                          "norm", "spatial_dims")
 # The wholeBody_ct_segmentation bundle's inference.json preprocessing, for its bare model.pt.
 WHOLEBODY_BUNDLE_DATA = {"spacing": 1.5, "intensity": "segresnet", "smooth_sigma": 0.0,
                          "patch_size": (96, 96, 96)}
@@ -59,27 +62,6 @@ VISTA3D_BLOCK = re.compile(r"image_encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+
 
 # The description of an export folder (written by ctseg.export).
 EXPORT_MANIFEST = "export.json"
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """The network in eval mode (None for an export folder), its class names, preprocessing and
-    default window size; `export_dir` holds exported files (`export.json`) when loaded from one."""
-
-    net: nn.Module | None
-    label_names: list[str]
-    pipeline: PipelineConfig
-    roi_size: tuple[int, int, int]
-    kind: str = "segresnet"
-    known_ids: list[int] = field(default_factory=list)
-    export_dir: Path | None = None
-    formats: dict[str, str] = field(default_factory=dict)
-    digests: dict[str, str] = field(default_factory=dict)  # format -> SHA-256 of its file
-
-    @property
-    def num_classes(self) -> int:
-        """Number of output channels (background included)."""
-        return len(self.label_names)
 
 
 def head_classes(state: Mapping[str, torch.Tensor], path: Path) -> int:
@@ -122,13 +104,6 @@ def with_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any], path: 
     return {**data, **overrides}
 
 
-def _module_kwargs(hparams: Mapping[str, Any], module: type = SegResNetModule
-                   ) -> dict[str, Any]:
-    """The `module` arguments among `hparams`, without the training-only ones."""
-    accepted = set(inspect.signature(module.__init__).parameters) - {"self", *_SKIPPED}
-    return {k: v for k, v in hparams.items() if k in accepted}
-
-
 def vista3d_architecture(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
     """Encoder width, blocks per level and input channels of a bare VISTA3D state dict (the
     bundle's vista3d132: 48, (1, 2, 2, 4, 4), 1), as `build_vista3d` arguments."""
@@ -148,29 +123,87 @@ def vista3d_architecture(state: Mapping[str, torch.Tensor], path: Path) -> dict[
             "blocks_down": tuple(blocks[level] for level in range(len(blocks)))}
 
 
-def _load_vista3d(path: Path, obj: Any, state: Mapping[str, torch.Tensor],
-                  overrides: Mapping[str, Any]) -> LoadedModel:
-    """A VISTA3D from a ctseg checkpoint (its classes as VISTA3D ids) or a bare state dict such
-    as the bundle's `model.pt` (its encoder size read from the weights, the 117 everything
-    labels, inference.json's preprocessing); `overrides` (data.*) win over either."""
-    roi: tuple[int, ...] | None = None
-    if isinstance(obj, Mapping) and isinstance(obj.get(HPARAMS), Mapping):
-        module = VISTA3DModule(**_module_kwargs(obj[HPARAMS], VISTA3DModule))
-        net = module.net
-        known = sorted(module.prompt_ids.tolist())
-        data, source = dict(obj.get(DATA_HPARAMS) or {}), "the checkpoint"
-        roi = tuple(int(r) for r in module.hparams.roi_size)
-    else:
-        net = build_vista3d(**vista3d_architecture(state, path))
-        known, data = list(vista3d_labels().everything), dict(VISTA3D_BUNDLE_DATA)
-        source = "the vista3d bundle's inference.json"
+def _load_vista3d_state(path: Path, state: Mapping[str, torch.Tensor],
+                        overrides: Mapping[str, Any]) -> LoadedModel:
+    """A VISTA3D from a bare state dict such as the bundle's `model.pt`: its encoder size read
+    from the weights, the 117 everything labels, inference.json's preprocessing (`overrides`,
+    data.*, win)."""
+    net = build_vista3d(**vista3d_architecture(state, path))
     load_into(net, state, source=path, head_prefix=VISTA3D_MARK)
-    pipeline = pipeline_from(with_overrides(data, overrides, path, source))
-    if roi is None or "patch_size" in overrides:
-        roi = tuple(pipeline.patch_size)
-    log.info("%s: VISTA3D, %d known ids, spacing %s mm, intensity %s, %s steps, window %s", path,
-             len(known), pipeline.spacing, pipeline.intensity, pipeline.predict_steps, roi)
-    return LoadedModel(net.eval(), [], pipeline, roi, kind="vista3d", known_ids=known)
+    pipeline = pipeline_from(with_overrides(dict(VISTA3D_BUNDLE_DATA), overrides, path,
+                                            "the vista3d bundle's inference.json"))
+    return LoadedModel(net.eval(), [], pipeline, tuple(pipeline.patch_size), kind="vista3d",
+                       known_ids=list(vista3d_labels().everything))
+
+
+def module_class(path: Path, checkpoint: Mapping[str, Any],
+                 state: Mapping[str, torch.Tensor]) -> type[SegmentationModule]:
+    """The module class a Lightning checkpoint records; for one without (saved by hand from a
+    state dict and hyper-parameters) VISTA3D or SegResNet by its weights."""
+    name = checkpoint.get(MODULE_CLASS)
+    if name is None:
+        return VISTA3DModule if any(k.startswith(VISTA3D_MARK) for k in state) else SegResNetModule
+    try:
+        cls = get_class(str(name))
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its module class {name} cannot be imported ({err}); "
+                              "install the ctseg version that wrote it") from err
+    if not (isinstance(cls, type) and issubclass(cls, SegmentationModule)):
+        raise CheckpointError(f"{path}: {name} is not a ctseg SegmentationModule")
+    return cls
+
+
+def check_classes(path: Path, state: Mapping[str, torch.Tensor], hparams: Mapping[str, Any],
+                  version: str | None, source: str) -> tuple[int, list[str] | None]:
+    """The class count and names `hparams` (or the TotalSegmentator `version`) give, checked
+    against each other and against a SegResNet output layer's rows when `state` has one."""
+    names = hparams.get("label_names") or (label_names(version) if version else None)
+    expected = int(hparams.get("num_classes") or len(names or ()))
+    if names is not None and len(names) != expected:
+        raise CheckpointError(f"{path}: {source} give {expected} classes but {len(names)} "
+                              f"label names (data.version={version})")
+    if version and num_classes(version) != expected:
+        raise CheckpointError(f"{path}: {source} give {expected} classes but TotalSegmentator "
+                              f"{version} has {num_classes(version)}; the checkpoint does not "
+                              "match its data version")
+    if any(k.startswith(SEGRESNET_HEAD) for k in state):
+        found = head_classes(state, path)
+        if found != expected:
+            raise ValueError(f"{path}: the weights have {found} output classes but {source} "
+                             f"expect {expected}; use a checkpoint trained for this class set or "
+                             "set data.version / model.num_classes to match it")
+    return expected, None if names is None else list(names)
+
+
+def _load_lightning(path: Path, checkpoint: Mapping[str, Any],
+                    state: Mapping[str, torch.Tensor], overrides: Mapping[str, Any]
+                    ) -> LoadedModel:
+    """A module rebuilt by Lightning's `load_from_checkpoint` (weights only) from the class the
+    checkpoint records, as its `inference_model` with the checkpoint's preprocessing."""
+    if LIGHTNING_VERSION not in checkpoint:
+        raise CheckpointError(f"{path}: hyper-parameters without a {LIGHTNING_VERSION}: not "
+                              "written by Lightning's Trainer; give a checkpoint from train.py or "
+                              "the network's state dict alone")
+    cls = module_class(path, checkpoint, state)
+    data = dict(checkpoint.get(DATA_HPARAMS) or {})
+    check_classes(path, state, checkpoint[HPARAMS], data.get("version"),
+                  "the checkpoint's hyper_parameters")
+    try:
+        module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True,
+                                          pretrained=None, optimizer=None)
+    except (TypeError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{path}: {cls.__name__} cannot be rebuilt from it ({err}); was it "
+                              "written by another ctseg version? Predict with that version or "
+                              "train again") from err
+    pipeline = pipeline_from(with_overrides(data, overrides, path, "the checkpoint"))
+    model = module.eval().inference_model(pipeline)
+    if "patch_size" in overrides:
+        model = replace(model, roi_size=tuple(pipeline.patch_size))
+    log.info("%s: %s, %s, spacing %s mm, intensity %s, smoothing sigma %s, window %s", path,
+             cls.__name__, f"{len(model.known_ids)} known ids" if model.kind == "vista3d"
+             else f"{model.num_classes} classes", pipeline.spacing, pipeline.intensity,
+             pipeline.smooth_sigma, model.roi_size)
+    return model
 
 
 def load_export(folder: Path, overrides: Mapping[str, Any] | None = None) -> LoadedModel:
@@ -222,44 +255,27 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
             raise ValueError(f"{path}: not listed in {path.parent / EXPORT_MANIFEST}; give the "
                              "export folder or one of its files")
         return replace(exported, formats=formats)
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path, mmap=True)
     state = network_state_dict(obj, path)
-    if any(k.startswith(VISTA3D_MARK) for k in state):
-        return _load_vista3d(path, obj, state, overrides)
-    found = head_classes(state, path)
     if isinstance(obj, Mapping) and isinstance(obj.get(HPARAMS), Mapping):
-        hparams = dict(obj[HPARAMS])
-        data = dict(obj.get(DATA_HPARAMS) or {})
-        source, origin = "the checkpoint's hyper_parameters", "the checkpoint"
-    else:
-        # A bare state dict (a bundle model.pt) follows the bundle's inference.json: no smoothing.
-        hparams = dict(model_cfg)
-        data = {**WHOLEBODY_BUNDLE_DATA, **{k: data_cfg[k] for k in CLASS_KEYS if k in data_cfg}}
-        source = "the model config (model.num_classes / data.version)"
-        origin = "the wholeBody_ct_segmentation bundle's inference.json"
-    version = data.get("version")
-    names = hparams.get("label_names") or (label_names(version) if version else None)
-    expected = int(hparams.get("num_classes") or len(names or ()))
-    if names is not None and len(names) != expected:
-        raise CheckpointError(f"{path}: {source} give {expected} classes but {len(names)} "
-                              f"label names (data.version={version})")
-    if version and num_classes(version) != expected:
-        raise CheckpointError(f"{path}: {source} give {expected} classes but TotalSegmentator "
-                              f"{version} has {num_classes(version)}; the checkpoint does not "
-                              "match its data version")
-    if found != expected:
-        raise ValueError(f"{path}: the weights have {found} output classes but {source} expect "
-                         f"{expected}; use a checkpoint trained for this class set or set "
-                         f"data.version / model.num_classes to match it")
-    hparams.update(num_classes=expected, label_names=names)
-    module = SegResNetModule(**_module_kwargs(hparams))
-    load_into(module.net, state, source=path)
-    pipeline = pipeline_from(with_overrides(data, overrides, path, origin))
-    roi = tuple(int(r) for r in (None if "patch_size" in overrides else hparams.get("roi_size"))
-                or pipeline.patch_size)
+        return _load_lightning(path, obj, state, overrides)
+    if any(k.startswith(VISTA3D_MARK) for k in state):
+        return _load_vista3d_state(path, state, overrides)
+    # A bare state dict (a bundle model.pt) follows the bundle's inference.json: no smoothing.
+    data = {**WHOLEBODY_BUNDLE_DATA, **{k: data_cfg[k] for k in CLASS_KEYS if k in data_cfg}}
+    head_classes(state, path)
+    expected, names = check_classes(path, state, model_cfg, data.get("version"),
+                                    "the model config (model.num_classes / data.version)")
+    net = SegResNetModule(**{k: v for k, v in model_cfg.items() if k in SEGRESNET_ARCHITECTURE},
+                          num_classes=expected, label_names=names).net
+    load_into(net, state, source=path)
+    pipeline = pipeline_from(with_overrides(
+        data, overrides, path, "the wholeBody_ct_segmentation bundle's inference.json"))
     log.info("%s: %d classes, spacing %s mm, intensity %s, smoothing sigma %s", path, expected,
              pipeline.spacing, pipeline.intensity, pipeline.smooth_sigma)
-    return LoadedModel(module.net.eval(), list(module.label_names), pipeline, roi)
+    roi = tuple(int(r) for r in (None if "patch_size" in overrides else model_cfg.get("roi_size"))
+                or pipeline.patch_size)
+    return LoadedModel(net.eval(), list(names or ()), pipeline, roi)
 
 
 def window_network(net: nn.Module, kind: str, known_ids: list[int]) -> nn.Module:

@@ -22,7 +22,9 @@ from monai.networks.nets import SegResNetDS2
 from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMappingSAM
 from torch import Tensor, nn
 
+from ctseg.data.transforms import PipelineConfig
 from ctseg.models.base import OptimizerFactory, SegmentationModule
+from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.vista3d_prompts import PromptSampling, sample_prompt_pairs
 from ctseg.models.weights import load_bundle_state_dict, load_into
 from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_ids, vista3d_labels
@@ -355,6 +357,11 @@ class VISTA3DModule(SegmentationModule):
     def scored_labels(self, label: Tensor) -> Tensor:
         """Ground truth as scored: classes without a VISTA3D id count as background."""
         return self.scored_classes.to(label.device)[label.long()]
+
+    def inference_model(self, pipeline: PipelineConfig) -> LoadedModel:
+        """The network with the VISTA3D ids of this module's classes (its automatic mode)."""
+        return LoadedModel(self.net, [], pipeline, self.roi, kind="vista3d",
+                           known_ids=sorted(self.prompt_ids.tolist()))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the prompt generator's state, so a resumed run draws the prompts it would have."""

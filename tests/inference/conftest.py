@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_checkpoint as save_lightning_checkpoint
 from helpers import write_dicom_series  # noqa: F401 - the tests here import it from conftest
 
 from ctseg.labels import label_names
@@ -25,13 +26,8 @@ def tiny_module(num_classes: int = 105, seed: int = 0) -> SegResNetModule:
 
 def save_checkpoint(module: SegResNetModule, path: Path, version: str = "v1") -> Path:
     """Write a Lightning-style checkpoint: state dict, module and datamodule hyper-parameters."""
-    torch.save({
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-        "datamodule_hyper_parameters": {"version": version, "spacing": SPACING,
-                                        "intensity": "segresnet", "patch_size": list(ROI)},
-    }, path)
-    return path
+    return save_lightning_checkpoint(module, path, {
+        "version": version, "spacing": SPACING, "intensity": "segresnet", "patch_size": list(ROI)})
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, save_checkpoint
 from omegaconf import OmegaConf
 
 from ctseg.errors import ConfigError
 from ctseg.inference.click_session import ClickSession, WindowCache
 from ctseg.inference.runner import run
 from ctseg.labels import label_names
-from ctseg.models.loading import LoadedModel, load_model
+from ctseg.models.loaded_model import LoadedModel
+from ctseg.models.loading import load_model
 from ctseg.models.vista3d import VISTA3DModule
 
 # vista3d_quick's grid and window: the crop is 61 x 50 x 15 voxels at 6 mm (padded to 24 in z),
@@ -41,8 +42,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     module = VISTA3DModule(105, label_names("v1"), encoder_embed_dim=8, blocks_down=(1, 1, 1),
                            roi_size=PIPELINE["patch_size"]).eval()
     path = tmp_path_factory.mktemp("click_session") / "vista3d.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "datamodule_hyper_parameters": PIPELINE}, path)
+    save_checkpoint(module, path, PIPELINE)
     return path
 
 

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import blend_windows
+from helpers import blend_windows, save_checkpoint
 from monai.apps.vista3d.inferer import point_based_window_inferer
 from monai.apps.vista3d.transforms import VistaPostTransformd
 from monai.inferers import SlidingWindowInferer
@@ -38,8 +38,7 @@ def small_vista3d(tmp_path_factory: pytest.TempPathFactory) -> tuple[VISTA3DModu
     module = VISTA3DModule(105, label_names("v1"), encoder_embed_dim=8, blocks_down=(1, 1, 1),
                            roi_size=ROI).eval()
     path = tmp_path_factory.mktemp("small_vista3d") / "vista3d.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "datamodule_hyper_parameters": PIPELINE}, path)
+    save_checkpoint(module, path, PIPELINE)
     return module, path
 
 

@@ -252,6 +252,7 @@ def test_hparams_are_plain_and_checkpoint_loads_weights_only(tmp_path: Path):
     fit.save_checkpoint(ckpt)
     raw = torch.load(ckpt, weights_only=True)
     assert raw["hyper_parameters"]["label_names"] == ["background", "liver", "kidney"]
+    assert raw["ctseg_module_class"] == "ctseg.models.segresnet.SegResNetModule"
     loaded = SegResNetModule.load_from_checkpoint(ckpt, weights_only=True)
     assert loaded.label_names == ["background", "liver", "kidney"]
     assert loaded.hparams.scheduler == "cosine"
