@@ -128,11 +128,16 @@ def check_affine(affine: np.ndarray, path: Path) -> None:
                                  "header's pixdim/qform/sform are broken, fix or re-export it")
 
 
+def same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> bool:
+    """Whether two images share one voxel grid: shape, and affine within AFFINE_ATOL."""
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=AFFINE_ATOL)
+
+
 def check_grid(ct: nib.Nifti1Image, mask: nib.Nifti1Image, mask_path: Path) -> None:
     """Raise DatasetError if `mask` is not on the CT's voxel grid (shape and affine)."""
     if mask.shape != ct.shape:
         raise DatasetError(mask_path, f"mask shape {mask.shape} differs from the CT's {ct.shape}")
-    if not np.allclose(mask.affine, ct.affine, atol=AFFINE_ATOL):
+    if not same_grid(ct, mask):
         raise DatasetError(
             mask_path, "mask affine differs from the CT's (different voxel grid):\n"
             f"mask\n{np.round(mask.affine, 4)}\nct\n{np.round(ct.affine, 4)}")

@@ -24,7 +24,7 @@ from ctseg.labels import check_version, class_names, label_map_dtype, num_classe
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+PREPARED_MANIFEST = "manifest.json"
 # Bump when the merged output changes for the same inputs, so old prepared folders are redone.
 MERGE_FORMAT = 1
 
@@ -137,7 +137,7 @@ def prepare(
                                 "(ctseg never writes into a download); choose another --out")
     version_dir = make_folder(out / version)
     remove_leftovers(version_dir)
-    manifest_path = version_dir / MANIFEST
+    manifest_path = version_dir / PREPARED_MANIFEST
     with FileLock(str(version_dir / ".lock")):
         done = _read_manifest(manifest_path)
         entries: dict[str, dict[str, Any]] = {}

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from rich.progress import track
 
 from ctseg.config import CONFIG_DIR
-from ctseg.data.layout import load_nifti
+from ctseg.data.layout import load_nifti, same_grid
 from ctseg.errors import ConfigError, DatasetError, run_cli
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
@@ -41,7 +41,7 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
     """Prediction and ground truth as integer arrays of one grid, and its spacing (mm)."""
     pred = load_nifti(pred_path, "predict the case again (overwrite=true)")
     gt = load_nifti(gt_path, "merge or write the ground truth again")
-    if pred.shape != gt.shape or not np.allclose(pred.affine, gt.affine, atol=1e-3):
+    if not same_grid(pred, gt):
         raise DatasetError(pred_path, f"grid {pred.shape} (affine diagonal "
                            f"{np.round(np.diag(pred.affine)[:3], 3).tolist()}) differs from the "
                            f"ground truth {gt_path} ({gt.shape}, "

@@ -20,8 +20,8 @@ from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig
 from ctseg.errors import DatasetError
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
 from ctseg.inference.inputs import Case
-from ctseg.inference.outputs import label_table
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
+from ctseg.labels import label_table
 from ctseg.models.base import SegmentationModule
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,7 @@ from ctseg import __version__
 from ctseg.atomic import write_atomic
 from ctseg.errors import DatasetError, blamed_on
 from ctseg.inference.inputs import pick_series
-from ctseg.inference.outputs import Names, label_colours, label_table
-from ctseg.labels import label_map_dtype
+from ctseg.labels import Names, label_colours, label_map_dtype, label_table
 
 log = logging.getLogger(__name__)
 

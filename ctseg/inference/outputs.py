@@ -3,9 +3,8 @@ tables for 3D Slicer and ITK-SNAP, written into a case folder that appears atomi
 
 from __future__ import annotations
 
-import colorsys
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 
 from ctseg.atomic import write_atomic
 from ctseg.errors import DatasetError
-from ctseg.labels import label_map_dtype
+from ctseg.labels import Names, label_colours, label_map_dtype, label_table
 
 LABELS_FILE = "labels.nii.gz"
 LABELS_JSON = "labels.json"
@@ -23,27 +22,6 @@ ITKSNAP_TABLE = "labels_itksnap.txt"
 MASKS_DIR = "segmentations"
 PROBABILITIES_DIR = "probabilities"
 TIMING_FILE = "timing.json"
-
-
-def label_colours(count: int) -> list[tuple[int, int, int]]:
-    """Distinct, deterministic RGB colours for labels 0..count-1 (0, the background, is black)."""
-    colours = [(0, 0, 0)]
-    golden = 0.618033988749895
-    for i in range(1, count):
-        hue = (i * golden) % 1.0
-        value = 0.95 if i % 2 else 0.75
-        r, g, b = colorsys.hsv_to_rgb(hue, 0.75, value)
-        colours.append((round(r * 255), round(g * 255), round(b * 255)))
-    return colours
-
-
-Names = Sequence[str] | Mapping[int, str]
-
-
-def label_table(names: Names) -> dict[int, str]:
-    """Label value -> name: a list is indexed 0..N-1 (class indices), a mapping is used as is
-    (e.g. VISTA3D ids)."""
-    return dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
 
 
 def file_name(name: str) -> str:

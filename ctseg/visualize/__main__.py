@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from ctseg.config import CONFIG_DIR
 from ctseg.errors import ConfigError, run_cli
 from ctseg.figures import save_png
-from ctseg.inference.outputs import LABELS_JSON, Names, read_label_json
-from ctseg.labels import VERSIONS, label_names
+from ctseg.inference.outputs import LABELS_JSON, read_label_json
+from ctseg.labels import VERSIONS, Names, label_names
 from ctseg.visualize.overlay import DEFAULT_ALPHA, DEFAULT_WINDOW, MAX_LEGEND, overlay_figure
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,9 @@ from matplotlib.gridspec import GridSpec
 from matplotlib.patches import Patch
 from nibabel.orientations import apply_orientation, io_orientation
 
+from ctseg.data.layout import same_grid
 from ctseg.errors import ConfigError, DatasetError, MissingFileError, blamed_on
-from ctseg.inference.outputs import Names, label_colours, label_table
+from ctseg.labels import Names, label_colours, label_table
 
 PLANES = ("axial", "coronal", "sagittal")
 # Axis of the RAS volume each plane cuts across, and the (row, column) axes it shows.
@@ -293,7 +294,7 @@ def _grid(img: nib.Nifti1Image) -> str:
 def check_same_grid(ct: nib.Nifti1Image, labels: nib.Nifti1Image, ct_path: Path,
                     labels_path: Path) -> None:
     """DatasetError naming both files unless CT and label map share shape and affine."""
-    if ct.shape != labels.shape or not np.allclose(ct.affine, labels.affine, atol=1e-3):
+    if not same_grid(ct, labels):
         raise DatasetError(labels_path, f"grid {_grid(labels)} differs from the CT {ct_path} "
                            f"of grid {_grid(ct)} in shape or affine; give the label map predicted "
                            "for (or drawn on) this CT")

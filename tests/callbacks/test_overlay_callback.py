@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ctseg.callbacks.overlays import TAG, ValidationOverlays, batch_case_name, voxel_spacing
 from ctseg.errors import ConfigError
-from ctseg.inference.outputs import label_colours
+from ctseg.labels import label_colours
 from ctseg.models.segresnet import SegResNetModule
 from ctseg.visualize.overlay import render_overlay
 

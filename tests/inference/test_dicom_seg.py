@@ -31,9 +31,9 @@ from ctseg.inference.dicom_seg import (
     write_dicom_seg,
 )
 from ctseg.inference.inputs import Case, load_case
-from ctseg.inference.outputs import LABELS_FILE, MASKS_DIR, TIMING_FILE, label_colours
+from ctseg.inference.outputs import LABELS_FILE, MASKS_DIR, TIMING_FILE
 from ctseg.inference.runner import CasesFailed, run
-from ctseg.labels import label_names
+from ctseg.labels import label_colours, label_names
 
 NAMES = label_names("v1")
 

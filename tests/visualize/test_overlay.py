@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from ctseg.errors import ConfigError, DatasetError, MissingFileError
-from ctseg.inference.outputs import label_colours, label_json
-from ctseg.labels import label_names
+from ctseg.inference.outputs import label_json
+from ctseg.labels import label_colours, label_names
 from ctseg.visualize.__main__ import visualize
 from ctseg.visualize.overlay import (
     _display,
