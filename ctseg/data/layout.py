@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ctseg.errors import DatasetError
+from ctseg.errors import DatasetError, blamed_on
 from ctseg.labels import class_names
 
 SPLITS = ("train", "val", "test")
@@ -126,6 +126,20 @@ def check_affine(affine: np.ndarray, path: Path) -> None:
         sizes = np.round(np.linalg.norm(linear, axis=0), 4).tolist()
         raise DatasetError(path, f"invalid voxel-to-world affine (voxel sizes {sizes} mm); the "
                                  "header's pixdim/qform/sform are broken, fix or re-export it")
+
+
+def stored_labels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """A label map's values in its stored integer type (uint8 for TotalSegmentator: a whole-body
+    CT at native resolution stays ~200 MB, not 800 MB as int32); float-stored maps rounded;
+    DatasetError naming `path` if it cannot be read or holds a negative value."""
+    with blamed_on(path, "cannot read this label map"):
+        data = np.asanyarray(img.dataobj)
+    if not np.issubdtype(data.dtype, np.integer):
+        data = np.rint(data).astype(np.int32)
+    if data.size and data.min() < 0:
+        raise DatasetError(path, f"negative label value {data.min()}; a label map holds class "
+                           "indices 0..N-1")
+    return data
 
 
 def same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> bool:

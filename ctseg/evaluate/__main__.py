@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 from rich.progress import track
 
 from ctseg.config import CONFIG_DIR
-from ctseg.data.layout import load_nifti, same_grid
+from ctseg.data.layout import load_nifti, same_grid, stored_labels
 from ctseg.errors import ConfigError, DatasetError, run_cli
-from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
+from ctseg.evaluate.metrics import case_rows, mapped, names_lookup
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
 from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
 from ctseg.labels import check_version, label_names
@@ -48,7 +48,7 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
                            f"{np.round(np.diag(gt.affine)[:3], 3).tolist()}); predict on the "
                            "ground truth's own CT, whose grid predict.py keeps")
     spacing = tuple(float(s) for s in gt.header.get_zooms()[:3])
-    return stored_labels(pred), stored_labels(gt), spacing
+    return stored_labels(pred, pred_path), stored_labels(gt, gt_path), spacing
 
 
 def check_classes(labels: np.ndarray, path: Path, names: list[str], version: str,

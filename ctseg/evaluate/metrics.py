@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import compute_surface_dice
@@ -83,13 +82,6 @@ def case_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
         g = np.pad(gt[box] == c, 1)
         scores[c] = (dice(p, g), nsd(p, g, spacing, tolerance))
     return scores
-
-
-def stored_labels(img: nib.Nifti1Image) -> np.ndarray:
-    """The label map in its stored integer type (uint8 for TotalSegmentator: a whole-body CT at
-    native resolution stays ~200 MB, not 800 MB as int32); float-stored maps rounded."""
-    data = np.asanyarray(img.dataobj)
-    return data if np.issubdtype(data.dtype, np.integer) else np.rint(data).astype(np.int32)
 
 
 def case_rows(case: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from ctseg.data.datamodule import SUBJECT
-from ctseg.data.layout import load_nifti
+from ctseg.data.layout import load_nifti, stored_labels
 from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig
 from ctseg.errors import DatasetError
-from ctseg.evaluate.metrics import case_rows, mapped, names_lookup, stored_labels
+from ctseg.evaluate.metrics import case_rows, mapped, names_lookup
 from ctseg.inference.inputs import Case
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
 from ctseg.labels import label_table
@@ -45,7 +45,7 @@ def score_records(module: SegmentationModule, pipeline: PipelineConfig,
             pred = mapped(seg.labels.astype(np.int32),
                           names_lookup(label_table(seg.names), names, image), image)
             gt_img = load_nifti(label, "prepare the dataset again")
-            gt = stored_labels(gt_img)
+            gt = stored_labels(gt_img, label)
             gt = module.scored_labels(torch.from_numpy(gt)).numpy()  # as the module's test Dice
             if pred.shape != gt.shape:
                 raise DatasetError(label, f"grid {gt.shape} differs from its CT {image} "

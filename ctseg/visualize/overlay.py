@@ -22,7 +22,7 @@ from matplotlib.gridspec import GridSpec
 from matplotlib.patches import Patch
 from nibabel.orientations import apply_orientation, io_orientation
 
-from ctseg.data.layout import same_grid
+from ctseg.data.layout import same_grid, stored_labels
 from ctseg.errors import ConfigError, DatasetError, MissingFileError, blamed_on
 from ctseg.labels import Names, label_colours, label_table
 
@@ -240,18 +240,6 @@ def render_overlay(
                          spacing, names, slices, window, alpha, max_legend, title)
 
 
-def _label_array(img: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """The label map's values as stored (float-stored maps rounded); DatasetError if negative."""
-    with blamed_on(path, "cannot read this label map"):
-        data = np.asanyarray(img.dataobj)
-    if not np.issubdtype(data.dtype, np.integer):
-        data = np.rint(data).astype(np.int64)
-    if data.size and data.min() < 0:
-        raise DatasetError(path, f"negative label value {data.min()}; a label map holds class "
-                           "indices 0..N-1")
-    return data
-
-
 def _load(path: Path, what: str) -> nib.Nifti1Image:
     """A 3D NIfTI image, or an error naming `what` and the file."""
     if not path.is_file():
@@ -283,7 +271,7 @@ def canonical_labels(img: nib.Nifti1Image, path: Path) -> tuple[np.ndarray, tupl
     spacing = [0.0] * 3
     for source, (target, _) in enumerate(ornt):
         spacing[int(target)] = zooms[source]
-    return apply_orientation(_label_array(img, path), ornt), tuple(spacing)
+    return apply_orientation(stored_labels(img, path), ornt), tuple(spacing)
 
 
 def _grid(img: nib.Nifti1Image) -> str:
