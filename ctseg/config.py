@@ -139,15 +139,6 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 @dataclass
-class EvaluationSchema:
-    """Test-time evaluation at native resolution (`evaluation.native=true`)."""
-
-    native: bool = False
-    tolerance_mm: float = 3.0
-    output_dir: str = "${paths.output_dir}/evaluation"
-
-
-@dataclass
 class TrainSchema:
     """Types of the top-level keys of conf/train.yaml, checked when Hydra composes."""
 
@@ -158,7 +149,6 @@ class TrainSchema:
     test: bool = True
     ckpt_path: Optional[str] = None  # noqa: UP045 - OmegaConf needs Optional, not `X | None`
     optimized_metric: Optional[str] = "val/mean_dice"  # noqa: UP045
-    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     data: Any = None
     model: Any = None
     trainer: Any = None

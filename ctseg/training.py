@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctseg.atomic import remove_leftovers, write_atomic
 from ctseg.callbacks.checkpoint_io import AtomicCheckpointIO
-from ctseg.callbacks.native_evaluation import NativeEvaluation
 from ctseg.config import instantiate_group
 from ctseg.errors import ConfigError, MissingFileError
 from ctseg.logger.wandb_runs import log_dice_table
@@ -156,9 +155,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model)
     callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
-    evaluation = cfg.get("evaluation") or {}
-    if evaluation.get("native"):
-        callbacks.append(NativeEvaluation(evaluation.output_dir, evaluation.tolerance_mm))
     loggers = instantiate_group(cfg.get("logger"))
     strategy = cfg.trainer.get("strategy")
     chosen = {"strategy": ddp_strategy(strategy, model)} if strategy is not None else {}

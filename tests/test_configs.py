@@ -88,7 +88,7 @@ def test_bundle_recipes_match_the_bundle(compose_cfg) -> None:
         assert list(cfg.model.blocks_up) == [1, 1, 1]
         assert cfg.model.optimizer.lr == 1e-4
         assert cfg.model.sw_overlap == 0.25 and cfg.model.sw_mode == "gaussian"
-        assert cfg.evaluation.native and cfg.evaluation.tolerance_mm == 3.0
+        assert cfg.callbacks.native_evaluation.tolerance_mm == 3.0
 
 
 def test_vista3d_recipe_matches_the_bundle(compose_cfg) -> None:

@@ -76,7 +76,7 @@ def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
 
 
 def test_ddp_writes_one_folder_and_its_val_dice_equals_one_process(compose_cfg, tmp_path):
-    finish(train_py(*TINY, *DDP, "trainer.max_epochs=2", "test=true", "evaluation.native=true",
+    finish(train_py(*TINY, *DDP, "trainer.max_epochs=2", "test=true", "callbacks=native_evaluation",
                     tmp=tmp_path))
     runs = list((tmp_path / "outputs" / "phantom_quick" / "runs").iterdir())
     assert len(runs) == 1, runs

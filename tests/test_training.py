@@ -40,8 +40,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_phantom_quick_learns(compose_cfg, tmp_path):
-    metrics, objects = train(compose_cfg("experiment=phantom_quick", "callbacks=export",
-                                         "callbacks.progress_bar=null", "evaluation.native=true"))
+    metrics, objects = train(compose_cfg("experiment=phantom_quick",
+                                         "callbacks=[export,native_evaluation]",
+                                         "callbacks.progress_bar=null"))
     rows = metric_rows(tmp_path / "run")
     losses = column(rows, "train/loss_epoch")
     assert [e for e, _ in losses] == list(range(130))
@@ -71,7 +72,7 @@ def test_phantom_quick_learns(compose_cfg, tmp_path):
         assert report["passed"] and report["window"] == [1, 1, 32, 32, 24]
         assert report["argmax_agreement"] >= 0.999 and report["max_abs_diff"] < 1e-3
         assert column(metric_rows(tmp_path / "run"), f"export/{fmt}/argmax_agreement")
-    # evaluation.native=true: the run folder ends with the table that predict.py with the best
+    # callbacks native_evaluation: the run folder ends with the table that predict.py with the best
     # checkpoint and python -m ctseg.evaluate on the test split give.
     evaluation = tmp_path / "run" / "evaluation"
     native = json.loads((evaluation / "summary.json").read_text())

@@ -24,7 +24,7 @@ class NativeEvaluation(Callback):
     (rank 0) and log `test/native/mean_case_dice` and `test/native/mean_case_nsd`: means over
     cases (the resampled-grid `test/mean_dice` pools each class's voxels over cases)."""
 
-    def __init__(self, output_dir: str | Path = "evaluation", tolerance_mm: float = 3.0) -> None:
+    def __init__(self, output_dir: str | Path, tolerance_mm: float) -> None:
         """Remember where the outputs go and the NSD tolerance in mm."""
         self.output_dir = Path(output_dir)
         self.tolerance = float(tolerance_mm)
