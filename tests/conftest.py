@@ -130,8 +130,8 @@ def vista3d_quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("vista3d_quick")
     run = tmp / "run"
     command = [sys.executable, "train.py", "experiment=vista3d_quick", "logger=csv",
-               "callbacks=native_evaluation", f"hydra.run.dir={run}", f"paths.data_dir={tmp / 'data'}",
-               f"paths.log_dir={tmp / 'outputs'}"]
+               "callbacks=native_evaluation", f"hydra.run.dir={run}",
+               f"paths.data_dir={tmp / 'data'}", f"paths.log_dir={tmp / 'outputs'}"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run

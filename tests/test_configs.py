@@ -102,7 +102,8 @@ def test_vista3d_recipe_matches_the_bundle(compose_cfg) -> None:
     assert (m.encoder_embed_dim, list(m.blocks_down)) == (48, [1, 2, 2, 4, 4])
     assert (m.optimizer.lr, m.optimizer.weight_decay) == (1e-4, 1e-5)
     assert (m.max_point, m.drop_label_prob, m.drop_point_prob) == (5, 0.25, 0.25)
-    assert (m.scheduler, m.warmup_epochs, m.warmup_multiplier) == ("warmup_cosine", 3, 0.1)
+    assert m.scheduler == {"_target_": "ctseg.models.schedules.warmup_cosine", "_partial_": True,
+                           "warmup_epochs": 3, "warmup_multiplier": 0.1}
     assert m.max_prompt is None and m.max_backprompt == 1 and m.sw_overlap == 0.625
 
 

@@ -27,7 +27,8 @@ def test_vista3d_quick_learns(vista3d_quick_run):
     test = column(rows, "test/mean_dice")
     assert test and test[-1][1] >= 0.35
     assert any(k.startswith("val/dice/") for r in rows for k, v in r.items() if v)
-    # callbacks=native_evaluation: VISTA3D ids mapped back to the data's classes on each test CT's grid
+    # callbacks=native_evaluation: VISTA3D ids mapped back to the data's classes on each test
+    # CT's grid
     native = json.loads((vista3d_quick_run / "evaluation" / "summary.json").read_text())
     assert len(native["cases"]) == 3
     # Measured: liver 0.78; classes predicted but absent score 0 (TotalSegmentator's rule), so the

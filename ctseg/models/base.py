@@ -16,15 +16,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_method
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from monai.losses import DiceCELoss
-from monai.optimizers import WarmupCosineSchedule
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
 from ctseg.config import plain
@@ -34,11 +33,12 @@ from ctseg.sliding_window import sliding_window_predict
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("cosine", "warmup_cosine")
 STAGES = ("train", "val", "test")
 # Checkpoint key holding the module's class path (`SegmentationModule.on_save_checkpoint`).
 MODULE_CLASS = "ctseg_module_class"
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
+# Called with the optimiser, total_steps and max_epochs (ctseg.models.schedules).
+SchedulerFactory = Callable[..., LRScheduler]
 # The MONAI wholeBody_ct_segmentation bundle's optimiser (configs/train.json).
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True,
                      "lr": 1e-4, "weight_decay": 1e-5}
@@ -85,21 +85,26 @@ class PerClassDice(Metric):
         return torch.where(self.target_count > 0, dice, torch.nan).float()
 
 
-def optimizer_factory(spec: OptimizerFactory | Mapping[str, Any] | None) -> OptimizerFactory:
-    """A callable `params -> Optimizer` from a partial, a `{_target_: ..., **kwargs}` mapping or
-    None (the bundle's AdamW, lr 1e-4, weight decay 1e-5)."""
-    if spec is None:
-        spec = DEFAULT_OPTIMIZER
+def partial_from(spec: Callable[..., Any] | Mapping[str, Any], what: str) -> Callable[..., Any]:
+    """A callable from a partial or a `{_target_: ..., _partial_: true, **kwargs}` mapping (as
+    Hydra composes it and as checkpoints store it); `what` names the setting in errors."""
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec, resolve=True)
     if isinstance(spec, Mapping):
         kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "_partial_")}
         if "_target_" not in spec:
-            raise ValueError(f"optimizer config needs a _target_ (got keys {sorted(spec)})")
-        return functools.partial(get_class(spec["_target_"]), **kwargs)
+            raise ValueError(f"{what} config needs a _target_ (got keys {sorted(spec)})")
+        return functools.partial(get_method(spec["_target_"]), **kwargs)
     if not callable(spec):
-        raise ValueError(f"optimizer must be a partial of a torch optimizer, got {spec!r}")
+        raise ValueError(f"{what} must be a partial (a _target_ with _partial_: true), "
+                         f"got {spec!r}")
     return spec
+
+
+def optimizer_factory(spec: OptimizerFactory | Mapping[str, Any] | None) -> OptimizerFactory:
+    """A callable `params -> Optimizer` from a partial, a `{_target_: ..., **kwargs}` mapping or
+    None (the bundle's AdamW, lr 1e-4, weight decay 1e-5)."""
+    return partial_from(DEFAULT_OPTIMIZER if spec is None else spec, "optimizer")
 
 
 class SegmentationModule(LightningModule):
@@ -123,13 +128,11 @@ class SegmentationModule(LightningModule):
         num_classes: int,
         label_names: Sequence[str] | None = None,
         optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
-        scheduler: str | None = None,
-        warmup_epochs: int = 0,
+        scheduler: SchedulerFactory | Mapping[str, Any] | None = None,
         roi_size: Sequence[int] = (96, 96, 96),
         sw_batch_size: int = 4,
         sw_overlap: float = 0.25,
         sw_mode: str = "gaussian",
-        warmup_multiplier: float = 0.0,
     ) -> None:
         """Validate and store hyper-parameters (for `load_from_checkpoint`), then build net, loss
         and metrics through the `configure_*` hooks."""
@@ -142,17 +145,13 @@ class SegmentationModule(LightningModule):
         if len(label_names) != num_classes:
             raise ValueError(f"label_names has {len(label_names)} names but num_classes is "
                              f"{num_classes}; they must match (index 0 is background)")
-        if scheduler is not None and scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {SCHEDULERS} or null")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-        if not 0.0 <= warmup_multiplier < 1.0:
-            raise ValueError(f"warmup_multiplier must be in [0, 1), got {warmup_multiplier}")
         self.label_names = label_names
         self._optimizer = optimizer_factory(optimizer)
+        self._scheduler = None if scheduler is None else partial_from(scheduler, "scheduler")
         self.save_hyperparameters()
         self.save_hyperparameters(plain({**self.hparams, "label_names": label_names,
-                                          "optimizer": self._optimizer}))
+                                          "optimizer": self._optimizer,
+                                          "scheduler": self._scheduler}))
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -277,31 +276,16 @@ class SegmentationModule(LightningModule):
         return tuple(int(r) for r in self.hparams.roi_size)
 
     def configure_optimizers(self) -> Optimizer | dict[str, Any]:
-        """The configured optimiser, with a per-step cosine schedule (optionally warmed up) that
-        spans the trainer's whole run when `scheduler` is set."""
+        """The configured optimiser, with the `scheduler` partial (if any) over the trainer's
+        whole run, stepped per optimiser step."""
         optimizer = self._optimizer(self.parameters())
-        name = self.hparams.scheduler
-        if name is None:
+        if self._scheduler is None:
             return optimizer
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total < 1:
-            raise ValueError(f"scheduler {name!r} needs a finite run: set trainer.max_epochs or "
+            raise ValueError("model.scheduler needs a finite run: set trainer.max_epochs or "
                              "trainer.max_steps")
-        total = int(total)
-        scheduler: LRScheduler
-        if name == "cosine":
-            scheduler = CosineAnnealingLR(optimizer, T_max=total)
-        else:
-            epochs = self.trainer.max_epochs
-            warmup_epochs = self.hparams.warmup_epochs
-            if warmup_epochs and (epochs is None or epochs < 1):
-                raise ValueError("warmup_epochs needs trainer.max_epochs to convert epochs to "
-                                 "steps")
-            warmup = warmup_epochs * total // epochs if warmup_epochs else 0
-            if warmup >= total:
-                raise ValueError(f"warmup_epochs={warmup_epochs} must be below trainer.max_epochs="
-                                 f"{epochs}")
-            scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total,
-                                             warmup_multiplier=self.hparams.warmup_multiplier)
+        scheduler = self._scheduler(optimizer, total_steps=int(total),
+                                    max_epochs=self.trainer.max_epochs)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

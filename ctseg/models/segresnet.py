@@ -9,7 +9,7 @@ from typing import Any
 
 from monai.networks.nets import SegResNet
 
-from ctseg.models.base import OptimizerFactory, SegmentationModule
+from ctseg.models.base import OptimizerFactory, SchedulerFactory, SegmentationModule
 from ctseg.models.weights import SEGRESNET_HEAD, load_bundle_state_dict, load_into
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,7 @@ class SegResNetModule(SegmentationModule):
         pretrained: str | os.PathLike[str] | None = None,
         reinit_head: bool = False,
         optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
-        scheduler: str | None = None,
-        warmup_epochs: int = 0,
-        warmup_multiplier: float = 0.0,
+        scheduler: SchedulerFactory | Mapping[str, Any] | None = None,
         roi_size: Sequence[int] = (96, 96, 96),
         sw_batch_size: int = 4,
         sw_overlap: float = 0.25,
@@ -52,9 +50,8 @@ class SegResNetModule(SegmentationModule):
         """Store the architecture and training settings; see SegmentationModule for the rest."""
         super().__init__(
             num_classes=num_classes, label_names=label_names, optimizer=optimizer,
-            scheduler=scheduler, warmup_epochs=warmup_epochs, roi_size=roi_size,
+            scheduler=scheduler, roi_size=roi_size,
             sw_batch_size=sw_batch_size, sw_overlap=sw_overlap, sw_mode=sw_mode,
-            warmup_multiplier=warmup_multiplier,
         )
 
     def configure_models(self) -> None:

@@ -23,7 +23,7 @@ from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMapp
 from torch import Tensor, nn
 
 from ctseg.data.transforms import PipelineConfig
-from ctseg.models.base import OptimizerFactory, SegmentationModule
+from ctseg.models.base import OptimizerFactory, SchedulerFactory, SegmentationModule
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.vista3d_prompts import PromptSampling, sample_prompt_pairs
 from ctseg.models.weights import load_bundle_state_dict, load_into
@@ -215,9 +215,7 @@ class VISTA3DModule(SegmentationModule):
         seed: int = 0,
         pretrained: str | os.PathLike[str] | None = None,
         optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
-        scheduler: str | None = None,
-        warmup_epochs: int = 0,
-        warmup_multiplier: float = 0.0,
+        scheduler: SchedulerFactory | Mapping[str, Any] | None = None,
         roi_size: Sequence[int] = (128, 128, 128),
         sw_batch_size: int = 1,
         sw_overlap: float = 0.25,
@@ -235,9 +233,8 @@ class VISTA3DModule(SegmentationModule):
         self.stage = self.stages[0]
         super().__init__(
             num_classes=num_classes, label_names=label_names, optimizer=optimizer,
-            scheduler=scheduler, warmup_epochs=warmup_epochs, roi_size=roi_size,
+            scheduler=scheduler, roi_size=roi_size,
             sw_batch_size=sw_batch_size, sw_overlap=sw_overlap, sw_mode=sw_mode,
-            warmup_multiplier=warmup_multiplier,
         )
         self.rng = random.Random(seed)
         self._rng_restored = False

@@ -14,10 +14,19 @@ from monai.inferers import SlidingWindowInferer
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from ctseg.models import schedules
 from ctseg.models.base import DEFAULT_OPTIMIZER, PerClassDice, optimizer_factory
 from ctseg.models.segresnet import SegResNetModule
 
 PATCH = (16, 16, 16)
+
+
+COSINE = {"_target_": "ctseg.models.schedules.cosine", "_partial_": True}
+
+
+def warmup_cosine(**kwargs: Any) -> dict[str, Any]:
+    """The warmup_cosine scheduler config with `kwargs`."""
+    return {"_target_": "ctseg.models.schedules.warmup_cosine", "_partial_": True, **kwargs}
 
 
 def tiny_module(**kwargs: Any) -> SegResNetModule:
@@ -120,7 +129,7 @@ def test_optimizer_from_partial_or_mapping(spec):
 
 @pytest.mark.parametrize(("spec", "message"), [
     ({"lr": 0.1}, "needs a _target_"),
-    (3, "must be a partial of a torch optimizer"),
+    (3, "optimizer must be a partial"),
 ])
 def test_bad_optimizer_spec(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -137,8 +146,8 @@ def test_optimizer_partial_with_positional_args_is_refused():
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"num_classes": 1}, "num_classes must be >= 2"),
     ({"label_names": ["background", "liver"]}, "label_names has 2 names but num_classes is 3"),
-    ({"scheduler": "step"}, "unknown scheduler 'step'"),
-    ({"warmup_epochs": -1}, "warmup_epochs must be >= 0"),
+    ({"scheduler": "cosine"}, "scheduler must be a partial"),
+    ({"scheduler": {"warmup_epochs": 3}}, "scheduler config needs a _target_"),
 ])
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -149,7 +158,7 @@ def test_bad_constructor_arguments(kwargs, message):
 
 def test_cosine_schedule_spans_the_run():
     recorder = LrRecorder()
-    module = tiny_module(scheduler="cosine", optimizer={"_target_": "torch.optim.SGD", "lr": 0.1})
+    module = tiny_module(scheduler=COSINE, optimizer={"_target_": "torch.optim.SGD", "lr": 0.1})
     trainer(max_epochs=2, callbacks=[recorder], limit_val_batches=0).fit(
         module, DataLoader(batches(3), batch_size=1))
     assert recorder.lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * k / 6))
@@ -158,7 +167,7 @@ def test_cosine_schedule_spans_the_run():
 
 def test_warmup_cosine_schedule_warms_up_then_decays():
     recorder = LrRecorder()
-    module = tiny_module(scheduler="warmup_cosine", warmup_epochs=1,
+    module = tiny_module(scheduler=warmup_cosine(warmup_epochs=1),
                          optimizer={"_target_": "torch.optim.SGD", "lr": 0.1})
     trainer(max_epochs=3, callbacks=[recorder], limit_val_batches=0).fit(
         module, DataLoader(batches(2), batch_size=1))
@@ -169,7 +178,7 @@ def test_warmup_cosine_schedule_warms_up_then_decays():
 
 def test_warmup_starts_at_the_multiplier_of_the_learning_rate():
     recorder = LrRecorder()
-    module = tiny_module(scheduler="warmup_cosine", warmup_epochs=1, warmup_multiplier=0.1,
+    module = tiny_module(scheduler=warmup_cosine(warmup_epochs=1, warmup_multiplier=0.1),
                          optimizer={"_target_": "torch.optim.SGD", "lr": 0.1})
     trainer(max_epochs=3, callbacks=[recorder], limit_val_batches=0).fit(
         module, DataLoader(batches(2), batch_size=1))
@@ -177,14 +186,19 @@ def test_warmup_starts_at_the_multiplier_of_the_learning_rate():
     assert recorder.lrs[:2] == pytest.approx([0.01, 0.055])
 
 
-def test_warmup_longer_than_run_is_refused():
-    module = tiny_module(scheduler="warmup_cosine", warmup_epochs=2)
-    with pytest.raises(ValueError, match=r"warmup_epochs=2 must be below trainer\.max_epochs=2"):
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"warmup_epochs": 2}, r"warmup_epochs=2 must be below trainer\.max_epochs=2"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be >= 0"),
+    ({"warmup_multiplier": 1.5}, r"warmup_multiplier must be in \[0, 1\)"),
+])
+def test_bad_warmup_is_refused_when_fitting_starts(kwargs, message):
+    module = tiny_module(scheduler=warmup_cosine(**kwargs))
+    with pytest.raises(ValueError, match=message):
         trainer(max_epochs=2, limit_val_batches=0).fit(module, DataLoader(batches(1)))
 
 
 def test_schedule_needs_a_finite_run():
-    module = tiny_module(scheduler="cosine")
+    module = tiny_module(scheduler=COSINE)
     with pytest.raises(ValueError, match="needs a finite run"):
         trainer(max_epochs=-1, limit_val_batches=0).fit(module, DataLoader(batches(1)))
 
@@ -242,7 +256,7 @@ def test_hparams_are_plain_and_checkpoint_loads_weights_only(tmp_path: Path):
         label_names=OmegaConf.create(["background", "liver", "kidney"]),
         roi_size=OmegaConf.create(list(PATCH)),
         optimizer=functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9),
-        scheduler="cosine",
+        scheduler=functools.partial(schedules.cosine),
     )
     assert _is_plain(dict(module.hparams))
     ckpt = tmp_path / "tiny.ckpt"
@@ -255,7 +269,7 @@ def test_hparams_are_plain_and_checkpoint_loads_weights_only(tmp_path: Path):
     assert raw["ctseg_module_class"] == "ctseg.models.segresnet.SegResNetModule"
     loaded = SegResNetModule.load_from_checkpoint(ckpt, weights_only=True)
     assert loaded.label_names == ["background", "liver", "kidney"]
-    assert loaded.hparams.scheduler == "cosine"
+    assert loaded.hparams.scheduler == COSINE
     opt = loaded._optimizer(loaded.parameters())
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.5
     for key, value in module.state_dict().items():
