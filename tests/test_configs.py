@@ -20,7 +20,8 @@ from ctseg.config import CONFIG_DIR, instantiate_group, plain
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
 # Groups that train.yaml does not use, and the test that composes them.
-COMPOSED_ELSEWHERE = {"parity": "test_export_thresholds_are_the_documented_defaults"}
+COMPOSED_ELSEWHERE = {"parity": "test_export_thresholds_are_the_documented_defaults",
+                      "export_settings": "test_export_thresholds_are_the_documented_defaults"}
 
 
 def _group_options() -> list[str]:
@@ -157,6 +158,7 @@ def test_export_thresholds_are_the_documented_defaults(compose_cfg) -> None:
 
     from hydra import compose, initialize_config_dir
 
+    from ctseg.export.formats import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, DEFAULT_OPSET
     from ctseg.export.parity import DEFAULT_THRESHOLDS
 
     expected = {fmt: asdict(t) for fmt, t in DEFAULT_THRESHOLDS.items()}
@@ -167,7 +169,10 @@ def test_export_thresholds_are_the_documented_defaults(compose_cfg) -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         exporter = compose("export", overrides=["ckpt=a.ckpt", "output=out"])
     assert OmegaConf.to_container(exporter.parity) == expected
-    assert exporter.model.num_classes == 105 and exporter.opset == 17
+    assert exporter.model.num_classes == 105
+    written = (list(DEFAULT_FORMATS), DEFAULT_OPSET, DEFAULT_MAX_BATCH)
+    assert (list(exporter.formats), exporter.opset, exporter.max_batch) == written
+    assert (list(callback.formats), callback.opset, callback.max_batch) == written
 
 
 def test_common_trainer_arguments_override_without_plus(compose_cfg) -> None:

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ctseg.data.transforms import IMAGE
 from ctseg.export.exporter import centre_window, export_model, sample_window
-from ctseg.export.formats import check_formats
+from ctseg.export.formats import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, DEFAULT_OPSET, check_formats
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.loading import load_model
 
@@ -25,8 +25,8 @@ class ExportBest(Callback):
     """At the end of fit, export the best checkpoint (the current weights when none was saved) to
     `formats` in `output_dir`; parity on the centre window of the first validation volume."""
 
-    def __init__(self, formats: Sequence[str] = ("torchscript", "onnx"),
-                 output_dir: str | Path = "export", opset: int = 17, max_batch: int = 4,
+    def __init__(self, formats: Sequence[str] = DEFAULT_FORMATS, output_dir: str | Path = "export",
+                 opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH,
                  parity: Mapping[str, Any] | None = None) -> None:
         """Remember the formats, folder, ONNX opset, TensorRT batch and parity thresholds."""
         self.formats = check_formats(list(formats))

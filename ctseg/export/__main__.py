@@ -39,9 +39,9 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     sample = cfg.get("sample")
     window = sample_window(model, Path(str(sample)) if sample else None)
     return export_model(model, list(formats), Path(str(cfg["output"])), window,
-                        source=str(cfg["ckpt"]), opset=int(cfg.get("opset", 17)),
+                        source=str(cfg["ckpt"]), opset=int(cfg["opset"]),
                         thresholds=plain(cfg.get("parity")), device=str(cfg.get("device", "cpu")),
-                        max_batch=int(cfg.get("max_batch", 4)))
+                        max_batch=int(cfg["max_batch"]))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")

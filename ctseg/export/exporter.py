@@ -22,6 +22,8 @@ from ctseg.data.phantoms import render_subject
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.export import parity
 from ctseg.export.formats import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_OPSET,
     FILES,
     TRT_FORMATS,
     check_formats,
@@ -69,9 +71,9 @@ def manifest_entry(model: LoadedModel, source: str, opset: int) -> dict[str, Any
 
 
 def export_model(model: LoadedModel, formats: Sequence[str], output: str | Path,
-                 window: Tensor, source: str = "", opset: int = 17,
+                 window: Tensor, source: str = "", opset: int = DEFAULT_OPSET,
                  thresholds: Mapping[str, Any] | None = None, device: str = "cpu",
-                 max_batch: int = 4) -> dict[str, Any]:
+                 max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, Any]:
     """Write `model` in each of `formats` to `output`, check each on `window`, then write
     `export.json` with each file's SHA-256; TensorRT formats are skipped with one logged line
     where they cannot run. The files are written and checked in a private folder and moved into

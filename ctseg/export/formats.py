@@ -27,6 +27,10 @@ FILES = {
 }
 FORMATS = tuple(FILES)
 TRT_FORMATS = ("trt_fp32", "trt_fp16")
+# Defaults of an export (conf/export_settings/default.yaml holds the same values; tested).
+DEFAULT_FORMATS = ("torchscript", "onnx")
+DEFAULT_OPSET = 17
+DEFAULT_MAX_BATCH = 4
 INPUT, OUTPUT = "image", "logits"
 # Batch and spatial axes stay free in ONNX, so any window size and sw_batch_size run.
 DYNAMIC_AXES = {name: {0: "batch", 2: "depth", 3: "height", 4: "width"}
@@ -93,8 +97,8 @@ def _tensorrt(net: nn.Module, example: Tensor, path: Path, fp16: bool, max_batch
     torch_tensorrt.save(compiled, str(path), output_format="torchscript", inputs=[example])
 
 
-def write_format(net: nn.Module, fmt: str, path: Path, example: Tensor, opset: int = 17,
-                 max_batch: int = 4) -> Path:
+def write_format(net: nn.Module, fmt: str, path: Path, example: Tensor,
+                 opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH) -> Path:
     """Write `net` (traced on `example`, one window) as `fmt` to `path`, atomically."""
     if fmt == "torchscript":
         return write_atomic(path, lambda tmp: _torchscript(net, example, tmp))
