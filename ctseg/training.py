@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ctseg.atomic import remove_leftovers, write_atomic
 from ctseg.callbacks.checkpoint_io import AtomicCheckpointIO
 from ctseg.config import instantiate_group
+from ctseg.data.folds import SPLITS_FILE, write_splits
 from ctseg.errors import ConfigError, MissingFileError
 from ctseg.logger.wandb_runs import log_dice_table
 from ctseg.models.weights import read_checkpoint
@@ -167,6 +168,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
     config_path = checkpoint_dir / "config.yaml"
     if trainer.is_global_zero:
         save_config(cfg, checkpoint_dir)
+        if getattr(datamodule, "folds", None):  # cross-validation: the folds, nnU-Net's format
+            write_splits(checkpoint_dir / SPLITS_FILE, datamodule.folds)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}

@@ -168,6 +168,9 @@ PLAN: dict[str, Run | Skip] = {
     "python train.py --cfg job": Run(prints=("optimized_metric:",)),
     "python train.py experiment=wholebody_highres data.root=/data/Totalsegmentator_dataset":
         Skip(f"{DOWNLOAD} subject) and {GPU} (trainer=gpu)"),
+    "python train.py -m data=totalseg_v1 model=segresnet data.num_folds=5 "
+    "data.fold=0,1,2,3,4":
+        Skip(f"{DOWNLOAD} subject); tests/data/test_folds.py trains a fold of the phantoms"),
     "python train.py data=totalseg_v2 data.root=/data/TotalsegmentatorV2 trainer=gpu":
         Skip(f"needs the TotalSegmentator v2 download and {GPU}"),
     "python train.py experiment=wholebody_highres "

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import DistributedSampler
 
 from ctseg.config import plain
+from ctseg.data.folds import NNUNET_SEED, Fold, make_folds, read_splits
 from ctseg.data.layout import META, read_meta
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.phantoms import write_phantoms
@@ -84,6 +85,21 @@ def split_validation(train: list[dict], fraction: float,
             [r for i, r in enumerate(train) if i in chosen])
 
 
+def check_fold_settings(num_folds: int | None, fold: int | None, splits_file: str | None) -> None:
+    """ConfigError unless the cross-validation keys fit together: data.fold with data.num_folds
+    or data.splits_file (not both), or none of them."""
+    if fold is None:
+        if num_folds is not None or splits_file is not None:
+            raise ConfigError("data.fold is not set: choose the fold to train (data.fold=0; all "
+                              "of them: python train.py -m data.fold=0,1,2,3,4)")
+        return
+    if (num_folds is None) == (splits_file is None):
+        raise ConfigError(f"data.fold={fold} needs data.num_folds=K (folds made from meta.csv) "
+                          "or data.splits_file=<splits_final.json>, one of them")
+    if fold < 0:
+        raise ConfigError(f"data.fold={fold}: folds are numbered from 0")
+
+
 class NamedErrors(TorchDataset):
     """A dataset whose read or preprocessing failures are DatasetErrors naming the subject's CT
     (and label) file, in the main process and in DataLoader workers alike."""
@@ -135,6 +151,10 @@ class TotalSegmentatorDataModule(LightningDataModule):
         smooth_sigma: float | None = None,
         sampler: str = "random",
         val_crop: int | Sequence[int] | None = None,
+        num_folds: int | None = None,
+        fold: int | None = None,
+        fold_seed: int = NNUNET_SEED,
+        splits_file: str | None = None,
     ) -> None:
         """Validate the settings; record them as plain hyper-parameters (predict reads them)."""
         super().__init__()
@@ -157,6 +177,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
                                        num_classes=version_num_classes(version))
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_fold_settings(num_folds, fold, splits_file)
         self.roots = roots
         self.save_hyperparameters({
             "root": roots[0] if isinstance(root, str | os.PathLike) else roots,
@@ -169,8 +190,11 @@ class TotalSegmentatorDataModule(LightningDataModule):
             "val_fraction": val_fraction, "seed": seed, "prepare_workers": prepare_workers,
             # resolved (never None): predict.py reads what the checkpoint was trained with
             "smooth_sigma": self.pipeline.smooth_sigma, "sampler": sampler,
-            "val_crop": plain(val_crop),
+            "val_crop": plain(val_crop), "num_folds": num_folds, "fold": fold,
+            "fold_seed": fold_seed,
+            "splits_file": None if splits_file is None else str(splits_file),
         })
+        self.folds: list[Fold] = []
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, TorchDataset] = {}
         self._prepared: list[PreparedDataset] | None = None
@@ -230,7 +254,9 @@ class TotalSegmentatorDataModule(LightningDataModule):
                     {IMAGE: r["image"], LABEL: r["label"], SUBJECT: r["image_id"]}
                     for r in records]
                 repeats.update((r["image"], self._train_repeats(index)) for r in records)
-        if not splits["val"] and splits["train"]:
+        if self.hparams.fold is not None:
+            splits["train"], splits["val"] = self._fold_split(splits["train"] + splits["val"])
+        elif not splits["val"] and splits["train"]:
             splits["train"], splits["val"] = split_validation(
                 splits["train"], self.hparams.val_fraction, self.hparams.seed)
             log.info("no val rows in meta.csv: using %d of %d train subjects for validation",
@@ -238,6 +264,32 @@ class TotalSegmentatorDataModule(LightningDataModule):
         # Oversampling after the validation split, so no copy of a subject lands in val.
         splits["train"] = [r for r in splits["train"] for _ in range(repeats[r[IMAGE]])]
         return splits
+
+    def _fold_split(self, pool: list[dict[str, Any]]
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Train and val records of fold `fold` of the train + val `pool` (the folds kept in
+        `self.folds`, which training writes beside the checkpoints)."""
+        hp = self.hparams
+        ids = [r[SUBJECT] for r in pool]
+        if len(set(ids)) != len(ids):
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            raise ConfigError(f"data.fold: subject id {repeated[0]} appears in more than one data "
+                              "root; cross-validation needs unique subject ids")
+        self.folds = (read_splits(hp.splits_file) if hp.splits_file
+                      else make_folds(ids, hp.num_folds, hp.fold_seed))
+        if not 0 <= hp.fold < len(self.folds):
+            raise ConfigError(f"data.fold={hp.fold}: choose 0..{len(self.folds) - 1}")
+        chosen = self.folds[hp.fold]
+        unknown = sorted((set(chosen["train"]) | set(chosen["val"])) - set(ids))
+        if unknown:
+            raise ConfigError(f"data.splits_file={hp.splits_file}: subject {unknown[0]} of fold "
+                              f"{hp.fold} is not in the train + val pool of "
+                              f"{', '.join(self.roots)}")
+        by_id = {r[SUBJECT]: r for r in pool}
+        train, val = [by_id[i] for i in chosen["train"]], [by_id[i] for i in chosen["val"]]
+        log.info("fold %d of %d: %d train and %d val subjects (test split untouched)", hp.fold,
+                 len(self.folds), len(train), len(val))
+        return train, val
 
     def _split_of(self, root_index: int, split: str) -> str:
         """The split that subjects of root `root_index` with meta.csv split `split` join."""
