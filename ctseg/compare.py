@@ -2,7 +2,10 @@
 without a W&B server, from the files every ctseg run folder holds (checkpoints/config.yaml,
 .hydra/overrides.yaml, csv/*/metrics.csv): a Markdown and a CSV table sorted by the optimized
 metric, the overrides that differ between runs as columns, per-structure Dice of the best run,
-and a PNG of the validation curves."""
+and a PNG of the validation curves. Runs that scored their test cases (callbacks=native_evaluation:
+evaluation/scores.csv) add statistics per config (runs differing only in seed or data.fold are one
+config): mean, SD and bootstrap 95 % CI over cases, paired Wilcoxon tests against the best config
+with Holm's correction, and a box plot."""
 
 from __future__ import annotations
 
@@ -15,12 +18,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 from omegaconf import OmegaConf
 
 from ctseg.atomic import staged_files
 from ctseg.errors import ConfigError, blamed_on, reported
+from ctseg.evaluate import statistics
 from ctseg.figures import save_png
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,10 @@ log = logging.getLogger(__name__)
 CONFIG = Path("checkpoints") / "config.yaml"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 OUTPUTS = ("compare.md", "compare.csv", "val_curves.png")
+STATISTICS_OUTPUTS = ("statistics.csv", "paired_tests.csv", "dice_per_config.png")
+SCORES = Path("evaluation") / "scores.csv"
+# Overrides that repeat a config (replicates) rather than change it.
+REPLICATE_KEYS = ("seed", "data.fold")
 
 
 @dataclass
@@ -52,6 +62,12 @@ class Run:
         if not values:
             return math.nan
         return max(values) if self.mode == "max" else min(values)
+
+    @property
+    def config(self) -> str:
+        """The run's config: its overrides other than seed and fold."""
+        return " ".join(f"{k}={v}" for k, v in sorted(self.overrides.items())
+                        if k not in REPLICATE_KEYS) or "(defaults)"
 
     def last(self, prefix: str) -> dict[str, float]:
         """Last logged value of every metric starting with `prefix`."""
@@ -173,18 +189,108 @@ def names_root(folders: Sequence[str | Path]) -> Path:
     return Path(folders[0]) if len(folders) == 1 else Path("/")
 
 
-def compare(folders: Sequence[str | Path], out: Path) -> list[Run]:
-    """Write compare.md, compare.csv and val_curves.png for the runs under `folders`."""
+def config_tables(runs: Sequence[Run]) -> dict[str, list[list[dict[str, Any]]]]:
+    """Config -> the per-case score rows of each of its runs that wrote evaluation/scores.csv."""
+    tables: dict[str, list[list[dict[str, Any]]]] = {}
+    for run in runs:
+        if (run.folder / SCORES).is_file():
+            tables.setdefault(run.config, []).append(statistics.read_scores(run.folder / SCORES))
+    return tables
+
+
+def config_statistics(runs: Sequence[Run], seed: int = 0
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Per config and structure the description of Dice and NSD over cases (with the number of
+    runs and the SD of their overall means), the paired tests of every config against the best,
+    and each config's per-case overall Dice (for the box plot); empty without scores."""
+    tables = {config: (rows, statistics.case_table(rows))
+              for config, rows in config_tables(runs).items()}
+    summary: list[dict[str, Any]] = []
+    for config, (rows, table) in tables.items():
+        run_means = [np.mean(list(statistics.per_case(statistics.case_table([r]),
+                                                      "dice").values())) for r in rows]
+        for row in statistics.summary_rows(config, table, seed):
+            row.update(runs=len(rows), run_sd=float(np.std(run_means, ddof=1))
+                       if len(rows) > 1 else math.nan)
+            summary.append(row)
+    overall = {r["config"]: r["dice_mean"] for r in summary if r["structure"] == statistics.OVERALL}
+    ranked = sorted(overall, key=lambda c: -overall[c])
+    paired = [{"config": other, "against": ranked[0], **row}
+              for other in ranked[1:]
+              for row in statistics.paired_tests(tables[ranked[0]][1], tables[other][1])]
+    boxes = {c: list(statistics.per_case(tables[c][1], "dice").values()) for c in ranked}
+    return summary, paired, boxes
+
+
+def statistics_markdown(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str, Any]]
+                        ) -> str:
+    """The overall statistics per config and the structures where a config differs from the
+    best significantly, as Markdown."""
+    lines = ["", "Statistics over test cases (evaluation/scores.csv; mean, SD and bootstrap 95 % "
+             "CI over cases; runs differing only in seed or fold pooled):", "",
+             "| config | runs | cases | Dice mean | Dice SD | Dice 95 % CI | NSD mean | "
+             "NSD 95 % CI | SD over runs |", "|---|---:|---:|---:|---:|---|---:|---|---:|"]
+    for r in summary:
+        if r["structure"] == statistics.OVERALL:
+            lines.append(f"| {r['config']} | {r['runs']} | {r['dice_n']} | {r['dice_mean']:.4f} "
+                         f"| {r['dice_sd']:.4f} | {r['dice_ci_low']:.4f}-{r['dice_ci_high']:.4f} "
+                         f"| {r['nsd_mean']:.4f} | {r['nsd_ci_low']:.4f}-{r['nsd_ci_high']:.4f} "
+                         f"| {r['run_sd']:.4f} |")
+    for against in sorted({p["against"] for p in paired}):
+        for config in sorted({p["config"] for p in paired if p["against"] == against}):
+            rows = [p for p in paired if p["config"] == config and p["against"] == against]
+            overall = rows[0]
+            significant = [p["structure"] for p in rows[1:] if p["significant"]]
+            lines += ["", f"{config} vs the best, {against}: overall Dice difference "
+                      f"{overall['mean_difference']:+.4f} (Wilcoxon p = {overall['p']:.3g}, "
+                      f"{overall['n']} cases); structures that differ (Holm-adjusted p < "
+                      f"{statistics.ALPHA}): {', '.join(significant) or 'none'}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_boxes(boxes: dict[str, list[float]], path: Path) -> None:
+    """Per-case overall Dice of each config as box plots, as a PNG."""
+    figure, axes = plt.subplots(figsize=(max(4, 1.6 * len(boxes)), 5))
+    axes.boxplot(list(boxes.values()))
+    axes.set_xticks(range(1, len(boxes) + 1), list(boxes), rotation=20, ha="right",
+                    fontsize="small")
+    axes.set_ylabel("per-case mean Dice")
+    axes.grid(alpha=0.3, axis="y")
+    save_png(figure, path)
+
+
+def _csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows of dicts as CSV text."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def compare(folders: Sequence[str | Path], out: Path, seed: int = 0) -> list[Run]:
+    """Write compare.md, compare.csv and val_curves.png for the runs under `folders`, and the
+    statistics files when runs wrote evaluation/scores.csv (bootstrap seeded with `seed`)."""
     runs = find_runs(folders)
     root = names_root(folders)
     header, rows = table_rows(runs, root)
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     text = markdown(runs, root)
+    summary, paired, boxes = config_statistics(runs, seed)
+    if summary:
+        text += statistics_markdown(summary, paired)
+    else:
+        log.info("no run wrote %s (train with callbacks=native_evaluation): no statistics", SCORES)
     with staged_files(out) as staging:  # all written before any replaces its old version
         (staging / OUTPUTS[0]).write_text(text)
         (staging / OUTPUTS[1]).write_text(buffer.getvalue())
         plot_curves(runs, root, staging / OUTPUTS[2])
+        if summary:
+            (staging / STATISTICS_OUTPUTS[0]).write_text(_csv(summary))
+            if paired:
+                (staging / STATISTICS_OUTPUTS[1]).write_text(_csv(paired))
+            plot_boxes(boxes, staging / STATISTICS_OUTPUTS[2])
     return runs
 
 
@@ -196,12 +302,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "holding them (searched recursively)")
     parser.add_argument("--out", type=Path, help="where the outputs go (default: the first "
                         "folder)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence "
+                        "intervals (default: 0)")
     args = parser.parse_args(argv)
     out = args.out or Path(args.folders[0])
     with reported("python -m ctseg.compare"):
-        runs = compare(args.folders, out)
-    print(markdown(runs, names_root(args.folders)))
-    print(f"{len(runs)} runs; written {', '.join(str(out / o) for o in OUTPUTS)}")
+        runs = compare(args.folders, out, args.seed)
+    print((out / OUTPUTS[0]).read_text())
+    written = [out / o for o in (*OUTPUTS, *STATISTICS_OUTPUTS) if (out / o).is_file()]
+    print(f"{len(runs)} runs; written {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""Statistics of comparisons on hand-made score tables: values equal scipy's (bootstrap, Wilcoxon)
+and Holm's correction as written in its paper; compare pools seeds and folds into configs and
+writes the statistics files."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ctseg.compare import compare
+from ctseg.evaluate import statistics
+from ctseg.evaluate.statistics import case_table, describe, holm, paired_tests, per_case
+
+STRUCTURES = ("liver", "spleen", "kidney_left")
+
+
+def scores(seed: int, shift: dict[str, float], cases: range = range(12)) -> list[dict]:
+    """Hand-made per-case rows: Dice around 0.8 per structure plus `shift`, NSD 0.1 above."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for case in cases:
+        for s in STRUCTURES:
+            dice = float(np.clip(0.8 + shift.get(s, 0.0) + rng.normal(0, 0.03), 0, 1))
+            rows.append({"case": f"c{case:02d}", "structure": s, "dice": dice,
+                         "nsd": min(1.0, dice + 0.1)})
+    return rows
+
+
+def test_description_equals_numpy_and_scipys_bootstrap() -> None:
+    values = [0.71, 0.82, 0.79, 0.9, 0.65, 0.88, 0.77]
+    described = describe(values, seed=3)
+    ci = stats.bootstrap((np.array(values),), np.mean, n_resamples=statistics.RESAMPLES,
+                         confidence_level=0.95, method="percentile",
+                         rng=np.random.default_rng(3)).confidence_interval
+    assert described["mean"] == pytest.approx(np.mean(values))
+    assert described["sd"] == pytest.approx(np.std(values, ddof=1))
+    assert (described["ci_low"], described["ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert described["ci_low"] < described["mean"] < described["ci_high"]
+    assert describe(values, seed=3) == described  # seeded
+    assert math.isnan(describe([0.5])["sd"]) and describe([])["n"] == 0
+
+
+def test_holm_is_the_step_down_rule() -> None:
+    p = [0.01, 0.04, 0.03, 0.005, math.nan]
+    # sorted: 0.005 x4, 0.01 x3, 0.03 x2, 0.04 x1, each at least the one before
+    assert holm(p)[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert math.isnan(holm(p)[4])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_paired_tests_equal_scipys_wilcoxon_and_find_the_changed_structure() -> None:
+    a = case_table([scores(0, {})])
+    b = case_table([scores(1, {"spleen": 0.1})])
+    rows = {r["structure"]: r for r in paired_tests(a, b)}
+    for structure in STRUCTURES:
+        first, second = per_case(a, "dice", structure), per_case(b, "dice", structure)
+        diff = [second[c] - first[c] for c in sorted(first)]
+        assert rows[structure]["p"] == pytest.approx(stats.wilcoxon(diff).pvalue)
+        assert rows[structure]["mean_difference"] == pytest.approx(np.mean(diff))
+    assert rows["spleen"]["significant"] and rows["spleen"]["n"] == 12
+    assert not rows["liver"]["significant"] and not rows["kidney_left"]["significant"]
+    raw = [rows[s]["p"] for s in sorted(STRUCTURES)]
+    assert [rows[s]["p_holm"] for s in sorted(STRUCTURES)] == pytest.approx(holm(raw))
+    same = {r["structure"]: r for r in paired_tests(a, a)}
+    assert same["liver"]["p"] == 1.0 and not same["overall"]["significant"]
+
+
+def test_seeds_repeating_cases_are_averaged_folds_are_pooled() -> None:
+    seeds = case_table([scores(0, {}), scores(1, {})])
+    one, two = case_table([scores(0, {})]), case_table([scores(1, {})])
+    key = ("c03", "liver")
+    assert seeds[key]["dice"] == pytest.approx((one[key]["dice"] + two[key]["dice"]) / 2)
+    folds = case_table([scores(0, {}, range(0, 6)), scores(0, {}, range(6, 12))])
+    assert len(per_case(folds, "dice")) == 12
+
+
+def fake_run(folder: Path, overrides: list[str], rows: list[dict] | None) -> None:
+    """A finished run folder: config, overrides, one validation row, and `rows` as its
+    evaluation/scores.csv."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "config.yaml").write_text("optimized_metric: val/mean_dice\n")
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / "csv" / "version_0").mkdir(parents=True)
+    (folder / "csv" / "version_0" / "metrics.csv").write_text("epoch,val/mean_dice\n0,0.5\n")
+    if rows is not None:
+        (folder / "evaluation").mkdir()
+        with (folder / "evaluation" / "scores.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["case", "class", "structure", "dice", "nsd"])
+            writer.writeheader()
+            writer.writerows({"class": 1, **r} for r in rows)
+
+
+def test_compare_writes_statistics_per_config(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for job, (lr, seed) in enumerate([("1e-3", 1), ("1e-3", 2), ("3e-4", 1), ("3e-4", 2)]):
+        shift = {"spleen": 0.1} if lr == "3e-4" else {}
+        fake_run(sweep / str(job), [f"model.optimizer.lr={lr}", f"seed={seed}"],
+                 scores(seed + 10 * job, shift))
+    compare([sweep], tmp_path / "out", seed=0)
+    with (tmp_path / "out" / "statistics.csv").open() as f:
+        summary = list(csv.DictReader(f))
+    overall = {r["config"]: r for r in summary if r["structure"] == "overall"}
+    assert set(overall) == {"model.optimizer.lr=1e-3", "model.optimizer.lr=3e-4"}
+    assert {r["runs"] for r in overall.values()} == {"2"}
+    with (tmp_path / "out" / "paired_tests.csv").open() as f:
+        paired = {r["structure"]: r for r in csv.DictReader(f)}
+    assert paired["spleen"]["significant"] == "True" and paired["liver"]["significant"] == "False"
+    assert paired["spleen"]["against"] == "model.optimizer.lr=3e-4"
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "structures that differ (Holm-adjusted p < 0.05): spleen" in text
+    assert (tmp_path / "out" / "dice_per_config.png").stat().st_size > 1000
