@@ -252,6 +252,11 @@ PLAN: dict[str, Run | Skip] = {
     "python predict.py ckpt=last.ckpt input=/data/dicom/study output=predictions "
     "series_uid=1.2.840...": Run(files=("predictions/dicom_study/labels.nii.gz",)),
     "python predict.py --help": Run(prints=("ckpt",)),
+    "python predict.py ckpt=outputs/phantom_quick/multiruns/<name> input=ct.nii.gz "
+    "output=predictions": Run(files=("predictions/ct/labels.nii.gz",),
+                              prints=("ensemble of 4 models",)),
+    "python predict.py ckpt=last.ckpt input=ct.nii.gz output=predictions_tta tta=mirror":
+        Run(files=("predictions_tta/ct/labels.nii.gz",), prints=("x 8 mirroring(s)",)),
     "python predict.py ckpt=last.ckpt input=/data/dicom/study output=predictions dicom_seg=true":
         Run(files=("predictions/dicom_study/seg.dcm",), check=seg_reads_back),
     # README: evaluation and overlays

@@ -22,6 +22,7 @@ from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError, DatasetError
 from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
+from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, mirror_flips
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.outputs import write_case
 from ctseg.inference.prompts import OUTSIDE_NAME, Prompt, check_points_inside
@@ -72,6 +73,8 @@ class PredictOptions:
     series_uid: str | None = None
     dicom_seg: bool = False
     prompt: Prompt = field(default_factory=Prompt)
+    tta: str | None = None
+    tta_axes: Sequence[int] = (0, 1, 2)
 
     def __post_init__(self) -> None:
         """Refuse, before any work, sliding-window values the blend cannot use."""
@@ -89,6 +92,10 @@ class PredictOptions:
         if self.sw_batch_size < 1:
             raise ConfigError(f"sw.batch_size={self.sw_batch_size}: windows per batch must be "
                               ">= 1")
+        if self.tta is not None and self.tta not in TTA_MODES:
+            raise ConfigError(f"tta={self.tta}: choose {' or '.join(TTA_MODES)} (or null: none)")
+        if self.tta is not None:
+            mirror_flips(self.tta_axes)  # checks the axes
         if self.slab_axis is not None and self.slab_axis not in range(-3, 3):
             raise ConfigError(f"sw.slab_axis={self.slab_axis}: an axis in -3..2, or null (the "
                               "axis that needs the smallest accumulator)")
@@ -176,8 +183,10 @@ class CasePredictor:
     """Runs `LoadedModel` on cases: one instance per run (a context manager: temporary exports
     of the backend live until it closes), `predict(case, folder)` per case."""
 
-    def __init__(self, model: LoadedModel, options: PredictOptions) -> None:
-        """Prepare transforms, device and the network for `options`."""
+    def __init__(self, model: LoadedModel, options: PredictOptions,
+                 members: Sequence[LoadedModel] = ()) -> None:
+        """Prepare transforms, device and the network for `options`; `members` (other models of
+        `model`'s classes and preprocessing) and `options.tta` average window probabilities."""
         self.model, self.options = model, options
         self.device = resolve_device(options.device)
         self.amp = options.amp and self.device.type == "cuda"
@@ -204,6 +213,17 @@ class CasePredictor:
         self._stack = ExitStack()
         self.runner, self.format = open_runner(model, options.backend, self.device, self.amp,
                                                options.channels_last, self._stack)
+        if members or options.tta:
+            if self.vista3d:
+                raise ConfigError("ensembles (ckpt=[...]) and tta run SegResNet checkpoints; "
+                                  "this one is a VISTA3D")
+            runners = [self.runner, *(open_runner(m, options.backend, self.device, self.amp,
+                                                  options.channels_last, self._stack)[0]
+                                      for m in members)]
+            flips = mirror_flips(options.tta_axes) if options.tta else [()]
+            log.info("averaging the probabilities of %d model(s) x %d mirroring(s) per window",
+                     len(runners), len(flips))
+            self.runner = MeanProbabilities(runners, flips)
         self.exported_plan = None
         if self.format != "torch" and self.vista3d:
             if prompt.has_points:

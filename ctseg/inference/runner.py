@@ -14,11 +14,12 @@ from rich.progress import Progress
 from ctseg.atomic import OutputExists, remove_leftovers
 from ctseg.config import plain
 from ctseg.errors import ConfigError, CtsegError, WorkDone, user_message
+from ctseg.inference.ensemble import check_members, run_checkpoints
 from ctseg.inference.inputs import discover_cases
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
 from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions, resolve_device
 from ctseg.inference.prompts import parse_prompt
-from ctseg.models.loading import load_model
+from ctseg.models.loading import EXPORT_MANIFEST, load_model
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,23 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
         series_uid=cfg.get("series_uid", d.series_uid),
         dicom_seg=bool(cfg.get("dicom_seg", d.dicom_seg)),
         prompt=parse_prompt(plain(cfg.get("prompt"))),
+        tta=cfg.get("tta", d.tta),
+        tta_axes=tuple(plain(cfg.get("tta_axes")) or d.tta_axes),
     )
+
+
+def checkpoint_sources(ckpt: Any) -> list[str]:
+    """The models `ckpt` names: one path, a list of them (an ensemble), or a multirun folder
+    (each run's best checkpoint: a cross-validation's fold ensemble)."""
+    if isinstance(ckpt, list | tuple):
+        if not ckpt:
+            raise ConfigError("ckpt=[]: name at least one checkpoint")
+        return [str(c) for c in ckpt]
+    path = Path(str(ckpt))
+    if path.is_dir() and not (path / EXPORT_MANIFEST).is_file() and not \
+            (path / "checkpoints").is_dir() and any(path.rglob("checkpoints")):
+        return [str(p) for p in run_checkpoints(path)]
+    return [str(ckpt)]
 
 
 def failure_message(err: BaseException) -> str:
@@ -94,8 +111,12 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
     if options.dicom_seg and nifti:
         log.warning("dicom_seg=true: a DICOM SEG is written for DICOM series inputs only, not for "
                     "the NIfTI case(s) %s", ", ".join(nifti))
-    model = load_model(str(cfg["ckpt"]), plain(cfg.get("model")) or {},
-                       plain(cfg.get("data")) or {})
+    sources = checkpoint_sources(plain(cfg["ckpt"]))
+    models = [load_model(source, plain(cfg.get("model")) or {}, plain(cfg.get("data")) or {})
+              for source in sources]
+    check_members(models, sources)
+    if len(models) > 1:
+        log.info("ensemble of %d models: %s", len(models), ", ".join(sources))
     overwrite = bool(cfg.get("overwrite", False))
     removed = remove_leftovers(output)
     if removed:
@@ -106,7 +127,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
         write_json(output / TIMING_FILE, {"cases": reports, "skipped": skipped,
                                           "failed": failures})
 
-    with CasePredictor(model, options) as predictor, \
+    with CasePredictor(models[0], options, members=models[1:]) as predictor, \
             Progress(disable=not cfg.get("progress", True)) as progress:
         task = progress.add_task("predict", total=len(cases))
         for case in cases:

@@ -1,0 +1,88 @@
+"""Ensembles and mirroring test-time augmentation for prediction: several models (e.g. the folds
+of a cross-validation) and/or the 2^n mirrorings of each window, their softmax probabilities
+averaged window by window. The window function returns the log of the mean probabilities, so the
+sliding-window blend, its argmax and its memory bound are those of one model: for one model the
+log-probabilities differ from the logits by a per-voxel constant, and the labels are the same."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ctseg.errors import ConfigError
+from ctseg.models.loaded_model import LoadedModel
+
+TTA_MODES = ("mirror",)
+SPATIAL = 3
+WindowRunner = Callable[[Tensor], Tensor]
+
+
+def mirror_flips(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the spatial `axes` (0..2) as tensor dims of (B, C, D, H, W) windows, the
+    identity first: 2^len(axes) flips (nnU-Net mirrors all three axes: 8)."""
+    dims = sorted({int(a) for a in axes})
+    if not dims or any(a not in range(SPATIAL) for a in dims):
+        raise ConfigError(f"tta_axes={list(axes)}: spatial axes among 0, 1, 2")
+    dims = [a + 2 for a in dims]
+    return [combo for n in range(len(dims) + 1) for combo in itertools.combinations(dims, n)]
+
+
+class MeanProbabilities:
+    """A window runner: log of the mean softmax over `runners` x `flips`, accumulated with
+    logaddexp in place (memory of two window outputs, whatever the count)."""
+
+    def __init__(self, runners: Sequence[WindowRunner], flips: Sequence[tuple[int, ...]] = ((),)
+                 ) -> None:
+        """Average `runners`, each over the mirror `flips` of the windows."""
+        self.runners, self.flips = list(runners), list(flips)
+        self.log_count = math.log(len(self.runners) * len(self.flips))
+
+    def __call__(self, windows: Tensor) -> Tensor:
+        """(B, C, D, H, W) log mean probabilities of (B, 1, D, H, W) windows."""
+        total: Tensor | None = None
+        for run in self.runners:
+            for dims in self.flips:
+                logits = run(windows.flip(dims) if dims else windows).float()
+                log_p = torch.log_softmax(logits, dim=1)
+                log_p = log_p.flip(dims) if dims else log_p
+                total = log_p if total is None else torch.logaddexp(total, log_p, out=total)
+        assert total is not None
+        return total.sub_(self.log_count)
+
+
+def check_members(models: Sequence[LoadedModel], sources: Sequence[str]) -> None:
+    """ConfigError unless the ensemble's models agree on kind, classes, preprocessing and window
+    (the first is the reference)."""
+    first = models[0]
+    for model, source in zip(models[1:], sources[1:], strict=True):
+        if model.kind != "segresnet" or first.kind != "segresnet":
+            raise ConfigError("ckpt=[...]: ensembles run SegResNet checkpoints; "
+                              f"{source if model.kind != 'segresnet' else sources[0]} is a "
+                              f"{model.kind if model.kind != 'segresnet' else first.kind}")
+        for what, mine, theirs in (("classes", model.label_names, first.label_names),
+                                   ("preprocessing", model.pipeline, first.pipeline),
+                                   ("window", model.roi_size, first.roi_size)):
+            if mine != theirs:
+                raise ConfigError(f"ckpt=[...]: {source} has other {what} than {sources[0]} "
+                                  f"({mine} vs {theirs}); an ensemble averages models of one "
+                                  "class set, preprocessing and window")
+
+
+def run_checkpoints(folder: Path) -> list[Path]:
+    """The best checkpoint (ModelCheckpoint's `epoch_*.ckpt`, else `last.ckpt`) of every run
+    under `folder` (a cross-validation multirun: one per fold), sorted by run folder."""
+    found = []
+    for checkpoints in sorted(folder.rglob("checkpoints")):
+        best = sorted(checkpoints.glob("epoch_*.ckpt"))
+        chosen = best[-1] if best else checkpoints / "last.ckpt"
+        if chosen.is_file():
+            found.append(chosen)
+    if not found:
+        raise ConfigError(f"ckpt={folder}: no run with checkpoints/epoch_*.ckpt or last.ckpt "
+                          "below it; give a checkpoint, a list of them, or a multirun folder")
+    return found
