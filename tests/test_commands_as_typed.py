@@ -148,6 +148,7 @@ FIRST_PREDICTION = ("python predict.py "
 EXPORT = "python -m ctseg.export ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt output=export"
 DOWNLOAD = "needs the TotalSegmentator download (the shared crop is one test subject, no training"
 GPU = "a CUDA GPU"
+CV_ON_PHANTOMS = "tests/evaluate/test_cross_validation.py runs the same on two phantom folds"
 PLAN: dict[str, Run | Skip] = {
     # README: set-up and quickstart
     "python train.py": Run(TRAIN, ("outputs/train/runs/{train}/checkpoints/last.ckpt",),
@@ -168,9 +169,15 @@ PLAN: dict[str, Run | Skip] = {
     "python train.py --cfg job": Run(prints=("optimized_metric:",)),
     "python train.py experiment=wholebody_highres data.root=/data/Totalsegmentator_dataset":
         Skip(f"{DOWNLOAD} subject) and {GPU} (trainer=gpu)"),
-    "python train.py -m data=totalseg_v1 model=segresnet data.num_folds=5 "
-    "data.fold=0,1,2,3,4":
-        Skip(f"{DOWNLOAD} subject); tests/data/test_folds.py trains a fold of the phantoms"),
+    "python train.py -m data=totalseg_v1 model=segresnet data.num_folds=5 data.fold=0,1,2,3,4 "
+    "callbacks=cross_validation": Skip(f"{DOWNLOAD} subject); {CV_ON_PHANTOMS}"),
+    "python -m ctseg.evaluate cv=outputs/train/multiruns/<cv>":
+        Skip(f"needs the cross-validation of the download; {CV_ON_PHANTOMS}"),
+    "python -m ctseg.compare outputs/train/multiruns/<cv> outputs/train/multiruns/<other_cv>":
+        Skip(f"needs two cross-validations of the download; {CV_ON_PHANTOMS}"),
+    "python predict.py ckpt=outputs/train/multiruns/<cv> input=ct.nii.gz output=predictions "
+    "tta=mirror": Skip("needs the cross-validation of the download; the ensemble of a phantom "
+                       "sweep and TTA run above"),
     "python train.py data=totalseg_v2 data.root=/data/TotalsegmentatorV2 trainer=gpu":
         Skip(f"needs the TotalSegmentator v2 download and {GPU}"),
     "python train.py experiment=wholebody_highres "

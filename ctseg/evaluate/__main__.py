@@ -10,6 +10,7 @@ from typing import Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 from rich.progress import track
 
 from ctseg.config import CONFIG_DIR
@@ -17,10 +18,14 @@ from ctseg.data.layout import load_nifti, same_grid, stored_labels
 from ctseg.errors import ConfigError, DatasetError, run_cli
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
+from ctseg.evaluate.statistics import read_scores
 from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
 from ctseg.labels import check_version, label_names
 
 log = logging.getLogger(__name__)
+
+# A fold's out-of-fold scores in its run folder (callbacks=cross_validation).
+CV_SCORES = Path("evaluation") / "val" / "scores.csv"
 
 
 def ground_truth(gt: Path, version: str, split: str | None) -> list[tuple[str, Path]]:
@@ -75,8 +80,43 @@ def class_lookup(case_dir: Path, names: list[str]) -> np.ndarray | None:
     return names_lookup(table, names, path)
 
 
+def evaluate_cv(folder: Path, output: Path | None, tolerance: float) -> dict[str, Any]:
+    """The cross-validation score of a multirun of folds: every fold's out-of-fold scores
+    (`evaluation/val/scores.csv`, written by callbacks=cross_validation) pooled and summarised
+    into `output` (default `<folder>/cv_evaluation`), as nnU-Net reports its CV figure."""
+    if not folder.is_dir():
+        raise ConfigError(f"cv={folder}: no such folder")
+    files = sorted(folder.rglob(str(CV_SCORES)))
+    if not files:
+        raise ConfigError(f"cv={folder}: no run below it wrote {CV_SCORES}; train the folds with "
+                          "callbacks=cross_validation (docs/training.md)")
+    rows: list[dict[str, Any]] = []
+    fold_of: dict[str, Path] = {}
+    for path in files:
+        run = path.parents[2]
+        for row in read_scores(path):
+            if fold_of.setdefault(row["case"], run) != run:
+                raise ConfigError(f"cv={folder}: case {row['case']} is out-of-fold in both "
+                                  f"{fold_of[row['case']]} and {run}; the runs are not the folds "
+                                  "of one cross-validation")
+            rows.append(row)
+    out = output or folder / "cv_evaluation"
+    summary = write_outputs(rows, out, tolerance)
+    summary.update(output=str(out), folds=[str(p.parents[2]) for p in files], missing=[])
+    log.info("cross-validation: %d out-of-fold cases of %d folds", len(fold_of), len(files))
+    return summary
+
+
 def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """Score every ground-truth case that has a prediction; write the outputs; the summary."""
+    """Score every ground-truth case that has a prediction, or pool the out-of-fold scores of a
+    cross-validation (`cv=`); write the outputs; the summary."""
+    if cfg.get("cv"):
+        try:
+            output = cfg.get("output")
+        except (MissingMandatoryValue, InterpolationToMissingValueError):  # no pred to follow
+            output = None
+        return evaluate_cv(Path(str(cfg["cv"])), Path(str(output)) if output else None,
+                           float(cfg.get("tolerance_mm", 3.0)))
     pred, gt = Path(str(cfg["pred"])), Path(str(cfg["gt"]))
     version, tolerance = str(cfg.get("version", "v1")), float(cfg.get("tolerance_mm", 3.0))
     check_version(version)
@@ -107,7 +147,7 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         rows += case_rows(case, p, g, spacing, names, tolerance)
     out = Path(str(cfg.get("output") or pred / "evaluation"))
     summary = write_outputs(rows, out, tolerance)
-    summary["missing"] = missing
+    summary.update(output=str(out), missing=missing)
     return summary
 
 
@@ -116,7 +156,7 @@ def main(cfg: DictConfig) -> None:
     """Evaluate, print the region table and where the outputs went."""
     summary = evaluate(cfg)
     print(markdown(summary, float(cfg.tolerance_mm)).split("\n\n")[0])
-    print("written: " + ", ".join(str(Path(cfg.output) / o) for o in OUTPUTS))
+    print("written: " + ", ".join(str(Path(summary["output"]) / o) for o in OUTPUTS))
 
 
 def cli() -> None:

@@ -14,14 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctseg.atomic import make_folder, save_nifti_atomic
 from ctseg.data.datamodule import SUBJECT
 from ctseg.data.layout import load_nifti, stored_labels
 from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig
 from ctseg.errors import DatasetError
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup
 from ctseg.inference.inputs import Case
+from ctseg.inference.outputs import nifti_like
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
-from ctseg.labels import label_table
+from ctseg.labels import label_map_dtype, label_table
 from ctseg.models.base import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,12 @@ log = logging.getLogger(__name__)
 
 def score_records(module: SegmentationModule, pipeline: PipelineConfig,
                   records: Iterable[Mapping[str, Any]], tolerance: float,
-                  device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+                  device: torch.device | str = "cpu", predictions: Path | None = None
+                  ) -> list[dict[str, Any]]:
     """Per case and class Dice and NSD rows (as `python -m ctseg.evaluate` writes them) of the
-    module's native-resolution predictions of `records` (dicts with image, label, subject)."""
+    module's native-resolution predictions of `records` (dicts with image, label, subject);
+    with `predictions`, each label map (in the data's class indices) is kept there as
+    `<case>.nii.gz`."""
     names: Sequence[str] = module.label_names
     options = PredictOptions(device=str(device), masks=False)
     rows: list[dict[str, Any]] = []
@@ -52,6 +57,10 @@ def score_records(module: SegmentationModule, pipeline: PipelineConfig,
                                    f"({pred.shape}); prepare the dataset again")
             spacing = tuple(float(s) for s in gt_img.header.get_zooms()[:3])
             rows += case_rows(case, pred, gt, spacing, names, tolerance)
+            if predictions is not None:
+                save_nifti_atomic(nifti_like(pred.astype(label_map_dtype(len(names))),
+                                             seg.affine, seg.header),
+                                  make_folder(predictions) / f"{case}.nii.gz")
             log.info("native evaluation: %s scored on its %s grid", case, "x".join(
                 str(n) for n in gt.shape))
     return rows
