@@ -13,13 +13,16 @@ import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from ctseg.atomic import make_folder
+from ctseg.data.datamodule import SUBJECT
+from ctseg.data.transforms import IMAGE, LABEL
 from ctseg.errors import ConfigError
-from ctseg.evaluate.native import score_records
+from ctseg.evaluate.native import GROUND_TRUTH, PREDICTIONS, score_records
 from ctseg.evaluate.report import markdown, summarise, write_outputs
+from ctseg.inference.outputs import write_json
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions"
 
 
 class NativeEvaluation(Callback):
@@ -62,10 +65,15 @@ class NativeEvaluation(Callback):
         keep = self.folder(split) / PREDICTIONS if self.keep_predictions else None
         rows = score_records(pl_module, datamodule.pipeline, records, self.tolerance,
                              pl_module.device, predictions=keep)
+        truth = {str(r.get(SUBJECT) or Path(r[IMAGE]).parent.name): str(r[LABEL])
+                 for r in records}
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             parts: list = [None] * trainer.world_size
-            dist.all_gather_object(parts, rows)
-            rows = [row for part in parts for row in part]
+            dist.all_gather_object(parts, (rows, truth))
+            rows = [row for part, _ in parts for row in part]
+            truth = {case: label for _, part in parts for case, label in part.items()}
+        if keep is not None and trainer.is_global_zero and truth:
+            write_json(make_folder(keep) / GROUND_TRUTH, truth)
         if not rows:
             log.warning("native evaluation: no %s subject to score", split)
             return

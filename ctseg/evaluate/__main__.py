@@ -3,13 +3,14 @@ NSD per case and class on the ground truth's grid, written as CSV, JSON, Markdow
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 from rich.progress import track
 
@@ -17,15 +18,19 @@ from ctseg.config import CONFIG_DIR
 from ctseg.data.layout import load_nifti, same_grid, stored_labels
 from ctseg.errors import ConfigError, DatasetError, run_cli
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup
+from ctseg.evaluate.native import GROUND_TRUTH, PREDICTIONS
+from ctseg.evaluate.postprocess import choose
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
 from ctseg.evaluate.statistics import read_scores
 from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
+from ctseg.inference.postprocess import POSTPROCESSING_FILE, write_choice
 from ctseg.labels import check_version, label_names
 
 log = logging.getLogger(__name__)
 
 # A fold's out-of-fold scores in its run folder (callbacks=cross_validation).
 CV_SCORES = Path("evaluation") / "val" / "scores.csv"
+CV_PREDICTIONS = Path("evaluation") / "val" / PREDICTIONS
 
 
 def ground_truth(gt: Path, version: str, split: str | None) -> list[tuple[str, Path]]:
@@ -103,8 +108,36 @@ def evaluate_cv(folder: Path, output: Path | None, tolerance: float) -> dict[str
     out = output or folder / "cv_evaluation"
     summary = write_outputs(rows, out, tolerance)
     summary.update(output=str(out), folds=[str(p.parents[2]) for p in files], missing=[])
+    runs = [path.parents[2] for path in files]
+    if all((run / CV_PREDICTIONS / GROUND_TRUTH).is_file() for run in runs):
+        summary["postprocessing"] = choose_postprocessing(runs, out)
+    else:
+        log.info("no kept out-of-fold predictions (callbacks=cross_validation keeps them): no "
+                 "post-processing chosen")
     log.info("cross-validation: %d out-of-fold cases of %d folds", len(fold_of), len(files))
     return summary
+
+
+def choose_postprocessing(runs: list[Path], out: Path) -> list[str]:
+    """Choose, on the folds' kept out-of-fold predictions, the structures whose largest component
+    alone does not lower their Dice; write the choice beside every fold's checkpoints and into
+    `out`; the chosen structures."""
+    names: list[str] | None = None
+    cases = []
+    for run in runs:
+        truth = json.loads((run / CV_PREDICTIONS / GROUND_TRUTH).read_text())
+        version = str(OmegaConf.load(run / "checkpoints" / "config.yaml").data.version)
+        names = names or label_names(version)
+        for case, label in truth.items():
+            pred_path = run / CV_PREDICTIONS / f"{case}.nii.gz"
+            pred, gt, _ = load_pair(pred_path, Path(label))
+            cases.append((pred, gt))
+    chosen, tested = choose(cases, names or [])
+    for folder in [*(run / "checkpoints" for run in runs), out]:
+        write_choice(folder, chosen, tested)
+    log.info("post-processing: the largest component kept for %d of %d structures (%s)",
+             len(chosen), len(tested), POSTPROCESSING_FILE)
+    return chosen
 
 
 def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

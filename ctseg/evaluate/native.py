@@ -28,6 +28,11 @@ from ctseg.models.base import SegmentationModule
 
 log = logging.getLogger(__name__)
 
+# Kept label maps of native evaluation (`<evaluation folder>/predictions/<case>.nii.gz`) and,
+# beside them, case -> its ground-truth label map (for choosing post-processing).
+PREDICTIONS = "predictions"
+GROUND_TRUTH = "ground_truth.json"
+
 
 def score_records(module: SegmentationModule, pipeline: PipelineConfig,
                   records: Iterable[Mapping[str, Any]], tolerance: float,

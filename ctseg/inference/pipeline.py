@@ -25,6 +25,7 @@ from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, mirror_flips
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.outputs import write_case
+from ctseg.inference.postprocess import keep_largest
 from ctseg.inference.prompts import OUTSIDE_NAME, Prompt, check_points_inside
 from ctseg.inference.vista3d import (
     keep_clicked_components,
@@ -75,6 +76,7 @@ class PredictOptions:
     prompt: Prompt = field(default_factory=Prompt)
     tta: str | None = None
     tta_axes: Sequence[int] = (0, 1, 2)
+    largest_component: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         """Refuse, before any work, sliding-window values the blend cannot use."""
@@ -202,6 +204,10 @@ class CasePredictor:
             raise ConfigError("prompt.labels / prompt.points need a VISTA3D checkpoint; "
                               f"this one is a {model.kind} (remove the prompt)")
         self.keep = class_indices(model.label_names, options.probabilities)
+        if self.vista3d and options.largest_component:
+            raise ConfigError("post-processing (postprocessing.json) applies to SegResNet "
+                              "checkpoints; this one is a VISTA3D")
+        self.largest_component = class_indices(model.label_names, options.largest_component)
         steps = list(infer_transforms(model.pipeline).transforms)
         if isinstance(steps[0], LoadImaged):
             steps = steps[1:]  # cases are loaded by ctseg.inference.inputs (NIfTI or DICOM)
@@ -366,6 +372,8 @@ class CasePredictor:
                              for c, v in result.probabilities.items()}
         lap("inference")
         labels = self.input_labels(prepared, grid_labels)
+        if self.largest_component:
+            labels = keep_largest(labels, self.largest_component)
         lap("postprocess")
         return Segmentation(labels, prepared.affine, prepared.header, names, probabilities,
                             tuple(grid_labels.shape))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from ctseg.inference.ensemble import check_members, run_checkpoints
 from ctseg.inference.inputs import discover_cases
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
 from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions, resolve_device
+from ctseg.inference.postprocess import POSTPROCESSING_FILE, read_choice
 from ctseg.inference.prompts import parse_prompt
 from ctseg.models.loading import EXPORT_MANIFEST, load_model
 
@@ -111,10 +113,19 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
     if options.dicom_seg and nifti:
         log.warning("dicom_seg=true: a DICOM SEG is written for DICOM series inputs only, not for "
                     "the NIfTI case(s) %s", ", ".join(nifti))
+    mode = str(cfg.get("postprocessing", "auto"))
+    if mode not in ("auto", "none"):
+        raise ConfigError(f"postprocessing={mode}: choose auto or none")
     sources = checkpoint_sources(plain(cfg["ckpt"]))
     models = [load_model(source, plain(cfg.get("model")) or {}, plain(cfg.get("data")) or {})
               for source in sources]
     check_members(models, sources)
+    choice = Path(sources[0]).parent / POSTPROCESSING_FILE
+    if mode == "auto" and choice.is_file() and \
+            models[0].kind == "segresnet":
+        options = replace(options, largest_component=tuple(read_choice(choice)))
+        log.info("post-processing from %s: the largest component of %d structures",
+                 choice, len(options.largest_component))
     if len(models) > 1:
         log.info("ensemble of %d models: %s", len(models), ", ".join(sources))
     overwrite = bool(cfg.get("overwrite", False))

@@ -5,6 +5,7 @@ pool subject once), and compare treats the folds as one config."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ def test_folds_pool_their_out_of_fold_scores(compose_cfg, tmp_path: Path) -> Non
         train(cfg)
     folds = read_splits(cv / "0" / "checkpoints" / "splits_final.json")
     for fold in (0, 1):
-        kept = sorted(p.name for p in (cv / str(fold) / "evaluation/val/predictions").iterdir())
+        kept = sorted(p.name for p in (cv / str(fold) / "evaluation/val/predictions").glob(
+            "*.nii.gz"))
         assert kept == [f"{case}.nii.gz" for case in folds[fold]["val"]]
         assert nib.load(cv / str(fold) / "evaluation/val/predictions" / kept[0]).shape
         assert (cv / str(fold) / "evaluation/scores.csv").is_file()  # the test split too
@@ -49,6 +51,19 @@ def test_folds_pool_their_out_of_fold_scores(compose_cfg, tmp_path: Path) -> Non
         cases = {r["case"] for r in csv.DictReader(f)}
     assert cases == set(folds[0]["val"]) | set(folds[1]["val"])  # the whole pool, out of fold
     assert "cv_evaluation" in done.stdout
+    # post-processing chosen on the out-of-fold predictions, beside every fold's checkpoints
+    choice = json.loads((cv / "cv_evaluation" / "postprocessing.json").read_text())
+    assert set(choice) == {"largest_component", "out_of_fold_dice"} and choice["out_of_fold_dice"]
+    for fold in (0, 1):
+        assert json.loads((cv / str(fold) / "checkpoints" / "postprocessing.json").read_text()
+                          ) == choice
+    case = folds[0]["val"][0]
+    done = subprocess.run([sys.executable, "predict.py", f"ckpt={cv}", f"output={tmp_path / 'p'}",
+                           f"input={next((tmp_path / 'data').rglob(f'{case}/ct.nii.gz'))}",
+                           "masks=false", "progress=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ensemble of 2 models" in done.stdout and "post-processing from" in done.stdout
     compare([cv], tmp_path / "compare")
     with (tmp_path / "compare" / "statistics.csv").open() as f:
         overall = [r for r in csv.DictReader(f) if r["structure"] == "overall"]
