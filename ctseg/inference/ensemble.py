@@ -34,7 +34,7 @@ def mirror_flips(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 class MeanProbabilities:
     """A window runner: log of the mean softmax over `runners` x `flips`, accumulated with
-    logaddexp in place (memory of two window outputs, whatever the count)."""
+    logaddexp in place (at most three window outputs alive, whatever the count)."""
 
     def __init__(self, runners: Sequence[WindowRunner], flips: Sequence[tuple[int, ...]] = ((),)
                  ) -> None:
@@ -47,10 +47,16 @@ class MeanProbabilities:
         total: Tensor | None = None
         for run in self.runners:
             for dims in self.flips:
-                logits = run(windows.flip(dims) if dims else windows).float()
-                log_p = torch.log_softmax(logits, dim=1)
-                log_p = log_p.flip(dims) if dims else log_p
-                total = log_p if total is None else torch.logaddexp(total, log_p, out=total)
+                logits = run(windows.flip(dims) if dims else windows)
+                log_p = torch.log_softmax(logits.float(), dim=1)  # the runner's buffer untouched
+                del logits
+                if dims:
+                    log_p = log_p.flip(dims)
+                if total is None:
+                    total = log_p
+                else:
+                    torch.logaddexp(total, log_p, out=total)
+                del log_p  # at most three window outputs alive at once
         assert total is not None
         return total.sub_(self.log_count)
 

@@ -28,7 +28,7 @@ def test_default_architecture_is_the_bundle_segresnet(version):
     assert ours["conv_final.2.conv.weight"] == (num_classes(version), 32, 1, 1, 1)
     assert module.label_names[:2] == ["background", "spleen"]
     hp = module.hparams
-    assert (hp.roi_size, hp.sw_overlap, hp.sw_mode) == ((96, 96, 96), 0.25, "gaussian")
+    assert (hp.roi_size, hp.sw_overlap, hp.sw_mode) == ([96, 96, 96], 0.25, "gaussian")
 
 
 def test_instance_norm_keeps_the_bundle_keys():
