@@ -14,15 +14,13 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from ctseg.atomic import make_folder
-from ctseg.data.datamodule import SUBJECT
-from ctseg.data.transforms import IMAGE, LABEL
+from ctseg.data.transforms import LABEL
 from ctseg.errors import ConfigError
-from ctseg.evaluate.native import GROUND_TRUTH, PREDICTIONS, score_records
+from ctseg.evaluate.native import GROUND_TRUTH, PREDICTIONS, record_case, score_records
 from ctseg.evaluate.report import markdown, summarise, write_outputs
 from ctseg.inference.outputs import write_json
 
 log = logging.getLogger(__name__)
-
 
 
 class NativeEvaluation(Callback):
@@ -65,8 +63,7 @@ class NativeEvaluation(Callback):
         keep = self.folder(split) / PREDICTIONS if self.keep_predictions else None
         rows = score_records(pl_module, datamodule.pipeline, records, self.tolerance,
                              pl_module.device, predictions=keep)
-        truth = {str(r.get(SUBJECT) or Path(r[IMAGE]).parent.name): str(r[LABEL])
-                 for r in records}
+        truth = {record_case(r): str(r[LABEL]) for r in records}
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             parts: list = [None] * trainer.world_size
             dist.all_gather_object(parts, (rows, truth))

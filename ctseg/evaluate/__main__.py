@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,8 @@ def evaluate_cv(folder: Path, output: Path | None, tolerance: float) -> dict[str
             rows.append(row)
     out = output or folder / "cv_evaluation"
     summary = write_outputs(rows, out, tolerance)
-    summary.update(output=str(out), folds=[str(p.parents[2]) for p in files], missing=[])
     runs = [path.parents[2] for path in files]
+    summary.update(output=str(out), folds=[str(run) for run in runs], missing=[])
     if all((run / CV_PREDICTIONS / GROUND_TRUTH).is_file() for run in runs):
         summary["postprocessing"] = choose_postprocessing(runs, out)
     else:
@@ -122,17 +123,17 @@ def choose_postprocessing(runs: list[Path], out: Path) -> list[str]:
     """Choose, on the folds' kept out-of-fold predictions, the structures whose largest component
     alone does not lower their Dice; write the choice beside every fold's checkpoints and into
     `out`; the chosen structures."""
-    names: list[str] | None = None
-    cases = []
-    for run in runs:
-        truth = json.loads((run / CV_PREDICTIONS / GROUND_TRUTH).read_text())
-        version = str(OmegaConf.load(run / "checkpoints" / "config.yaml").data.version)
-        names = names or label_names(version)
-        for case, label in truth.items():
-            pred_path = run / CV_PREDICTIONS / f"{case}.nii.gz"
-            pred, gt, _ = load_pair(pred_path, Path(label))
-            cases.append((pred, gt))
-    chosen, tested = choose(cases, names or [])
+    version = str(OmegaConf.load(runs[0] / "checkpoints" / "config.yaml").data.version)
+
+    def cases() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Each fold's out-of-fold predictions and their ground truth, one case at a time."""
+        for run in runs:
+            truth = json.loads((run / CV_PREDICTIONS / GROUND_TRUTH).read_text())
+            for case, label in truth.items():
+                pred, gt, _ = load_pair(run / CV_PREDICTIONS / f"{case}.nii.gz", Path(label))
+                yield pred, gt
+
+    chosen, tested = choose(cases(), label_names(version))
     for folder in [*(run / "checkpoints" for run in runs), out]:
         write_choice(folder, chosen, tested)
     log.info("post-processing: the largest component kept for %d of %d structures (%s)",

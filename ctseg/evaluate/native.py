@@ -34,6 +34,11 @@ PREDICTIONS = "predictions"
 GROUND_TRUTH = "ground_truth.json"
 
 
+def record_case(record: Mapping[str, Any]) -> str:
+    """The case name of a DataModule record: its subject id, else its CT's folder name."""
+    return str(record.get(SUBJECT) or Path(record[IMAGE]).parent.name)
+
+
 def score_records(module: SegmentationModule, pipeline: PipelineConfig,
                   records: Iterable[Mapping[str, Any]], tolerance: float,
                   device: torch.device | str = "cpu", predictions: Path | None = None
@@ -49,7 +54,7 @@ def score_records(module: SegmentationModule, pipeline: PipelineConfig,
     with CasePredictor(replace(model, net=copy.deepcopy(model.net).eval()), options) as predictor:
         for record in records:
             image, label = Path(record[IMAGE]), Path(record[LABEL])
-            case = str(record.get(SUBJECT) or image.parent.name)
+            case = record_case(record)
             seg = predictor.segment(Case(case, image, "nifti"))
             # VISTA3D predicts its own ids (named in seg.names): back to the data's classes
             pred = mapped(seg.labels.astype(np.int32),

@@ -1,5 +1,5 @@
 """Post-processing of predicted label maps: keep only the largest connected component of chosen
-structures (MONAI's KeepLargestConnectedComponent, 26-connected as nnU-Net's). Which structures is
+structures (MONAI's largest-component mask, 26-connected as nnU-Net's). Which structures is
 chosen on a cross-validation's out-of-fold predictions (`ctseg.evaluate.postprocess`) and written
 as `postprocessing.json` beside each fold's checkpoints, where predict.py finds it."""
 
@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from monai.transforms import KeepLargestConnectedComponent
+from monai.transforms.utils import get_largest_connected_component_mask
 
 from ctseg.atomic import write_atomic
 from ctseg.errors import ConfigError
@@ -20,16 +19,21 @@ from ctseg.errors import ConfigError
 POSTPROCESSING_FILE = "postprocessing.json"
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest fully connected (26-connected in 3D) component of a boolean mask (MONAI's
+    get_largest_connected_component_mask)."""
+    return np.asarray(get_largest_connected_component_mask(mask, connectivity=mask.ndim),
+                      dtype=bool)
+
+
 def keep_largest(labels: np.ndarray, classes: Iterable[int]) -> np.ndarray:
     """`labels` with every voxel of each of `classes` outside its largest 26-connected component
-    set to background."""
-    applied = sorted({int(c) for c in classes} & {int(v) for v in np.unique(labels)} - {0})
-    if not applied:
-        return labels
-    keep = KeepLargestConnectedComponent(applied_labels=applied, is_onehot=False,
-                                         independent=True, connectivity=labels.ndim)
-    kept = keep(torch.from_numpy(labels.copy())[None])[0]  # a copy: MONAI edits in place
-    return np.asarray(kept).astype(labels.dtype, copy=False)
+    set to background (a new array; `labels` is left as it is)."""
+    kept = labels.copy()
+    for c in sorted({int(c) for c in classes} & {int(v) for v in np.unique(labels)} - {0}):
+        mask = labels == c
+        kept[mask & ~largest_component(mask)] = 0
+    return kept
 
 
 def write_choice(folder: Path, chosen: Sequence[str], tested: dict[str, Any]) -> Path:
