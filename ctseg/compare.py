@@ -5,7 +5,9 @@ metric, the overrides that differ between runs as columns, per-structure Dice of
 and a PNG of the validation curves. Runs that scored their test cases (callbacks=native_evaluation:
 evaluation/scores.csv) add statistics per config (runs differing only in seed or data.fold are one
 config): mean, SD and bootstrap 95 % CI over cases, paired Wilcoxon tests against the best config
-with Holm's correction, and a box plot."""
+with Holm's correction, and a box plot. When the runs logged to W&B (logger=wandb), the tables
+and the box plot are also logged as a W&B run of their project (job type `compare`), offline
+when they were."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ctseg.atomic import staged_files
 from ctseg.errors import ConfigError, blamed_on, reported
 from ctseg.evaluate import statistics
 from ctseg.figures import save_png
+from ctseg.logger.wandb_runs import ID_FILE
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +297,47 @@ def compare(folders: Sequence[str | Path], out: Path, seed: int = 0) -> list[Run
     return runs
 
 
+def wandb_settings(runs: Sequence[Run]) -> dict[str, Any] | None:
+    """Project and offline flag of the W&B logger of the first run that logged to W&B (its
+    folder holds the run id file), None when none did."""
+    for run in runs:
+        if (run.folder / ID_FILE).is_file():
+            cfg = OmegaConf.load(run.folder / CONFIG)
+            return {"project": str(OmegaConf.select(cfg, "logger.wandb.project",
+                                                    default="ctseg")),
+                    "offline": bool(OmegaConf.select(cfg, "logger.wandb.offline", default=True))}
+    return None
+
+
+def _wandb_table(text: str) -> Any:
+    """A W&B table of CSV text."""
+    import wandb
+
+    rows = list(csv.reader(io.StringIO(text)))
+    return wandb.Table(columns=rows[0], data=rows[1:])
+
+
+def log_to_wandb(out: Path, settings: dict[str, Any]) -> str:
+    """Log the comparison written in `out` (its tables and box plot) as one W&B run of
+    `settings`' project, job type `compare`, its files under `out`/wandb; the run's id."""
+    import wandb
+
+    tables = {"compare/runs": OUTPUTS[1], "compare/statistics": STATISTICS_OUTPUTS[0],
+              "compare/paired_tests": STATISTICS_OUTPUTS[1]}
+    run = wandb.init(project=settings["project"], dir=str(out), job_type="compare",
+                     name=f"compare/{out.resolve().name}",
+                     mode="offline" if settings["offline"] else "online")
+    try:
+        logged: dict[str, Any] = {key: _wandb_table((out / name).read_text())
+                                  for key, name in tables.items() if (out / name).is_file()}
+        if (out / STATISTICS_OUTPUTS[2]).is_file():
+            logged["compare/dice_per_config"] = wandb.Image(str(out / STATISTICS_OUTPUTS[2]))
+        run.log(logged)
+    finally:
+        run.finish()
+    return run.id
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the folders, compare, print the Markdown table."""
     parser = argparse.ArgumentParser(
@@ -304,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence "
                         "intervals (default: 0)")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log the comparison to "
+                        "W&B even when the runs logged there")
     args = parser.parse_args(argv)
     out = args.out or Path(args.folders[0])
     with reported("python -m ctseg.compare"):
@@ -311,6 +357,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print((out / OUTPUTS[0]).read_text())
     written = [out / o for o in (*OUTPUTS, *STATISTICS_OUTPUTS) if (out / o).is_file()]
     print(f"{len(runs)} runs; written {', '.join(map(str, written))}")
+    settings = None if args.no_wandb else wandb_settings(runs)
+    if settings is not None:
+        identifier = log_to_wandb(out, settings)
+        where = (f"offline in {out / 'wandb'} (upload: wandb sync)" if settings["offline"]
+                 else "online")
+        print(f"W&B: tables logged to run {identifier} of project {settings['project']}, {where}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Ensembles and mirroring test-time augmentation for prediction: several models (e.g. the folds
-of a cross-validation) and/or the 2^n mirrorings of each window, their softmax probabilities
-averaged window by window. The window function returns the log of the mean probabilities, so the
-sliding-window blend, its argmax and its memory bound are those of one model: for one model the
-log-probabilities differ from the logits by a per-voxel constant, and the labels are the same."""
+of a cross-validation) and/or the 2^n mirrorings of each window, their probabilities averaged
+window by window: SegResNet's softmax (`MeanProbabilities`: the log of the mean) and VISTA3D's
+per-class sigmoid (`MeanSigmoids`: the logit of the mean). The window functions return what one
+model's would, so the sliding-window blend, its argmax and its memory bound are those of one
+model, and for one model the labels are the same."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def mirror_flips(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for n in range(len(dims) + 1) for combo in itertools.combinations(dims, n)]
 
 
+def _flipped_back(run: WindowRunner, windows: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """`run` on `windows` mirrored along `dims`, its float output mirrored back."""
+    out = run(windows.flip(dims) if dims else windows).float()
+    return out.flip(dims) if dims else out
+
+
 class MeanProbabilities:
     """A window runner: log of the mean softmax over `runners` x `flips`, accumulated with
     logaddexp in place (at most three window outputs alive, whatever the count)."""
@@ -47,11 +54,9 @@ class MeanProbabilities:
         total: Tensor | None = None
         for run in self.runners:
             for dims in self.flips:
-                logits = run(windows.flip(dims) if dims else windows)
-                log_p = torch.log_softmax(logits.float(), dim=1)  # the runner's buffer untouched
+                logits = _flipped_back(run, windows, dims)
+                log_p = torch.log_softmax(logits, dim=1)  # the runner's buffer untouched
                 del logits
-                if dims:
-                    log_p = log_p.flip(dims)
                 if total is None:
                     total = log_p
                 else:
@@ -61,16 +66,46 @@ class MeanProbabilities:
         return total.sub_(self.log_count)
 
 
+class MeanSigmoids:
+    """A window runner for VISTA3D outputs (background channel 0, then one logit per class):
+    the logit of the mean sigmoid per class over `runners` x `flips`, background 0, so argmax
+    stays VISTA3D's rule (background where no mean probability exceeds 0.5)."""
+
+    def __init__(self, runners: Sequence[WindowRunner], flips: Sequence[tuple[int, ...]] = ((),)
+                 ) -> None:
+        """Average `runners`, each over the mirror `flips` of the windows."""
+        self.runners, self.flips = list(runners), list(flips)
+
+    def __call__(self, windows: Tensor) -> Tensor:
+        """(B, 1 + P, D, H, W) logits of the mean class probabilities of (B, 1, ...) windows."""
+        inside: Tensor | None = None  # log of the summed probabilities
+        outside: Tensor | None = None  # log of the summed complements
+        for run in self.runners:
+            for dims in self.flips:
+                logits = _flipped_back(run, windows, dims)[:, 1:]
+                log_p, log_q = -torch.nn.functional.softplus(-logits), \
+                    -torch.nn.functional.softplus(logits)
+                del logits
+                if inside is None or outside is None:
+                    inside, outside = log_p, log_q
+                else:
+                    torch.logaddexp(inside, log_p, out=inside)
+                    torch.logaddexp(outside, log_q, out=outside)
+                del log_p, log_q
+        assert inside is not None and outside is not None
+        logit = inside.sub_(outside)  # the log count cancels
+        del outside
+        return torch.cat([torch.zeros_like(logit[:, :1]), logit], dim=1)
+
+
 def check_members(models: Sequence[LoadedModel], sources: Sequence[str]) -> None:
     """ConfigError unless the ensemble's models agree on kind, classes, preprocessing and window
     (the first is the reference)."""
     first = models[0]
     for model, source in zip(models[1:], sources[1:], strict=True):
-        if model.kind != "segresnet" or first.kind != "segresnet":
-            raise ConfigError("ckpt=[...]: ensembles run SegResNet checkpoints; "
-                              f"{source if model.kind != 'segresnet' else sources[0]} is a "
-                              f"{model.kind if model.kind != 'segresnet' else first.kind}")
-        for what, mine, theirs in (("classes", model.label_names, first.label_names),
+        for what, mine, theirs in (("architecture", model.kind, first.kind),
+                                   ("classes", model.label_names, first.label_names),
+                                   ("class ids", model.known_ids, first.known_ids),
                                    ("preprocessing", model.pipeline, first.pipeline),
                                    ("window", model.roi_size, first.roi_size)):
             if mine != theirs:

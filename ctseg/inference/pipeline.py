@@ -8,7 +8,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError, DatasetError
 from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
-from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, mirror_flips
+from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, MeanSigmoids, mirror_flips
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.outputs import write_case
 from ctseg.inference.postprocess import keep_largest
@@ -219,17 +219,24 @@ class CasePredictor:
         self._stack = ExitStack()
         self.runner, self.format = open_runner(model, options.backend, self.device, self.amp,
                                                options.channels_last, self._stack)
+        # VISTA3D's torch windows are planned per case (plan_case): its members' networks and
+        # the flips are averaged there; every other runner is averaged here.
+        self.averaged: tuple[list[torch.nn.Module], list[tuple[int, ...]]] | None = None
         if members or options.tta:
-            if self.vista3d:
-                raise ConfigError("ensembles (ckpt=[...]) and tta run SegResNet checkpoints; "
-                                  "this one is a VISTA3D")
-            runners = [self.runner, *(open_runner(m, options.backend, self.device, self.amp,
-                                                  options.channels_last, self._stack)[0]
-                                      for m in members)]
+            if self.vista3d and prompt.has_points:
+                raise ConfigError("clicks (prompt.points) run one VISTA3D checkpoint without "
+                                  "tta; remove the list of checkpoints or tta")
             flips = mirror_flips(options.tta_axes) if options.tta else [()]
             log.info("averaging the probabilities of %d model(s) x %d mirroring(s) per window",
-                     len(runners), len(flips))
-            self.runner = MeanProbabilities(runners, flips)
+                     1 + len(members), len(flips))
+            if self.vista3d and self.format == "torch":
+                self.averaged = ([m.net for m in members], flips)
+            else:
+                runners = [self.runner, *(open_runner(m, options.backend, self.device, self.amp,
+                                                      options.channels_last, self._stack)[0]
+                                          for m in members)]
+                self.runner = (MeanSigmoids if self.vista3d else MeanProbabilities)(runners,
+                                                                                    flips)
         self.exported_plan = None
         if self.format != "torch" and self.vista3d:
             if prompt.has_points:
@@ -270,6 +277,12 @@ class CasePredictor:
         plan = self.exported_plan or plan_case(net or self.model.net, prompt,
                                                self.model.known_ids, points, before,
                                                padded.shape[2:], self.roi, o.overlap)
+        if self.averaged is not None and self.exported_plan is None:
+            nets, flips = self.averaged
+            predictors = [plan.predictor, *(plan_case(
+                member, prompt, self.model.known_ids, points, before, padded.shape[2:],
+                self.roi, o.overlap).predictor for member in nets)]
+            plan = replace(plan, predictor=MeanSigmoids(predictors, flips))
         result = sliding_window_predict(
             padded, self._predictor(plan.predictor), self.roi, o.overlap, mode=o.mode,
             sw_batch_size=1 if plan.with_windows else o.sw_batch_size, slab_axis=o.slab_axis,

@@ -5,14 +5,16 @@ writes the statistics files."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import wandb_run
 from scipy import stats
 
-from ctseg.compare import compare
+from ctseg.compare import compare, main
 from ctseg.evaluate import statistics
 from ctseg.evaluate.statistics import case_table, describe, holm, paired_tests, per_case
 
@@ -115,3 +117,27 @@ def test_compare_writes_statistics_per_config(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "compare.md").read_text()
     assert "structures that differ (Holm-adjusted p < 0.05): spleen" in text
     assert (tmp_path / "out" / "dice_per_config.png").stat().st_size > 1000
+
+
+def test_compare_logs_its_tables_to_wandb_when_the_runs_did(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    for job, lr in enumerate(["1e-3", "3e-4"]):
+        fake_run(sweep / str(job), [f"model.optimizer.lr={lr}"], scores(job, {}))
+        (sweep / str(job) / "checkpoints" / "config.yaml").write_text(
+            "optimized_metric: val/mean_dice\nlogger:\n  wandb:\n    project: cv_demo\n"
+            "    offline: true\n")
+        (sweep / str(job) / "wandb_id.txt").write_text(f"run{job}\n")
+    main([str(sweep), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "of project cv_demo, offline" in printed
+    files = tmp_path / "out" / "wandb"
+    (statistics_json,) = files.glob("offline-run-*/files/media/table/compare/statistics_*.json")
+    table = json.loads(statistics_json.read_text())
+    with (tmp_path / "out" / "statistics.csv").open() as f:
+        written = list(csv.reader(f))
+    assert table["columns"] == written[0] and table["data"] == written[1:]
+    assert list(files.glob("offline-run-*/files/media/images/compare/dice_per_config_*.png"))
+    run = wandb_run(tmp_path / "out")
+    assert run.project == "cv_demo" and run.job_type == "compare"
+    main([str(sweep), "--out", str(tmp_path / "plain"), "--no-wandb"])
+    assert not (tmp_path / "plain" / "wandb").exists()

@@ -1,6 +1,7 @@
 """Fold ensembles and mirroring TTA in prediction: [a, a] predicts what a does, [a, b] what the
 mean of a's and b's probabilities from MONAI's own sliding-window inferer gives, and with
-tta=mirror the prediction of a mirrored CT is the mirrored prediction."""
+tta=mirror the prediction of a mirrored CT is the mirrored prediction; VISTA3D's ensembles average
+its class sigmoids the same way."""
 
 from __future__ import annotations
 
@@ -17,12 +18,20 @@ from helpers import save_checkpoint as save_lightning_checkpoint
 from monai.inferers import SlidingWindowInferer
 
 from ctseg.errors import ConfigError
-from ctseg.inference.ensemble import MeanProbabilities, mirror_flips, run_checkpoints
+from ctseg.inference.ensemble import (
+    MeanProbabilities,
+    MeanSigmoids,
+    check_members,
+    mirror_flips,
+    run_checkpoints,
+)
 from ctseg.inference.inputs import Case
 from ctseg.inference.pipeline import IMAGE, CasePredictor, PredictOptions
+from ctseg.inference.prompts import Prompt
 from ctseg.labels import label_names
 from ctseg.models.loading import load_model
 from ctseg.models.segresnet import SegResNetModule
+from ctseg.models.vista3d import VISTA3DModule
 
 ROI = (32, 32, 32)
 OPTIONS = {"device": "cpu", "masks": False, "overlap": 0.25}
@@ -139,3 +148,55 @@ def test_predict_cli_takes_a_list_of_checkpoints(checkpoints, ct, tmp_path: Path
     written = np.asanyarray(nib.load(tmp_path / "out" / "ct" / "labels.nii.gz").dataobj)
     assert np.array_equal(written, labels([a], ct))
     assert "averaging the probabilities of 2 model(s) x 1 mirroring(s)" in done.stderr + done.stdout
+
+
+@pytest.fixture(scope="module")
+def vista3d_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two random-weight small VISTA3D checkpoints (seeds 0 and 1) at the crop's 3 mm."""
+    folder = tmp_path_factory.mktemp("vista3d_ensemble")
+    data = {"version": "v1", "spacing": 3.0, "intensity": "hu_window", "smooth_sigma": 0.0,
+            "patch_size": list(ROI)}
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = VISTA3DModule(105, label_names("v1"), encoder_embed_dim=8, blocks_down=(1, 1, 1),
+                            roi_size=ROI)
+        paths.append(save_lightning_checkpoint(net, folder / f"v{seed}.ckpt", data))
+    return tuple(paths)
+
+
+def test_vista3d_ensembles_and_tta_average_the_class_sigmoids(vista3d_checkpoints, ct,
+                                                             tmp_path: Path) -> None:
+    a, b = vista3d_checkpoints
+    single = labels([a], ct)
+    assert len(np.unique(single)) > 3
+    assert np.array_equal(labels([a, a], ct), single)  # [a, a] is a
+    assert (labels([a, b], ct) == single).mean() < 0.99  # b takes part
+    img = nib.load(ct)
+    mirrored = tmp_path / "mirrored.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine, img.header),
+             mirrored)
+    with_tta = (labels([a], mirrored, tta="mirror") == labels([a], ct, tta="mirror")[::-1]).mean()
+    assert with_tta >= 0.9999, with_tta
+    with pytest.raises(ConfigError, match="clicks"):
+        labels([a], ct, tta="mirror", prompt=Prompt(points=((10, 10, 10),), point_labels=(1,)))
+    other = checkpoints_of_segresnet(tmp_path)
+    with pytest.raises(ConfigError, match="other architecture"):
+        check_members([load_model(m, {}, {}) for m in (a, other)], [str(a), str(other)])
+
+
+def checkpoints_of_segresnet(folder: Path) -> Path:
+    """A random slim SegResNet checkpoint of the same classes and grid."""
+    data = {"version": "v1", "spacing": 3.0, "intensity": "segresnet", "patch_size": list(ROI)}
+    return save_lightning_checkpoint(module(0), folder / "segresnet.ckpt", data)
+
+
+def test_mean_sigmoids_is_the_logit_of_the_mean_class_probability() -> None:
+    logits = [torch.randn(2, 5, 3, 3, 3) * 4 for _ in range(3)]
+    runners = [lambda w, x=x: x for x in logits]
+    out = MeanSigmoids(runners)(torch.zeros(2, 1, 3, 3, 3))
+    mean = sum(torch.sigmoid(x[:, 1:]) for x in logits) / 3
+    assert torch.allclose(torch.sigmoid(out[:, 1:]), mean, atol=1e-6)
+    assert torch.equal(out[:, :1], torch.zeros_like(out[:, :1]))  # VISTA3D's background
+    one = MeanSigmoids(runners[:1])(torch.zeros(2, 1, 3, 3, 3))
+    assert torch.allclose(one[:, 1:], logits[0][:, 1:], atol=1e-4)
