@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from ctseg.config import plain
 from ctseg.data.transforms import PipelineConfig
 from ctseg.models.loaded_model import LoadedModel
+from ctseg.models.losses import MarginalDiceCELoss
 from ctseg.sliding_window import sliding_window_predict
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
 # Checkpoint key holding the module's class path (`SegmentationModule.on_save_checkpoint`).
 MODULE_CLASS = "ctseg_module_class"
+# Batch key of the (B, num_classes) bool flags of the classes each sample annotates.
+ANNOTATED = "annotated"
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 # Called with the optimiser, total_steps and max_epochs (ctseg.models.schedules).
 SchedulerFactory = Callable[..., LRScheduler]
@@ -193,14 +196,19 @@ class SegmentationModule(LightningModule):
         in every op, and logged values must load with weights_only (ddp_spawn sends them so)."""
         return batch["image"].as_subclass(Tensor), batch["label"].as_subclass(Tensor)
 
-    def training_loss(self, image: Tensor, label: Tensor) -> Tensor:
-        """DiceCE loss of a (B, C_in, D, H, W) patch batch and its (B, 1, D, H, W) labels."""
+    def training_loss(self, image: Tensor, label: Tensor, annotated: Tensor | None = None
+                      ) -> Tensor:
+        """DiceCE loss of a (B, C_in, D, H, W) patch batch and its (B, 1, D, H, W) labels;
+        `annotated` (B, num_classes) bool flags the classes each sample annotates (partially
+        labelled data; None: every class), which only a loss that takes it uses."""
+        if annotated is not None and isinstance(self.loss, MarginalDiceCELoss):
+            return self.loss(self(image), label, annotated)
         return self.loss(self(image), label)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         """The training loss of a patch batch, logged as `train/loss`."""
         image, label = self._tensors(batch)
-        loss = self.training_loss(image, label)
+        loss = self.training_loss(image, label, batch.get(ANNOTATED))
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=image.shape[0])
         return loss

@@ -9,7 +9,9 @@ from typing import Any
 
 from monai.networks.nets import SegResNet
 
+from ctseg.errors import ConfigError
 from ctseg.models.base import OptimizerFactory, SchedulerFactory, SegmentationModule
+from ctseg.models.losses import LOSSES, make_loss
 from ctseg.models.weights import SEGRESNET_HEAD, load_bundle_state_dict, load_into
 
 log = logging.getLogger(__name__)
@@ -46,13 +48,22 @@ class SegResNetModule(SegmentationModule):
         sw_batch_size: int = 4,
         sw_overlap: float = 0.25,
         sw_mode: str = "gaussian",
+        loss: str = "dice_ce",
     ) -> None:
-        """Store the architecture and training settings; see SegmentationModule for the rest."""
+        """Store the architecture and training settings (`loss`: one of ctseg.models.losses.LOSSES);
+        see SegmentationModule for the rest."""
+        if loss not in LOSSES:
+            raise ConfigError(f"model.loss={loss}: choose {' or '.join(LOSSES)} (marginal: for "
+                              "partially labelled data)")
         super().__init__(
             num_classes=num_classes, label_names=label_names, optimizer=optimizer,
             scheduler=scheduler, roi_size=roi_size,
             sw_batch_size=sw_batch_size, sw_overlap=sw_overlap, sw_mode=sw_mode,
         )
+
+    def configure_losses(self) -> None:
+        """`loss`: MONAI's DiceCE (the bundle's) or the marginal DiceCE for partial labels."""
+        self.loss = make_loss(self.hparams.loss)
 
     def configure_models(self) -> None:
         """Build the SegResNet and load `pretrained` weights into it when given."""

@@ -23,6 +23,7 @@ from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMapp
 from torch import Tensor, nn
 
 from ctseg.data.transforms import PipelineConfig
+from ctseg.errors import ConfigError
 from ctseg.models.base import OptimizerFactory, SchedulerFactory, SegmentationModule
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.vista3d_prompts import PromptSampling, sample_prompt_pairs
@@ -315,9 +316,14 @@ class VISTA3DModule(SegmentationModule):
         """A label patch of class indices as VISTA3D ids (unknown classes become 0)."""
         return self.vista_ids[label.long()]
 
-    def training_loss(self, image: Tensor, label: Tensor) -> Tensor:
+    def training_loss(self, image: Tensor, label: Tensor, annotated: Tensor | None = None
+                      ) -> Tensor:
         """Mean prompt loss over the patches of a batch: prompts drawn per patch, the image
-        encoder run once on the whole batch, the heads per patch (MONAI's VISTA3D.forward)."""
+        encoder run once on the whole batch, the heads per patch (MONAI's VISTA3D.forward).
+        Partially labelled batches (`annotated`) are not supported yet."""
+        if annotated is not None:
+            raise ConfigError("partially labelled data trains SegResNet (model.loss=marginal); "
+                              "VISTA3D's prompts do not yet know which classes a sample annotates")
         labels = self.vista_labels(label[:, 0])
         prompts = [sample_prompt_pairs(labels[i], self.prompt_ids.tolist(), self.rng,
                                        self.sampling, self.special)
