@@ -1,7 +1,7 @@
 """Benchmark fold ensembles and mirroring TTA against one model: time and peak RSS of predict.py.
 
     python benchmarks/ensemble.py [--shape X Y Z] [--spacing MM] [--models 5] [--device cpu|cuda]
-                                  [--out result.json]
+                                  [--variants one ensemble tta] [--out result.json]
 
 One CT (the shared crop resampled to `--spacing` mm, or a phantom of `--shape` voxels, as in
 benchmarks/inference.py) and `--models` random-init 105-class SegResNets (the bundle's
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=5, help="ensemble size")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--roi", type=int, default=96)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which to run (one is always run: the reference)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     add_worker_options(parser, "--ct", "--weights")
     args = parser.parse_args()
@@ -69,7 +71,8 @@ def main() -> None:
             make_weights(Path(path), seed)
         options = ["--ct", args.ct, "--weights", json.dumps(weights), "--device", args.device,
                    "--spacing", str(args.spacing), "--roi", str(args.roi)]
-        rows = {name: run_worker(__file__, name, workdir, options) for name in VARIANTS}
+        rows = {name: run_worker(__file__, name, workdir, options) for name in VARIANTS
+                if name == "one" or name in args.variants}
         shape = nib.load(args.ct).shape
     base = rows["one"]
     lines = [f"CT {'x'.join(map(str, shape))} at {args.spacing} mm, 105 classes, {args.device}",
@@ -77,6 +80,8 @@ def main() -> None:
              "RSS / one |", "|---|---:|---:|---:|---:|---:|"]
     for name, label in (("one", "one model"), ("ensemble", f"ensemble of {args.models}"),
                         ("tta", "one model, tta=mirror")):
+        if name not in rows:
+            continue
         r = rows[name]
         lines.append(f"| {label} | {r['passes']} | {r['seconds']:.1f} | "
                      f"{r['seconds'] / base['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "

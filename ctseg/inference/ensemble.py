@@ -33,15 +33,47 @@ def mirror_flips(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for n in range(len(dims) + 1) for combo in itertools.combinations(dims, n)]
 
 
+CHUNK = 8  # slices (first spatial axis) per in-place step: temporaries stay a slab of a window
+
+
 def _flipped_back(run: WindowRunner, windows: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """`run` on `windows` mirrored along `dims`, its float output mirrored back."""
+    """`run` on `windows` mirrored along `dims`, its float output mirrored back; the tensor is
+    the caller's to edit (runners return a new output per call)."""
     out = run(windows.flip(dims) if dims else windows).float()
     return out.flip(dims) if dims else out
 
 
+def _chunks(*tensors: Tensor) -> zip:
+    """The tensors split alike into CHUNK-slice views along the first spatial axis (used inside
+    helpers, so that no view outlives its call and keeps a freed window's storage alive)."""
+    return zip(*(t.split(CHUNK, dim=2) for t in tensors), strict=True)
+
+
+def _log_softmax_(logits: Tensor) -> Tensor:
+    """`logits` turned into log-softmax over channels in place."""
+    for (part,) in _chunks(logits):
+        part.sub_(torch.logsumexp(part, dim=1, keepdim=True))
+    return logits
+
+
+def _start_sigmoid_sums(logits: Tensor, log_p_sum: Tensor) -> None:
+    """Write log(sigmoid) of `logits` into `log_p_sum` and turn `logits` into log(1 - sigmoid)."""
+    for log_p, logit in _chunks(log_p_sum, logits):
+        log_p.copy_(torch.nn.functional.logsigmoid(logit))
+        logit.neg_().add_(log_p)  # log(1 - p) = log(p) - logit
+
+
+def _add_sigmoid_sums(logits: Tensor, log_p_sum: Tensor, log_q_sum: Tensor) -> None:
+    """Add sigmoid(`logits`) and its complement to the log sums (`logits` is overwritten)."""
+    for p_sum, q_sum, logit in _chunks(log_p_sum, log_q_sum, logits):
+        log_p = torch.nn.functional.logsigmoid(logit)
+        torch.logaddexp(p_sum, log_p, out=p_sum)
+        torch.logaddexp(q_sum, logit.neg_().add_(log_p), out=q_sum)
+
+
 class MeanProbabilities:
-    """A window runner: log of the mean softmax over `runners` x `flips`, accumulated with
-    logaddexp in place (at most three window outputs alive, whatever the count)."""
+    """A window runner: log of the mean softmax over `runners` x `flips`, computed in place
+    (one window output besides the running total; a mirrored one adds its copy)."""
 
     def __init__(self, runners: Sequence[WindowRunner], flips: Sequence[tuple[int, ...]] = ((),)
                  ) -> None:
@@ -54,14 +86,12 @@ class MeanProbabilities:
         total: Tensor | None = None
         for run in self.runners:
             for dims in self.flips:
-                logits = _flipped_back(run, windows, dims)
-                log_p = torch.log_softmax(logits, dim=1)  # the runner's buffer untouched
-                del logits
+                log_p = _log_softmax_(_flipped_back(run, windows, dims))
                 if total is None:
                     total = log_p
                 else:
                     torch.logaddexp(total, log_p, out=total)
-                del log_p  # at most three window outputs alive at once
+                del log_p
         assert total is not None
         return total.sub_(self.log_count)
 
@@ -69,7 +99,8 @@ class MeanProbabilities:
 class MeanSigmoids:
     """A window runner for VISTA3D outputs (background channel 0, then one logit per class):
     the logit of the mean sigmoid per class over `runners` x `flips`, background 0, so argmax
-    stays VISTA3D's rule (background where no mean probability exceeds 0.5)."""
+    stays VISTA3D's rule (background where no mean probability exceeds 0.5). Accumulated in
+    log space in place: the first output holds log(1 - p), one more window log(p)."""
 
     def __init__(self, runners: Sequence[WindowRunner], flips: Sequence[tuple[int, ...]] = ((),)
                  ) -> None:
@@ -78,24 +109,21 @@ class MeanSigmoids:
 
     def __call__(self, windows: Tensor) -> Tensor:
         """(B, 1 + P, D, H, W) logits of the mean class probabilities of (B, 1, ...) windows."""
+        first: Tensor | None = None  # its channels 1: hold the log of the summed complements
         inside: Tensor | None = None  # log of the summed probabilities
-        outside: Tensor | None = None  # log of the summed complements
         for run in self.runners:
             for dims in self.flips:
-                logits = _flipped_back(run, windows, dims)[:, 1:]
-                log_p, log_q = -torch.nn.functional.softplus(-logits), \
-                    -torch.nn.functional.softplus(logits)
-                del logits
-                if inside is None or outside is None:
-                    inside, outside = log_p, log_q
+                out = _flipped_back(run, windows, dims)
+                if first is None or inside is None:
+                    first, inside = out, torch.empty_like(out[:, 1:])
+                    _start_sigmoid_sums(first[:, 1:], inside)
                 else:
-                    torch.logaddexp(inside, log_p, out=inside)
-                    torch.logaddexp(outside, log_q, out=outside)
-                del log_p, log_q
-        assert inside is not None and outside is not None
-        logit = inside.sub_(outside)  # the log count cancels
-        del outside
-        return torch.cat([torch.zeros_like(logit[:, :1]), logit], dim=1)
+                    _add_sigmoid_sums(out[:, 1:], inside, first[:, 1:])
+                del out
+        assert first is not None and inside is not None
+        first[:, 1:].neg_().add_(inside)  # log(sum p) - log(sum q): the counts cancel
+        first[:, :1] = 0.0
+        return first
 
 
 def check_members(models: Sequence[LoadedModel], sources: Sequence[str]) -> None:

@@ -117,7 +117,7 @@ def test_mirroring_tta_makes_the_prediction_mirror_equivariant(checkpoints, ct,
 
 def test_mean_probabilities_average_in_probability_space() -> None:
     logits = [torch.randn(2, 4, 3, 3, 3) for _ in range(2)]
-    runners = [lambda w, x=x: x for x in logits]
+    runners = [lambda w, x=x: x.clone() for x in logits]  # a new output per call
     out = MeanProbabilities(runners)(torch.zeros(2, 1, 3, 3, 3))
     expected = (torch.softmax(logits[0], 1) + torch.softmax(logits[1], 1)) / 2
     assert torch.allclose(out.exp(), expected, atol=1e-6)
@@ -193,7 +193,7 @@ def checkpoints_of_segresnet(folder: Path) -> Path:
 
 def test_mean_sigmoids_is_the_logit_of_the_mean_class_probability() -> None:
     logits = [torch.randn(2, 5, 3, 3, 3) * 4 for _ in range(3)]
-    runners = [lambda w, x=x: x for x in logits]
+    runners = [lambda w, x=x: x.clone() for x in logits]  # a new output per call
     out = MeanSigmoids(runners)(torch.zeros(2, 1, 3, 3, 3))
     mean = sum(torch.sigmoid(x[:, 1:]) for x in logits) / 3
     assert torch.allclose(torch.sigmoid(out[:, 1:]), mean, atol=1e-6)
