@@ -66,10 +66,10 @@ class Run:
             return math.nan
         return max(values) if self.mode == "max" else min(values)
 
-    @property
-    def config(self) -> str:
-        """The run's config: its overrides other than seed and fold."""
-        return " ".join(f"{k}={v}" for k, v in sorted(self.overrides.items())
+    def config(self, keys: Sequence[str]) -> str:
+        """The run's config named by its values of `keys` (the overrides that differ between
+        the runs compared, seed and fold left out: those repeat a config)."""
+        return " ".join(f"{k}={self.overrides.get(k, '')}" for k in keys
                         if k not in REPLICATE_KEYS) or "(defaults)"
 
     def last(self, prefix: str) -> dict[str, float]:
@@ -195,9 +195,10 @@ def names_root(folders: Sequence[str | Path]) -> Path:
 def config_tables(runs: Sequence[Run]) -> dict[str, list[list[dict[str, Any]]]]:
     """Config -> the per-case score rows of each of its runs that wrote evaluation/scores.csv."""
     tables: dict[str, list[list[dict[str, Any]]]] = {}
+    keys = varying(runs)
     for run in runs:
         if (run.folder / SCORES).is_file():
-            tables.setdefault(run.config, []).append(statistics.read_scores(run.folder / SCORES))
+            tables.setdefault(run.config(keys), []).append(statistics.read_scores(run.folder / SCORES))
     return tables
 
 
