@@ -198,7 +198,8 @@ def config_tables(runs: Sequence[Run]) -> dict[str, list[list[dict[str, Any]]]]:
     keys = varying(runs)
     for run in runs:
         if (run.folder / SCORES).is_file():
-            tables.setdefault(run.config(keys), []).append(statistics.read_scores(run.folder / SCORES))
+            tables.setdefault(run.config(keys), []).append(
+                statistics.read_scores(run.folder / SCORES))
     return tables
 
 

@@ -10,6 +10,8 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
 
+from ctseg.errors import ConfigError
+
 LOSSES = ("dice_ce", "marginal")
 
 
@@ -30,11 +32,11 @@ class MarginalDiceCELoss(nn.Module):
         batch, classes = logits.shape[:2]
         if annotated is None:
             annotated = torch.ones(batch, classes, dtype=torch.bool, device=logits.device)
-        annotated = annotated.to(device=logits.device, dtype=torch.bool).clone()
-        annotated[:, 0] = True
         if annotated.shape != (batch, classes):
             raise ValueError(f"annotated has shape {tuple(annotated.shape)}; expected "
                              f"({batch}, {classes}): one flag per sample and class")
+        annotated = annotated.to(device=logits.device, dtype=torch.bool).clone()
+        annotated[:, 0] = True
         mask = annotated.view(batch, classes, *[1] * (logits.dim() - 2))
         log_p = torch.log_softmax(logits.float(), dim=1)
         # background: log of its own probability plus those of the classes not annotated
@@ -54,4 +56,5 @@ def make_loss(name: str) -> nn.Module:
         return DiceCELoss(to_onehot_y=True, softmax=True)
     if name == "marginal":
         return MarginalDiceCELoss()
-    raise ValueError(f"model.loss={name}: choose {' or '.join(LOSSES)}")
+    raise ConfigError(f"model.loss={name}: choose {' or '.join(LOSSES)} (marginal: for partially "
+                      "labelled data)")

@@ -9,9 +9,8 @@ from typing import Any
 
 from monai.networks.nets import SegResNet
 
-from ctseg.errors import ConfigError
 from ctseg.models.base import OptimizerFactory, SchedulerFactory, SegmentationModule
-from ctseg.models.losses import LOSSES, make_loss
+from ctseg.models.losses import make_loss
 from ctseg.models.weights import SEGRESNET_HEAD, load_bundle_state_dict, load_into
 
 log = logging.getLogger(__name__)
@@ -50,11 +49,8 @@ class SegResNetModule(SegmentationModule):
         sw_mode: str = "gaussian",
         loss: str = "dice_ce",
     ) -> None:
-        """Store the architecture and training settings (`loss`: one of ctseg.models.losses.LOSSES);
-        see SegmentationModule for the rest."""
-        if loss not in LOSSES:
-            raise ConfigError(f"model.loss={loss}: choose {' or '.join(LOSSES)} (marginal: for "
-                              "partially labelled data)")
+        """Store the architecture and training settings (`loss`: one of
+        ctseg.models.losses.LOSSES); see SegmentationModule for the rest."""
         super().__init__(
             num_classes=num_classes, label_names=label_names, optimizer=optimizer,
             scheduler=scheduler, roi_size=roi_size,
