@@ -157,9 +157,9 @@ CASES = {
         "model.pretrained={d}/empty.nii.gz", "empty.nii.gz: cannot read the pretrained weights",
         ("{o}/logs/**/trial_0/checkpoints/*.ckpt", "{o}/logs/**/trial_1")),
     "data prepare: missing root": Case("-m ctseg.data prepare {d}/nope --out {o}/prepared",
-                                       "nope/meta.csv: meta.csv not found"),
+                                       "nope: folder not found; a dataset root is"),
     "data check: missing root": Case("-m ctseg.data check {d}/nope",
-                                     "nope/meta.csv: meta.csv not found"),
+                                     "nope: folder not found; a dataset root is"),
     "data prepare: --out under a regular file": Case(
         f"-m ctseg.data prepare {CROP} --out {{d}}/a_file/prepared",
         "a_file/prepared/v1: cannot write (Not a directory)", ("{d}/a_file/prepared",)),

@@ -76,6 +76,7 @@ PLACEHOLDERS = {
     "ct=ct.nii.gz labels=label_totalseg_v2": f"ct={CT} labels={CROP}/s0001/label_totalseg_v2",
     "gt=<folder of <case>.nii.gz label maps>": "gt={label_maps}",
     "/data/dicom/study": "dicom_study",
+    "/data/Dataset017_BTCV": "data/phantoms_nnunet",
     "series_uid=1.2.840...": "series_uid={series_uid}",
 }
 
@@ -149,6 +150,8 @@ EXPORT = "python -m ctseg.export ckpt=outputs/train/runs/<run>/checkpoints/last.
 DOWNLOAD = "needs the TotalSegmentator download (the shared crop is one test subject, no training"
 GPU = "a CUDA GPU"
 CV_ON_PHANTOMS = "tests/evaluate/test_cross_validation.py runs the same on two phantom folds"
+NNUNET_PHANTOMS = ("python -m ctseg.data phantoms data/phantoms_nnunet --layout nnunet "
+                   "--structures liver spleen aorta")
 PLAN: dict[str, Run | Skip] = {
     # README: set-up and quickstart
     "python train.py": Run(TRAIN, ("outputs/train/runs/{train}/checkpoints/last.ckpt",),
@@ -164,6 +167,14 @@ PLAN: dict[str, Run | Skip] = {
     "python -m ctseg.data phantoms data/phantoms --n 12 --seed 0":
         Run(("--shape", "24", "24", "16"),
             ("data/phantoms/meta.csv", "data/phantoms/s0011/ct.nii.gz"), fresh=True),
+    # docs/dataset.md: your own datasets
+    NNUNET_PHANTOMS: Run(("--shape", "24", "24", "16"), ("data/phantoms_nnunet/dataset.json",
+                                                         "data/phantoms_nnunet/labelsTs/*.nii.gz")),
+    "python -m ctseg.data check /data/Dataset017_BTCV":
+        Run(prints=("12 subject(s)", "nnU-Net raw dataset"), after=(NNUNET_PHANTOMS,)),
+    "python -m ctseg.data prepare /data/Dataset017_BTCV":
+        Run(files=("home/.cache/ctseg/prepared/phantoms_nnunet-*/mapped-*/manifest.json",),
+            prints=("liver",), after=(NNUNET_PHANTOMS,)),
     # README: training
     "python train.py --help": Run(prints=("experiment:", "python train.py")),
     "python train.py --cfg job": Run(prints=("optimized_metric:",)),

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ctseg.data.layout import read_meta, subject_problems
+from ctseg.data.layout import detect_layout, read_meta, subject_problems
+from ctseg.data.phantoms import LAYOUTS
 from ctseg.errors import CtsegError
 from ctseg.labels import VERSIONS, label_names
 
@@ -25,10 +26,18 @@ def _prepare(args: argparse.Namespace) -> int:
     from ctseg.data.merge import prepare
 
     for root in args.roots:
-        dataset = prepare(root, out=args.out, version=args.version, workers=args.workers,
-                          progress=True)
+        if detect_layout(root) == "nnunet":
+            from ctseg.data.nnunet import prepare_nnunet
+            from ctseg.label_space import LabelSpace
+
+            dataset = prepare_nnunet(root, LabelSpace(args.version), root.name, out=args.out,
+                                     workers=args.workers, progress=True)
+        else:
+            dataset = prepare(root, out=args.out, version=args.version, workers=args.workers,
+                              progress=True)
         console.print(f"[bold]{escape(str(dataset.root))}[/] ({args.version}) -> "
-                      f"{escape(str(dataset.out_dir / args.version))}", soft_wrap=True)
+                      f"{escape(str(Path(dataset.records[0]['label']).parent))}",
+                      soft_wrap=True)
         splits = Table("split", "subjects", title="subjects per split")
         for split, count in dataset.split_counts().items():
             splits.add_row(split, str(count))
@@ -47,20 +56,50 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    """List every problem of a download; exit status 1 when there is any."""
-    subjects = read_meta(args.root)
-    problems: list[str] = []
+    """List every problem of a dataset folder (its layout recognised by its files); exit status
+    1 when there is any."""
     from rich.progress import track
 
+    if detect_layout(args.root) == "nnunet":
+        return _check_nnunet(args)
+    subjects = read_meta(args.root)
+    problems: list[str] = []
     for subject in track(subjects, description="checking subjects", console=console):
         problems += subject_problems(subject, args.version)
+    return _report(problems, len(subjects), args.root,
+                   f"a complete TotalSegmentator {args.version} download")
+
+
+def _check_nnunet(args: argparse.Namespace) -> int:
+    """Check an nnU-Net raw dataset: dataset.json, every case, label names onto the classes."""
+    from rich.progress import track
+
+    from ctseg.data.nnunet import case_problems, read_cases, read_dataset_json
+    from ctseg.label_space import LabelSpace
+
+    dataset = read_dataset_json(args.root)
+    cases = read_cases(dataset)
+    problems: list[str] = []
+    try:
+        LabelSpace(args.version).mapping(dataset.labels, args.root.name)
+    except CtsegError as err:
+        problems.append(str(err))
+    for case in track(cases, description="checking cases", console=console):
+        problems += case_problems(case, dataset)
+    return _report(problems, len(cases), args.root,
+                   f"an nnU-Net raw dataset whose labels are TotalSegmentator {args.version} "
+                   "classes")
+
+
+def _report(problems: list[str], count: int, root: Path, verdict: str) -> int:
+    """Print the problems found (exit status 1) or the verdict (0)."""
     if problems:
         for line in problems:
             console.print(f"[red]✗[/] {escape(line)}", soft_wrap=True)
-        console.print(f"{len(problems)} problem(s) in {len(subjects)} subject(s)")
+        console.print(f"{len(problems)} problem(s) in {count} subject(s)")
         return 1
-    console.print(f"[green]✓[/] {len(subjects)} subject(s) in {escape(str(args.root))} are a "
-                  f"complete TotalSegmentator {args.version} download", soft_wrap=True)
+    console.print(f"[green]✓[/] {count} subject(s) in {escape(str(root))} are {verdict}",
+                  soft_wrap=True)
     return 0
 
 
@@ -69,21 +108,23 @@ def _phantoms(args: argparse.Namespace) -> int:
     from ctseg.data.phantoms import write_phantoms
 
     write_phantoms(args.out, n=args.n, seed=args.seed, version=args.version,
-                   shape=tuple(args.shape), spacing=args.spacing, progress=True)
+                   shape=tuple(args.shape), spacing=args.spacing, progress=True,
+                   layout=args.layout, structures=args.structures)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `python -m ctseg.data`."""
     parser = argparse.ArgumentParser(
-        prog="python -m ctseg.data", description="Prepare, check and synthesise TotalSegmentator "
-        "data. The raw download is only ever read.")
+        prog="python -m ctseg.data", description="Prepare, check and synthesise datasets "
+        "(TotalSegmentator downloads, nnU-Net raw datasets). The raw data is only ever read.")
     sub = parser.add_subparsers(dest="command", required=True)
     version = {"choices": VERSIONS, "default": "v1",
                "help": "TotalSegmentator class table: v1 (104 classes) or v2 (117); default v1"}
 
     p = sub.add_parser("prepare", help="merge per-structure masks into label maps (cached)")
-    p.add_argument("roots", nargs="+", type=Path, help="dataset root(s) holding meta.csv")
+    p.add_argument("roots", nargs="+", type=Path,
+                   help="dataset root(s): TotalSegmentator downloads or nnU-Net raw datasets")
     p.add_argument("--version", **version)
     p.add_argument("--out", type=Path, default=None,
                    help="prepared folder (default: $CTSEG_CACHE/prepared/<name>-<hash>)")
@@ -91,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-classes", action="store_true", help="list classes with no voxel too")
     p.set_defaults(func=_prepare)
 
-    c = sub.add_parser("check", help="validate a download and list every problem")
-    c.add_argument("root", type=Path, help="dataset root holding meta.csv")
+    c = sub.add_parser("check", help="validate a dataset folder and list every problem")
+    c.add_argument("root", type=Path, help="dataset root: a TotalSegmentator download (meta.csv) "
+                   "or an nnU-Net raw dataset (dataset.json)")
     c.add_argument("--version", **version)
     c.set_defaults(func=_check)
 
@@ -104,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shape", type=int, nargs=3, default=(80, 80, 64), metavar=("X", "Y", "Z"),
                    help="voxels per axis (default 80 80 64)")
     g.add_argument("--spacing", type=float, default=3.0, help="voxel size in mm (default 3.0)")
+    g.add_argument("--layout", choices=LAYOUTS, default="totalseg",
+                   help="totalseg (the download's folders, default) or nnunet (dataset.json, "
+                   "imagesTr, labelsTr, imagesTs, labelsTs)")
+    g.add_argument("--structures", nargs="+", default=None, metavar="NAME",
+                   help="with --layout nnunet: the structures labelled (default all)")
     g.set_defaults(func=_phantoms)
     return parser
 

@@ -1,4 +1,5 @@
-"""The TotalSegmentator download layout: meta.csv, subject folders, and checks of their files."""
+"""The TotalSegmentator download layout: meta.csv, subject folders, and checks of their files;
+which layout a dataset folder has."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from ctseg.labels import class_names
 
 SPLITS = ("train", "val", "test")
 META = "meta.csv"
+# The file that makes a folder an nnU-Net raw dataset (ctseg.data.nnunet).
+DATASET_JSON = "dataset.json"
 # Tolerance for comparing a mask's affine with its CT's (millimetres / direction cosines).
 AFFINE_ATOL = 1e-3
 
@@ -185,3 +188,17 @@ def subject_problems(subject: Subject, version: str) -> list[str]:
                 problem = f"mask of {name} missing (required by TotalSegmentator {version})"
             problems.append(f"{err.path}: {problem}")
     return problems
+
+
+def detect_layout(root: str | Path) -> str:
+    """The layout of a dataset folder by its files: `nnunet` (dataset.json) or `totalseg`
+    (meta.csv); DatasetError naming the folder when it has neither."""
+    root = Path(root)
+    if (root / DATASET_JSON).is_file():
+        return "nnunet"
+    if (root / META).is_file():
+        return "totalseg"
+    what = "folder not found" if not root.is_dir() else "neither dataset.json nor meta.csv here"
+    raise DatasetError(root, f"{what}; a dataset root is a TotalSegmentator download (meta.csv "
+                             "and the sXXXX folders) or an nnU-Net raw dataset (dataset.json, "
+                             "imagesTr, labelsTr)")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +54,10 @@ class PreparedDataset:
 
     def voxel_totals(self) -> np.ndarray:
         """Voxels per class index (0 = background) summed over all subjects."""
-        totals = np.zeros(num_classes(self.version), dtype=np.int64)
+        size = max([num_classes(self.version), *(len(r["voxels"]) for r in self.records)])
+        totals = np.zeros(size, dtype=np.int64)
         for record in self.records:
-            totals += np.asarray(record["voxels"], dtype=np.int64)
+            totals[:len(record["voxels"])] += np.asarray(record["voxels"], dtype=np.int64)
         return totals
 
 
@@ -100,11 +104,23 @@ def merge_subject(subject: Subject, version: str, out_path: Path) -> list[int]:
     return np.bincount(label.ravel(), minlength=num_classes(version)).tolist()
 
 
-def _merge_job(args: tuple[Subject, str, Path]) -> list[int]:
-    """Process-pool entry point of merge_subject; any failure becomes a DatasetError naming the
+@dataclass(frozen=True)
+class LabelJob:
+    """Writing one subject's label map: `build(out)` returns its voxels per class; `blame` is the
+    file or folder an error names; `fingerprint` changes whenever the inputs do."""
+
+    image_id: str
+    fingerprint: str
+    out: Path
+    blame: Path
+    build: Callable[[Path], list[int]]
+
+
+def _run_job(job: LabelJob) -> list[int]:
+    """Process-pool entry point of a job; any failure becomes a DatasetError naming the job's
     subject, so the parent process reports it as the single-process path does."""
-    with blamed_on(args[0].folder, "cannot merge this subject's masks"):
-        return merge_subject(*args)
+    with blamed_on(job.blame, "cannot write this subject's label map"):
+        return job.build(job.out)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -132,36 +148,53 @@ def prepare(
     root = Path(root).resolve()
     subjects = read_meta(root)
     out = Path(out).resolve() if out is not None else default_prepared_dir(root)
+    jobs = [LabelJob(s.image_id, fingerprint(s, version), Path(), s.folder,
+                     partial(merge_subject, s, version)) for s in subjects]
+    labels = run_label_jobs(root, out / version, jobs, workers, progress)
+    records = [{"image_id": s.image_id, "split": s.split, "image": str(s.ct),
+                "label": str(labels[s.image_id][0]), "voxels": labels[s.image_id][1]}
+               for s in subjects]
+    return PreparedDataset(root=root, version=version, out_dir=out, records=records)
+
+
+def check_outside(root: Path, out: Path) -> None:
+    """DatasetError unless the prepared folder `out` lies outside the raw dataset `root`."""
     if out == root or root in out.parents:
         raise DatasetError(out, f"the prepared folder must lie outside the raw dataset {root} "
                                 "(ctseg never writes into a download); choose another --out")
-    version_dir = make_folder(out / version)
-    remove_leftovers(version_dir)
-    manifest_path = version_dir / PREPARED_MANIFEST
-    with FileLock(str(version_dir / ".lock")):
+
+
+def run_label_jobs(root: Path, folder: Path, jobs: list[LabelJob], workers: int,
+                   progress: bool) -> dict[str, tuple[Path, list[int]]]:
+    """Write the label map of every job whose inputs changed since `folder`'s manifest into
+    `folder/<image_id>.nii.gz` (a no-op when none did); label path and voxels per class by
+    subject. Two processes preparing one folder serialise on a file lock."""
+    check_outside(root, folder.parent)
+    folder = make_folder(folder)
+    remove_leftovers(folder)
+    manifest_path = folder / PREPARED_MANIFEST
+    with FileLock(str(folder / ".lock")):
         done = _read_manifest(manifest_path)
         entries: dict[str, dict[str, Any]] = {}
-        todo: list[tuple[Subject, str, Path]] = []
-        for subject in subjects:
-            label_path = version_dir / f"{subject.image_id}.nii.gz"
-            key = fingerprint(subject, version)
-            entry = done.get(subject.image_id)
-            if entry and entry.get("fingerprint") == key and label_path.is_file():
-                entries[subject.image_id] = entry
+        todo: list[LabelJob] = []
+        for job in jobs:
+            out = folder / f"{job.image_id}.nii.gz"
+            entry = done.get(job.image_id)
+            if entry and entry.get("fingerprint") == job.fingerprint and out.is_file():
+                entries[job.image_id] = entry
             else:
-                todo.append((subject, version, label_path))
-                entries[subject.image_id] = {"fingerprint": key}
+                todo.append(dataclasses.replace(job, out=out))
+                entries[job.image_id] = {"fingerprint": job.fingerprint}
         if todo:
-            log.info("merging %d of %d subjects of %s (%s) into %s", len(todo), len(subjects),
-                     root, version, version_dir)
+            log.info("writing %d of %d label maps of %s into %s", len(todo), len(jobs), root,
+                     folder)
         merged, failures = _run(todo, workers, progress)
-        for image_id in {s.image_id for s, _, _ in todo} - set(merged):
+        for image_id in {job.image_id for job in todo} - set(merged):
             del entries[image_id]  # failed: left out of the manifest, redone by the next run
         for image_id, voxels in merged.items():
             entries[image_id]["voxels"] = voxels
         if merged or set(done) != set(entries):
-            manifest = {"format": MERGE_FORMAT, "version": version, "root": str(root),
-                        "subjects": entries}
+            manifest = {"format": MERGE_FORMAT, "root": str(root), "subjects": entries}
             write_atomic(manifest_path,
                          lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     if failures:
@@ -169,35 +202,33 @@ def prepare(
         more = (f" (and {len(failures) - 1} more subject(s); `python -m ctseg.data check "
                 f"{root}` lists every problem)") if len(failures) > 1 else ""
         raise DatasetError(first.path, first.problem + more)
-    records = [{"image_id": s.image_id, "split": s.split, "image": str(s.ct),
-                "label": str(version_dir / f"{s.image_id}.nii.gz"),
-                "voxels": entries[s.image_id]["voxels"]} for s in subjects]
-    return PreparedDataset(root=root, version=version, out_dir=out, records=records)
+    return {job.image_id: (folder / f"{job.image_id}.nii.gz", entries[job.image_id]["voxels"])
+            for job in jobs}
 
 
-def _run(todo: list[tuple[Subject, str, Path]], workers: int, progress: bool
+def _run(todo: list[LabelJob], workers: int, progress: bool
          ) -> tuple[dict[str, list[int]], list[DatasetError]]:
-    """Merge the subjects in `todo` (in a process pool when workers > 1) with a progress bar;
-    voxel counts of the merged subjects by id, and the errors of the others."""
+    """Run the jobs in `todo` (in a process pool when workers > 1) with a progress bar; voxel
+    counts of the written subjects by id, and the errors of the others."""
     from rich.progress import track
 
     merged: dict[str, list[int]] = {}
     failures: list[DatasetError] = []
     if not todo:
         return merged, failures
-    description = f"merging {len(todo)} subjects"
+    description = f"writing {len(todo)} label maps"
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            futures: list[Future] = [pool.submit(_merge_job, job) for job in todo]
+            futures: list[Future] = [pool.submit(_run_job, job) for job in todo]
             try:
                 for job, future in track(zip(todo, futures, strict=True), total=len(todo),
                                          description=description, disable=not progress):
                     try:
-                        merged[job[0].image_id] = future.result()
+                        merged[job.image_id] = future.result()
                     except DatasetError as err:
                         failures.append(err)
             except BrokenProcessPool as err:
-                raise CtsegError(f"a worker merging the masks died (killed, or out of memory) "
+                raise CtsegError(f"a worker writing label maps died (killed, or out of memory) "
                                  f"after {len(merged)} of {len(todo)} subjects; rerun with "
                                  "fewer workers (--workers 1 / data.prepare_workers=1)") from err
             finally:
@@ -206,7 +237,7 @@ def _run(todo: list[tuple[Subject, str, Path]], workers: int, progress: bool
         return merged, failures
     for job in track(todo, description=description, disable=not progress):
         try:
-            merged[job[0].image_id] = _merge_job(job)
+            merged[job.image_id] = _run_job(job)
         except DatasetError as err:
             failures.append(err)
     return merged, failures

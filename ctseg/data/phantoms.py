@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,6 +33,8 @@ NOISE_HU = 20.0
 HU_RANGE = (-1024, 3071)
 GZIP_LEVEL = 1
 MIN_SIDE = 16
+# Folder layouts a dataset can have: the TotalSegmentator download, nnU-Net v2 raw.
+LAYOUTS = ("totalseg", "nnunet")
 
 
 @dataclass(frozen=True)
@@ -220,13 +224,22 @@ def _meta_text(rows: list[dict[str, str]]) -> str:
 
 def write_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
                    shape: tuple[int, int, int] = (80, 80, 64), spacing: float = 3.0,
-                   progress: bool = False) -> list[Path]:
-    """Write n synthetic CT subjects `out/sXXXX/{ct.nii.gz,segmentations/*.nii.gz}` and meta.csv.
+                   progress: bool = False, layout: str = "totalseg",
+                   structures: Sequence[str] | None = None) -> list[Path]:
+    """Write n synthetic CT subjects `out/sXXXX/{ct.nii.gz,segmentations/*.nii.gz}` and meta.csv
+    (`layout="nnunet"`: write_nnunet_phantoms, labelling `structures`).
 
     Always rewrites: meta.csv is removed first and written last (atomically), so a folder holding
     meta.csv is complete. Subject i depends only on (seed, i, shape, spacing); splits depend on n.
     Returns the subject folders in meta.csv order.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "nnunet":
+        return write_nnunet_phantoms(out, n, seed, version, shape, spacing, progress, structures)
+    if structures is not None:
+        raise ValueError("structures: a TotalSegmentator-layout phantom has every mask; label a "
+                         "subset with layout nnunet")
     _check_args(n, shape, spacing, version)
     out = Path(out)
     shape = (int(shape[0]), int(shape[1]), int(shape[2]))
@@ -234,15 +247,10 @@ def write_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)
     started = time.perf_counter()
-    orientations = np.random.default_rng([seed, 1_000_003]).permutation(ORIENTATIONS)
     splits = split_assignment(n, np.random.default_rng([seed, n, 1_000_004]))
     rows: list[dict[str, str]] = []
     folders: list[Path] = []
-    for i in track(range(n), description="Writing phantoms", disable=not progress):
-        rng = np.random.default_rng([seed, i])
-        orientation = str(orientations[i % len(orientations)])
-        affine = random_affine(shape, float(spacing), orientation, rng)
-        hu, labels = render_subject(shape, affine, rng)
+    for i, (hu, labels, affine, rng) in enumerate(_subjects(n, seed, shape, spacing, progress)):
         image_id = f"s{i + 1:04d}"
         write_subject(out / image_id, version, hu, labels, affine)
         folders.append(out / image_id)
@@ -253,3 +261,55 @@ def write_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
     logger.info("wrote %d %s phantoms of shape %s to %s in %.1f s", n, version, shape, out,
                 time.perf_counter() - started)
     return folders
+
+
+def _subjects(n: int, seed: int, shape: tuple[int, int, int], spacing: float, progress: bool
+              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.random.Generator]]:
+    """HU, labels (1 + PHANTOM_STRUCTURES index), affine and the generator that drew them (for
+    the meta.csv columns) of phantom 0..n-1."""
+    orientations = np.random.default_rng([seed, 1_000_003]).permutation(ORIENTATIONS)
+    for i in track(range(n), description="Writing phantoms", disable=not progress):
+        rng = np.random.default_rng([seed, i])
+        orientation = str(orientations[i % len(orientations)])
+        affine = random_affine(shape, float(spacing), orientation, rng)
+        yield (*render_subject(shape, affine, rng), affine, rng)
+
+
+def write_nnunet_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
+                          shape: tuple[int, int, int] = (80, 80, 64), spacing: float = 3.0,
+                          progress: bool = False, structures: Sequence[str] | None = None
+                          ) -> list[Path]:
+    """The phantoms of write_phantoms (same seed: same CTs) as an nnU-Net raw dataset labelling
+    `structures` only (default all; the others are background): train and val subjects in
+    imagesTr / labelsTr, test subjects in imagesTs / labelsTs, dataset.json written last.
+    Returns the CT paths."""
+    _check_args(n, shape, spacing, version)
+    chosen = list(PHANTOM_STRUCTURES if structures is None else structures)
+    unknown = sorted(set(chosen) - set(PHANTOM_STRUCTURES))
+    if unknown or not chosen:
+        raise ValueError(f"structures must be phantom structures ({', '.join(PHANTOM_STRUCTURES)})"
+                         f"; got {unknown or 'none'}")
+    out = Path(out)
+    shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+    description = out / "dataset.json"
+    if description.is_file() and PHANTOM_STUDY not in description.read_text(errors="replace"):
+        raise ValueError(f"{description}: this folder holds a dataset not written by "
+                         "write_phantoms; refusing to overwrite it, choose an empty output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    description.unlink(missing_ok=True)
+    splits = split_assignment(n, np.random.default_rng([seed, n, 1_000_004]))
+    values = {name: chosen.index(name) + 1 for name in chosen}
+    lut = np.array([0, *(values.get(name, 0) for name in PHANTOM_STRUCTURES)], np.uint8)
+    images: list[Path] = []
+    for i, (hu, labels, affine, _) in enumerate(_subjects(n, seed, shape, spacing, progress)):
+        part = "Ts" if splits[i] == "test" else "Tr"
+        case = f"phantom_{i + 1:04d}"
+        images.append(out / f"images{part}" / f"{case}_0000.nii.gz")
+        _write_bytes(images[-1], _nifti_gz(hu, affine))
+        _write_bytes(out / f"labels{part}" / f"{case}.nii.gz", _nifti_gz(lut[labels], affine))
+    dataset = {"name": "phantoms", "description": PHANTOM_STUDY, "channel_names": {"0": "CT"},
+               "labels": {"background": 0, **values}, "file_ending": ".nii.gz",
+               "numTraining": sum(split != "test" for split in splits)}
+    _write_bytes(description, json.dumps(dataset, indent=1).encode())
+    logger.info("wrote %d phantoms (nnU-Net layout, %d structures) to %s", n, len(chosen), out)
+    return images

@@ -43,7 +43,7 @@ def test_v2_check_on_v1_download_lists_the_missing_masks(shared_data: Path, caps
 def test_errors_are_one_line_with_exit_status_1(tmp_path: Path, capsys) -> None:
     assert main(["prepare", str(tmp_path)]) == 1
     captured = capsys.readouterr()
-    assert f"error: {tmp_path}/meta.csv: meta.csv not found" in captured.err
+    assert f"error: {tmp_path}: neither dataset.json nor meta.csv here" in captured.err
     assert "error:" not in captured.out
 
 
