@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ctseg.labels import label_names, num_classes
+from ctseg.label_space import LabelSpace
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,21 @@ def launch_dir() -> str:
     return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
 
 
+def space_size(version: str, extra_classes: Sequence[str] = ()) -> int:
+    """Output channels of TotalSegmentator `version`'s classes plus `extra_classes`."""
+    return LabelSpace(version, tuple(str(c) for c in extra_classes or ())).num_classes
+
+
+def space_names(version: str, extra_classes: Sequence[str] = ()) -> list[str]:
+    """Class names of TotalSegmentator `version` plus `extra_classes`, background first."""
+    return LabelSpace(version, tuple(str(c) for c in extra_classes or ())).names
+
+
 def register_resolvers() -> None:
     """Register the `${ctseg.*:}` resolvers (class tables, run name, launch folder, ranks) with
     OmegaConf."""
-    OmegaConf.register_new_resolver("ctseg.num_classes", num_classes, replace=True)
-    OmegaConf.register_new_resolver("ctseg.label_names", label_names, replace=True)
+    OmegaConf.register_new_resolver("ctseg.num_classes", space_size, replace=True)
+    OmegaConf.register_new_resolver("ctseg.label_names", space_names, replace=True)
     OmegaConf.register_new_resolver("ctseg.run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("ctseg.launch_dir", launch_dir, replace=True)
     OmegaConf.register_new_resolver("ctseg.rank_suffix", rank_suffix, replace=True)

@@ -94,9 +94,9 @@ class LabelSpace:
         if channel is None:
             raise ConfigError(
                 f"data.datasets.{dataset}: label {name!r} is not a TotalSegmentator "
-                f"{self.version} class, an alias of one (docs/dataset.md) or in data.extra_classes; "
-                f"map it with data.datasets.{dataset}.rename={{{name}: <class>}} or add it to "
-                "data.extra_classes")
+                f"{self.version} class, an alias of one (docs/dataset.md) or in "
+                f"data.extra_classes; map it with data.datasets.{dataset}.rename="
+                f"{{{name}: <class>}} or add it to data.extra_classes")
         return channel
 
     def mapping(self, labels: Mapping[str, int], dataset: str,

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,12 @@ from torch.utils.data import DistributedSampler
 
 from ctseg.config import plain
 from ctseg.data.folds import NNUNET_SEED, Fold, make_folds, read_splits
-from ctseg.data.layout import META, read_meta
+from ctseg.data.layout import META, detect_layout, read_meta
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
-from ctseg.data.phantoms import write_phantoms
+from ctseg.data.nnunet import prepare_nnunet
+from ctseg.data.phantoms import LAYOUTS, write_phantoms
 from ctseg.data.transforms import (
+    ANNOTATED,
     HU_WINDOW,
     IMAGE,
     LABEL,
@@ -34,9 +36,7 @@ from ctseg.data.transforms import (
 )
 from ctseg.data.volume_cache import CachedPatches, CachedVolumes, VolumeCache
 from ctseg.errors import ConfigError, blamed_on
-from ctseg.labels import check_version
-from ctseg.labels import label_names as version_label_names
-from ctseg.labels import num_classes as version_num_classes
+from ctseg.label_space import LabelSpace
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,12 @@ CACHES = ("disk", "memory", "none")
 # Record key holding the subject id. Not "image_id": MONAI treats keys starting with "image_" as
 # the image's metadata dictionary.
 SUBJECT = "subject"
+# Record key of the dataset a subject belongs to (the name of its data.datasets entry, or of
+# its root folder).
+DATASET = "dataset"
+# Keys of a data.datasets entry: required, optional.
+DATASET_KEYS = ("name", "root")
+DATASET_OPTIONS = ("layout", "rename")
 # Splits each stage reads; the first one must be non-empty.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
@@ -83,6 +89,41 @@ def split_validation(train: list[dict], fraction: float,
     chosen = set(random.Random(seed).sample(range(len(train)), n_val))
     return ([r for i, r in enumerate(train) if i not in chosen],
             [r for i, r in enumerate(train) if i in chosen])
+
+
+def check_datasets(datasets: Sequence[Mapping[str, Any]], main_names: Sequence[str]
+                   ) -> list[dict[str, Any]]:
+    """The data.datasets entries as plain dicts, checked: each with a unique `name` and a
+    `root`, an optional `layout` (totalseg or nnunet; default: recognised by its files) and an
+    optional `rename` (label name -> class); ConfigError naming the entry otherwise."""
+    checked: list[dict[str, Any]] = []
+    names = set(main_names)
+    for i, entry in enumerate(datasets):
+        entry = plain(entry)
+        if not isinstance(entry, dict):
+            raise ConfigError(f"data.datasets[{i}]: expected a mapping with name and root, got "
+                              f"{entry!r}")
+        missing = [k for k in DATASET_KEYS if not entry.get(k)]
+        unknown = sorted(set(entry) - set(DATASET_KEYS) - set(DATASET_OPTIONS))
+        if missing or unknown:
+            raise ConfigError(f"data.datasets[{i}]: " + (
+                f"{', '.join(missing)} missing" if missing else f"unknown key {unknown[0]!r}")
+                + f"; an entry holds {', '.join(DATASET_KEYS + DATASET_OPTIONS)}")
+        name = str(entry["name"])
+        if name in names:
+            raise ConfigError(f"data.datasets[{i}]: name {name!r} is taken (names: "
+                              f"{', '.join(sorted(names))}); give each dataset its own name")
+        names.add(name)
+        layout = entry.get("layout")
+        if layout is not None and layout not in LAYOUTS:
+            raise ConfigError(f"data.datasets.{name}.layout={layout}: choose one of "
+                              f"{', '.join(LAYOUTS)} (or leave it out: recognised by its files)")
+        rename = entry.get("rename") or {}
+        if not isinstance(rename, dict):
+            raise ConfigError(f"data.datasets.{name}.rename: expected a mapping label: class")
+        checked.append({"name": name, "root": str(entry["root"]), "layout": layout,
+                        "rename": {str(k): str(v) for k, v in rename.items()}})
+    return checked
 
 
 def check_fold_settings(num_folds: int | None, fold: int | None, splits_file: str | None) -> None:
@@ -155,10 +196,12 @@ class TotalSegmentatorDataModule(LightningDataModule):
         fold: int | None = None,
         fold_seed: int = NNUNET_SEED,
         splits_file: str | None = None,
+        datasets: Sequence[Mapping[str, Any]] = (),
+        extra_classes: Sequence[str] = (),
     ) -> None:
         """Validate the settings; record them as plain hyper-parameters (predict reads them)."""
         super().__init__()
-        check_version(version)
+        self.space = LabelSpace(version, tuple(str(c) for c in extra_classes))
         if cache not in CACHES:
             raise ValueError(f"unknown cache {cache!r}; choose one of {', '.join(CACHES)}")
         if not 0 < cache_rate <= 1:
@@ -174,11 +217,12 @@ class TotalSegmentatorDataModule(LightningDataModule):
                                        patch_size=plain(patch_size),
                                        samples_per_volume=samples_per_volume,
                                        smooth_sigma=smooth_sigma, sampler=sampler,
-                                       num_classes=version_num_classes(version))
+                                       num_classes=self.space.num_classes)
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         check_fold_settings(num_folds, fold, splits_file)
         self.roots = roots
+        self.extra_datasets = check_datasets(datasets, [Path(r).name for r in roots])
         self.save_hyperparameters({
             "root": roots[0] if isinstance(root, str | os.PathLike) else roots,
             "version": version, "spacing": plain(spacing), "intensity": intensity,
@@ -193,6 +237,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
             "val_crop": plain(val_crop), "num_folds": num_folds, "fold": fold,
             "fold_seed": fold_seed,
             "splits_file": None if splits_file is None else str(splits_file),
+            "datasets": self.extra_datasets, "extra_classes": list(self.space.extra),
         })
         self.folds: list[Fold] = []
         self.records: dict[str, list[dict[str, Any]]] = {}
@@ -202,13 +247,13 @@ class TotalSegmentatorDataModule(LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Output channels of the dataset's version, background included."""
-        return version_num_classes(self.hparams.version)
+        """Output channels of the label space, background included."""
+        return self.space.num_classes
 
     @property
     def label_names(self) -> list[str]:
         """Class names in channel order, "background" first."""
-        return version_label_names(self.hparams.version)
+        return self.space.names
 
     @cached_property
     def volume_cache(self) -> VolumeCache:
@@ -227,18 +272,34 @@ class TotalSegmentatorDataModule(LightningDataModule):
         if self.hparams.prepared_dir is None:
             return None
         base = Path(self.hparams.prepared_dir)
-        return base if len(self.roots) == 1 else base / default_prepared_dir(root).name
+        alone = len(self.roots) == 1 and not self.extra_datasets
+        return base if alone else base / default_prepared_dir(root).name
 
     def _prepare_all(self) -> list[PreparedDataset]:
         """Merge (or find already merged) the label maps of every root, once per instance: the
         pre-flight checks, prepare_data and setup of one run share the result instead of each
         checking every mask of the download again."""
         if self._prepared is None:
+            workers = self.hparams.prepare_workers
             self._prepared = [prepare(root, out=self._prepared_out(root),
-                                      version=self.hparams.version,
-                                      workers=self.hparams.prepare_workers)
+                                      version=self.hparams.version, workers=workers)
                               for root in self.roots]
+            for entry in self.extra_datasets:
+                root = entry["root"]
+                if (entry["layout"] or detect_layout(root)) == "nnunet":
+                    self._prepared.append(prepare_nnunet(
+                        root, self.space, entry["name"], entry["rename"],
+                        out=self._prepared_out(root), workers=workers))
+                else:
+                    self._prepared.append(prepare(root, out=self._prepared_out(root),
+                                                  version=self.hparams.version, workers=workers))
         return self._prepared
+
+    def _dataset_name(self, index: int) -> str:
+        """Name of prepared dataset `index`: its root folder's, or its data.datasets entry's."""
+        if index < len(self.roots):
+            return Path(self.roots[index]).name
+        return self.extra_datasets[index - len(self.roots)]["name"]
 
     def prepare_data(self) -> None:
         """Merge label maps once per node (idempotent: unchanged subjects are skipped)."""
@@ -248,12 +309,25 @@ class TotalSegmentatorDataModule(LightningDataModule):
         """Records of all roots by split, with the val_fraction fallback applied."""
         splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
         repeats: dict[str, int] = {}
-        for index, prepared in enumerate(self._prepare_all()):
+        prepared_all = self._prepare_all()
+        full = [True] * self.num_classes
+        partial = any(not all(r.get("annotated", full)) for p in prepared_all for r in p.records)
+        for index, prepared in enumerate(prepared_all):
+            own: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
             for split, records in prepared.by_split().items():
-                splits[self._split_of(index, split)] += [
-                    {IMAGE: r["image"], LABEL: r["label"], SUBJECT: r["image_id"]}
+                own[self._split_of(index, split)] += [
+                    {IMAGE: r["image"], LABEL: r["label"], SUBJECT: r["image_id"],
+                     DATASET: self._dataset_name(index),
+                     **({ANNOTATED: torch.tensor(r.get("annotated", full))} if partial else {})}
                     for r in records]
                 repeats.update((r["image"], self._train_repeats(index)) for r in records)
+            if index >= len(self.roots) and own["train"] and not own["val"] \
+                    and self.hparams.fold is None:
+                # An added dataset without val subjects gets its own, so it is validated too.
+                own["train"], own["val"] = split_validation(
+                    own["train"], self.hparams.val_fraction, self.hparams.seed)
+            for split, records in own.items():
+                splits[split] += records
         if self.hparams.fold is not None:
             splits["train"], splits["val"] = self._fold_split(splits["train"] + splits["val"])
         elif not splits["val"] and splits["train"]:

@@ -68,6 +68,8 @@ PREDICT_STEPS = ("ctseg", "vista3d_bundle")
 # Bump when the deterministic transforms change, so disk caches of older tensors are not reused.
 TRANSFORM_VERSION = "2"
 IMAGE, LABEL = "image", "label"
+# Key of the (num_classes,) bool flags of the classes a sample's dataset annotates (partial labels).
+ANNOTATED = "annotated"
 # Voxels added around the foreground box before rounding it up to a multiple of the patch size.
 CROP_MARGIN = 10
 # Nibabel's world axes (left->Right, posterior->Anterior, inferior->Superior), given explicitly.

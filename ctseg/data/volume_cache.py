@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from ctseg.atomic import remove_leftovers, temp_prefix
 from ctseg.data.file_stamp import file_stamp
 from ctseg.data.transforms import (
+    ANNOTATED,
     IMAGE,
     LABEL,
     MAX_INDICES_PER_CLASS,
@@ -244,7 +245,8 @@ def patch_start(volume: CachedVolume, size: Sequence[int], sampler: str) -> tupl
 
 class CachedPatches(Dataset):
     """Training items from the volume cache: `samples_per_volume` patches of one volume each (a
-    list of {"image", "label"} dicts, collated by MONAI's list_data_collate)."""
+    list of {"image", "label"} dicts, with the record's "annotated" flags when it has them,
+    collated by MONAI's list_data_collate)."""
 
     def __init__(self, cache: VolumeCache, records: Sequence[dict[str, Any]]) -> None:
         """Patches of `records`, with the cache's pipeline (patch size, samples, sampler)."""
@@ -256,10 +258,12 @@ class CachedPatches(Dataset):
 
     def __getitem__(self, index: int) -> list[dict[str, torch.Tensor]]:
         """The random patches of volume `index`."""
-        volume = self.cache.entry(self.records[index])
+        record = self.records[index]
+        volume = self.cache.entry(record)
         cfg = self.cache.pipeline
-        return [volume.read(patch_start(volume, cfg.patch_size, cfg.sampler), cfg.patch_size)
-                for _ in range(cfg.samples_per_volume)]
+        flags = {ANNOTATED: record[ANNOTATED]} if ANNOTATED in record else {}
+        return [{**volume.read(patch_start(volume, cfg.patch_size, cfg.sampler), cfg.patch_size),
+                 **flags} for _ in range(cfg.samples_per_volume)]
 
 
 class CachedVolumes(Dataset):

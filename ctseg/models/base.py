@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
 from ctseg.config import plain
-from ctseg.data.transforms import PipelineConfig
+from ctseg.data.transforms import ANNOTATED, PipelineConfig
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.losses import MarginalDiceCELoss
 from ctseg.sliding_window import sliding_window_predict
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
 # Checkpoint key holding the module's class path (`SegmentationModule.on_save_checkpoint`).
 MODULE_CLASS = "ctseg_module_class"
-# Batch key of the (B, num_classes) bool flags of the classes each sample annotates.
-ANNOTATED = "annotated"
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 # Called with the optimiser, total_steps and max_epochs (ctseg.models.schedules).
 SchedulerFactory = Callable[..., LRScheduler]

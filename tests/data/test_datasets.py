@@ -1,0 +1,101 @@
+"""Several datasets in one DataModule: a TotalSegmentator download and an nnU-Net dataset that
+annotates some classes, their labels on one label space and the annotated flags in the batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ctseg.config import CONFIG_DIR, register_resolvers
+from ctseg.data.datamodule import DATASET, TotalSegmentatorDataModule
+from ctseg.data.phantoms import write_phantoms
+from ctseg.data.transforms import ANNOTATED, LABEL
+from ctseg.errors import ConfigError
+from ctseg.labels import label_names
+
+V1 = label_names("v1")
+HALF = ("liver", "spleen", "kidney_right", "aorta")
+FAST = {"spacing": 6.0, "patch_size": 16, "num_workers": 0, "prepare_workers": 1,
+        "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Six phantoms as a download, five others (another seed) as an nnU-Net dataset of HALF."""
+    root = tmp_path_factory.mktemp("datasets")
+    write_phantoms(root / "download", 6, seed=1, shape=(32, 32, 24))
+    write_phantoms(root / "half", 5, seed=2, shape=(32, 32, 24), layout="nnunet",
+                   structures=HALF)
+    return root / "download", root / "half"
+
+
+def module(roots: tuple[Path, Path], tmp_path: Path, cache: str, **kwargs
+           ) -> TotalSegmentatorDataModule:
+    """The download plus the nnU-Net dataset, named `half`."""
+    return TotalSegmentatorDataModule(
+        root=str(roots[0]), datasets=[{"name": "half", "root": str(roots[1])}], cache=cache,
+        prepared_dir=str(tmp_path / "prepared"), cache_dir=str(tmp_path / "tensors"),
+        **FAST, **kwargs)
+
+
+@pytest.mark.parametrize("cache", ["disk", "memory"])
+def test_mixed_layouts_train_with_the_classes_each_sample_annotates(roots, tmp_path, cache):
+    dm = module(roots, tmp_path, cache)
+    dm.prepare_data()
+    dm.setup("fit")
+    by_dataset = {name: [r for r in dm.records["train"] if r[DATASET] == name]
+                  for name in ("download", "half")}
+    assert len(by_dataset["download"]) == 4 and len(by_dataset["half"]) == 3
+    assert [r[DATASET] for r in dm.records["val"]].count("half") == 1  # its own val subject
+    half = [V1.index(n) for n in HALF]
+    for record in dm.records["train"]:
+        expected = (torch.ones(len(V1), dtype=torch.bool) if record[DATASET] == "download"
+                    else torch.tensor([c in (0, *half) for c in range(len(V1))]))
+        assert torch.equal(record[ANNOTATED], expected)
+        present = set(np.unique(np.asarray(nib.load(record[LABEL]).dataobj)).tolist())
+        if record[DATASET] == "half":
+            assert present <= {0, *half} and len(present) > 2
+    batch = next(iter(dm.train_dataloader()))
+    assert batch[ANNOTATED].shape == (batch["image"].shape[0], len(V1))
+    assert batch[ANNOTATED].dtype == torch.bool
+    rows = {tuple(row.tolist()) for row in batch[ANNOTATED]}
+    assert rows <= {tuple([True] * len(V1)), tuple(c in (0, *half) for c in range(len(V1)))}
+    for row, label in zip(batch[ANNOTATED], batch[LABEL], strict=True):
+        assert row[label.unique().long()].all()  # a sample's labels are classes it annotates
+
+
+def test_fully_labelled_datasets_add_no_flags_and_extra_classes_extend_the_space(roots, tmp_path):
+    dm = TotalSegmentatorDataModule(
+        root=str(roots[0]), datasets=[{"name": "again", "root": str(roots[0]),
+                                       "layout": "totalseg"}],
+        cache="none", prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"), **FAST,
+        extra_classes=["liver_tumour"])
+    dm.setup("fit")
+    assert dm.num_classes == len(V1) + 1 and dm.label_names[-1] == "liver_tumour"
+    assert not any(ANNOTATED in r for r in dm.records["train"])
+    assert dm.hparams.datasets == [{"name": "again", "root": str(roots[0]),
+                                    "layout": "totalseg", "rename": {}}]
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"root": "/x"}, r"data\.datasets\[0\]: name missing"),
+    ({"name": "a", "root": "/x", "labels": {}}, r"data\.datasets\[0\]: unknown key 'labels'"),
+    ({"name": "download", "root": "/x"}, r"name 'download' is taken"),
+    ({"name": "a", "root": "/x", "layout": "msd"}, r"data\.datasets\.a\.layout=msd: choose one"),
+])
+def test_a_bad_dataset_entry_is_one_error_naming_it(roots, entry, message):
+    with pytest.raises(ConfigError, match=message):
+        TotalSegmentatorDataModule(root=str(roots[0]), datasets=[entry], **FAST)
+
+
+def test_the_model_gets_the_extra_classes_from_the_config():
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name="train", overrides=["data.extra_classes=[liver_tumour]"])
+    assert cfg.model.num_classes == len(V1) + 1
+    assert list(cfg.model.label_names)[-1] == "liver_tumour"
