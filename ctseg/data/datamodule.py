@@ -27,6 +27,7 @@ from ctseg.data.nnunet import prepare_nnunet
 from ctseg.data.phantoms import LAYOUTS, write_phantoms
 from ctseg.data.transforms import (
     ANNOTATED,
+    DATASET,
     HU_WINDOW,
     IMAGE,
     LABEL,
@@ -44,9 +45,6 @@ CACHES = ("disk", "memory", "none")
 # Record key holding the subject id. Not "image_id": MONAI treats keys starting with "image_" as
 # the image's metadata dictionary.
 SUBJECT = "subject"
-# Record key of the dataset a subject belongs to (the name of its data.datasets entry, or of
-# its root folder).
-DATASET = "dataset"
 # Keys of a data.datasets entry: required, optional.
 DATASET_KEYS = ("name", "root")
 DATASET_OPTIONS = ("layout", "rename")
@@ -294,6 +292,14 @@ class TotalSegmentatorDataModule(LightningDataModule):
                     self._prepared.append(prepare(root, out=self._prepared_out(root),
                                                   version=self.hparams.version, workers=workers))
         return self._prepared
+
+    @property
+    def dataset_names(self) -> list[str]:
+        """The datasets evaluated one by one (`val/<name>/...`): every root's and data.datasets
+        entry's name when data.datasets is used, else none."""
+        if not self.extra_datasets:
+            return []
+        return [self._dataset_name(i) for i in range(len(self.roots) + len(self.extra_datasets))]
 
     def _dataset_name(self, index: int) -> str:
         """Name of prepared dataset `index`: its root folder's, or its data.datasets entry's."""

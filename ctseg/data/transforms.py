@@ -70,6 +70,8 @@ TRANSFORM_VERSION = "2"
 IMAGE, LABEL = "image", "label"
 # Key of the (num_classes,) bool flags of the classes a sample's dataset annotates (partial labels).
 ANNOTATED = "annotated"
+# Key of the name of a sample's dataset (its data.datasets entry, or its root folder).
+DATASET = "dataset"
 # Voxels added around the foreground box before rounding it up to a multiple of the patch size.
 CROP_MARGIN = 10
 # Nibabel's world axes (left->Right, posterior->Anterior, inferior->Superior), given explicitly.

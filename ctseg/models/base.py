@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
 from ctseg.config import plain
-from ctseg.data.transforms import ANNOTATED, PipelineConfig
+from ctseg.data.transforms import ANNOTATED, DATASET, PipelineConfig
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.losses import MarginalDiceCELoss
 from ctseg.sliding_window import sliding_window_predict
@@ -170,6 +171,18 @@ class SegmentationModule(LightningModule):
         dice = PerClassDice(self.hparams.num_classes)
         self.val_dice = dice.clone()
         self.test_dice = dice.clone()
+        self.dataset_names: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        """With several datasets (the DataModule's `dataset_names`), a Dice metric per dataset
+        and stage besides the overall one."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = list(getattr(datamodule, "dataset_names", None) or [])
+        if names and names != self.dataset_names:
+            self.dataset_names = names
+            self.dataset_dice = torch.nn.ModuleDict({
+                f"{stage}_{i}": PerClassDice(self.hparams.num_classes)
+                for stage in ("val", "test") for i in range(len(names))})
 
     def forward(self, image: Tensor) -> Tensor:
         """Logits (B, num_classes, D, H, W) of a (B, C_in, D, H, W) patch."""
@@ -219,7 +232,17 @@ class SegmentationModule(LightningModule):
             raise ValueError(f"{stage} batches hold one whole volume each, got {image.shape[0]}; "
                              "use batch_size=1 for evaluation loaders")
         pred = self.predict_labels(image)
-        getattr(self, f"{stage}_dice").update(pred, self.scored_labels(label[0, 0]))
+        scored, target = pred, self.scored_labels(label[0, 0])
+        annotated = batch.get(ANNOTATED)
+        if annotated is not None:
+            # A class the sample's dataset does not annotate is no error where predicted.
+            keep = annotated[0].to(pred.device, torch.bool)
+            scored = torch.where(keep[pred.long()], pred, torch.zeros_like(pred))
+        getattr(self, f"{stage}_dice").update(scored, target)
+        dataset = batch.get(DATASET)
+        if self.dataset_names and dataset and dataset[0] in self.dataset_names:
+            index = self.dataset_names.index(dataset[0])
+            self.dataset_dice[f"{stage}_{index}"].update(scored, target)
         return pred
 
     def scored_labels(self, label: Tensor) -> Tensor:
@@ -252,7 +275,24 @@ class SegmentationModule(LightningModule):
                            f"{stage}/mean_dice is NaN this epoch")
             mean = torch.tensor(torch.nan)
         # Values come from counts already summed over ranks; syncing only keeps DDP logging quiet.
-        self.log_dict({**values, f"{stage}/mean_dice": mean}, sync_dist=True)
+        self.log_dict({**values, f"{stage}/mean_dice": mean, **self._dataset_means(stage)},
+                      sync_dist=True)
+
+    def _dataset_means(self, stage: str) -> dict[str, Tensor]:
+        """`<stage>/<dataset>/mean_dice` of each dataset with ground truth this epoch (every rank
+        computes every dataset's metric: the counts are summed over ranks, so all log the same
+        keys), its counts reset."""
+        means = {}
+        for index, name in enumerate(self.dataset_names):
+            metric = self.dataset_dice[f"{stage}_{index}"]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+                dice = metric.compute()
+            metric.reset()
+            present = dice[1:][~torch.isnan(dice[1:])]
+            if present.numel():
+                means[f"{stage}/{name}/mean_dice"] = present.mean()
+        return means
 
     def on_validation_epoch_end(self) -> None:
         """Log validation Dice."""

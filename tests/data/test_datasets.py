@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning import Trainer
 
 from ctseg.config import CONFIG_DIR, register_resolvers
-from ctseg.data.datamodule import DATASET, TotalSegmentatorDataModule
+from ctseg.data.datamodule import TotalSegmentatorDataModule
 from ctseg.data.phantoms import write_phantoms
-from ctseg.data.transforms import ANNOTATED, LABEL
+from ctseg.data.transforms import ANNOTATED, DATASET, LABEL
 from ctseg.errors import ConfigError
 from ctseg.labels import label_names
+from ctseg.models.segresnet import SegResNetModule
 
 V1 = label_names("v1")
 HALF = ("liver", "spleen", "kidney_right", "aorta")
@@ -40,7 +42,7 @@ def module(roots: tuple[Path, Path], tmp_path: Path, cache: str, **kwargs
     return TotalSegmentatorDataModule(
         root=str(roots[0]), datasets=[{"name": "half", "root": str(roots[1])}], cache=cache,
         prepared_dir=str(tmp_path / "prepared"), cache_dir=str(tmp_path / "tensors"),
-        **FAST, **kwargs)
+        **{**FAST, **kwargs})
 
 
 @pytest.mark.parametrize("cache", ["disk", "memory"])
@@ -99,3 +101,38 @@ def test_the_model_gets_the_extra_classes_from_the_config():
         cfg = compose(config_name="train", overrides=["data.extra_classes=[liver_tumour]"])
     assert cfg.model.num_classes == len(V1) + 1
     assert list(cfg.model.label_names)[-1] == "liver_tumour"
+
+
+class Oracle(SegResNetModule):
+    """A SegResNet whose 'prediction' is a fixed label map, to check what the scoring counts."""
+
+    answer: torch.Tensor
+
+    def predict_labels(self, image: torch.Tensor) -> torch.Tensor:
+        """The fixed answer."""
+        return self.answer
+
+
+def test_a_class_the_dataset_does_not_annotate_is_not_scored():
+    model = Oracle(num_classes=4, init_filters=8, roi_size=(8, 8, 8))
+    label = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    label[..., :2] = 1
+    model.answer = label[0, 0].clone()
+    model.answer[..., 3] = 2  # class 2 predicted where the ground truth has background
+    batch = {"image": torch.zeros(1, 1, 4, 4, 4), "label": label}
+    model._evaluate({**batch, ANNOTATED: torch.tensor([[True, True, False, True]])}, "val")
+    assert model.val_dice.compute()[1] == 1 and model.val_dice.pred_count[2] == 0
+    model.val_dice.reset()
+    model._evaluate(batch, "val")  # fully labelled: class 2 is a false positive
+    assert model.val_dice.pred_count[2] == 16
+
+
+def test_validation_reports_each_dataset(roots, tmp_path):
+    dm = module(roots, tmp_path, "memory")
+    model = SegResNetModule(num_classes=len(V1), label_names=V1, init_filters=8,
+                            roi_size=(16, 16, 16), sw_batch_size=1)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    assert {"val/download/mean_dice", "val/half/mean_dice", "val/mean_dice"} <= set(metrics)
+    assert all(0 <= metrics[k] <= 1 for k in metrics if k.endswith("mean_dice"))
