@@ -47,7 +47,7 @@ CACHES = ("disk", "memory", "none")
 SUBJECT = "subject"
 # Keys of a data.datasets entry: required, optional.
 DATASET_KEYS = ("name", "root")
-DATASET_OPTIONS = ("layout", "rename")
+DATASET_OPTIONS = ("layout", "rename", "masks")
 # Splits each stage reads; the first one must be non-empty.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
@@ -92,8 +92,10 @@ def split_validation(train: list[dict], fraction: float,
 def check_datasets(datasets: Sequence[Mapping[str, Any]], main_names: Sequence[str]
                    ) -> list[dict[str, Any]]:
     """The data.datasets entries as plain dicts, checked: each with a unique `name` and a
-    `root`, an optional `layout` (totalseg or nnunet; default: recognised by its files) and an
-    optional `rename` (label name -> class); ConfigError naming the entry otherwise."""
+    `root`, an optional `layout` (totalseg or nnunet; default: recognised by its files), an
+    optional `rename` (nnU-Net label name -> class) and optional `masks` (the structures a
+    TotalSegmentator-layout download holds: the others are not annotated); ConfigError naming
+    the entry otherwise."""
     checked: list[dict[str, Any]] = []
     names = set(main_names)
     for i, entry in enumerate(datasets):
@@ -119,8 +121,12 @@ def check_datasets(datasets: Sequence[Mapping[str, Any]], main_names: Sequence[s
         rename = entry.get("rename") or {}
         if not isinstance(rename, dict):
             raise ConfigError(f"data.datasets.{name}.rename: expected a mapping label: class")
+        masks = entry.get("masks")
+        if masks is not None and (isinstance(masks, str) or not isinstance(masks, list)):
+            raise ConfigError(f"data.datasets.{name}.masks: expected a list of structure names")
         checked.append({"name": name, "root": str(entry["root"]), "layout": layout,
-                        "rename": {str(k): str(v) for k, v in rename.items()}})
+                        "rename": {str(k): str(v) for k, v in rename.items()},
+                        "masks": None if masks is None else [str(m) for m in masks]})
     return checked
 
 
@@ -290,7 +296,8 @@ class TotalSegmentatorDataModule(LightningDataModule):
                         out=self._prepared_out(root), workers=workers))
                 else:
                     self._prepared.append(prepare(root, out=self._prepared_out(root),
-                                                  version=self.hparams.version, workers=workers))
+                                                  version=self.hparams.version, workers=workers,
+                                                  masks=entry["masks"]))
         return self._prepared
 
     @property

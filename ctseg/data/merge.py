@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from filelock import FileLock
 from ctseg.atomic import make_folder, remove_leftovers, save_nifti_atomic, write_atomic
 from ctseg.data.file_stamp import file_stamp
 from ctseg.data.layout import Subject, check_binary, check_grid, load_nifti, read_meta
-from ctseg.errors import CtsegError, DatasetError, blamed_on
+from ctseg.errors import ConfigError, CtsegError, DatasetError, blamed_on
 from ctseg.labels import check_version, class_names, label_map_dtype, num_classes
 
 log = logging.getLogger(__name__)
@@ -73,19 +73,26 @@ def default_prepared_dir(root: str | Path) -> Path:
     return cache_root() / "prepared" / f"{root.name}-{digest}"
 
 
-def fingerprint(subject: Subject, version: str) -> str:
-    """Hash of the size and modification time of a subject's CT and masks, and the merge format."""
-    paths = [subject.ct, *(subject.mask(n) for n in class_names(version).values())]
+def fingerprint(subject: Subject, version: str, masks: Sequence[str] | None = None) -> str:
+    """Hash of the size and modification time of a subject's CT and masks (all of the version's,
+    or `masks`), and the merge format."""
+    names = class_names(version).values() if masks is None else masks
+    paths = [subject.ct, *(subject.mask(n) for n in names)]
+    header = (f"format={MERGE_FORMAT}", f"version={version}")
     return file_stamp({p.name: p for p in paths},
-                      header=(f"format={MERGE_FORMAT}", f"version={version}"))
+                      header=header if masks is None else (*header, f"masks={sorted(masks)}"))
 
 
-def merge_subject(subject: Subject, version: str, out_path: Path) -> list[int]:
-    """Merge a subject's masks into `out_path` (later class wins); return voxels per class."""
+def merge_subject(subject: Subject, version: str, out_path: Path,
+                  masks: Sequence[str] | None = None) -> list[int]:
+    """Merge a subject's masks (all of the version's, or `masks`) into `out_path` (later class
+    wins); return voxels per class."""
     ct = load_nifti(subject.ct)
     dtype = label_map_dtype(num_classes(version))
     label = np.zeros(ct.shape, dtype=dtype)
     for index, name in sorted(class_names(version).items()):
+        if masks is not None and name not in masks:
+            continue
         path = subject.mask(name)
         if not path.is_file():
             raise DatasetError(path, f"mask of {name} missing (required by TotalSegmentator "
@@ -138,22 +145,40 @@ def prepare(
     version: str = "v1",
     workers: int = 1,
     progress: bool = False,
+    masks: Sequence[str] | None = None,
 ) -> PreparedDataset:
     """Merge every subject of `root` for `version` into `<out>/<version>/`; a no-op when done.
 
-    Subjects whose inputs are unchanged since the manifest was written are skipped. Two processes
-    preparing the same folder serialise on a file lock. The raw dataset is only read.
+    `masks` names the structures a download that is not complete annotates (the others are
+    then not annotated rather than missing; records carry the "annotated" flags), merged into
+    `<out>/<version>-<hash of the names>/`. Subjects whose inputs are unchanged since the
+    manifest was written are skipped. Two processes preparing the same folder serialise on a file
+    lock. The raw dataset is only read.
     """
     check_version(version)
     root = Path(root).resolve()
     subjects = read_meta(root)
     out = Path(out).resolve() if out is not None else default_prepared_dir(root)
-    jobs = [LabelJob(s.image_id, fingerprint(s, version), Path(), s.folder,
-                     partial(merge_subject, s, version)) for s in subjects]
-    labels = run_label_jobs(root, out / version, jobs, workers, progress)
+    folder = out / version
+    annotated: dict[str, Any] = {}
+    if masks is not None:
+        masks = sorted(set(masks))
+        index = {name: i for i, name in class_names(version).items()}
+        unknown = [m for m in masks if m not in index]
+        if unknown or not masks:
+            raise ConfigError(f"masks: {unknown[0] if unknown else 'none'} is not a "
+                              f"TotalSegmentator {version} structure; name the masks the "
+                              f"download holds ({root})")
+        digest = hashlib.sha256(",".join(masks).encode()).hexdigest()[:8]
+        folder = out / f"{version}-{digest}"
+        annotated["annotated"] = [i == 0 or i in {index[m] for m in masks}
+                                  for i in range(num_classes(version))]
+    jobs = [LabelJob(s.image_id, fingerprint(s, version, masks), Path(), s.folder,
+                     partial(merge_subject, s, version, masks=masks)) for s in subjects]
+    labels = run_label_jobs(root, folder, jobs, workers, progress)
     records = [{"image_id": s.image_id, "split": s.split, "image": str(s.ct),
-                "label": str(labels[s.image_id][0]), "voxels": labels[s.image_id][1]}
-               for s in subjects]
+                "label": str(labels[s.image_id][0]), "voxels": labels[s.image_id][1],
+                **annotated} for s in subjects]
     return PreparedDataset(root=root, version=version, out_dir=out, records=records)
 
 

@@ -3,6 +3,7 @@ annotates some classes, their labels on one label space and the annotated flags 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -81,7 +82,7 @@ def test_fully_labelled_datasets_add_no_flags_and_extra_classes_extend_the_space
     assert dm.num_classes == len(V1) + 1 and dm.label_names[-1] == "liver_tumour"
     assert not any(ANNOTATED in r for r in dm.records["train"])
     assert dm.hparams.datasets == [{"name": "again", "root": str(roots[0]),
-                                    "layout": "totalseg", "rename": {}}]
+                                    "layout": "totalseg", "rename": {}, "masks": None}]
 
 
 @pytest.mark.parametrize(("entry", "message"), [
@@ -136,3 +137,33 @@ def test_validation_reports_each_dataset(roots, tmp_path):
     metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
     assert {"val/download/mean_dice", "val/half/mean_dice", "val/mean_dice"} <= set(metrics)
     assert all(0 <= metrics[k] <= 1 for k in metrics if k.endswith("mean_dice"))
+
+
+def test_a_download_with_some_masks_annotates_those(roots, tmp_path):
+    shutil.copytree(roots[0], tmp_path / "organs")
+    for mask in (tmp_path / "organs").glob("s*/segmentations/*.nii.gz"):
+        if mask.name.split(".")[0] not in HALF:
+            mask.unlink()  # a download that holds only the HALF masks
+    dm = TotalSegmentatorDataModule(
+        root=str(roots[0]), datasets=[{"name": "organs", "root": str(tmp_path / "organs"),
+                                       "masks": list(HALF)}],
+        cache="none", prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"), **FAST)
+    dm.setup("fit")
+    half = [V1.index(n) for n in HALF]
+    organs = [r for r in dm.records["train"] + dm.records["val"] if r[DATASET] == "organs"]
+    assert organs and all(torch.equal(r[ANNOTATED], torch.tensor(
+        [c in (0, *half) for c in range(len(V1))])) for r in organs)
+    full = {r["subject"]: r for r in dm.records["train"] + dm.records["val"]
+            if r[DATASET] == "download"}
+    for record in organs:
+        ours = np.asarray(nib.load(record[LABEL]).dataobj)
+        theirs = np.asarray(nib.load(full[record["subject"]][LABEL]).dataobj) \
+            if record["subject"] in full else None
+        assert set(np.unique(ours).tolist()) <= {0, *half}
+        if theirs is not None:
+            assert np.array_equal(ours, np.where(np.isin(theirs, half), theirs, 0))
+    with pytest.raises(ConfigError, match="masks: livr is not a TotalSegmentator v1 structure"):
+        TotalSegmentatorDataModule(
+            root=str(roots[0]), datasets=[{"name": "organs", "root": str(tmp_path / "organs"),
+                                           "masks": ["livr"]}], cache="none",
+            prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"), **FAST).setup("fit")
