@@ -3,6 +3,8 @@ annotates some classes, their labels on one label space and the annotated flags 
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,8 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
+from helpers import REPO
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from lightning import Trainer
+from omegaconf import OmegaConf
 
 from ctseg.config import CONFIG_DIR, register_resolvers
 from ctseg.data.datamodule import TotalSegmentatorDataModule
@@ -167,3 +173,32 @@ def test_a_download_with_some_masks_annotates_those(roots, tmp_path):
             root=str(roots[0]), datasets=[{"name": "organs", "root": str(tmp_path / "organs"),
                                            "masks": ["livr"]}], cache="none",
             prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"), **FAST).setup("fit")
+
+
+def test_the_documented_two_dataset_config_trains_as_written(roots, tmp_path):
+    text = (REPO / "docs" / "training.md").read_text()
+    block = re.search(r"```yaml\n(# conf/experiment/my_partial\.yaml.*?)```", text, re.S)[1]
+    assert len(block.strip().splitlines()) < 20
+    doc = yaml.safe_load(block)
+    organs, ours = doc["data"]["datasets"]
+    organs["root"], ours["root"] = str(tmp_path / "organs"), str(tmp_path / "ours")
+    shutil.copytree(roots[0], organs["root"])
+    write_phantoms(ours["root"], 4, seed=5, shape=(32, 32, 24), layout="nnunet",
+                   structures=["aorta"])
+    description = json.loads((tmp_path / "ours" / "dataset.json").read_text())
+    description["labels"] = {"background": 0, "tumor": 1}
+    (tmp_path / "ours" / "dataset.json").write_text(json.dumps(description))
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name="train", overrides=["data=totalseg_v1"])
+    here = {"root": str(roots[0]), "prepared_dir": str(tmp_path / "p"), "cache": "none",
+            "cache_dir": str(tmp_path / "t"), "spacing": 6.0, "patch_size": [16, 16, 16],
+            "num_workers": 0, "prepare_workers": 1}
+    cfg = OmegaConf.merge(cfg, {"model": doc["model"], "data": {**doc["data"], **here}})
+    assert cfg.model.num_classes == len(V1) + 1 and cfg.model.loss == "marginal"
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    assert dm.dataset_names == [roots[0].name, "organs", "ours"]
+    tumour = [r for r in dm.records["train"] if r[DATASET] == "ours"]
+    assert tumour and all(torch.equal(torch.nonzero(r[ANNOTATED]).flatten(),
+                                      torch.tensor([0, len(V1)])) for r in tumour)
