@@ -38,6 +38,14 @@ EXPECTED = {
         r"2 runs; written .*compare\.md",
         r"runs compared: 2",
     ],
+    "04_cross_validation.ipynb": [
+        r"\['0', '1', '2'\] \['0', '1', '2'\]",
+        r"cross-validation: 10 out-of-fold cases of 3 folds",
+        r"\| model\.optimizer\.lr=0\.001 \| 3 \| 2 \| 0\.\d+",
+        r"configs compared: 2",
+        r"2 predicted, 0 skipped, 0 failed",
+        r"2 cases; NSD at 3 mm; mean over classes: Dice 0\.\d+",
+    ],
 }
 
 
