@@ -23,7 +23,6 @@ from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMapp
 from torch import Tensor, nn
 
 from ctseg.data.transforms import PipelineConfig
-from ctseg.errors import ConfigError
 from ctseg.models.base import OptimizerFactory, SchedulerFactory, SegmentationModule
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.vista3d_prompts import PromptSampling, sample_prompt_pairs
@@ -319,15 +318,19 @@ class VISTA3DModule(SegmentationModule):
     def training_loss(self, image: Tensor, label: Tensor, annotated: Tensor | None = None
                       ) -> Tensor:
         """Mean prompt loss over the patches of a batch: prompts drawn per patch, the image
-        encoder run once on the whole batch, the heads per patch (MONAI's VISTA3D.forward).
-        Partially labelled batches (`annotated`) are not supported yet."""
-        if annotated is not None:
-            raise ConfigError("partially labelled data trains SegResNet (model.loss=marginal); "
-                              "VISTA3D's prompts do not yet know which classes a sample annotates")
+        encoder run once on the whole batch, the heads per patch (MONAI's VISTA3D.forward). With
+        `annotated` (partially labelled data) a patch is prompted only with the classes its
+        dataset annotates: an absent class it does not label may be there, unlabelled."""
         labels = self.vista_labels(label[:, 0])
-        prompts = [sample_prompt_pairs(labels[i], self.prompt_ids.tolist(), self.rng,
-                                       self.sampling, self.special)
-                   for i in range(image.shape[0])]
+        prompt_ids = self.prompt_ids.tolist()
+        prompts = []
+        for i in range(image.shape[0]):
+            ids = prompt_ids
+            if annotated is not None:
+                labelled = set(self.vista_ids[annotated[i].to(self.vista_ids.device)].tolist())
+                ids = [v for v in prompt_ids if v in labelled]
+            prompts.append(sample_prompt_pairs(labels[i], ids, self.rng, self.sampling,
+                                               self.special))
         nets = encoded_patches(self.net, image,
                                with_point=any(p.points is not None for p in prompts),
                                with_label=any(p.label_prompt is not None for p in prompts))

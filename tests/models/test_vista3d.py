@@ -66,6 +66,25 @@ def test_training_step_with_batch_of_two_always_has_a_loss(foreground: bool):
     assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
 
 
+def test_a_partially_labelled_patch_is_prompted_with_its_annotated_classes_only(monkeypatch):
+    module = VISTA3DModule(105, label_names("v1"), **SMALL)
+    seen: list[list[int]] = []
+
+    def recorded(labels, label_set, *args):
+        seen.append(list(label_set))
+        return sample_prompt_pairs(labels, label_set, *args)
+
+    monkeypatch.setattr("ctseg.models.vista3d.sample_prompt_pairs", recorded)
+    annotated = torch.zeros(2, 105, dtype=torch.bool)
+    annotated[:, 0] = True
+    annotated[0, [label_names("v1").index(n) for n in ("liver", "aorta")]] = True
+    annotated[1] = True
+    loss = module.training_step({**_batch(True), "annotated": annotated}, 0)
+    assert torch.isfinite(loss) and loss.requires_grad
+    liver_aorta = sorted(module.vista_ids[annotated[0]].tolist()[1:])
+    assert sorted(seen[0]) == liver_aorta and seen[1] == module.prompt_ids.tolist()
+
+
 @pytest.mark.parametrize("drops", [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)])
 def test_batched_encoder_gives_monai_forward_loss_and_gradients(drops: tuple[float, float]):
     """One encoder pass over the batch, then heads per patch, equals MONAI's VISTA3D.forward run
