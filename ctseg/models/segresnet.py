@@ -11,7 +11,13 @@ from monai.networks.nets import SegResNet
 
 from ctseg.models.base import OptimizerFactory, SchedulerFactory, SegmentationModule
 from ctseg.models.losses import make_loss
-from ctseg.models.weights import SEGRESNET_HEAD, load_bundle_state_dict, load_into
+from ctseg.models.weights import (
+    SEGRESNET_HEAD,
+    checkpoint_label_names,
+    load_into,
+    network_state_dict,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,8 @@ class SegResNetModule(SegmentationModule):
             norm=hp.norm if isinstance(hp.norm, str) else tuple(hp.norm),
         )
         if hp.pretrained:
-            state = load_bundle_state_dict(hp.pretrained)
-            load_into(self.net, state, reinit_head=hp.reinit_head, source=hp.pretrained,
-                      head_prefix=SEGRESNET_HEAD)
+            weights = read_checkpoint(hp.pretrained, "pretrained weights file")
+            load_into(self.net, network_state_dict(weights, hp.pretrained),
+                      reinit_head=hp.reinit_head, source=hp.pretrained, head_prefix=SEGRESNET_HEAD,
+                      label_names=(checkpoint_label_names(weights), self.label_names))
             log.info("loaded pretrained SegResNet weights from %s", hp.pretrained)

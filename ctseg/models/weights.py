@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,30 @@ def load_bundle_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return network_state_dict(read_checkpoint(path, "pretrained weights file"), path)
 
 
+def checkpoint_label_names(obj: Any) -> list[str] | None:
+    """The class names a loaded ctseg checkpoint was trained on (its hyper-parameters), or None
+    for other weights files."""
+    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    names = hparams.get("label_names") if isinstance(hparams, dict) else None
+    return [str(n) for n in names] if isinstance(names, list | tuple) else None
+
+
+def head_by_name(own: Mapping[str, Tensor], theirs: Mapping[str, Tensor], keys: Sequence[str],
+                 old_names: Sequence[str], new_names: Sequence[str]) -> dict[str, Tensor]:
+    """Output-layer tensors for `new_names`: the rows (dim 0) of the classes the weights were
+    trained on copied from `theirs` by class name, those of new classes kept from `own` (their
+    fresh initialisation)."""
+    rows = [(i, list(old_names).index(name)) for i, name in enumerate(new_names)
+            if name in old_names]
+    head = {}
+    for key in keys:
+        tensor = own[key].clone()
+        for new, old in rows:
+            tensor[new] = theirs[key][old]
+        head[key] = tensor
+    return head
+
+
 def network_state_dict(obj: Any, path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """The network weights inside an already loaded weights file `obj` read from `path` (plain,
     under "state_dict"/"model", or a ctseg checkpoint whose `net.` prefix is stripped)."""
@@ -104,12 +128,16 @@ def load_into(
     reinit_head: bool = False,
     source: str | os.PathLike[str] = "<state dict>",
     head_prefix: str = SEGRESNET_HEAD,
+    label_names: tuple[Sequence[str] | None, Sequence[str]] | None = None,
 ) -> None:
     """Copy `state_dict` into `net`; every key and shape must match, except the output layer.
 
     When only the output layer (keys under `head_prefix`) differs in shape, i.e. the weights were
-    trained for another class count, a ValueError says so unless `reinit_head` is set. With
-    `reinit_head=True` the output layer is never loaded and keeps its fresh initialisation.
+    trained for another class count: with `label_names` = (the weights' classes, the model's)
+    and the first a subset of the second, the known classes keep their output weights and the
+    new ones their fresh initialisation (adding classes to a trained model); otherwise a
+    ValueError says so unless `reinit_head` is set. With `reinit_head=True` the output layer is
+    never loaded and keeps its fresh initialisation.
     """
     own = net.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -131,12 +159,20 @@ def load_into(
                               "trained with (the wholeBody_ct_segmentation bundle's model.pt "
                               "needs model=segresnet)")
     head = [k for k in own if k.startswith(head_prefix)]
-    if mismatched and not reinit_head:
+    old, new = label_names if label_names is not None else (None, ())
+    if mismatched and not reinit_head and old is not None and set(old) <= set(new) \
+            and all(state_dict[k].shape[0] == len(old) for k in head):
+        state_dict = {**state_dict, **head_by_name(own, state_dict, head, old, new)}
+        added = [n for n in new if n not in old]
+        log.info("%s: kept the output weights of its %d classes; %d new class(es) start freshly "
+                 "initialised: %s", source, len(old), len(added), ", ".join(added))
+    elif mismatched and not reinit_head:
         key = mismatched[0]
         raise ValueError(
             f"{source}: the weights have {state_dict[key].shape[0]} output classes but the model "
             f"has {own[key].shape[0]}; set model.reinit_head=true to fine-tune from them with a "
-            "freshly initialised output layer"
+            "freshly initialised output layer (a ctseg checkpoint whose classes are all among "
+            "the model's keeps them: data.extra_classes adds classes)"
         )
     if reinit_head:
         state_dict = {**state_dict, **{k: own[k] for k in head}}

@@ -167,3 +167,32 @@ def test_pickled_module_is_refused_with_advice(tmp_path):
     with pytest.raises(ValueError, match="re-save only the network's state dict") as err:
         load_bundle_state_dict(path)
     assert str(path) in str(err.value)
+
+
+def test_a_checkpoint_gains_classes_keeping_its_own_output_weights(tmp_path):
+    old_names = ["background", "liver", "spleen"]
+    torch.manual_seed(0)
+    old = SegResNetModule(num_classes=3, label_names=old_names, init_filters=8)
+    ckpt = lightning_checkpoint(old, tmp_path / "old.ckpt")
+    new_names = ["background", "spleen", "liver_tumour", "liver"]
+    new = SegResNetModule(num_classes=4, label_names=new_names, init_filters=8,
+                          pretrained=str(ckpt))
+    fresh = SegResNetModule(num_classes=4, label_names=new_names, init_filters=8)
+    theirs, ours = old.net.state_dict(), new.net.state_dict()
+    for key, value in ours.items():
+        if not key.startswith(SEGRESNET_HEAD):
+            assert torch.equal(value, theirs[key]), key
+            continue
+        for row, name in enumerate(new_names):
+            if name in old_names:
+                assert torch.equal(value[row], theirs[key][old_names.index(name)]), (key, name)
+            else:  # the new class keeps a fresh initialisation, not a copy of another class
+                assert value[row].shape == fresh.net.state_dict()[key][row].shape
+                assert not any(torch.equal(value[row], theirs[key][i]) for i in range(3))
+    image = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():  # the old classes' logits are unchanged
+        assert torch.allclose(new.eval()(image)[:, [0, 1, 3]], old.eval()(image)[:, [0, 2, 1]],
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="3 output classes but the model has 2"):
+        SegResNetModule(num_classes=2, label_names=["background", "aorta"], init_filters=8,
+                        pretrained=str(ckpt))
