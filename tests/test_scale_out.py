@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from ctseg.compare import main as compare_main
 from ctseg.data.datamodule import shard
+from ctseg.data.phantoms import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny phantoms: 17 give 11 train, 3 val, 3 test subjects (3 val on 2 ranks: one rank has 2).
@@ -101,6 +102,23 @@ def test_ddp_writes_one_folder_and_its_val_dice_equals_one_process(compose_cfg, 
     tested = sorted(r["subject"] for r in datamodule.records["test"])
     assert len(tested) >= 2 and sorted({case for case, _ in scored}) == tested
     assert len(scored) == len(set(scored)) == 104 * len(tested)
+
+
+def test_ddp_trains_on_two_datasets_and_reports_each(tmp_path):
+    # The nnU-Net dataset's one val subject is on one rank only: both ranks log its Dice.
+    half = tmp_path / "half"
+    write_phantoms(half, 6, seed=3, shape=(24, 24, 16), layout="nnunet",
+                   structures=["liver", "spleen", "aorta"])
+    finish(train_py(*TINY, *DDP, "trainer.max_epochs=2", "model.loss=marginal",
+                    f"data.datasets=[{{name:half,root:{half}}}]", tmp=tmp_path))
+    runs = list((tmp_path / "outputs" / "phantom_quick" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    with (runs[0] / "csv" / "version_0" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/mean_dice")]
+    assert len(rows) == 2
+    for row in rows:
+        for key in ("val/phantoms/mean_dice", "val/half/mean_dice"):
+            assert 0 <= float(row[key]) <= 1, (key, row)
 
 
 def test_vista3d_trains_under_ddp_with_steps_that_leave_the_point_head_unused(tmp_path):
