@@ -11,7 +11,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import torch
 from filelock import FileLock
 from lightning import LightningDataModule
@@ -21,10 +20,10 @@ from torch.utils.data import DistributedSampler
 
 from ctseg.config import plain
 from ctseg.data.folds import NNUNET_SEED, Fold, make_folds, read_splits
-from ctseg.data.layout import META, detect_layout, read_meta
+from ctseg.data.layout import META, detect_layout
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.nnunet import prepare_nnunet
-from ctseg.data.phantoms import LAYOUTS, write_phantoms
+from ctseg.data.phantoms import LAYOUTS, phantoms_current, write_phantoms
 from ctseg.data.transforms import (
     ANNOTATED,
     DATASET,
@@ -47,7 +46,9 @@ CACHES = ("disk", "memory", "none")
 SUBJECT = "subject"
 # Keys of a data.datasets entry: required, optional.
 DATASET_KEYS = ("name", "root")
-DATASET_OPTIONS = ("layout", "rename", "masks")
+DATASET_OPTIONS = ("layout", "rename", "masks", "phantoms")
+# Keys of a data.datasets entry's `phantoms` (synthetic phantoms written into its root).
+PHANTOM_OPTIONS = ("n", "seed", "shape", "structures")
 # Splits each stage reads; the first one must be non-empty.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
@@ -93,9 +94,10 @@ def check_datasets(datasets: Sequence[Mapping[str, Any]], main_names: Sequence[s
                    ) -> list[dict[str, Any]]:
     """The data.datasets entries as plain dicts, checked: each with a unique `name` and a
     `root`, an optional `layout` (totalseg or nnunet; default: recognised by its files), an
-    optional `rename` (nnU-Net label name -> class) and optional `masks` (the structures a
-    TotalSegmentator-layout download holds: the others are not annotated); ConfigError naming
-    the entry otherwise."""
+    optional `rename` (nnU-Net label name -> class), optional `masks` (the structures a
+    TotalSegmentator-layout download holds: the others are not annotated) and optional
+    `phantoms` ({n, seed, shape, structures}: synthetic phantoms written into the root on first
+    use, labelling `structures` in the nnU-Net layout); ConfigError naming the entry otherwise."""
     checked: list[dict[str, Any]] = []
     names = set(main_names)
     for i, entry in enumerate(datasets):
@@ -124,10 +126,31 @@ def check_datasets(datasets: Sequence[Mapping[str, Any]], main_names: Sequence[s
         masks = entry.get("masks")
         if masks is not None and (isinstance(masks, str) or not isinstance(masks, list)):
             raise ConfigError(f"data.datasets.{name}.masks: expected a list of structure names")
+        phantoms = entry.get("phantoms")
+        if phantoms is not None:
+            if not isinstance(phantoms, dict) or set(phantoms) - set(PHANTOM_OPTIONS):
+                raise ConfigError(f"data.datasets.{name}.phantoms: expected a mapping of "
+                                  f"{', '.join(PHANTOM_OPTIONS)}")
+            phantoms = {"n": 12, "seed": 0, "shape": [80, 80, 64], "structures": None,
+                        **phantoms}
         checked.append({"name": name, "root": str(entry["root"]), "layout": layout,
                         "rename": {str(k): str(v) for k, v in rename.items()},
-                        "masks": None if masks is None else [str(m) for m in masks]})
+                        "masks": None if masks is None else [str(m) for m in masks],
+                        "phantoms": phantoms})
     return checked
+
+
+def ensure_phantoms(root: str | os.PathLike[str], layout: str, version: str, n: int = 12,
+                    seed: int = 0, shape: Sequence[int] = (80, 80, 64),
+                    structures: Sequence[str] | None = None) -> None:
+    """Write phantoms into `root` unless it holds the same count and shape; a file lock beside
+    it lets the nodes of a multi-node job (one shared filesystem) prepare at the same time."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        if not phantoms_current(root, n, shape, layout):
+            write_phantoms(root, n, seed=seed, version=version, shape=tuple(shape),
+                           layout=layout, structures=structures)
 
 
 def check_fold_settings(num_folds: int | None, fold: int | None, splits_file: str | None) -> None:
@@ -286,8 +309,9 @@ class TotalSegmentatorDataModule(LightningDataModule):
         if self._prepared is None:
             workers = self.hparams.prepare_workers
             self._prepared = [prepare(root, out=self._prepared_out(root),
-                                      version=self.hparams.version, workers=workers)
-                              for root in self.roots]
+                                      version=self.hparams.version, workers=workers,
+                                      masks=self._root_masks(index))
+                              for index, root in enumerate(self.roots)]
             for entry in self.extra_datasets:
                 root = entry["root"]
                 if (entry["layout"] or detect_layout(root)) == "nnunet":
@@ -299,6 +323,10 @@ class TotalSegmentatorDataModule(LightningDataModule):
                                                   version=self.hparams.version, workers=workers,
                                                   masks=entry["masks"]))
         return self._prepared
+
+    def _root_masks(self, index: int) -> list[str] | None:
+        """The masks root `index` holds (None: every mask of the version)."""
+        return None
 
     @property
     def dataset_names(self) -> list[str]:
@@ -315,7 +343,12 @@ class TotalSegmentatorDataModule(LightningDataModule):
         return self.extra_datasets[index - len(self.roots)]["name"]
 
     def prepare_data(self) -> None:
-        """Merge label maps once per node (idempotent: unchanged subjects are skipped)."""
+        """Write the phantoms of data.datasets entries that ask for them, then merge label maps
+        once per node (idempotent: unchanged subjects are skipped)."""
+        for entry in self.extra_datasets:
+            if entry["phantoms"] is not None:
+                ensure_phantoms(entry["root"], entry["layout"] or "totalseg",
+                                self.hparams.version, **entry["phantoms"])
         self._prepare_all()
 
     def _split_records(self) -> dict[str, list[dict[str, Any]]]:
@@ -487,9 +520,11 @@ class PhantomDataModule(TotalSegmentatorDataModule):
         extra_roots: Sequence[str] = (),
         extra_split: str | None = None,
         extra_repeat: int = 1,
+        masks: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Remember the phantom settings; other arguments go to TotalSegmentatorDataModule."""
+        """Remember the phantom settings (`masks`: the structures the phantoms count as
+        annotated, default all); other arguments go to TotalSegmentatorDataModule."""
         if extra_split is not None and extra_split not in STAGE_SPLITS["fit"] + ("test",):
             raise ValueError(f"extra_split must be train, val, test or null, got {extra_split!r}")
         if extra_repeat < 1:
@@ -503,6 +538,7 @@ class PhantomDataModule(TotalSegmentatorDataModule):
             "phantom_root": str(root), "n_phantoms": n_phantoms,
             "phantom_seed": phantom_seed, "phantom_shape": list(self.phantom_shape),
             "extra_roots": extras, "extra_split": extra_split, "extra_repeat": extra_repeat,
+            "masks": None if masks is None else [str(m) for m in masks],
         })
 
     def _split_of(self, root_index: int, split: str) -> str:
@@ -513,24 +549,17 @@ class PhantomDataModule(TotalSegmentatorDataModule):
         """Extra subjects appear `extra_repeat` times in training (oversampled)."""
         return self.hparams.extra_repeat if root_index else 1
 
-    def _phantoms_current(self) -> bool:
-        """Whether phantom_root holds phantoms of the requested count and shape."""
-        root = Path(self.hparams.phantom_root)
-        if not (root / META).is_file():
-            return False
-        subjects = read_meta(root)
-        return (len(subjects) == self.hparams.n_phantoms
-                and nib.load(subjects[0].ct).shape == self.phantom_shape)
+    def _root_masks(self, index: int) -> list[str] | None:
+        """The phantom root (index 0) annotates `masks`."""
+        return self.hparams.masks if index == 0 else None
 
     def prepare_data(self) -> None:
         """Write the phantoms unless phantom_root already holds the same count and shape, then
-        merge the label maps of every root. A file lock beside phantom_root lets the nodes of a
-        multi-node job (one shared filesystem) prepare at the same time."""
-        root = Path(self.hparams.phantom_root)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root.parent / f".{root.name}.lock")):
-            if not self._phantoms_current():
-                write_phantoms(root, self.hparams.n_phantoms, seed=self.hparams.phantom_seed,
-                               version=self.hparams.version, shape=self.phantom_shape)
-                self._prepared = None  # new phantoms: merge again
+        merge the label maps of every root."""
+        before = phantoms_current(self.hparams.phantom_root, self.hparams.n_phantoms,
+                                  self.phantom_shape)
+        ensure_phantoms(self.hparams.phantom_root, "totalseg", self.hparams.version,
+                        self.hparams.n_phantoms, self.hparams.phantom_seed, self.phantom_shape)
+        if not before:
+            self._prepared = None  # new phantoms: merge again
         super().prepare_data()

@@ -313,3 +313,20 @@ def write_nnunet_phantoms(out: str | Path, n: int, seed: int = 0, version: str =
     _write_bytes(description, json.dumps(dataset, indent=1).encode())
     logger.info("wrote %d phantoms (nnU-Net layout, %d structures) to %s", n, len(chosen), out)
     return images
+
+
+def phantoms_current(root: str | Path, n: int, shape: Sequence[int], layout: str = "totalseg"
+                     ) -> bool:
+    """Whether `root` holds n phantoms of `shape` in `layout` written by write_phantoms."""
+    root = Path(root)
+    if layout == "nnunet":
+        description = root / "dataset.json"
+        if not description.is_file() or PHANTOM_STUDY not in description.read_text(
+                errors="replace"):
+            return False
+        images = sorted(root.glob("images*/*_0000.nii.gz"))
+    else:
+        if not (root / META).is_file():
+            return False
+        images = sorted(root.glob("s*/ct.nii.gz"))
+    return len(images) == n and nib.load(images[0]).shape == tuple(shape)

@@ -20,7 +20,7 @@ from lightning import Trainer
 from omegaconf import OmegaConf
 
 from ctseg.config import CONFIG_DIR, register_resolvers
-from ctseg.data.datamodule import TotalSegmentatorDataModule
+from ctseg.data.datamodule import PhantomDataModule, TotalSegmentatorDataModule
 from ctseg.data.phantoms import write_phantoms
 from ctseg.data.transforms import ANNOTATED, DATASET, LABEL
 from ctseg.errors import ConfigError
@@ -88,7 +88,8 @@ def test_fully_labelled_datasets_add_no_flags_and_extra_classes_extend_the_space
     assert dm.num_classes == len(V1) + 1 and dm.label_names[-1] == "liver_tumour"
     assert not any(ANNOTATED in r for r in dm.records["train"])
     assert dm.hparams.datasets == [{"name": "again", "root": str(roots[0]),
-                                    "layout": "totalseg", "rename": {}, "masks": None}]
+                                    "layout": "totalseg", "rename": {}, "masks": None,
+                                    "phantoms": None}]
 
 
 @pytest.mark.parametrize(("entry", "message"), [
@@ -202,3 +203,24 @@ def test_the_documented_two_dataset_config_trains_as_written(roots, tmp_path):
     tumour = [r for r in dm.records["train"] if r[DATASET] == "ours"]
     assert tumour and all(torch.equal(torch.nonzero(r[ANNOTATED]).flatten(),
                                       torch.tensor([0, len(V1)])) for r in tumour)
+
+
+def test_phantom_datasets_of_both_layouts_are_written_on_first_use(tmp_path):
+    organs = ["liver", "spleen"]
+    dm = PhantomDataModule(
+        root=str(tmp_path / "phantoms"), n_phantoms=6, phantom_shape=(24, 24, 16), masks=organs,
+        datasets=[{"name": "spine", "root": str(tmp_path / "spine"), "layout": "nnunet",
+                   "phantoms": {"n": 5, "seed": 1, "shape": [24, 24, 16],
+                                "structures": ["vertebrae_L1", "aorta"]}}],
+        cache="none", prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"), **FAST)
+    dm.prepare_data()
+    assert json.loads((tmp_path / "spine" / "dataset.json").read_text())["labels"] == {
+        "background": 0, "vertebrae_L1": 1, "aorta": 2}
+    stamp = (tmp_path / "spine" / "dataset.json").stat().st_mtime_ns
+    dm.setup("fit")
+    flags = {r[DATASET]: torch.nonzero(r[ANNOTATED]).flatten().tolist()
+             for r in dm.records["train"]}
+    assert flags == {"phantoms": [0, *sorted(V1.index(n) for n in organs)],
+                     "spine": [0, *sorted(V1.index(n) for n in ("vertebrae_L1", "aorta"))]}
+    dm.prepare_data()  # the same phantoms are not written again
+    assert (tmp_path / "spine" / "dataset.json").stat().st_mtime_ns == stamp
