@@ -52,17 +52,23 @@ def _sniff_delimiter(header: str) -> str:
     return ";" if header.count(";") >= header.count(",") else ","
 
 
+def read_description(path: Path, what_it_is: str) -> str:
+    """The text of a dataset's description file (meta.csv, dataset.json); DatasetError naming it
+    when it is missing (with `what_it_is`, a question that helps) or unreadable."""
+    if not path.is_file():
+        raise DatasetError(path, f"{path.name} not found; {what_it_is}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(path, f"cannot read {path.name} ({err})") from err
+
+
 def read_meta(root: str | Path) -> list[Subject]:
     """Parse `<root>/meta.csv` into subjects; raise DatasetError on any problem with it."""
     root = Path(root)
     path = root / META
-    if not path.is_file():
-        raise DatasetError(path, "meta.csv not found; is this the root of a TotalSegmentator "
-                                 "download (it holds meta.csv and the sXXXX folders)?")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(path, f"cannot read meta.csv ({err})") from err
+    text = read_description(path, "is this the root of a TotalSegmentator download (it holds "
+                                  "meta.csv and the sXXXX folders)?")
     lines = text.splitlines()
     if not lines:
         raise DatasetError(path, "meta.csv is empty")

@@ -16,7 +16,13 @@ import numpy as np
 
 from ctseg.atomic import save_nifti_atomic
 from ctseg.data.file_stamp import file_stamp
-from ctseg.data.layout import DATASET_JSON, check_grid, load_nifti, stored_labels
+from ctseg.data.layout import (
+    DATASET_JSON,
+    check_grid,
+    load_nifti,
+    read_description,
+    stored_labels,
+)
 from ctseg.data.merge import (
     MERGE_FORMAT,
     LabelJob,
@@ -57,12 +63,11 @@ def read_dataset_json(root: str | Path) -> NnunetDataset:
     `{"value": name}`); DatasetError naming the file on any problem."""
     root = Path(root)
     path = root / DATASET_JSON
-    if not path.is_file():
-        raise DatasetError(path, "dataset.json not found; is this the root of an nnU-Net raw "
-                                 "dataset (dataset.json, imagesTr, labelsTr)?")
+    text = read_description(path, "is this the root of an nnU-Net raw dataset (dataset.json, "
+                                  "imagesTr, labelsTr)?")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        data = json.loads(text)
+    except ValueError as err:
         raise DatasetError(path, f"cannot read dataset.json ({err})") from err
     raw = data.get("labels") if isinstance(data, dict) else None
     if not isinstance(raw, dict) or not raw:
