@@ -359,16 +359,17 @@ class TotalSegmentatorDataModule(LightningDataModule):
         full = [True] * self.num_classes
         partial = any(not all(r.get("annotated", full)) for p in prepared_all for r in p.records)
         for index, prepared in enumerate(prepared_all):
+            added = index >= len(self.roots)  # a data.datasets entry: its own splits, no repeats
             own: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
             for split, records in prepared.by_split().items():
-                own[self._split_of(index, split)] += [
+                own[split if added else self._split_of(index, split)] += [
                     {IMAGE: r["image"], LABEL: r["label"], SUBJECT: r["image_id"],
                      DATASET: self._dataset_name(index),
                      **({ANNOTATED: torch.tensor(r.get("annotated", full))} if partial else {})}
                     for r in records]
-                repeats.update((r["image"], self._train_repeats(index)) for r in records)
-            if index >= len(self.roots) and own["train"] and not own["val"] \
-                    and self.hparams.fold is None:
+                repeats.update((r["image"], 1 if added else self._train_repeats(index))
+                               for r in records)
+            if added and own["train"] and not own["val"] and self.hparams.fold is None:
                 # An added dataset without val subjects gets its own, so it is validated too.
                 own["train"], own["val"] = split_validation(
                     own["train"], self.hparams.val_fraction, self.hparams.seed)

@@ -209,6 +209,7 @@ def test_phantom_datasets_of_both_layouts_are_written_on_first_use(tmp_path):
     organs = ["liver", "spleen"]
     dm = PhantomDataModule(
         root=str(tmp_path / "phantoms"), n_phantoms=6, phantom_shape=(24, 24, 16), masks=organs,
+        extra_roots=[], extra_repeat=5,
         datasets=[{"name": "spine", "root": str(tmp_path / "spine"), "layout": "nnunet",
                    "phantoms": {"n": 5, "seed": 1, "shape": [24, 24, 16],
                                 "structures": ["vertebrae_L1", "aorta"]}}],
@@ -222,5 +223,7 @@ def test_phantom_datasets_of_both_layouts_are_written_on_first_use(tmp_path):
              for r in dm.records["train"]}
     assert flags == {"phantoms": [0, *sorted(V1.index(n) for n in organs)],
                      "spine": [0, *sorted(V1.index(n) for n in ("vertebrae_L1", "aorta"))]}
+    spine = [r for r in dm.records["train"] if r[DATASET] == "spine"]
+    assert len(spine) == len({r["subject"] for r in spine})  # extra_repeat: extra roots only
     dm.prepare_data()  # the same phantoms are not written again
     assert (tmp_path / "spine" / "dataset.json").stat().st_mtime_ns == stamp
