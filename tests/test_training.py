@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import column, metric_rows, wandb_records, wandb_run
+from hydra.utils import instantiate
+from lightning import Trainer
 from omegaconf import OmegaConf
 
+from ctseg.models.segresnet import SegResNetModule
 from ctseg.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +104,26 @@ def test_phantom_quick_learns(compose_cfg, tmp_path):
         assert key(a) == key(b)
         for metric in ("dice", "nsd"):
             assert float(a[metric]) == pytest.approx(float(b[metric]), abs=1e-6, nan_ok=True)
+
+
+def test_partial_quick_learns_every_structure_from_two_half_labelled_datasets(compose_cfg):
+    metrics, objects = train(compose_cfg("experiment=partial_quick",
+                                         "callbacks.progress_bar=null"))
+    trainer = objects["trainer"]
+    assert trainer.global_step == 57 * trainer.num_training_batches == 912
+    assert {"test/phantoms/mean_dice", "test/spine_lungs_vessels/mean_dice"} <= set(metrics)
+    # Held out and fully labelled: phantom_quick's test phantoms, every structure scored.
+    full = compose_cfg("experiment=phantom_quick")
+    model = SegResNetModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path,
+                                                 weights_only=True)
+    tester = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False)
+    dice = tester.test(model, datamodule=instantiate(full.data), verbose=False)[0]
+    structures = [k for k in dice if k.startswith("test/dice/")]
+    assert len(structures) >= 17
+    # Measured: 0.58; plain DiceCE on the same partial labels 0.13; the same model and steps on
+    # fully labelled phantoms (phantom_quick) 0.75.
+    assert dice["test/mean_dice"] >= 0.45
 
 
 def test_resume_from_run_folder_continues(compose_cfg, tmp_path):
