@@ -12,8 +12,8 @@ from helpers import REPO
 
 # Bottom to top; a module or package of `ctseg/` not listed here fails the test.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("errors", "atomic", "labels", "vista3d_labels", "config", "figures", "sliding_window",
-     "logger", "reference", "resources", "__init__"),
+    ("errors", "atomic", "labels", "label_space", "vista3d_labels", "config", "figures",
+     "sliding_window", "logger", "reference", "resources", "__init__"),
     ("data",),
     ("models",),
     ("export",),

@@ -110,7 +110,7 @@ def test_partial_quick_learns_every_structure_from_two_half_labelled_datasets(co
     metrics, objects = train(compose_cfg("experiment=partial_quick",
                                          "callbacks.progress_bar=null"))
     trainer = objects["trainer"]
-    assert trainer.global_step == 57 * trainer.num_training_batches == 912
+    assert trainer.global_step == 57 * trainer.num_training_batches == 855
     assert {"test/phantoms/mean_dice", "test/spine_lungs_vessels/mean_dice"} <= set(metrics)
     # Held out and fully labelled: phantom_quick's test phantoms, every structure scored.
     full = compose_cfg("experiment=phantom_quick")
@@ -121,8 +121,8 @@ def test_partial_quick_learns_every_structure_from_two_half_labelled_datasets(co
     dice = tester.test(model, datamodule=instantiate(full.data), verbose=False)[0]
     structures = [k for k in dice if k.startswith("test/dice/")]
     assert len(structures) >= 17
-    # Measured: 0.58; plain DiceCE on the same partial labels 0.13; the same model and steps on
-    # fully labelled phantoms (phantom_quick) 0.75.
+    # Measured: 0.58; plain DiceCE on the same partial labels 0.13; the same model on fully
+    # labelled phantoms (phantom_quick, 910 steps) 0.75.
     assert dice["test/mean_dice"] >= 0.45
 
 

@@ -9,10 +9,8 @@ import torch
 from monai.losses import DiceCELoss
 
 from ctseg.errors import ConfigError
-from ctseg.labels import label_names
 from ctseg.models.losses import MarginalDiceCELoss
 from ctseg.models.segresnet import SegResNetModule
-from ctseg.models.vista3d import VISTA3DModule
 
 CLASSES = 5
 
@@ -84,11 +82,3 @@ def test_the_module_uses_the_flags_of_the_batch_with_the_marginal_loss_only() ->
                               DiceCELoss(to_onehot_y=True, softmax=True)(logits, label))
     with pytest.raises(ConfigError, match=r"model\.loss=focal"):
         SegResNetModule(num_classes=CLASSES, init_filters=8, loss="focal")
-
-
-def test_vista3d_refuses_partially_labelled_batches() -> None:
-    module = VISTA3DModule(105, label_names("v1"), encoder_embed_dim=8, blocks_down=(1, 1, 1),
-                           roi_size=(16, 16, 16))
-    image, label = torch.randn(1, 1, 16, 16, 16), torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
-    with pytest.raises(ConfigError, match=r"model\.loss=marginal"):
-        module.training_loss(image, label, torch.ones(1, 105, dtype=torch.bool))
