@@ -92,12 +92,12 @@ def launch_dir() -> str:
 
 def space_size(version: str, extra_classes: Sequence[str] = ()) -> int:
     """Output channels of TotalSegmentator `version`'s classes plus `extra_classes`."""
-    return LabelSpace(version, tuple(str(c) for c in extra_classes or ())).num_classes
+    return LabelSpace.of(version, extra_classes).num_classes
 
 
 def space_names(version: str, extra_classes: Sequence[str] = ()) -> list[str]:
     """Class names of TotalSegmentator `version` plus `extra_classes`, background first."""
-    return LabelSpace(version, tuple(str(c) for c in extra_classes or ())).names
+    return LabelSpace.of(version, extra_classes).names
 
 
 def register_resolvers() -> None:

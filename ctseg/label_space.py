@@ -68,6 +68,11 @@ class LabelSpace:
                                   f"TotalSegmentator {self.version} (or listed twice); remove it")
             seen.add(name_key(name))
 
+    @classmethod
+    def of(cls, version: str, extra_classes: Sequence[str] | None = ()) -> LabelSpace:
+        """The space of config values: `extra_classes` any sequence of names (or None)."""
+        return cls(version, tuple(str(c) for c in extra_classes or ()))
+
     @cached_property
     def names(self) -> list[str]:
         """Class names in channel order, background first."""

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ctseg.data.layout import detect_layout, read_meta, subject_problems
-from ctseg.data.phantoms import LAYOUTS
+from ctseg.data.phantoms import DEFAULT_COUNT, DEFAULT_SHAPE, LAYOUTS
 from ctseg.errors import CtsegError
 from ctseg.labels import VERSIONS, label_names
 
@@ -140,11 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("phantoms", help="write synthetic CT phantoms in the download layout")
     g.add_argument("out", type=Path, help="output folder")
-    g.add_argument("--n", type=int, default=12, help="number of phantoms (default 12)")
+    g.add_argument("--n", type=int, default=DEFAULT_COUNT,
+                   help=f"number of phantoms (default {DEFAULT_COUNT})")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--version", **version)
-    g.add_argument("--shape", type=int, nargs=3, default=(80, 80, 64), metavar=("X", "Y", "Z"),
-                   help="voxels per axis (default 80 80 64)")
+    g.add_argument("--shape", type=int, nargs=3, default=DEFAULT_SHAPE, metavar=("X", "Y", "Z"),
+                   help=f"voxels per axis (default {' '.join(map(str, DEFAULT_SHAPE))})")
     g.add_argument("--spacing", type=float, default=3.0, help="voxel size in mm (default 3.0)")
     g.add_argument("--layout", choices=LAYOUTS, default="totalseg",
                    help="totalseg (the download's folders, default) or nnunet (dataset.json, "

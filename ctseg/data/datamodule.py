@@ -23,7 +23,13 @@ from ctseg.data.folds import NNUNET_SEED, Fold, make_folds, read_splits
 from ctseg.data.layout import META, detect_layout
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.nnunet import prepare_nnunet
-from ctseg.data.phantoms import LAYOUTS, phantoms_current, write_phantoms
+from ctseg.data.phantoms import (
+    DEFAULT_COUNT,
+    DEFAULT_SHAPE,
+    LAYOUTS,
+    phantoms_current,
+    write_phantoms,
+)
 from ctseg.data.transforms import (
     ANNOTATED,
     DATASET,
@@ -127,12 +133,10 @@ def check_datasets(datasets: Sequence[Mapping[str, Any]], main_names: Sequence[s
         if masks is not None and (isinstance(masks, str) or not isinstance(masks, list)):
             raise ConfigError(f"data.datasets.{name}.masks: expected a list of structure names")
         phantoms = entry.get("phantoms")
-        if phantoms is not None:
-            if not isinstance(phantoms, dict) or set(phantoms) - set(PHANTOM_OPTIONS):
-                raise ConfigError(f"data.datasets.{name}.phantoms: expected a mapping of "
-                                  f"{', '.join(PHANTOM_OPTIONS)}")
-            phantoms = {"n": 12, "seed": 0, "shape": [80, 80, 64], "structures": None,
-                        **phantoms}
+        if phantoms is not None and (not isinstance(phantoms, dict)
+                                     or set(phantoms) - set(PHANTOM_OPTIONS)):
+            raise ConfigError(f"data.datasets.{name}.phantoms: expected a mapping of "
+                              f"{', '.join(PHANTOM_OPTIONS)}")
         checked.append({"name": name, "root": str(entry["root"]), "layout": layout,
                         "rename": {str(k): str(v) for k, v in rename.items()},
                         "masks": None if masks is None else [str(m) for m in masks],
@@ -140,17 +144,20 @@ def check_datasets(datasets: Sequence[Mapping[str, Any]], main_names: Sequence[s
     return checked
 
 
-def ensure_phantoms(root: str | os.PathLike[str], layout: str, version: str, n: int = 12,
-                    seed: int = 0, shape: Sequence[int] = (80, 80, 64),
-                    structures: Sequence[str] | None = None) -> None:
-    """Write phantoms into `root` unless it holds the same count and shape; a file lock beside
-    it lets the nodes of a multi-node job (one shared filesystem) prepare at the same time."""
+def ensure_phantoms(root: str | os.PathLike[str], layout: str, version: str,
+                    n: int = DEFAULT_COUNT, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
+                    structures: Sequence[str] | None = None) -> bool:
+    """Write phantoms into `root` unless it holds the same count and shape; whether it wrote
+    them. A file lock beside `root` lets the nodes of a multi-node job (one shared filesystem)
+    prepare at the same time."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root.parent / f".{root.name}.lock")):
-        if not phantoms_current(root, n, shape, layout):
-            write_phantoms(root, n, seed=seed, version=version, shape=tuple(shape),
-                           layout=layout, structures=structures)
+        if phantoms_current(root, n, shape, layout):
+            return False
+        write_phantoms(root, n, seed=seed, version=version, shape=tuple(shape), layout=layout,
+                       structures=structures)
+        return True
 
 
 def check_fold_settings(num_folds: int | None, fold: int | None, splits_file: str | None) -> None:
@@ -228,7 +235,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
     ) -> None:
         """Validate the settings; record them as plain hyper-parameters (predict reads them)."""
         super().__init__()
-        self.space = LabelSpace(version, tuple(str(c) for c in extra_classes))
+        self.space = LabelSpace.of(version, extra_classes)
         if cache not in CACHES:
             raise ValueError(f"unknown cache {cache!r}; choose one of {', '.join(CACHES)}")
         if not 0 < cache_rate <= 1:
@@ -307,22 +314,22 @@ class TotalSegmentatorDataModule(LightningDataModule):
         pre-flight checks, prepare_data and setup of one run share the result instead of each
         checking every mask of the download again."""
         if self._prepared is None:
-            workers = self.hparams.prepare_workers
-            self._prepared = [prepare(root, out=self._prepared_out(root),
-                                      version=self.hparams.version, workers=workers,
-                                      masks=self._root_masks(index))
+            self._prepared = [self._prepare_root(root, self._root_masks(index))
                               for index, root in enumerate(self.roots)]
             for entry in self.extra_datasets:
                 root = entry["root"]
                 if (entry["layout"] or detect_layout(root)) == "nnunet":
                     self._prepared.append(prepare_nnunet(
                         root, self.space, entry["name"], entry["rename"],
-                        out=self._prepared_out(root), workers=workers))
+                        out=self._prepared_out(root), workers=self.hparams.prepare_workers))
                 else:
-                    self._prepared.append(prepare(root, out=self._prepared_out(root),
-                                                  version=self.hparams.version, workers=workers,
-                                                  masks=entry["masks"]))
+                    self._prepared.append(self._prepare_root(root, entry["masks"]))
         return self._prepared
+
+    def _prepare_root(self, root: str, masks: list[str] | None) -> PreparedDataset:
+        """Merge the masks (all of the version's, or `masks`) of a TotalSegmentator-layout root."""
+        return prepare(root, out=self._prepared_out(root), version=self.hparams.version,
+                       workers=self.hparams.prepare_workers, masks=masks)
 
     def _root_masks(self, index: int) -> list[str] | None:
         """The masks root `index` holds (None: every mask of the version)."""
@@ -515,9 +522,9 @@ class PhantomDataModule(TotalSegmentatorDataModule):
     def __init__(
         self,
         root: str,
-        n_phantoms: int = 12,
+        n_phantoms: int = DEFAULT_COUNT,
         phantom_seed: int = 0,
-        phantom_shape: Sequence[int] = (80, 80, 64),
+        phantom_shape: Sequence[int] = DEFAULT_SHAPE,
         extra_roots: Sequence[str] = (),
         extra_split: str | None = None,
         extra_repeat: int = 1,
@@ -557,10 +564,7 @@ class PhantomDataModule(TotalSegmentatorDataModule):
     def prepare_data(self) -> None:
         """Write the phantoms unless phantom_root already holds the same count and shape, then
         merge the label maps of every root."""
-        before = phantoms_current(self.hparams.phantom_root, self.hparams.n_phantoms,
-                                  self.phantom_shape)
-        ensure_phantoms(self.hparams.phantom_root, "totalseg", self.hparams.version,
-                        self.hparams.n_phantoms, self.hparams.phantom_seed, self.phantom_shape)
-        if not before:
+        if ensure_phantoms(self.hparams.phantom_root, "totalseg", self.hparams.version,
+                           self.hparams.n_phantoms, self.hparams.phantom_seed, self.phantom_shape):
             self._prepared = None  # new phantoms: merge again
         super().prepare_data()

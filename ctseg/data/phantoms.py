@@ -35,6 +35,9 @@ GZIP_LEVEL = 1
 MIN_SIDE = 16
 # Folder layouts a dataset can have: the TotalSegmentator download, nnU-Net v2 raw.
 LAYOUTS = ("totalseg", "nnunet")
+# Phantoms written when no count or shape is given (CLI, DataModules, data.datasets entries).
+DEFAULT_COUNT = 12
+DEFAULT_SHAPE = (80, 80, 64)
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def _meta_text(rows: list[dict[str, str]]) -> str:
 
 
 def write_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
-                   shape: tuple[int, int, int] = (80, 80, 64), spacing: float = 3.0,
+                   shape: tuple[int, int, int] = DEFAULT_SHAPE, spacing: float = 3.0,
                    progress: bool = False, layout: str = "totalseg",
                    structures: Sequence[str] | None = None) -> list[Path]:
     """Write n synthetic CT subjects `out/sXXXX/{ct.nii.gz,segmentations/*.nii.gz}` and meta.csv
@@ -276,7 +279,7 @@ def _subjects(n: int, seed: int, shape: tuple[int, int, int], spacing: float, pr
 
 
 def write_nnunet_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
-                          shape: tuple[int, int, int] = (80, 80, 64), spacing: float = 3.0,
+                          shape: tuple[int, int, int] = DEFAULT_SHAPE, spacing: float = 3.0,
                           progress: bool = False, structures: Sequence[str] | None = None
                           ) -> list[Path]:
     """The phantoms of write_phantoms (same seed: same CTs) as an nnU-Net raw dataset labelling

@@ -87,6 +87,11 @@ class PerClassDice(Metric):
         return torch.where(self.target_count > 0, dice, torch.nan).float()
 
 
+def scored_classes(dice: Tensor) -> list[int]:
+    """The foreground classes (index >= 1) of a per-class Dice that had ground truth (not NaN)."""
+    return [c for c in range(1, len(dice)) if not torch.isnan(dice[c])]
+
+
 def partial_from(spec: Callable[..., Any] | Mapping[str, Any], what: str) -> Callable[..., Any]:
     """A callable from a partial or a `{_target_: ..., _partial_: true, **kwargs}` mapping (as
     Hydra composes it and as checkpoints store it); `what` names the setting in errors."""
@@ -266,10 +271,10 @@ class SegmentationModule(LightningModule):
             return
         dice = metric.compute()
         metric.reset()
-        present = [c for c in range(1, len(dice)) if not torch.isnan(dice[c])]
+        present = scored_classes(dice)
         values = {f"{stage}/dice/{self.label_names[c]}": dice[c] for c in present}
         if present:
-            mean = torch.stack([dice[c] for c in present]).mean()
+            mean = dice[present].mean()
         else:
             rank_zero_warn(f"no foreground class in the {stage} ground truth; "
                            f"{stage}/mean_dice is NaN this epoch")
@@ -289,9 +294,9 @@ class SegmentationModule(LightningModule):
                 warnings.filterwarnings("ignore", message=".*was called before the ``update``")
                 dice = metric.compute()
             metric.reset()
-            present = dice[1:][~torch.isnan(dice[1:])]
-            if present.numel():
-                means[f"{stage}/{name}/mean_dice"] = present.mean()
+            present = scored_classes(dice)
+            if present:
+                means[f"{stage}/{name}/mean_dice"] = dice[present].mean()
         return means
 
     def on_validation_epoch_end(self) -> None:
