@@ -4,6 +4,7 @@ launcher, gloo) in a single run and in a multirun, evaluation without double cou
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import socket
@@ -110,15 +111,30 @@ def test_ddp_trains_on_two_datasets_and_reports_each(tmp_path):
     write_phantoms(half, 6, seed=3, shape=(24, 24, 16), layout="nnunet",
                    structures=["liver", "spleen", "aorta"])
     finish(train_py(*TINY, *DDP, "trainer.max_epochs=2", "model.loss=marginal",
-                    f"data.datasets=[{{name:half,root:{half}}}]", tmp=tmp_path))
+                    f"data.datasets=[{{name:half,root:{half}}}]", "test=true",
+                    "callbacks=native_evaluation", tmp=tmp_path))
     runs = list((tmp_path / "outputs" / "phantom_quick" / "runs").iterdir())
     assert len(runs) == 1, runs
     with (runs[0] / "csv" / "version_0" / "metrics.csv").open() as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val/mean_dice")]
+        logged = list(csv.DictReader(f))
+    rows = [r for r in logged if r.get("val/mean_dice")]
     assert len(rows) == 2
     for row in rows:
         for key in ("val/phantoms/mean_dice", "val/half/mean_dice"):
             assert 0 <= float(row[key]) <= 1, (key, row)
+    # Native evaluation gathered over both ranks: each test case scored on its dataset's classes.
+    with (runs[0] / "evaluation" / "scores.csv").open() as f:
+        scored = list(csv.DictReader(f))
+    by_dataset = {name: {(r["case"], r["structure"]) for r in scored if r["dataset"] == name}
+                  for name in ("phantoms", "half")}
+    half_cases = {case for case, _ in by_dataset["half"]}
+    assert half_cases and {s for _, s in by_dataset["half"]} == {"liver", "spleen", "aorta"}
+    assert len(by_dataset["half"]) == 3 * len(half_cases)
+    assert len(by_dataset["phantoms"]) == 104 * len({case for case, _ in by_dataset["phantoms"]})
+    summary = json.loads((runs[0] / "evaluation" / "summary.json").read_text())
+    assert summary["datasets"]["half"]["cases"] == len(half_cases)
+    tested = [r for r in logged if r.get("test/native/half/mean_dice")]
+    assert len(tested) == 1 and 0 <= float(tested[0]["test/native/phantoms/mean_dice"]) <= 1
 
 
 def test_vista3d_trains_under_ddp_with_steps_that_leave_the_point_head_unused(tmp_path):

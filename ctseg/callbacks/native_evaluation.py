@@ -29,9 +29,10 @@ class NativeEvaluation(Callback):
     summary.json/.md and the plots (rank 0) to `output_dir` for the test split and to
     `output_dir/<split>` for the others, and log `<split>/native/mean_case_dice` and
     `.../mean_case_nsd`: means over cases (the resampled-grid `test/mean_dice` pools each class's
-    voxels over cases). The val split of a cross-validation fold gives its out-of-fold scores,
-    which `python -m ctseg.evaluate cv=<multirun>` pools; `keep_predictions` keeps the label maps
-    (`<folder>/predictions/<case>.nii.gz`)."""
+    voxels over cases), with several datasets also `<split>/native/<dataset>/mean_dice` (each
+    dataset on the classes it annotates). The val split of a cross-validation fold gives its
+    out-of-fold scores, which `python -m ctseg.evaluate cv=<multirun>` pools; `keep_predictions`
+    keeps the label maps (`<folder>/predictions/<case>.nii.gz`)."""
 
     def __init__(self, output_dir: str | Path, tolerance_mm: float,
                  splits: Sequence[str] = ("test",), keep_predictions: bool = False) -> None:
@@ -83,7 +84,12 @@ class NativeEvaluation(Callback):
         if split == "test":
             self.summary = summary
         overall = summary["overall"]
-        for metric in ("dice", "nsd"):
-            value = overall[metric]["mean"]
+        values = {f"{split}/native/mean_case_{metric}": overall[metric]["mean"]
+                  for metric in ("dice", "nsd")}
+        datasets = summary.get("datasets", {})
+        if len(datasets) > 1:
+            values.update((f"{split}/native/{name}/mean_{metric}", scores[metric]["mean"])
+                          for name, scores in datasets.items() for metric in ("dice", "nsd"))
+        for key, value in values.items():
             if not math.isnan(value):
-                pl_module.log(f"{split}/native/mean_case_{metric}", value, sync_dist=False)
+                pl_module.log(key, value, sync_dist=False)

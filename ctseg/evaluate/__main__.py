@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 from rich.progress import track
 
 from ctseg.config import CONFIG_DIR
-from ctseg.data.layout import load_nifti, same_grid, stored_labels
+from ctseg.data.layout import DATASET_JSON, META, load_nifti, same_grid, stored_labels
 from ctseg.errors import ConfigError, DatasetError, run_cli
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup
 from ctseg.evaluate.native import GROUND_TRUTH, PREDICTIONS
@@ -25,6 +26,7 @@ from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
 from ctseg.evaluate.statistics import read_scores
 from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
 from ctseg.inference.postprocess import POSTPROCESSING_FILE, write_choice
+from ctseg.label_space import LabelSpace
 from ctseg.labels import check_version, label_names
 
 log = logging.getLogger(__name__)
@@ -34,18 +36,51 @@ CV_SCORES = Path("evaluation") / "val" / "scores.csv"
 CV_PREDICTIONS = Path("evaluation") / "val" / PREDICTIONS
 
 
-def ground_truth(gt: Path, version: str, split: str | None) -> list[tuple[str, Path]]:
-    """(case, label map) pairs: merged from a TotalSegmentator root (its meta.csv split), or the
-    <case>.nii.gz files of a folder."""
-    from ctseg.data.merge import prepare
+@dataclass(frozen=True)
+class TruthCase:
+    """A ground-truth label map: its case, file, dataset and the classes it annotates (None:
+    every class)."""
 
-    if (gt / "meta.csv").is_file():
-        prepared = prepare(gt, version=version)
-        records = prepared.by_split()[split] if split else prepared.records
-        return [(str(r["image_id"]), Path(r["label"])) for r in records]
+    case: str
+    label: Path
+    dataset: str
+    classes: list[int] | None = None
+
+
+def ground_truth(gt: Path, space: LabelSpace, split: str | None) -> list[TruthCase]:
+    """The label maps of one ground-truth folder: merged from a TotalSegmentator root (its
+    meta.csv split), mapped onto `space` by name from an nnU-Net raw dataset (labelsTr: split
+    train, labelsTs: test; scored on the classes its dataset.json names), or the <case>.nii.gz
+    files of a folder."""
+    from ctseg.data.merge import prepare
+    from ctseg.data.nnunet import prepare_nnunet
+
+    if (gt / META).is_file() or (gt / DATASET_JSON).is_file():
+        prepared = (prepare(gt, version=space.version) if (gt / META).is_file()
+                    else prepare_nnunet(gt, space, gt.name))
+        records = prepared.by_split().get(split, []) if split else prepared.records
+        return [TruthCase(str(r["image_id"]), Path(r["label"]), gt.name,
+                          [c for c, on in enumerate(r["annotated"]) if on]
+                          if "annotated" in r else None) for r in records]
     if split:
-        raise ConfigError(f"split={split} needs a dataset root with meta.csv; {gt} has none")
-    return [(p.name.removesuffix(".nii.gz"), p) for p in sorted(gt.glob("*.nii.gz"))]
+        raise ConfigError(f"split={split} needs a dataset root with meta.csv or dataset.json; "
+                          f"{gt} has neither")
+    return [TruthCase(p.name.removesuffix(".nii.gz"), p, gt.name)
+            for p in sorted(gt.glob("*.nii.gz"))]
+
+
+def ground_truths(folders: list[Path], space: LabelSpace, split: str | None) -> list[TruthCase]:
+    """The cases of every ground-truth folder; ConfigError when two folders hold one case name
+    (predictions are found by case name)."""
+    cases: list[TruthCase] = []
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        for truth in ground_truth(folder, space, split):
+            if seen.setdefault(truth.case, folder) != folder:
+                raise ConfigError(f"gt: case {truth.case} is in both {seen[truth.case]} and "
+                                  f"{folder}; predict and evaluate them separately")
+            cases.append(truth)
+    return cases
 
 
 def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -151,34 +186,38 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             output = None
         return evaluate_cv(Path(str(cfg["cv"])), Path(str(output)) if output else None,
                            float(cfg.get("tolerance_mm", 3.0)))
-    pred, gt = Path(str(cfg["pred"])), Path(str(cfg["gt"]))
+    pred = Path(str(cfg["pred"]))
+    gts = [Path(str(g)) for g in (cfg["gt"] if isinstance(cfg["gt"], Sequence | ListConfig)
+                                  and not isinstance(cfg["gt"], str) else [cfg["gt"]])]
     version, tolerance = str(cfg.get("version", "v1")), float(cfg.get("tolerance_mm", 3.0))
     check_version(version)
-    for folder, what in ((pred, "pred"), (gt, "gt")):
+    for folder, what in ((pred, "pred"), *((g, "gt") for g in gts)):
         if not folder.is_dir():
             raise ConfigError(f"{what}={folder}: no such folder")
-    names = label_names(version)
-    cases = ground_truth(gt, version, cfg.get("split"))
-    present = [(c, p) for c, p in cases if (pred / c / LABELS_FILE).is_file()]
-    missing = [c for c, _ in cases if not (pred / c / LABELS_FILE).is_file()]
+    space = LabelSpace.of(version, cfg.get("extra_classes"))
+    names = space.names
+    cases = ground_truths(gts, space, cfg.get("split"))
+    present = [t for t in cases if (pred / t.case / LABELS_FILE).is_file()]
+    missing = [t.case for t in cases if not (pred / t.case / LABELS_FILE).is_file()]
     if not present:
         raise ConfigError(f"no prediction in {pred} for the {len(cases)} ground-truth cases of "
-                          f"{gt} (expected {pred}/<case>/{LABELS_FILE}, e.g. "
-                          f"{pred}/{cases[0][0] if cases else 's0001'}/{LABELS_FILE})")
+                          f"{', '.join(map(str, gts))} (expected {pred}/<case>/{LABELS_FILE}, "
+                          f"e.g. {pred}/{cases[0].case if cases else 's0001'}/{LABELS_FILE})")
     if missing:
         log.warning("%d cases have no prediction and are not scored: %s", len(missing),
                     ", ".join(missing))
     rows = []
-    for case, gt_path in track(present, description="evaluate",
-                               disable=not cfg.get("progress", True)):
-        p, g, spacing = load_pair(pred / case / LABELS_FILE, gt_path)
-        p = mapped(p, class_lookup(pred / case, names), pred / case / LABELS_FILE)
-        check_classes(p, pred / case / LABELS_FILE, names, version,
+    for truth in track(present, description="evaluate", disable=not cfg.get("progress", True)):
+        case_dir = pred / truth.case
+        p, g, spacing = load_pair(case_dir / LABELS_FILE, truth.label)
+        p = mapped(p, class_lookup(case_dir, names), case_dir / LABELS_FILE)
+        check_classes(p, case_dir / LABELS_FILE, names, version,
                       "score it with the version it was predicted for, or keep the labels.json "
                       "predict.py writes beside it")
-        check_classes(g, gt_path, names, version,
+        check_classes(g, truth.label, names, version,
                       "score against ground truth of the same TotalSegmentator version")
-        rows += case_rows(case, p, g, spacing, names, tolerance)
+        rows += case_rows(truth.case, p, g, spacing, names, tolerance, truth.classes,
+                          truth.dataset if len(gts) > 1 else "")
     out = Path(str(cfg.get("output") or pred / "evaluation"))
     summary = write_outputs(rows, out, tolerance)
     summary.update(output=str(out), missing=missing)

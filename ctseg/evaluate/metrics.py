@@ -85,11 +85,14 @@ def case_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
 
 
 def case_rows(case: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
-              names: Sequence[str], tolerance: float) -> list[dict[str, Any]]:
-    """One row (case, class, structure, Dice, NSD) per foreground class of `names`."""
-    return [{"case": case, "class": c, "structure": names[c], "dice": d, "nsd": s}
-            for c, (d, s) in case_scores(pred, gt, spacing, range(1, len(names)),
-                                         tolerance).items()]
+              names: Sequence[str], tolerance: float, classes: Sequence[int] | None = None,
+              dataset: str = "") -> list[dict[str, Any]]:
+    """One row (case, dataset, class, structure, Dice, NSD) per foreground class of `names`, or
+    per class of `classes` (those the case's dataset annotates)."""
+    wanted = range(1, len(names)) if classes is None else [c for c in classes if c]
+    return [{"case": case, "dataset": dataset, "class": c, "structure": names[c], "dice": d,
+             "nsd": s}
+            for c, (d, s) in case_scores(pred, gt, spacing, wanted, tolerance).items()]
 
 
 def names_lookup(table: Mapping[int, str], names: Sequence[str], source: str | Path

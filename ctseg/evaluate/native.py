@@ -17,7 +17,7 @@ import torch
 from ctseg.atomic import make_folder, save_nifti_atomic
 from ctseg.data.datamodule import SUBJECT
 from ctseg.data.layout import load_nifti, stored_labels
-from ctseg.data.transforms import IMAGE, LABEL, PipelineConfig
+from ctseg.data.transforms import ANNOTATED, DATASET, IMAGE, LABEL, PipelineConfig
 from ctseg.errors import DatasetError
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup
 from ctseg.inference.inputs import Case
@@ -44,7 +44,8 @@ def score_records(module: SegmentationModule, pipeline: PipelineConfig,
                   device: torch.device | str = "cpu", predictions: Path | None = None
                   ) -> list[dict[str, Any]]:
     """Per case and class Dice and NSD rows (as `python -m ctseg.evaluate` writes them) of the
-    module's native-resolution predictions of `records` (dicts with image, label, subject);
+    module's native-resolution predictions of `records` (dicts with image, label, subject and
+    optionally dataset and the annotated flags: only those classes are scored);
     with `predictions`, each label map (in the data's class indices) is kept there as
     `<case>.nii.gz`."""
     names: Sequence[str] = module.label_names
@@ -66,7 +67,10 @@ def score_records(module: SegmentationModule, pipeline: PipelineConfig,
                 raise DatasetError(label, f"grid {gt.shape} differs from its CT {image} "
                                    f"({pred.shape}); prepare the dataset again")
             spacing = tuple(float(s) for s in gt_img.header.get_zooms()[:3])
-            rows += case_rows(case, pred, gt, spacing, names, tolerance)
+            flags = record.get(ANNOTATED)  # partially labelled: its dataset's classes only
+            classes = None if flags is None else [c for c, on in enumerate(flags.tolist()) if on]
+            rows += case_rows(case, pred, gt, spacing, names, tolerance, classes,
+                              str(record.get(DATASET) or ""))
             if predictions is not None:
                 save_nifti_atomic(nifti_like(pred.astype(label_map_dtype(len(names))),
                                              seg.affine, seg.header),

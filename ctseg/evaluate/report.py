@@ -46,15 +46,21 @@ def _stats(values: Sequence[float]) -> dict[str, float | int]:
     return {"mean": float(np.mean(finite)), "median": float(np.median(finite)), "n": len(finite)}
 
 
-def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per class, per region and overall statistics of Dice and NSD."""
+def class_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per structure of `rows`: its region and the statistics of its Dice and NSD over cases."""
     by_class: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         by_class.setdefault(row["structure"], []).append(row)
-    classes = {name: {"region": region(name),
-                      "dice": _stats([r["dice"] for r in group]),
-                      "nsd": _stats([r["nsd"] for r in group])}
-               for name, group in by_class.items()}
+    return {name: {"region": region(name),
+                   "dice": _stats([r["dice"] for r in group]),
+                   "nsd": _stats([r["nsd"] for r in group])}
+            for name, group in by_class.items()}
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per class, per region and overall statistics of Dice and NSD; per dataset (rows naming
+    one) the mean over the classes it scores and its case count."""
+    classes = class_stats(rows)
     regions = {}
     for group in sorted({c["region"] for c in classes.values()}):
         members = [c for c in classes.values() if c["region"] == group]
@@ -62,8 +68,18 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                           for metric in ("dice", "nsd")}
     overall = {metric: _stats([c[metric]["mean"] for c in classes.values()])
                for metric in ("dice", "nsd")}
-    return {"overall": overall, "regions": regions, "classes": classes,
-            "cases": sorted({r["case"] for r in rows})}
+    summary = {"overall": overall, "regions": regions, "classes": classes,
+               "cases": sorted({r["case"] for r in rows})}
+    datasets = {}
+    for name in sorted({r["dataset"] for r in rows if r.get("dataset")}):
+        own = [r for r in rows if r.get("dataset") == name]
+        means = class_stats(own).values()
+        datasets[name] = {**{metric: _stats([c[metric]["mean"] for c in means])
+                             for metric in ("dice", "nsd")},
+                          "cases": len({r["case"] for r in own})}
+    if datasets:
+        summary["datasets"] = datasets
+    return summary
 
 
 def markdown(summary: Mapping[str, Any], tolerance: float) -> str:
@@ -77,6 +93,11 @@ def markdown(summary: Mapping[str, Any], tolerance: float) -> str:
              "| region | Dice | NSD | classes |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {cell(r['dice']['mean'])} | {cell(r['nsd']['mean'])} | "
               f"{r['dice']['n']} |" for name, r in summary["regions"].items()]
+    datasets = summary.get("datasets", {})
+    if len(datasets) > 1:
+        lines += ["", "| dataset | Dice | NSD | classes | cases |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {cell(d['dice']['mean'])} | {cell(d['nsd']['mean'])} | "
+                  f"{d['dice']['n']} | {d['cases']} |" for name, d in datasets.items()]
     lines += ["", "| structure | region | Dice mean | Dice median | NSD mean | NSD median | "
               "cases |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, c in summary["classes"].items():
@@ -116,10 +137,10 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, tolerance: float
     """Write every output of OUTPUTS to `out`, all of them first in a private folder, so a
     failure or a kill never leaves a mix of old and new outputs; the summary."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["case", "class", "structure", "region", "dice",
-                                                "nsd"])
+    writer = csv.DictWriter(buffer, fieldnames=["case", "dataset", "class", "structure",
+                                                "region", "dice", "nsd"])
     writer.writeheader()
-    writer.writerows({**r, "region": region(r["structure"])} for r in rows)
+    writer.writerows({"dataset": "", **r, "region": region(r["structure"])} for r in rows)
     summary = summarise(rows)
     summary["tolerance_mm"] = tolerance
     text = json.dumps(summary, indent=2, allow_nan=True) + "\n"

@@ -35,7 +35,8 @@ def read_scores(path: str | Path) -> list[dict[str, Any]]:
         missing = [c for c in columns if c not in (reader.fieldnames or ())]
         if missing:
             raise DatasetError(path, f"no {missing[0]} column; evaluate the run again")
-        rows = [{"case": r["case"], "class": int(r.get("class") or 0), "structure": r["structure"],
+        rows = [{"case": r["case"], "dataset": r.get("dataset") or "",
+                 "class": int(r.get("class") or 0), "structure": r["structure"],
                  **{m: float(r[m]) if r[m] not in ("", None) else math.nan for m in METRICS}}
                 for r in reader]
     if not rows:

@@ -17,6 +17,7 @@ import pytest
 
 from ctseg.atomic import TEMP_MARK
 from ctseg.data.merge import prepare
+from ctseg.data.phantoms import write_phantoms
 from ctseg.errors import DatasetError
 from ctseg.evaluate.__main__ import evaluate
 from ctseg.evaluate.report import OUTPUTS, region
@@ -171,3 +172,35 @@ def test_a_failed_evaluation_leaves_the_previous_outputs_whole(merged, shared_da
         evaluate(cfg)
     assert tree_digest(merged) == before
     assert not [p for p in merged.iterdir() if TEMP_MARK in p.name]
+
+
+def test_each_dataset_is_scored_on_the_classes_it_annotates(merged, shared_data, tmp_path):
+    # Ground truth: the crop (TotalSegmentator layout) and nnU-Net phantoms labelling two
+    # structures. Predictions of the phantoms: every structure (the TotalSegmentator-layout
+    # phantoms of the same seed have the same CTs), so scoring a class the dataset does not
+    # annotate would give 0.
+    half = tmp_path / "half"
+    write_phantoms(half, 4, seed=3, shape=(24, 24, 16), layout="nnunet",
+                   structures=["liver", "aorta"])
+    full = prepare(write_phantoms(tmp_path / "full", 4, seed=3, shape=(24, 24, 16))[0].parent,
+                   out=tmp_path / "prepared_full")
+    for i, record in enumerate(sorted(full.records, key=lambda r: r["image_id"])):
+        (merged / f"phantom_{i + 1:04d}").mkdir()
+        shutil.copy(record["label"], merged / f"phantom_{i + 1:04d}" / "labels.nii.gz")
+    summary = evaluate({"pred": merged, "gt": [shared_data, half], "progress": False,
+                        "output": tmp_path / "out"})
+    with (tmp_path / "out" / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    phantoms = [r for r in rows if r["dataset"] == "half"]
+    assert {r["case"] for r in phantoms} == {f"phantom_{i:04d}" for i in range(1, 5)}
+    assert {r["structure"] for r in phantoms} == {"liver", "aorta"}
+    assert all(float(r["dice"]) == 1.0 for r in phantoms)
+    assert len([r for r in rows if r["dataset"] == "totalseg_mini"]) == 104
+    assert set(summary["datasets"]) == {"totalseg_mini", "half"}
+    assert summary["datasets"]["half"]["cases"] == 4
+    assert summary["datasets"]["half"]["dice"] == {"mean": 1.0, "median": 1.0, "n": 2}
+    assert "| half | 1.0000 | 1.0000 | 2 | 4 |" in (tmp_path / "out" / "summary.md").read_text()
+    # labelsTs only: the phantoms' test split
+    tested = evaluate({"pred": merged, "gt": half, "split": "test", "progress": False,
+                       "output": tmp_path / "test"})
+    assert 0 < len(tested["cases"]) < 4 and "datasets" not in tested
