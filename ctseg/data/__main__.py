@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="totalseg (the download's folders, default) or nnunet (dataset.json, "
                    "imagesTr, labelsTr, imagesTs, labelsTs)")
     g.add_argument("--structures", nargs="+", default=None, metavar="NAME",
-                   help="with --layout nnunet: the structures labelled (default all)")
+                   help="with --layout nnunet: the structures labelled (default all phantom "
+                   "structures; liver_tumour also draws a lesion into each liver)")
     g.set_defaults(func=_phantoms)
     return parser
 

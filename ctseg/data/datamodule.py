@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from ctseg.data.transforms import (
 from ctseg.data.volume_cache import CachedPatches, CachedVolumes, VolumeCache
 from ctseg.errors import ConfigError, blamed_on
 from ctseg.label_space import LabelSpace
+from ctseg.labels import label_names
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,58 @@ def check_datasets(datasets: Sequence[Mapping[str, Any]], main_names: Sequence[s
     return checked
 
 
+def check_dataset_weights(weights: Mapping[str, float] | None, names: Sequence[str]
+                          ) -> dict[str, float] | None:
+    """data.dataset_weights as {dataset name: weight}, every name a dataset's and the weights
+    non-negative with a positive sum; None (sampling proportional to size) when not given."""
+    if not weights:
+        return None
+    weights = plain(weights)
+    if not isinstance(weights, dict):
+        raise ConfigError(f"data.dataset_weights: expected a mapping dataset name: weight, got "
+                          f"{weights!r}")
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ConfigError(f"data.dataset_weights: {unknown[0]!r} is not a dataset (the datasets: "
+                          f"{', '.join(names)})")
+    try:
+        checked = {str(k): float(v) for k, v in weights.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.dataset_weights: weights must be numbers, got {weights}") from None
+    if any(v < 0 or not math.isfinite(v) for v in checked.values()) or not sum(checked.values()):
+        raise ConfigError(f"data.dataset_weights: weights must be >= 0 with a positive sum, got "
+                          f"{checked}")
+    return checked
+
+
+def sampling_weights(datasets: Sequence[str], weights: Mapping[str, float]) -> list[float]:
+    """Per training record (named by its dataset), the weight that draws each dataset with its
+    share of `weights` (datasets not named there: never); records of one dataset equally."""
+    sizes = {name: datasets.count(name) for name in set(datasets)}
+    total = sum(weights.get(name, 0.0) for name in sizes)
+    if not total:
+        raise ConfigError(f"data.dataset_weights: {dict(weights)} gives no weight to a dataset "
+                          f"with training subjects ({', '.join(sorted(sizes))})")
+    return [weights.get(name, 0.0) / total / sizes[name] for name in datasets]
+
+
+class WeightedDraws(DistributedSampler):
+    """As many draws per epoch as records, with replacement, by `weights` (seeded by seed and
+    epoch). A DistributedSampler of one replica, like the unweighted loaders under DDP, so that
+    Lightning does not split this rank's already sharded records again."""
+
+    def __init__(self, dataset: TorchDataset, weights: Sequence[float], seed: int) -> None:
+        """Draw indices of `dataset` with probability proportional to `weights`."""
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self.weights = torch.tensor(weights, dtype=torch.double)
+
+    def __iter__(self) -> Iterator[int]:
+        """This epoch's draws."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True,
+                                      generator=generator).tolist())
+
+
 def ensure_phantoms(root: str | os.PathLike[str], layout: str, version: str,
                     n: int = DEFAULT_COUNT, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
                     structures: Sequence[str] | None = None) -> bool:
@@ -153,7 +206,7 @@ def ensure_phantoms(root: str | os.PathLike[str], layout: str, version: str,
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root.parent / f".{root.name}.lock")):
-        if phantoms_current(root, n, shape, layout):
+        if phantoms_current(root, n, shape, layout, structures):
             return False
         write_phantoms(root, n, seed=seed, version=version, shape=tuple(shape), layout=layout,
                        structures=structures)
@@ -232,6 +285,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
         splits_file: str | None = None,
         datasets: Sequence[Mapping[str, Any]] = (),
         extra_classes: Sequence[str] = (),
+        dataset_weights: Mapping[str, float] | None = None,
     ) -> None:
         """Validate the settings; record them as plain hyper-parameters (predict reads them)."""
         super().__init__()
@@ -257,6 +311,8 @@ class TotalSegmentatorDataModule(LightningDataModule):
         check_fold_settings(num_folds, fold, splits_file)
         self.roots = roots
         self.extra_datasets = check_datasets(datasets, [Path(r).name for r in roots])
+        weights = check_dataset_weights(dataset_weights, [
+            *(Path(r).name for r in roots), *(e["name"] for e in self.extra_datasets)])
         self.save_hyperparameters({
             "root": roots[0] if isinstance(root, str | os.PathLike) else roots,
             "version": version, "spacing": plain(spacing), "intensity": intensity,
@@ -272,6 +328,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
             "fold_seed": fold_seed,
             "splits_file": None if splits_file is None else str(splits_file),
             "datasets": self.extra_datasets, "extra_classes": list(self.space.extra),
+            "dataset_weights": weights,
         })
         self.folds: list[Fold] = []
         self.records: dict[str, list[dict[str, Any]]] = {}
@@ -363,8 +420,15 @@ class TotalSegmentatorDataModule(LightningDataModule):
         splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
         repeats: dict[str, int] = {}
         prepared_all = self._prepare_all()
-        full = [True] * self.num_classes
-        partial = any(not all(r.get("annotated", full)) for p in prepared_all for r in p.records)
+        # A TotalSegmentator-layout record annotates its version's classes (or its masks'),
+        # never the extra classes other datasets bring.
+        version_classes = self.space.annotated(range(len(label_names(self.hparams.version))))
+
+        def flags(record: Mapping[str, Any]) -> list[bool]:
+            given = list(record.get("annotated", version_classes))
+            return given + [False] * (self.num_classes - len(given))
+
+        partial = any(not all(flags(r)) for p in prepared_all for r in p.records)
         for index, prepared in enumerate(prepared_all):
             added = index >= len(self.roots)  # a data.datasets entry: its own splits, no repeats
             own: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
@@ -372,7 +436,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
                 own[split if added else self._split_of(index, split)] += [
                     {IMAGE: r["image"], LABEL: r["label"], SUBJECT: r["image_id"],
                      DATASET: self._dataset_name(index),
-                     **({ANNOTATED: torch.tensor(r.get("annotated", full))} if partial else {})}
+                     **({ANNOTATED: torch.tensor(flags(r))} if partial else {})}
                     for r in records]
                 repeats.update((r["image"], 1 if added else self._train_repeats(index))
                                for r in records)
@@ -493,7 +557,15 @@ class TotalSegmentatorDataModule(LightningDataModule):
             return []
         dataset = NamedErrors(self.datasets[split], self.records[split])
         sampler = None
-        if self.world_size > 1:
+        weights = self.hparams.get("dataset_weights")
+        if split == "train" and weights:
+            names = [r[DATASET] for r in self.records[split]]
+            sampler = WeightedDraws(dataset, sampling_weights(names, weights), self.hparams.seed)
+            shares = {n: float(sum(w for w, m in zip(sampler.weights, names, strict=True)
+                                   if m == n)) for n in dict.fromkeys(names)}
+            log.info("training draws per dataset (data.dataset_weights): %s", ", ".join(
+                f"{n} {100 * v:.0f} %" for n, v in shares.items()))
+        elif self.world_size > 1:
             sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle,
                                          seed=self.hparams.seed)
         workers = self.hparams.num_workers

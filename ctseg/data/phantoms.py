@@ -77,6 +77,13 @@ _ANATOMY: tuple[Blob, ...] = (
       for i, name in enumerate(_VERTEBRAE)),
 )
 PHANTOM_STRUCTURES: tuple[str, ...] = tuple(blob.name for blob in _ANATOMY)
+# Lesions no TotalSegmentator version has, each inside an organ, drawn only into phantom sets
+# that label them (a class to add to a trained model with data.extra_classes); label values
+# follow PHANTOM_STRUCTURES'.
+_LESIONS: tuple[tuple[Blob, str], ...] = (
+    (Blob("liver_tumour", (0.42, 0.1, 0.3), (0.2, 0.24, 0.26), 30.0), "liver"),
+)
+LESIONS: tuple[str, ...] = tuple(blob.name for blob, _ in _LESIONS)
 
 
 def _check_args(n: int, shape: tuple[int, int, int], spacing: float, version: str) -> None:
@@ -159,8 +166,9 @@ def _smooth(volume: np.ndarray) -> np.ndarray:
 
 
 def render_subject(shape: tuple[int, int, int], affine: np.ndarray, rng: np.random.Generator,
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one phantom on (shape, affine): int16 HU and labels (1 + PHANTOM_STRUCTURES index)."""
+                   lesions: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one phantom on (shape, affine): int16 HU and labels (1 + index in PHANTOM_STRUCTURES
+    + LESIONS); `lesions` (of LESIONS) are drawn into their organs, the rest as without them."""
     (x, y, z), half = _body_coords(shape, affine)
     body_u = float(half[0] * rng.uniform(0.78, 0.9))
     body_v = float(half[1] * rng.uniform(0.55, 0.68))
@@ -186,6 +194,15 @@ def render_subject(shape: tuple[int, int, int], affine: np.ndarray, rng: np.rand
         hu[inside] = blob.hu + offset
         if blob.shell_hu is not None:
             hu[inside & (dist > 0.55)] = blob.shell_hu + offset
+    for index, (blob, organ) in enumerate(_LESIONS, start=len(_ANATOMY) + 1):
+        if blob.name not in lesions:
+            continue
+        cu, cv, ct = (float(c) for c in np.add(blob.center, rng.normal(0, 0.05, 3)))
+        au, av, at = (float(a) for a in np.multiply(blob.axes, rng.uniform(0.7, 1.2, 3)))
+        dist = ((u - cu) / au) ** 2 + ((v - cv) / av) ** 2 + ((t - ct) / at) ** 2
+        inside = (dist <= 1) & (labels == 1 + PHANTOM_STRUCTURES.index(organ))
+        labels[inside] = index
+        hu[inside] = blob.hu + float(rng.normal(0, 8))
     hu = _smooth(hu) + rng.normal(0, NOISE_HU, shape).astype(np.float32)
     return np.clip(np.rint(hu), *HU_RANGE).astype(np.int16), labels
 
@@ -266,32 +283,35 @@ def write_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
     return folders
 
 
-def _subjects(n: int, seed: int, shape: tuple[int, int, int], spacing: float, progress: bool
+def _subjects(n: int, seed: int, shape: tuple[int, int, int], spacing: float, progress: bool,
+              lesions: Sequence[str] = ()
               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.random.Generator]]:
-    """HU, labels (1 + PHANTOM_STRUCTURES index), affine and the generator that drew them (for
-    the meta.csv columns) of phantom 0..n-1."""
+    """HU, labels (render_subject's), affine and the generator that drew them (for the meta.csv
+    columns) of phantom 0..n-1."""
     orientations = np.random.default_rng([seed, 1_000_003]).permutation(ORIENTATIONS)
     for i in track(range(n), description="Writing phantoms", disable=not progress):
         rng = np.random.default_rng([seed, i])
         orientation = str(orientations[i % len(orientations)])
         affine = random_affine(shape, float(spacing), orientation, rng)
-        yield (*render_subject(shape, affine, rng), affine, rng)
+        yield (*render_subject(shape, affine, rng, lesions), affine, rng)
 
 
 def write_nnunet_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
                           shape: tuple[int, int, int] = DEFAULT_SHAPE, spacing: float = 3.0,
                           progress: bool = False, structures: Sequence[str] | None = None
                           ) -> list[Path]:
-    """The phantoms of write_phantoms (same seed: same CTs) as an nnU-Net raw dataset labelling
-    `structures` only (default all; the others are background): train and val subjects in
-    imagesTr / labelsTr, test subjects in imagesTs / labelsTs, dataset.json written last.
-    Returns the CT paths."""
+    """The phantoms of write_phantoms (same seed: same CTs, unless `structures` names LESIONS,
+    which are then drawn too) as an nnU-Net raw dataset labelling `structures` only (default all
+    of PHANTOM_STRUCTURES; the others are background): train and val subjects in imagesTr /
+    labelsTr, test subjects in imagesTs / labelsTs, dataset.json written last. Returns the CT
+    paths."""
     _check_args(n, shape, spacing, version)
     chosen = list(PHANTOM_STRUCTURES if structures is None else structures)
-    unknown = sorted(set(chosen) - set(PHANTOM_STRUCTURES))
+    drawn = (*PHANTOM_STRUCTURES, *LESIONS)
+    unknown = sorted(set(chosen) - set(drawn))
     if unknown or not chosen:
-        raise ValueError(f"structures must be phantom structures ({', '.join(PHANTOM_STRUCTURES)})"
-                         f"; got {unknown or 'none'}")
+        raise ValueError(f"structures must be phantom structures ({', '.join(drawn)}); got "
+                         f"{unknown or 'none'}")
     out = Path(out)
     shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     description = out / "dataset.json"
@@ -302,9 +322,11 @@ def write_nnunet_phantoms(out: str | Path, n: int, seed: int = 0, version: str =
     description.unlink(missing_ok=True)
     splits = split_assignment(n, np.random.default_rng([seed, n, 1_000_004]))
     values = {name: chosen.index(name) + 1 for name in chosen}
-    lut = np.array([0, *(values.get(name, 0) for name in PHANTOM_STRUCTURES)], np.uint8)
+    lut = np.array([0, *(values.get(name, 0) for name in drawn)], np.uint8)
+    lesions = [name for name in chosen if name in LESIONS]
     images: list[Path] = []
-    for i, (hu, labels, affine, _) in enumerate(_subjects(n, seed, shape, spacing, progress)):
+    for i, (hu, labels, affine, _) in enumerate(_subjects(n, seed, shape, spacing, progress,
+                                                          lesions)):
         part = "Ts" if splits[i] == "test" else "Tr"
         case = f"phantom_{i + 1:04d}"
         images.append(out / f"images{part}" / f"{case}_0000.nii.gz")
@@ -318,14 +340,16 @@ def write_nnunet_phantoms(out: str | Path, n: int, seed: int = 0, version: str =
     return images
 
 
-def phantoms_current(root: str | Path, n: int, shape: Sequence[int], layout: str = "totalseg"
-                     ) -> bool:
-    """Whether `root` holds n phantoms of `shape` in `layout` written by write_phantoms."""
+def phantoms_current(root: str | Path, n: int, shape: Sequence[int], layout: str = "totalseg",
+                     structures: Sequence[str] | None = None) -> bool:
+    """Whether `root` holds n phantoms of `shape` in `layout` written by write_phantoms (nnU-Net
+    layout: labelling `structures`, default all)."""
     root = Path(root)
     if layout == "nnunet":
         description = root / "dataset.json"
-        if not description.is_file() or PHANTOM_STUDY not in description.read_text(
-                errors="replace"):
+        text = description.read_text(errors="replace") if description.is_file() else ""
+        labelled = list(json.loads(text).get("labels", {}))[1:] if PHANTOM_STUDY in text else None
+        if labelled != list(PHANTOM_STRUCTURES if structures is None else structures):
             return False
         images = sorted(root.glob("images*/*_0000.nii.gz"))
     else:
