@@ -10,13 +10,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ctseg.errors import ConfigError
 from ctseg.label_space import LabelSpace
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,12 @@ def launch_dir() -> str:
     return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
 
 
+def required(key: str, what: str) -> NoReturn:
+    """A value the command line must give (an experiment sets `key: ${ctseg.required:key,what}`):
+    ConfigError naming the key and what to give."""
+    raise ConfigError(f"{key} is required here: give {what} ({key}=...)")
+
+
 def space_size(version: str, extra_classes: Sequence[str] = ()) -> int:
     """Output channels of TotalSegmentator `version`'s classes plus `extra_classes`."""
     return LabelSpace.of(version, extra_classes).num_classes
@@ -110,6 +117,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ctseg.rank_suffix", rank_suffix, replace=True)
     OmegaConf.register_new_resolver("ctseg.hydra_subdir", hydra_subdir, replace=True)
     OmegaConf.register_new_resolver("ctseg.slurm_gpus", slurm_gpus, replace=True)
+    OmegaConf.register_new_resolver("ctseg.required", required, replace=True)
 
 
 def plain(value: Any) -> Any:

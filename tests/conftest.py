@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SHARED_DATA
+from helpers import REPO, SHARED_DATA, compose_in
 
 # Session fixtures that train: every test using one runs on the same pytest-xdist worker.
 TRAINED_FIXTURES = ("vista3d_quick_run",)
@@ -95,30 +95,10 @@ def tree_digest():
 @pytest.fixture
 def compose_cfg(tmp_path: Path):
     """Compose `conf/train.yaml` with overrides, every path pointed into tmp_path."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
-    from ctseg.config import CONFIG_DIR
-
-    def _compose(*overrides: str, config_name: str = "train"):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-            cfg = compose(config_name=config_name, return_hydra_config=True,
-                          overrides=list(overrides))
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(REPO)
-            cfg.paths.output_dir = str(tmp_path / "run")
-            cfg.paths.log_dir = str(tmp_path / "outputs")
-            cfg.paths.data_dir = str(tmp_path / "data")
-            cfg.paths.shared_data_dir = str(SHARED_DATA)
-            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-            cfg.hydra.job.num = 0
-        HydraConfig().set_config(cfg)
-        return cfg
-
-    yield _compose
+    yield lambda *overrides, config_name="train": compose_in(tmp_path, *overrides,
+                                                             config_name=config_name)
     GlobalHydra.instance().clear()
 
 

@@ -152,3 +152,28 @@ def save_checkpoint(module: torch.nn.Module, path: Path, data_hparams: dict) -> 
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return path
+
+
+def compose_in(tmp_path: Path, *overrides: str, config_name: str = "train"):
+    """`conf/<config_name>.yaml` composed with overrides, every path pointed into tmp_path (the
+    run folder is tmp_path/run), set as the current Hydra config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from ctseg.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name=config_name, return_hydra_config=True, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(REPO)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.log_dir = str(tmp_path / "outputs")
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.shared_data_dir = str(SHARED_DATA)
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg

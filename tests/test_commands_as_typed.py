@@ -77,6 +77,8 @@ PLACEHOLDERS = {
     "gt=<folder of <case>.nii.gz label maps>": "gt={label_maps}",
     "/data/dicom/study": "dicom_study",
     "/data/Dataset017_BTCV": "data/phantoms_nnunet",
+    "outputs/phantom_quick/runs/<run>/checkpoints/epoch_129.ckpt":
+        "outputs/phantom_quick/runs/{phantom}/checkpoints/last.ckpt",
     "series_uid=1.2.840...": "series_uid={series_uid}",
 }
 
@@ -160,6 +162,11 @@ PLAN: dict[str, Run | Skip] = {
                           check=labels_on_the_ct_grid),
     "python train.py experiment=phantom_quick":
         Run(TRAIN, ("outputs/phantom_quick/runs/*/checkpoints/last.ckpt",)),
+    # docs/training.md: adding classes
+    "python train.py experiment=add_class_quick "
+    "model.pretrained=outputs/phantom_quick/runs/<run>/checkpoints/epoch_129.ckpt":
+        Run(TRAIN, ("outputs/add_class_quick/runs/*/forgetting.json",
+                    "outputs/add_class_quick/runs/*/forgetting.md")),
     # README: the dataset
     "python -m ctseg.data check /data/Totalsegmentator_dataset": Run(prints=("1 subject",)),
     "python -m ctseg.data prepare /data/Totalsegmentator_dataset --version v1 --workers 8":
@@ -312,6 +319,7 @@ SOURCES = {
     "train": "python train.py",
     "train_b": "python train.py callbacks.overlays=null",
     "vista": "python train.py experiment=vista3d_quick",
+    "phantom": "python train.py experiment=phantom_quick",
     "sweep": "python train.py -m experiment=phantom_quick model.optimizer.lr=1e-3,3e-3 seed=1,2",
 }
 

@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from ctseg.config import CONFIG_DIR, instantiate_group, plain
 
@@ -63,9 +64,19 @@ def test_group_option_composes_and_resolves(compose_cfg, override: str) -> None:
     assert resolved["data"]["version"] in ("v1", "v2")
 
 
+# Experiments with a key the command line must give (ctseg.required), set to null here to
+# instantiate the rest.
+REQUIRED = {"add_class_quick": "model.pretrained"}
+
+
 @pytest.mark.parametrize("name", EXPERIMENT_NAMES)
 def test_experiment_composes_and_instantiates(compose_cfg, name: str) -> None:
-    cfg = compose_cfg(f"experiment={name}", "trainer=cpu", "trainer.precision=32")
+    required = (f"{REQUIRED[name]}=null",) if name in REQUIRED else ()
+    if required:
+        with pytest.raises(InterpolationResolutionError,
+                           match=rf"{REQUIRED[name]} is required here: give "):
+            OmegaConf.to_container(compose_cfg(f"experiment={name}"), resolve=True)
+    cfg = compose_cfg(f"experiment={name}", "trainer=cpu", "trainer.precision=32", *required)
     assert cfg.task_name == name
     OmegaConf.to_container(cfg, resolve=True)
     datamodule = instantiate(cfg.data)

@@ -232,23 +232,29 @@ class SegmentationModule(LightningModule):
     def _evaluate(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
         """Add the per-class voxel counts of one whole volume (batch of one) to `stage`'s Dice;
         its (D, H, W) predicted labels."""
-        image, label = self._tensors(batch)
+        image = self._tensors(batch)[0]
         if image.shape[0] != 1:
             raise ValueError(f"{stage} batches hold one whole volume each, got {image.shape[0]}; "
                              "use batch_size=1 for evaluation loaders")
         pred = self.predict_labels(image)
-        scored, target = pred, self.scored_labels(label[0, 0])
-        annotated = batch.get(ANNOTATED)
-        if annotated is not None:
-            # A class the sample's dataset does not annotate is no error where predicted.
-            keep = annotated[0].to(pred.device, torch.bool)
-            scored = torch.where(keep[pred.long()], pred, torch.zeros_like(pred))
+        scored, target = self.scored_pair(batch, pred)
         getattr(self, f"{stage}_dice").update(scored, target)
         dataset = batch.get(DATASET)
         if self.dataset_names and dataset and dataset[0] in self.dataset_names:
             index = self.dataset_names.index(dataset[0])
             self.dataset_dice[f"{stage}_{index}"].update(scored, target)
         return pred
+
+    def scored_pair(self, batch: Mapping[str, Tensor], pred: Tensor) -> tuple[Tensor, Tensor]:
+        """Predicted and true (D, H, W) labels of a whole-volume batch as the Dice counts them:
+        a class the sample's dataset does not annotate is no error where predicted (counted as
+        background), the truth as `scored_labels` gives it."""
+        target = self.scored_labels(self._tensors(batch)[1][0, 0])
+        annotated = batch.get(ANNOTATED)
+        if annotated is None:
+            return pred, target
+        keep = annotated[0].to(pred.device, torch.bool)
+        return torch.where(keep[pred.long()], pred, torch.zeros_like(pred)), target
 
     def scored_labels(self, label: Tensor) -> Tensor:
         """Ground-truth labels as the Dice counts them: as they are (a subclass may count some
@@ -260,9 +266,10 @@ class SegmentationModule(LightningModule):
         (for callbacks such as ValidationOverlays)."""
         return {"pred": self._evaluate(batch, "val")}
 
-    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        """Sliding-window Dice counts of one test volume."""
-        self._evaluate(batch, "test")
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Sliding-window Dice counts of one test volume; its predicted labels as "pred" (for
+        callbacks such as ForgettingReport)."""
+        return {"pred": self._evaluate(batch, "test")}
 
     def _log_dice(self, stage: str) -> None:
         """Log the epoch's per-class and mean foreground Dice of `stage`, then reset its counts."""

@@ -79,17 +79,56 @@ def test_mixed_layouts_train_with_the_classes_each_sample_annotates(roots, tmp_p
 
 
 def test_fully_labelled_datasets_add_no_flags_and_extra_classes_extend_the_space(roots, tmp_path):
-    dm = TotalSegmentatorDataModule(
-        root=str(roots[0]), datasets=[{"name": "again", "root": str(roots[0]),
-                                       "layout": "totalseg"}],
-        cache="none", prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"), **FAST,
-        extra_classes=["liver_tumour"])
-    dm.setup("fit")
-    assert dm.num_classes == len(V1) + 1 and dm.label_names[-1] == "liver_tumour"
+    def datamodule(*extra_classes: str) -> TotalSegmentatorDataModule:
+        dm = TotalSegmentatorDataModule(
+            root=str(roots[0]), datasets=[{"name": "again", "root": str(roots[0]),
+                                           "layout": "totalseg"}],
+            cache="none", prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"),
+            **FAST, extra_classes=list(extra_classes))
+        dm.setup("fit")
+        return dm
+
+    dm = datamodule()
     assert not any(ANNOTATED in r for r in dm.records["train"])
     assert dm.hparams.datasets == [{"name": "again", "root": str(roots[0]),
                                     "layout": "totalseg", "rename": {}, "masks": None,
                                     "phantoms": None}]
+    # A TotalSegmentator download annotates its version's classes, not those added to it.
+    dm = datamodule("liver_tumour")
+    assert dm.num_classes == len(V1) + 1 and dm.label_names[-1] == "liver_tumour"
+    assert all(r[ANNOTATED].tolist() == [True] * len(V1) + [False]
+               for r in dm.records["train"])
+
+
+def test_dataset_weights_set_each_datasets_share_of_the_draws(roots, tmp_path):
+    dm = module(roots, tmp_path, "none", dataset_weights={"download": 3, "half": 1})
+    dm.setup("fit")
+    names = [r[DATASET] for r in dm.records["train"]]
+    assert names.count("download") != 3 * names.count("half")  # not the sizes' ratio already
+    sampler = dm.train_dataloader().sampler
+    draws = []
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        draws += [names[i] for i in sampler]
+    assert len(draws) == 200 * len(names)
+    assert draws.count("half") / len(draws) == pytest.approx(0.25, abs=0.02)
+    sampler.set_epoch(3)
+    again = module(roots, tmp_path, "none", dataset_weights={"download": 3, "half": 1})
+    again.setup("fit")
+    repeat = again.train_dataloader().sampler
+    repeat.set_epoch(3)
+    assert list(sampler) == list(repeat)  # seeded: the same draws in the same epoch
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ({"donwload": 1}, r"data\.dataset_weights: 'donwload' is not a dataset \(the datasets: "
+                      r"download, half\)"),
+    ({"download": -1, "half": 1}, r"data\.dataset_weights: weights must be >= 0"),
+    ({"download": "many"}, r"data\.dataset_weights: weights must be numbers"),
+])
+def test_bad_dataset_weights_are_one_error(roots, tmp_path, weights, message):
+    with pytest.raises(ConfigError, match=message):
+        module(roots, tmp_path, "none", dataset_weights=weights)
 
 
 @pytest.mark.parametrize(("entry", "message"), [
@@ -227,3 +266,30 @@ def test_phantom_datasets_of_both_layouts_are_written_on_first_use(tmp_path):
     assert len(spine) == len({r["subject"] for r in spine})  # extra_repeat: extra roots only
     dm.prepare_data()  # the same phantoms are not written again
     assert (tmp_path / "spine" / "dataset.json").stat().st_mtime_ns == stamp
+
+
+def test_a_lesion_phantom_set_labels_a_tumour_inside_each_liver(tmp_path):
+    write_phantoms(tmp_path / "tumour", 4, seed=5, shape=(32, 32, 24), layout="nnunet",
+                   structures=["liver_tumour"])
+    write_phantoms(tmp_path / "plain", 4, seed=5, shape=(32, 32, 24))
+    assert json.loads((tmp_path / "tumour" / "dataset.json").read_text())["labels"] == {
+        "background": 0, "liver_tumour": 1}
+    labels = sorted((tmp_path / "tumour").glob("labels*/*.nii.gz"), key=lambda p: p.name)
+    livers = sorted((tmp_path / "plain").glob("s*/segmentations/liver.nii.gz"))
+    assert len(labels) == len(livers) == 4
+    for label, liver in zip(labels, livers, strict=True):
+        tumour = np.asanyarray(nib.load(label).dataobj) == 1
+        assert 20 < tumour.sum() < np.asanyarray(nib.load(liver).dataobj).sum()
+        # the anatomy is drawn as without the lesion: the tumour lies in the liver
+        assert not (tumour & (np.asanyarray(nib.load(liver).dataobj) == 0)).any()
+    # A phantom root written with other structures is written again.
+    dm = PhantomDataModule(
+        root=str(tmp_path / "phantoms"), n_phantoms=4, phantom_shape=(32, 32, 24),
+        extra_roots=[], datasets=[{"name": "tumour", "root": str(tmp_path / "tumour"),
+                                   "layout": "nnunet",
+                                   "phantoms": {"n": 4, "seed": 5, "shape": [32, 32, 24],
+                                                "structures": ["liver"]}}],
+        cache="none", prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"), **FAST)
+    dm.prepare_data()
+    assert json.loads((tmp_path / "tumour" / "dataset.json").read_text())["labels"] == {
+        "background": 0, "liver": 1}
