@@ -16,11 +16,13 @@ import struct
 import sys
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
+# What Hydra writes to stderr before re-raising the error of a failed job (run_cli drops it).
+HYDRA_FAILURE = "Error executing job with overrides:"
 
 
 class CtsegError(Exception):
@@ -233,11 +235,29 @@ def reported(program: str, remove_unstarted: bool = False) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+class WithoutLines:
+    """A text stream passing every write to `stream` except those starting with `prefix`."""
+
+    def __init__(self, stream: TextIO, prefix: str) -> None:
+        """Wrap `stream`."""
+        self.stream, self.prefix = stream, prefix
+
+    def write(self, text: str) -> int:
+        """Write `text` unless it starts with the prefix."""
+        return len(text) if text.startswith(self.prefix) else self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else as the wrapped stream has it."""
+        return getattr(self.stream, name)
+
+
 def run_cli(main: Callable[[], Any], program: str) -> Any:
     """Run a command line entry point (a `hydra.main` function) so that each user error is one
     `error:` line on stderr with exit status 1, and a run that failed before its work began
     leaves no folder: Hydra raises the errors it meets (its own and the task's) instead of
-    printing a traceback, and `cli_message` words them. A bug keeps its traceback."""
+    printing a traceback, and `cli_message` words them; the line Hydra writes before re-raising
+    a failed job's error (HYDRA_FAILURE) is dropped. A bug keeps its traceback."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    with reported(program, remove_unstarted=True):
+    with redirect_stderr(WithoutLines(sys.stderr, HYDRA_FAILURE)), \
+            reported(program, remove_unstarted=True):
         return main()

@@ -225,6 +225,7 @@ def test_bad_input_is_one_error_line_and_creates_nothing(name, files, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert len(errors) == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    assert "Error executing job" not in result.stderr, result.stderr[-3000:]
     assert case.says.format(**fill) in errors[0], errors[0]
     for pattern in case.absent:
         found = Path("/").glob(pattern.format(**fill).lstrip("/"))
