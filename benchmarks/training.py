@@ -19,21 +19,30 @@ ctseg's validation step (slab aggregation, per-class counts) against `predict.py
 CT, with the bundle's 105-class SegResNet (random weights). With `--train-steps N` (meant for a
 GPU: `--device cuda`), each cached pipeline also feeds N real training steps of that SegResNet
 (batch `--batch-size`, AMP on CUDA) and reports the patches per second the steps consumed and the
-share of time they waited for data (`ctseg.callbacks.throughput`). Prints tables, writes JSON.
+share of time they waited for data (`ctseg.callbacks.throughput`). With `--processes` (and
+`--no-loaders --skip-eval` for that alone), the test stage as a user runs it, `python train.py
+data=totalseg_v1 data.root=<a download holding the volume as its test subject> model=segresnet
+model.pretrained=<weights> train=false test=true`, against `python predict.py` on the same CT: whole
+processes, a warm-up round (preparing and caching the data), then the median of `--repeats`
+interleaved rounds of time and peak RSS (of the largest process). Prints tables, writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from common import SHARED, add_worker_options, machine, run_worker, serve_worker
+from common import REPO, SHARED, add_worker_options, machine, run_worker, serve_worker
 
 SPACING = 1.5
 PATCH = (96, 96, 96)
@@ -190,6 +199,69 @@ def worker_predict(args: argparse.Namespace) -> dict:
     return result
 
 
+def write_download(workdir: Path, volume: dict[str, str]) -> Path:
+    """A TotalSegmentator-layout root holding `volume` as its one test subject (its label map
+    split into the v1 masks), as a user's download has it."""
+    from ctseg.labels import class_names
+
+    subject = workdir / "download" / "s0001"
+    (subject / "segmentations").mkdir(parents=True, exist_ok=True)
+    shutil.copy(volume["image"], subject / "ct.nii.gz")
+    label_img = nib.load(volume["label"])
+    label = np.asanyarray(label_img.dataobj)
+    for index, name in class_names("v1").items():
+        nib.save(nib.Nifti1Image((label == index).astype(np.uint8), label_img.affine),
+                 subject / "segmentations" / f"{name}.nii.gz")
+    (subject.parent / "meta.csv").write_text("image_id;split\ns0001;test\n")
+    return subject.parent
+
+
+def worker_process(args: argparse.Namespace) -> dict:
+    """Run one whole command (`--command`, JSON) and time it; the peak RSS of its processes."""
+    argv = json.loads(args.command)
+    start = time.perf_counter()
+    result = subprocess.run(argv, cwd=REPO, env={**os.environ, "CTSEG_CACHE": str(
+        Path(args.workdir) / "cache")}, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{result.stderr[-3000:]}")
+    return {"seconds": seconds,
+            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def whole_processes(args: argparse.Namespace, volume: dict[str, str]) -> dict:
+    """The test stage as a user runs it (`train.py ... train=false test=true` on a prepared,
+    cached download) against `predict.py` on the same CT: each a whole process, one warm-up
+    each, then `--repeats` interleaved repetitions; medians of time and peak RSS."""
+    work = Path(args.workdir)
+    root = write_download(work, volume)
+    gpu = ["trainer=gpu"] if args.device == "cuda" else []
+    commands = {
+        "train_test": [sys.executable, "train.py", "data=totalseg_v1", f"data.root={root}",
+                       "model=segresnet", f"model.pretrained={args.weights}", "train=false",
+                       "test=true", *gpu, f"paths.log_dir={work / 'outputs'}",
+                       "callbacks.progress_bar=null"],
+        "predict": [sys.executable, "predict.py", f"ckpt={args.weights}",
+                    f"input={root / 's0001' / 'ct.nii.gz'}", f"output={work / 'predicted'}",
+                    "masks=false", "overwrite=true", "progress=false", f"device={args.device}"],
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
+    for repeat in range(args.repeats + 1):  # the first round warms up (prepares, caches)
+        for name, argv in commands.items():
+            print(f"{name} (round {repeat}) ...", flush=True)
+            result = run_worker(__file__, "process", args.workdir,
+                                ["--command", json.dumps(argv)])
+            if repeat:
+                runs[name].append(result)
+    medians = {name: {key: float(np.median([r[key] for r in rs]))
+                      for key in ("seconds", "process_peak_rss_mb")}
+               for name, rs in runs.items()}
+    train, predict = medians["train_test"], medians["predict"]
+    return {**medians, "repeats": args.repeats,
+            "time_ratio": train["seconds"] / predict["seconds"],
+            "rss_ratio": train["process_peak_rss_mb"] / predict["process_peak_rss_mb"]}
+
+
 def measure(name: str, args: argparse.Namespace, image: str, label: str) -> dict:
     """Run one measurement in a fresh interpreter; its result with the process's peak RSS."""
     return run_worker(__file__, name, args.workdir, [
@@ -201,15 +273,16 @@ def measure(name: str, args: argparse.Namespace, image: str, label: str) -> dict
 def tables(payload: dict) -> str:
     """The benchmark as markdown tables."""
     loader, evaluation = payload["loader"], payload.get("evaluation")
-    base = loader["bundle"]["patches_per_s"]
-    lines = [f"Machine: {payload['machine']}", "",
-             f"Training patches from a {'x'.join(map(str, payload['shape']))} CT at {SPACING} mm "
-             f"({payload['voxels'] / 1e6:.1f} M voxels), {payload['workers']} DataLoader "
-             "worker(s):",
-             "", "| pipeline | patches/s | vs bundle | vs ctseg memory | first item (s) | "
-             "worker peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|"]
-    memory = loader["ctseg_memory"]["patches_per_s"]
-    for name in PIPELINES:
+    lines = [f"Machine: {payload['machine']}"]
+    if loader:
+        lines += ["", f"Training patches from a {'x'.join(map(str, payload['shape']))} CT at "
+                      f"{SPACING} mm ({payload['voxels'] / 1e6:.1f} M voxels), "
+                      f"{payload['workers']} DataLoader worker(s):",
+                  "", "| pipeline | patches/s | vs bundle | vs ctseg memory | first item (s) | "
+                      "worker peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|"]
+    base = loader.get("bundle", {}).get("patches_per_s")
+    memory = loader.get("ctseg_memory", {}).get("patches_per_s")
+    for name in PIPELINES if loader else ():
         r = loader[name]
         lines.append(f"| {name} | {r['patches_per_s']:.2f} | {r['patches_per_s'] / base:.1f}x | "
                      f"{r['patches_per_s'] / memory:.2f}x | {r['first_item_s'] + r['setup_s']:.1f}"
@@ -222,6 +295,17 @@ def tables(payload: dict) -> str:
         for name, r in payload["training"].items():
             lines.append(f"| {name} | {r['steps']} | {r['perf/patches_per_s']:.1f} | "
                          f"{r['perf/data_wait']:.0%} | {r['perf/step_s']:.3f} |")
+    if payload.get("processes"):
+        pr = payload["processes"]
+        lines += ["", "The test stage as a user runs it against predict.py, whole processes "
+                      f"(median of {pr['repeats']}, after a warm-up):", "",
+                  "| command | time (s) | peak RSS (MiB) |", "|---|---:|---:|",
+                  f"| train.py train=false test=true | {pr['train_test']['seconds']:.1f} | "
+                  f"{pr['train_test']['process_peak_rss_mb']:.0f} |",
+                  f"| predict.py | {pr['predict']['seconds']:.1f} | "
+                  f"{pr['predict']['process_peak_rss_mb']:.0f} |",
+                  f"| ratio (aim: <= 1.5 / 1.25) | {pr['time_ratio']:.2f} | "
+                  f"{pr['rss_ratio']:.2f} |"]
     if not evaluation:
         return "\n".join(lines)
     ev, pr = evaluation["validation"], evaluation["predict"]
@@ -248,11 +332,17 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=0,
                         help="real training steps fed by each cached pipeline (0: none)")
     parser.add_argument("--batch-size", type=int, default=4, help="patches per training step")
+    parser.add_argument("--processes", action="store_true",
+                        help="also time the whole `train.py train=false test=true` process against "
+                        "the whole predict.py process on the --eval-volume")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of --processes")
+    parser.add_argument("--loaders", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the training DataLoaders (--no-loaders: skip them)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    add_worker_options(parser, "--image", "--label", "--weights")
+    add_worker_options(parser, "--image", "--label", "--weights", "--command")
     args = parser.parse_args()
     if args.worker:
-        work = {"eval": worker_eval, "predict": worker_predict}.get(
+        work = {"eval": worker_eval, "predict": worker_predict, "process": worker_process}.get(
             args.worker, worker_train if args.worker.startswith("train_") else worker_loader)
         serve_worker(work, args)
         return
@@ -270,7 +360,7 @@ def main() -> None:
         payload = {"machine": machine(), "shape": list(shape), "voxels": int(np.prod(shape)),
                    "workers": args.workers, "patch": list(PATCH), "device": args.device,
                    "batch_size": args.batch_size, "loader": {}}
-        for name in PIPELINES:
+        for name in PIPELINES if args.loaders else ():
             print(f"measuring {name} ...", flush=True)
             payload["loader"][name] = measure(name, args, tiled["image"], tiled["label"])
         if args.train_steps:
@@ -279,12 +369,13 @@ def main() -> None:
                 print(f"training from {name} ...", flush=True)
                 payload["training"][name] = measure(f"train_{name}", args, tiled["image"],
                                                        tiled["label"])
+        volume = tiled if args.eval_volume == "tiled" else make_volume(Path(workdir) / "crop", 1)
         if not args.skip_eval:
-            volume = tiled if args.eval_volume == "tiled" else make_volume(
-                Path(workdir) / "crop", 1)
             payload["evaluation"] = {"volume": args.eval_volume, **{
                 key: measure(name, args, volume["image"], volume["label"])
                 for key, name in (("validation", "eval"), ("predict", "predict"))}}
+        if args.processes:
+            payload["processes"] = {"volume": args.eval_volume, **whole_processes(args, volume)}
         print(tables(payload))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

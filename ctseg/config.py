@@ -173,6 +173,7 @@ class TrainSchema:
     callbacks: Any = None
     logger: Any = None
     paths: Any = None
+    sw: Any = None
     experiment: Any = None
     hparams_search: Any = None
     debug: Any = None

@@ -39,6 +39,11 @@ SPATIAL_DIMS = 3
 # The window blends and image paddings the aggregation takes (MONAI's BlendMode and
 # PytorchPadMode values).
 BLEND_MODES = (BlendMode.GAUSSIAN.value, BlendMode.CONSTANT.value)
+# Defaults of sliding-window inference, in training's validation / test and in predict.py alike
+# (conf/sw/default.yaml holds the same values; a test checks they agree).
+OVERLAP = 0.25
+MODE = BlendMode.GAUSSIAN.value
+BATCH_SIZE = 1
 PAD_MODES = tuple(m.value for m in PytorchPadMode)
 
 Predictor = Callable[..., torch.Tensor]
@@ -80,10 +85,10 @@ def sliding_window_predict(
     image: torch.Tensor,
     predictor: Predictor,
     roi_size: Sequence[int] | int,
-    overlap: Sequence[float] | float = 0.25,
-    mode: str = "gaussian",
+    overlap: Sequence[float] | float = OVERLAP,
+    mode: str = MODE,
     sigma_scale: Sequence[float] | float = 0.125,
-    sw_batch_size: int = 1,
+    sw_batch_size: int = BATCH_SIZE,
     slab_axis: int | None = None,
     keep_channels: Sequence[int] = (),
     cval: float = 0.0,

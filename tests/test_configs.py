@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import REPO
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
@@ -167,8 +169,6 @@ def test_bad_overrides_fail_at_composition(compose_cfg, override: str, error: ty
 def test_export_thresholds_are_the_documented_defaults(compose_cfg) -> None:
     from dataclasses import asdict
 
-    from hydra import compose, initialize_config_dir
-
     from ctseg.export.formats import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, DEFAULT_OPSET
     from ctseg.export.parity import DEFAULT_THRESHOLDS
 
@@ -200,7 +200,6 @@ def test_common_trainer_arguments_override_without_plus(compose_cfg) -> None:
 
 
 def test_evaluate_config_composes_with_its_defaults() -> None:
-    from hydra import compose, initialize_config_dir
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
@@ -210,7 +209,6 @@ def test_evaluate_config_composes_with_its_defaults() -> None:
 
 
 def test_visualize_config_composes_with_its_defaults() -> None:
-    from hydra import compose, initialize_config_dir
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
@@ -221,13 +219,12 @@ def test_visualize_config_composes_with_its_defaults() -> None:
 def test_predict_options_defaults_are_predict_yamls():
     """conf/predict.yaml and PredictOptions (the Python API's defaults) say the same thing, and
     options_from fills a key the config leaves out with that default."""
-    from omegaconf import OmegaConf
-
-    from ctseg.config import CONFIG_DIR
     from ctseg.inference.pipeline import PredictOptions
     from ctseg.inference.runner import options_from
 
-    cfg = OmegaConf.load(CONFIG_DIR / "predict.yaml")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("predict", overrides=["ckpt=a.ckpt", "input=ct.nii.gz", "output=out"])
     from_yaml = options_from(cfg)
     defaults = PredictOptions()
     for name in ("roi_size", "overlap", "mode", "padding_mode", "sw_batch_size", "slab_axis",
@@ -236,6 +233,26 @@ def test_predict_options_defaults_are_predict_yamls():
         assert getattr(from_yaml, name) == getattr(defaults, name), name
     assert list(from_yaml.probabilities) == list(defaults.probabilities)
     assert options_from({}) == defaults
+
+
+def test_validation_windows_are_predict_pys(compose_cfg):
+    """Validation and test in training slide their windows as predict.py does (conf/sw), in the
+    configs and in the modules' Python defaults."""
+    from ctseg.inference.pipeline import PredictOptions
+    from ctseg.models.segresnet import SegResNetModule
+    from ctseg.models.vista3d import VISTA3DModule
+
+    options = PredictOptions()
+    expected = (options.sw_batch_size, options.overlap, options.mode)
+    for model in ("segresnet", "segresnet_small", "vista3d", "vista3d_small"):
+        m = compose_cfg(f"model={model}").model
+        assert (m.sw_batch_size, m.sw_overlap, m.sw_mode) == expected, model
+    m = compose_cfg("sw.batch_size=4").model
+    assert m.sw_batch_size == 4  # one key sets both
+    for module in (SegResNetModule, VISTA3DModule):
+        defaults = inspect.signature(module).parameters
+        assert tuple(defaults[k].default for k in ("sw_batch_size", "sw_overlap", "sw_mode")) \
+            == expected, module
 
 
 def test_an_experiment_folder_outside_the_clone_joins_through_the_search_path(tmp_path):

@@ -36,7 +36,10 @@ from ctseg.inference.vista3d import (
 )
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.sliding_window import (
+    BATCH_SIZE,
     BLEND_MODES,
+    MODE,
+    OVERLAP,
     PAD_MODES,
     label_dtype,
     pad_to_roi,
@@ -58,10 +61,10 @@ class PredictOptions:
     """Sliding-window, device and output settings of a prediction run."""
 
     roi_size: Sequence[int] | None = None
-    overlap: float = 0.25
-    mode: str = "gaussian"
+    overlap: float = OVERLAP
+    mode: str = MODE
     padding_mode: str | None = None
-    sw_batch_size: int = 1
+    sw_batch_size: int = BATCH_SIZE
     slab_axis: int | None = None
     accum_dtype: str | None = None
     device: str = "auto"

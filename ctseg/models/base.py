@@ -31,7 +31,7 @@ from ctseg.config import plain
 from ctseg.data.transforms import ANNOTATED, DATASET, PipelineConfig
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.losses import MarginalDiceCELoss
-from ctseg.sliding_window import sliding_window_predict
+from ctseg.sliding_window import BATCH_SIZE, MODE, OVERLAP, sliding_window_predict
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,9 @@ class SegmentationModule(LightningModule):
         optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
         scheduler: SchedulerFactory | Mapping[str, Any] | None = None,
         roi_size: Sequence[int] = (96, 96, 96),
-        sw_batch_size: int = 4,
-        sw_overlap: float = 0.25,
-        sw_mode: str = "gaussian",
+        sw_batch_size: int = BATCH_SIZE,
+        sw_overlap: float = OVERLAP,
+        sw_mode: str = MODE,
     ) -> None:
         """Validate and store hyper-parameters (for `load_from_checkpoint`), then build net, loss
         and metrics through the `configure_*` hooks."""

@@ -18,6 +18,7 @@ from ctseg.models.weights import (
     network_state_dict,
     read_checkpoint,
 )
+from ctseg.sliding_window import BATCH_SIZE, MODE, OVERLAP
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,9 @@ class SegResNetModule(SegmentationModule):
         optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
         scheduler: SchedulerFactory | Mapping[str, Any] | None = None,
         roi_size: Sequence[int] = (96, 96, 96),
-        sw_batch_size: int = 4,
-        sw_overlap: float = 0.25,
-        sw_mode: str = "gaussian",
+        sw_batch_size: int = BATCH_SIZE,
+        sw_overlap: float = OVERLAP,
+        sw_mode: str = MODE,
         loss: str = "dice_ce",
     ) -> None:
         """Store the architecture and training settings (`loss`: one of

@@ -27,6 +27,7 @@ from ctseg.models.base import OptimizerFactory, SchedulerFactory, SegmentationMo
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.vista3d_prompts import PromptSampling, sample_prompt_pairs
 from ctseg.models.weights import load_bundle_state_dict, load_into
+from ctseg.sliding_window import BATCH_SIZE, MODE, OVERLAP
 from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_ids, vista3d_labels
 
 log = logging.getLogger(__name__)
@@ -217,9 +218,9 @@ class VISTA3DModule(SegmentationModule):
         optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
         scheduler: SchedulerFactory | Mapping[str, Any] | None = None,
         roi_size: Sequence[int] = (128, 128, 128),
-        sw_batch_size: int = 1,
-        sw_overlap: float = 0.25,
-        sw_mode: str = "gaussian",
+        sw_batch_size: int = BATCH_SIZE,
+        sw_overlap: float = OVERLAP,
+        sw_mode: str = MODE,
         dice_over: str = "all",
         stages: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
