@@ -15,6 +15,12 @@ from helpers import REPO, SHARED_DATA, compose_in
 
 # Session fixtures that train: every test using one runs on the same pytest-xdist worker.
 TRAINED_FIXTURES = ("vista3d_quick_run",)
+# The longest groups (3-8 minutes each on 2 cores), run first: pytest-xdist hands the first
+# groups to the workers in turn, and a long group started last would keep one worker busy while
+# the other idles.
+LONGEST_FIRST = ("tests/test_training.py", "tests/test_notebooks.py", "vista3d_quick_run",
+                 "tests/test_partial_labels.py", "tests/test_commands_as_typed.py",
+                 "tests/test_scale_out.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,7 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group the tests for pytest-xdist (`--dist loadgroup`): a module's tests run on one worker,
     so its module fixtures are built once, and so do all modules using a session fixture that
-    trains."""
+    trains; the longest groups first (LONGEST_FIRST)."""
     group = {}
     for item in items:
         module = item.nodeid.split("::")[0]
@@ -43,6 +49,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         group[module] = trained[0] if trained else group.get(module, module)
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::")[0]]))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group[item.nodeid.split("::")[0]], len(rank)))
 
 
 @pytest.fixture(autouse=True)

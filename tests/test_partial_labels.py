@@ -28,5 +28,5 @@ def test_partial_quick_learns_every_structure_from_two_half_labelled_datasets(co
     dice = tester.test(model, datamodule=instantiate(full.data), verbose=False)[0]
     structures = [k for k in dice if k.startswith("test/dice/")]
     assert len(structures) >= 17
-    # Measured: 0.75; the same model and steps on fully labelled phantoms 0.79 (0.9x: 0.71).
-    assert dice["test/mean_dice"] >= 0.71
+    # Measured: 0.70; the same model and steps on fully labelled phantoms 0.66 (0.9x: 0.59).
+    assert dice["test/mean_dice"] >= 0.59
