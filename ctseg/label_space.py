@@ -119,3 +119,8 @@ class LabelSpace:
         """Per channel, whether it is among `channels`; background always is."""
         wanted = {0, *channels}
         return [c in wanted for c in range(self.num_classes)]
+
+
+def annotated_channels(flags: Sequence[bool]) -> list[int]:
+    """The channels a sample's annotated flags (`LabelSpace.annotated`'s form) mark."""
+    return [c for c, on in enumerate(flags) if on]

@@ -39,12 +39,12 @@ SPATIAL_DIMS = 3
 # The window blends and image paddings the aggregation takes (MONAI's BlendMode and
 # PytorchPadMode values).
 BLEND_MODES = (BlendMode.GAUSSIAN.value, BlendMode.CONSTANT.value)
+PAD_MODES = tuple(m.value for m in PytorchPadMode)
 # Defaults of sliding-window inference, in training's validation / test and in predict.py alike
 # (conf/sw/default.yaml holds the same values; a test checks they agree).
 OVERLAP = 0.25
 MODE = BlendMode.GAUSSIAN.value
 BATCH_SIZE = 1
-PAD_MODES = tuple(m.value for m in PytorchPadMode)
 
 Predictor = Callable[..., torch.Tensor]
 Window = tuple[tuple[int, int], ...]

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -169,15 +170,22 @@ def check_dataset_weights(weights: Mapping[str, float] | None, names: Sequence[s
     return checked
 
 
-def sampling_weights(datasets: Sequence[str], weights: Mapping[str, float]) -> list[float]:
-    """Per training record (named by its dataset), the weight that draws each dataset with its
-    share of `weights` (datasets not named there: never); records of one dataset equally."""
-    sizes = {name: datasets.count(name) for name in set(datasets)}
-    total = sum(weights.get(name, 0.0) for name in sizes)
+def dataset_shares(datasets: Sequence[str], weights: Mapping[str, float]) -> dict[str, float]:
+    """Each dataset's share of the training draws: its weight over those of the datasets the
+    training records (named by their dataset) come from; a dataset not in `weights` gets none."""
+    present = dict.fromkeys(datasets)
+    total = sum(weights.get(name, 0.0) for name in present)
     if not total:
         raise ConfigError(f"data.dataset_weights: {dict(weights)} gives no weight to a dataset "
-                          f"with training subjects ({', '.join(sorted(sizes))})")
-    return [weights.get(name, 0.0) / total / sizes[name] for name in datasets]
+                          f"with training subjects ({', '.join(sorted(present))})")
+    return {name: weights.get(name, 0.0) / total for name in present}
+
+
+def sampling_weights(datasets: Sequence[str], shares: Mapping[str, float]) -> list[float]:
+    """Per training record (named by its dataset), the weight that draws each dataset with its
+    share; records of one dataset equally."""
+    sizes = Counter(datasets)
+    return [shares[name] / sizes[name] for name in datasets]
 
 
 class WeightedDraws(DistributedSampler):
@@ -560,9 +568,8 @@ class TotalSegmentatorDataModule(LightningDataModule):
         weights = self.hparams.get("dataset_weights")
         if split == "train" and weights:
             names = [r[DATASET] for r in self.records[split]]
-            sampler = WeightedDraws(dataset, sampling_weights(names, weights), self.hparams.seed)
-            shares = {n: float(sum(w for w, m in zip(sampler.weights, names, strict=True)
-                                   if m == n)) for n in dict.fromkeys(names)}
+            shares = dataset_shares(names, weights)
+            sampler = WeightedDraws(dataset, sampling_weights(names, shares), self.hparams.seed)
             log.info("training draws per dataset (data.dataset_weights): %s", ", ".join(
                 f"{n} {100 * v:.0f} %" for n, v in shares.items()))
         elif self.world_size > 1:

@@ -26,7 +26,7 @@ from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
 from ctseg.evaluate.statistics import read_scores
 from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
 from ctseg.inference.postprocess import POSTPROCESSING_FILE, write_choice
-from ctseg.label_space import LabelSpace
+from ctseg.label_space import LabelSpace, annotated_channels
 from ctseg.labels import check_version, label_names
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ def ground_truth(gt: Path, space: LabelSpace, split: str | None) -> list[TruthCa
                     else prepare_nnunet(gt, space, gt.name))
         records = prepared.by_split().get(split, []) if split else prepared.records
         return [TruthCase(str(r["image_id"]), Path(r["label"]), gt.name,
-                          [c for c, on in enumerate(r["annotated"]) if on]
-                          if "annotated" in r else None) for r in records]
+                          annotated_channels(r["annotated"]) if "annotated" in r else None)
+                for r in records]
     if split:
         raise ConfigError(f"split={split} needs a dataset root with meta.csv or dataset.json; "
                           f"{gt} has neither")

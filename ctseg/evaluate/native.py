@@ -23,6 +23,7 @@ from ctseg.evaluate.metrics import case_rows, mapped, names_lookup
 from ctseg.inference.inputs import Case
 from ctseg.inference.outputs import nifti_like
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
+from ctseg.label_space import annotated_channels
 from ctseg.labels import label_map_dtype, label_table
 from ctseg.models.base import SegmentationModule
 
@@ -68,7 +69,7 @@ def score_records(module: SegmentationModule, pipeline: PipelineConfig,
                                    f"({pred.shape}); prepare the dataset again")
             spacing = tuple(float(s) for s in gt_img.header.get_zooms()[:3])
             flags = record.get(ANNOTATED)  # partially labelled: its dataset's classes only
-            classes = None if flags is None else [c for c, on in enumerate(flags.tolist()) if on]
+            classes = None if flags is None else annotated_channels(flags.tolist())
             rows += case_rows(case, pred, gt, spacing, names, tolerance, classes,
                               str(record.get(DATASET) or ""))
             if predictions is not None:

@@ -8,7 +8,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,25 +57,24 @@ def class_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             for name, group in by_class.items()}
 
 
+def over_classes(classes: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """Statistics of Dice and NSD over classes (`class_stats` entries), each by its mean."""
+    classes = list(classes)
+    return {metric: _stats([c[metric]["mean"] for c in classes]) for metric in ("dice", "nsd")}
+
+
 def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per class, per region and overall statistics of Dice and NSD; per dataset (rows naming
     one) the mean over the classes it scores and its case count."""
     classes = class_stats(rows)
-    regions = {}
-    for group in sorted({c["region"] for c in classes.values()}):
-        members = [c for c in classes.values() if c["region"] == group]
-        regions[group] = {metric: _stats([c[metric]["mean"] for c in members])
-                          for metric in ("dice", "nsd")}
-    overall = {metric: _stats([c[metric]["mean"] for c in classes.values()])
-               for metric in ("dice", "nsd")}
-    summary = {"overall": overall, "regions": regions, "classes": classes,
+    regions = {group: over_classes([c for c in classes.values() if c["region"] == group])
+               for group in sorted({c["region"] for c in classes.values()})}
+    summary = {"overall": over_classes(classes.values()), "regions": regions, "classes": classes,
                "cases": sorted({r["case"] for r in rows})}
     datasets = {}
     for name in sorted({r["dataset"] for r in rows if r.get("dataset")}):
         own = [r for r in rows if r.get("dataset") == name]
-        means = class_stats(own).values()
-        datasets[name] = {**{metric: _stats([c[metric]["mean"] for c in means])
-                             for metric in ("dice", "nsd")},
+        datasets[name] = {**over_classes(class_stats(own).values()),
                           "cases": len({r["case"] for r in own})}
     if datasets:
         summary["datasets"] = datasets
