@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from ctseg.data.merge import prepare
-from ctseg.data.transforms import PipelineConfig, eval_transforms, train_transforms
+from ctseg.data.transforms import (
+    PipelineConfig,
+    eval_transforms,
+    train_transforms,
+    volume_transforms,
+)
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
 from ctseg.inference.runner import run
@@ -87,7 +92,7 @@ def test_training_pipeline_equals_train_json(real_record: dict, recipe: str) -> 
     pixdim = bundle.PIXDIM[recipe]
     item = {"image": real_record["image"], "label": real_record["label"]}
     cfg = PipelineConfig(spacing=pixdim, patch_size=bundle.ROI)
-    ours = eval_transforms(cfg)(dict(item))
+    ours = volume_transforms(cfg)(dict(item))
     reference = bundle.Compose(bundle.train_deterministic(pixdim))(dict(item))
     assert ours["image"].shape == reference["image"].shape
     assert torch.allclose(ours["image"].as_tensor(), reference["image"].as_tensor(), atol=1e-5)

@@ -42,11 +42,13 @@ from monai.transforms import (
     CenterSpatialCropd,
     ClassesToIndicesd,
     Compose,
+    CopyItemsd,
     CropForegroundd,
     DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     GaussianSmoothd,
+    Lambdad,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
@@ -68,6 +70,9 @@ PREDICT_STEPS = ("ctseg", "vista3d_bundle")
 # Bump when the deterministic transforms change, so disk caches of older tensors are not reused.
 TRANSFORM_VERSION = "2"
 IMAGE, LABEL = "image", "label"
+# Key of a uint8 mask of the voxels that come from the image (1) rather than from the padding up to
+# whole patches (0): evaluation scores the image only, as prediction does.
+VALID = "valid"
 # Key of the (num_classes,) bool flags of the classes a sample's dataset annotates (partial labels).
 ANNOTATED = "annotated"
 # Key of the name of a sample's dataset (its data.datasets entry, or its root folder).
@@ -182,9 +187,16 @@ def _intensity(cfg: PipelineConfig, crop: Sequence[MapTransform]) -> list[MapTra
                                  clip=True), *crop, *_smoothing(cfg)]
 
 
-def _deterministic(cfg: PipelineConfig) -> list[MapTransform]:
-    """Load, orient to RAS, resample to `cfg.spacing`, scale intensities and crop; image+label."""
+def _ones(image: torch.Tensor) -> torch.Tensor:
+    """A uint8 mask of ones in the shape of `image` (the `VALID` mask before any crop or pad)."""
+    return torch.ones_like(image, dtype=torch.uint8)
+
+
+def _deterministic(cfg: PipelineConfig, valid: bool = False) -> list[MapTransform]:
+    """Load, orient to RAS, resample to `cfg.spacing`, scale intensities and crop; image+label,
+    and with `valid` the `VALID` mask cropped and padded alongside."""
     keys = (IMAGE, LABEL)
+    boxed = (*keys, VALID) if valid else keys
     return [
         LoadImaged(keys=IMAGE, image_only=True, dtype=np.float32),
         LoadImaged(keys=LABEL, image_only=True, dtype=np.uint8),
@@ -192,11 +204,13 @@ def _deterministic(cfg: PipelineConfig) -> list[MapTransform]:
         EnsureTyped(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=AXIS_LABELS),
         Spacingd(keys=keys, pixdim=list(cfg.spacing), mode=("bilinear", "nearest")),
+        *([CopyItemsd(keys=LABEL, names=VALID), Lambdad(keys=VALID, func=_ones)] if valid
+          else []),
         *_intensity(cfg, [
             # allow_smaller=True: MONAI 1.4's default, which the bundle's train.json relies on.
-            CropForegroundd(keys=keys, source_key=IMAGE, margin=CROP_MARGIN,
+            CropForegroundd(keys=boxed, source_key=IMAGE, margin=CROP_MARGIN,
                             k_divisible=list(cfg.patch_size), allow_smaller=True),
-            SpatialPadd(keys=keys, spatial_size=list(cfg.patch_size)),
+            SpatialPadd(keys=boxed, spatial_size=list(cfg.patch_size)),
         ]),
         EnsureTyped(keys=IMAGE, dtype=torch.float32),
         EnsureTyped(keys=LABEL, dtype=label_dtype(cfg.num_classes or 2)),  # unknown: smallest
@@ -206,15 +220,25 @@ def _deterministic(cfg: PipelineConfig) -> list[MapTransform]:
     ]
 
 
+def volume_transforms(cfg: PipelineConfig) -> Compose:
+    """The deterministic prefix on whole volumes (image and label, as training crops patches
+    from them) with the `VALID` mask of the voxels that come from the image."""
+    return Compose([*_deterministic(cfg, valid=True), DeleteItemsd(keys=INDICES)])
+
+
 def eval_transforms(cfg: PipelineConfig,
                     center_crop: Sequence[int] | None = None) -> Compose:
-    """Validation/test pipeline: the deterministic prefix on whole volumes (image and label), or
-    on their central `center_crop` region (the bundle validates on a 160^3 centre crop)."""
-    steps = [*_deterministic(cfg), DeleteItemsd(keys=INDICES)]
+    """Validation/test pipeline: the deterministic prefix on whole volumes (image and label)
+    without the padding up to whole patches (the image's own voxels, as prediction sees them),
+    or, as the bundle validates, the central `center_crop` region of the padded volume."""
+    volume = volume_transforms(cfg).transforms
     if center_crop is not None:
-        steps.append(CenterSpatialCropd(keys=(IMAGE, LABEL),
-                                        roi_size=list(_triple(center_crop, "center_crop", int))))
-    return Compose(steps)
+        size = list(_triple(center_crop, "center_crop", int))
+        return Compose([*volume, CenterSpatialCropd(keys=(IMAGE, LABEL), roi_size=size),
+                        DeleteItemsd(keys=VALID)])
+    return Compose([*volume,
+                    CropForegroundd(keys=(IMAGE, LABEL), source_key=VALID, allow_smaller=True),
+                    DeleteItemsd(keys=VALID)])
 
 
 def _patches(cfg: PipelineConfig) -> MapTransform:

@@ -5,9 +5,11 @@ and throughput does not depend on the size of the volume.
 An entry is a folder `<cache root>/<key>/` holding `image.npy` (float32, (1, D, H, W)),
 `label.npy` (uint8), `locations.npz` (for each class present, up to `MAX_INDICES_PER_CLASS` voxel
 indices drawn with a fixed seed: patch centres for the `classes` sampler) and `meta.json`, written
-last with the byte size of every file. The key hashes the record's paths and the size and
-modification time of its CT and label map; the cache root is named by the pipeline's
-fingerprint, so a change of any preprocessing setting or of a file never serves stale data.
+last with the byte size of every file and the box of the image's own voxels (the volume is padded
+to whole patches for training; evaluation reads the box only, as prediction sees the image).
+The key hashes the record's paths and the size and modification time of its CT and label map;
+the cache root is named by the pipeline's fingerprint, so a change of any preprocessing setting
+or of a file never serves stale data.
 
 Entries are built in a private temporary folder and renamed into place: two processes (DDP ranks,
 DataLoader workers, concurrent runs) building the same entry both succeed and one result stays.
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms.utils import generate_spatial_bounding_box
 from torch.utils.data import Dataset
 
 from ctseg.atomic import remove_leftovers, temp_prefix
@@ -42,15 +45,16 @@ from ctseg.data.transforms import (
     IMAGE,
     LABEL,
     MAX_INDICES_PER_CLASS,
+    VALID,
     PipelineConfig,
-    eval_transforms,
+    volume_transforms,
 )
 from ctseg.errors import blamed_on
 
 log = logging.getLogger(__name__)
 
 # Bump when the layout of an entry changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE, META_FILE = (
     "image.npy", "label.npy", "locations.npz", "meta.json")
 
@@ -81,10 +85,12 @@ def class_locations(label: np.ndarray, num_classes: int, seed: int = 0,
 
 @dataclass(frozen=True)
 class CachedVolume:
-    """One cache entry: memory-mapped image and label, class locations, shape."""
+    """One cache entry: memory-mapped image and label, class locations, shape and the box
+    (start, size) of the image's own voxels within it."""
 
     folder: Path
     shape: tuple[int, int, int]
+    valid: tuple[tuple[int, ...], tuple[int, ...]]
 
     def image(self) -> np.ndarray:
         """The (1, D, H, W) float32 image, memory-mapped read-only."""
@@ -190,7 +196,8 @@ class VolumeCache:
                     return None
         except (OSError, ValueError, KeyError):
             return None
-        return CachedVolume(folder, tuple(meta["shape"]))
+        start, size = meta["valid"]
+        return CachedVolume(folder, tuple(meta["shape"]), (tuple(start), tuple(size)))
 
     def _discard(self, folder: Path) -> None:
         """Move a damaged entry aside (atomically), then delete it."""
@@ -203,7 +210,8 @@ class VolumeCache:
 
     def _build(self, record: dict[str, Any], folder: Path) -> None:
         """Preprocess `record` into a private temporary folder, then rename it to `folder`."""
-        data = eval_transforms(self._volumes)({IMAGE: record[IMAGE], LABEL: record[LABEL]})
+        data = volume_transforms(self._volumes)({IMAGE: record[IMAGE], LABEL: record[LABEL]})
+        start, stop = generate_spatial_bounding_box(data[VALID])
         image = np.ascontiguousarray(data[IMAGE].numpy(), dtype=np.float32)
         label = np.ascontiguousarray(data[LABEL].numpy(), dtype=np.uint8)
         locations = class_locations(label[0], self.pipeline.num_classes)
@@ -217,6 +225,7 @@ class VolumeCache:
             sizes = {name: (tmp / name).stat().st_size
                      for name in (IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE)}
             meta = {"format": CACHE_FORMAT, "shape": list(image.shape[1:]), "bytes": sizes,
+                    "valid": [list(start), [b - a for a, b in zip(start, stop, strict=True)]],
                     "image": str(record[IMAGE]), "label": str(record[LABEL]),
                     "affine": np.asarray(data[IMAGE].affine).tolist()}
             (tmp / META_FILE).write_text(json.dumps(meta))
@@ -267,7 +276,9 @@ class CachedPatches(Dataset):
 
 
 class CachedVolumes(Dataset):
-    """Evaluation items from the volume cache: whole volumes, or their central `center_crop`."""
+    """Evaluation items from the volume cache: the image's own voxels of each volume (without the
+    padding up to whole patches), or the central `center_crop` of the padded volume (as
+    `eval_transforms` gives them)."""
 
     def __init__(self, cache: VolumeCache, records: Sequence[dict[str, Any]],
                  center_crop: Sequence[int] | None = None) -> None:
@@ -284,7 +295,7 @@ class CachedVolumes(Dataset):
         record = self.records[index]
         volume = self.cache.entry(record)
         if self.center_crop is None:
-            item = volume.read()
+            item = volume.read(*volume.valid)
         else:
             size = [min(c, d) for c, d in zip(self.center_crop, volume.shape, strict=True)]
             start = [d // 2 - s // 2 for d, s in zip(volume.shape, size, strict=True)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from monai.data import CacheDataset
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 from torch.utils.data import DistributedSampler
 
 from ctseg.data.datamodule import PhantomDataModule, TotalSegmentatorDataModule, shard
@@ -74,7 +75,19 @@ def test_phantom_module_batches(tmp_path: Path, tree_digest) -> None:
     assert dm.num_classes == num_classes("v1") == len(dm.label_names)
     val = next(iter(dm.val_dataloader()))
     assert val["image"].shape[0] == 1
-    assert all(s % PATCH == 0 for s in val["image"].shape[2:])
+    # Validation sees the image's own voxels: every labelled voxel of the phantom resampled by
+    # MONAI, none of the padding up to whole patches that training volumes carry.
+    record = dm.records["val"][0]
+    grid = Compose([LoadImaged(keys="label"), EnsureChannelFirstd(keys="label"),
+                    Orientationd(keys="label", axcodes="RAS"),
+                    Spacingd(keys="label", pixdim=3.0, mode="nearest")])({"label": record["label"]})
+    assert val["label"].shape == val["image"].shape
+    assert all(v <= g for v, g in zip(val["label"].shape[2:], grid["label"].shape[1:],
+                                      strict=True))
+    counts = [torch.bincount(torch.as_tensor(v).flatten().long(), minlength=dm.num_classes)
+              for v in (val["label"], grid["label"])]
+    assert int(counts[1][1:].sum()) > 0
+    assert torch.equal(counts[0][1:], counts[1][1:])
     # Hyper-parameters are builtins only: checkpoints and YAML loggers can store them.
     assert yaml.safe_load(yaml.safe_dump(dict(dm.hparams)))["phantom_shape"] == [40, 40, 32]
     assert dm.hparams.spacing == 3.0
@@ -112,7 +125,6 @@ def test_disk_cache_folder_follows_spacing(phantom_root: Path, tmp_path: Path) -
         shapes.append(tuple(dm.datasets["val"][0]["image"].shape))
         assert len(list(dm.tensor_cache_dir.glob("*/meta.json"))) == 1
     assert shapes[0] != shapes[1]
-    assert all(s % PATCH == 0 for s in shapes[1][1:])
 
 
 def test_ranks_cache_only_their_shard(phantom_root: Path, tmp_path: Path) -> None:
@@ -169,8 +181,9 @@ def test_real_crop_test_split_and_errors(shared_data: Path, tmp_path: Path, tree
         dm.setup("fit")
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
-    # 122x101x30 voxels at 3 mm, foreground-cropped and rounded up to multiples of 32.
-    assert tuple(batch["image"].shape) == (1, 1, 128, 128, 32)
+    # 122x101x30 voxels at 3 mm: the crop's own voxels (its foreground box fills it), not the
+    # padding up to whole patches that the cached training volume carries.
+    assert tuple(batch["image"].shape) == (1, 1, 122, 101, 30)
     assert batch["subject"] == ["s0001"]
     assert tree_digest(shared_data) == before, "the raw dataset must never be written"
 

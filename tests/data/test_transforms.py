@@ -17,10 +17,12 @@ from monai.transforms import GaussianSmoothd, Invertd
 from ctseg.data.merge import prepare
 from ctseg.data.transforms import (
     INTENSITIES,
+    VALID,
     PipelineConfig,
     eval_transforms,
     infer_transforms,
     train_transforms,
+    volume_transforms,
 )
 from ctseg.labels import num_classes
 from ctseg.models.base import PerClassDice
@@ -81,13 +83,21 @@ def test_fingerprint_tracks_only_cached_settings() -> None:
         hu.fingerprint()
 
 
-@pytest.mark.parametrize(("spacing", "shape"), [(3.0, (128, 128, 32)), (1.5, (256, 224, 64))])
-def test_real_crop_eval_geometry(real_record: dict, spacing: float, shape: tuple) -> None:
+@pytest.mark.parametrize(("spacing", "shape", "padded"), [
+    (3.0, (122, 101, 30), (128, 128, 32)), (1.5, (243, 201, 59), (256, 224, 64))])
+def test_real_crop_eval_geometry(real_record: dict, spacing: float, shape: tuple,
+                                 padded: tuple) -> None:
     cfg = PipelineConfig(spacing=spacing, patch_size=PATCH)
+    # Training volumes: 122x101x30 voxels of 3 mm resampled, foreground-cropped and rounded up
+    # to multiples of 32, with the mask of the voxels that come from the image.
+    volume = volume_transforms(cfg)(_item(real_record))
+    assert tuple(volume["image"].shape) == (1, *padded)
+    assert int(volume[VALID].sum()) == int(np.prod(shape))
+    # Evaluation: the image's own voxels (the foreground box fills this crop), no padding.
     out = eval_transforms(cfg)(_item(real_record))
     image, label = out["image"], out["label"]
-    # 122x101x30 voxels of 3 mm resampled, foreground-cropped and rounded up to multiples of 32.
     assert tuple(image.shape) == (1, *shape)
+    assert VALID not in out
     assert label.shape == image.shape
     assert image.dtype == torch.float32
     assert label.dtype == torch.uint8
@@ -126,7 +136,7 @@ def test_phantoms_resampled_to_ras_and_spacing(phantom_records: list[dict]) -> N
         image, label = out["image"], out["label"]
         assert nib.aff2axcodes(image.affine.numpy()) == ("R", "A", "S")
         assert torch.allclose(image.pixdim.float(), torch.full((3,), 3.0))
-        assert all(s % PATCH == 0 and s >= PATCH for s in image.shape[1:])
+        assert label.shape == image.shape
         data = np.asarray(raw.dataobj)
         present = [int(v) for v in np.unique(data) if v > 0]
         assert present
@@ -237,10 +247,11 @@ def test_classes_sampler_centres_patches_on_present_classes(phantom_records: lis
 
 def test_eval_center_crop(real_record: dict) -> None:
     cfg = PipelineConfig(spacing=1.5, patch_size=PATCH)
-    whole = eval_transforms(cfg)(_item(real_record))
     crop = eval_transforms(cfg, center_crop=(64, 64, 64))(_item(real_record))
     assert tuple(crop["image"].shape) == (1, 64, 64, 64)
     assert crop["label"].shape == crop["image"].shape
+    # The centre crop is the bundle's validation: a crop of the volume padded to whole patches.
+    whole = volume_transforms(cfg)(_item(real_record))
     starts = [(w - 64) // 2 for w in whole["image"].shape[1:]]
     window = tuple(slice(s, s + 64) for s in starts)
     assert torch.equal(crop["image"][0], whole["image"][0][window])

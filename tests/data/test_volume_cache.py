@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.transforms.utils import generate_spatial_bounding_box
 
-from ctseg.data.transforms import PipelineConfig, eval_transforms
+from ctseg.data.transforms import VALID, PipelineConfig, eval_transforms, volume_transforms
 from ctseg.data.volume_cache import (
     IMAGE_FILE,
     CachedPatches,
@@ -41,11 +42,19 @@ def _pipeline(**kwargs) -> PipelineConfig:
 def test_entry_equals_the_monai_pipeline_and_patches_are_its_slices(records, tmp_path):
     cache = VolumeCache(tmp_path, _pipeline())
     volume = cache.entry(records[0])
-    reference = eval_transforms(_pipeline())(dict(records[0]))
+    reference = volume_transforms(_pipeline())(dict(records[0]))
     whole = volume.read()
     assert torch.equal(whole["image"], reference["image"].as_tensor())
     assert torch.equal(whole["label"], reference["label"].as_tensor())
     assert whole["label"].dtype == torch.uint8
+    # Evaluation reads the image's own voxels: the box of MONAI's pipeline without the padding.
+    start, stop = generate_spatial_bounding_box(reference[VALID])
+    assert volume.valid == (tuple(start), tuple(b - a for a, b in zip(start, stop, strict=True)))
+    evaluated = CachedVolumes(cache, records[:1])[0]
+    unpadded = eval_transforms(_pipeline())(dict(records[0]))
+    assert evaluated["image"].shape != whole["image"].shape
+    assert torch.equal(evaluated["image"], unpadded["image"].as_tensor())
+    assert torch.equal(evaluated["label"], unpadded["label"].as_tensor())
     patch = volume.read((3, 5, 7), (PATCH,) * 3)
     assert torch.equal(patch["image"], whole["image"][:, 3:19, 5:21, 7:23])
     assert cache.size_on_disk() == sum(p.stat().st_size for p in volume.folder.iterdir())
@@ -105,7 +114,7 @@ def test_concurrent_builders_leave_one_valid_entry(records, tmp_path):
     assert len(set(folders)) == 1
     cache = VolumeCache(tmp_path, _pipeline())
     assert [p.name for p in cache.root.iterdir()] == [Path(folders[0]).name]
-    reference = eval_transforms(_pipeline())(dict(records[0]))
+    reference = volume_transforms(_pipeline())(dict(records[0]))
     assert torch.equal(cache.entry(records[0]).read()["image"], reference["image"].as_tensor())
 
 
