@@ -177,3 +177,19 @@ def compose_in(tmp_path: Path, *overrides: str, config_name: str = "train"):
         cfg.hydra.job.num = 0
     HydraConfig().set_config(cfg)
     return cfg
+
+
+def scanner_ct(shared_ct: Path, path: Path) -> Path:
+    """The shared crop (3 mm) inside a 500 mm field of view of air (-1024 HU) with a patient table
+    (-150 HU foam) below it, as a scanner writes a CT: LPS-like flipped axes, 3 mm voxels."""
+    crop = nib.load(shared_ct)
+    data = np.asarray(crop.dataobj, dtype=np.int16)
+    fov = np.full((167, 167, data.shape[2]), -1024, dtype=np.int16)
+    x0, y0 = (167 - data.shape[0]) // 2, 30
+    fov[x0:x0 + data.shape[0], y0:y0 + data.shape[1]] = data
+    fov[:, y0 - 6:y0 - 2] = -150  # the table, across the whole field of view
+    affine = crop.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.array([x0, y0, 0])
+    nib.save(nib.Nifti1Image(fov[::-1], affine @ np.diag([-1, 1, 1, 1]) @ np.array(
+        [[1, 0, 0, -(fov.shape[0] - 1)], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])), path)
+    return path

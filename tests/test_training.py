@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
-from helpers import column, compose_in, metric_rows, wandb_records, wandb_run
+from helpers import column, compose_in, metric_rows, scanner_ct, wandb_records, wandb_run
 from omegaconf import OmegaConf
 
+from ctseg.inference.runner import run as predict
 from ctseg.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +56,24 @@ def phantom_quick_run(tmp_path_factory: pytest.TempPathFactory
                                             "callbacks=[export,native_evaluation]",
                                             "callbacks.progress_bar=null"))
     return tmp / "run", metrics, objects
+
+
+def test_skipping_air_keeps_a_trained_models_labels(phantom_quick_run, shared_data, tmp_path):
+    ckpt = phantom_quick_run[2]["trainer"].checkpoint_callback.best_model_path
+    ct = scanner_ct(shared_data / "s0001" / "ct.nii.gz", tmp_path / "ct.nii.gz")
+    labels, windows = {}, {}
+    for skip in (False, True):
+        out = tmp_path / f"skip_air_{skip}"
+        assert predict({"ckpt": ckpt, "input": str(ct), "output": str(out), "masks": False,
+                        "progress": False, "sw": {"skip_air": skip}}) == 0
+        labels[skip] = np.asanyarray(nib.load(out / "ct" / "labels.nii.gz").dataobj)
+        windows[skip] = json.loads((out / "timing.json").read_text())["cases"][0].get("windows")
+    # The crop in a 500 mm field of view at 6 mm: the windows in air around it are not computed,
+    # and the trained model's labels stay (it predicts background in air).
+    assert windows[False] is None
+    assert 0 < windows[True]["computed"] < windows[True]["grid"]
+    assert int((labels[False] > 0).sum()) > 1000
+    assert float((labels[True] == labels[False]).mean()) >= 0.999
 
 
 def test_phantom_quick_learns(phantom_quick_run, tmp_path):

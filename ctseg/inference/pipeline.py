@@ -20,6 +20,7 @@ from monai.transforms import Compose, Invertd, LoadImaged
 from ctseg.atomic import atomic_folder
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError, DatasetError
+from ctseg.inference.air import body_window_starts
 from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, MeanSigmoids, mirror_flips
@@ -67,6 +68,7 @@ class PredictOptions:
     sw_batch_size: int = BATCH_SIZE
     slab_axis: int | None = None
     accum_dtype: str | None = None
+    skip_air: bool = False
     device: str = "auto"
     amp: bool = True
     cpu_bf16: bool = False
@@ -123,6 +125,7 @@ class Segmentation:
     names: Sequence[str] | dict[int, str]
     probabilities: dict[int, np.ndarray]
     model_grid: tuple[int, ...]
+    windows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -374,14 +377,24 @@ class CasePredictor:
         o = self.options
         names: Sequence[str] | dict[int, str] = self.model.label_names
         probabilities: dict[int, np.ndarray] = {}
+        windows: dict[str, int] = {}
         if self.vista3d:
             grid_labels, names = self.vista3d_labels(prepared, o.prompt)
         else:
+            starts = None
+            if o.skip_air:
+                starts, total = body_window_starts(
+                    prepared.image.as_tensor().numpy(), np.asarray(prepared.image.affine),
+                    np.asarray(data[IMAGE].affine), data[IMAGE].shape[1:], self.roi, o.overlap)
+                windows = {"computed": len(starts) or total, "grid": total}
+                log.info("%s: %d of %d windows hold the body (sw.skip_air)", case.name,
+                         len(starts), total)
             result = sliding_window_predict(
                 data[IMAGE][None], self._predictor(self.runner), self.roi, o.overlap, mode=o.mode,
                 padding_mode=self.padding_mode, sw_batch_size=o.sw_batch_size,
                 slab_axis=o.slab_axis, keep_channels=self.keep, accum_dtype=o.accumulator,
                 sw_device=self.device, device=self.device, output_device="cpu",
+                window_starts=starts or None,
             )
             grid_labels = result.labels
             probabilities = {c: self._invert(data, v, nearest=False)
@@ -392,7 +405,7 @@ class CasePredictor:
             labels = keep_largest(labels, self.largest_component)
         lap("postprocess")
         return Segmentation(labels, prepared.affine, prepared.header, names, probabilities,
-                            tuple(grid_labels.shape))
+                            tuple(grid_labels.shape), windows)
 
     def predict(self, case: Case, folder: Path, overwrite: bool = False) -> dict[str, Any]:
         """Predict `case` and write its outputs to `folder` atomically; the timing report."""
@@ -428,6 +441,7 @@ class CasePredictor:
         report: dict[str, Any] = {
             "case": case.name, "input": str(case.path), "output": str(folder),
             "shape": list(seg.labels.shape), "model_grid": list(seg.model_grid),
+            **({"windows": seg.windows} if seg.windows else {}),
             "seconds": times, "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         if self.device.type == "cuda":

@@ -57,6 +57,7 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
         sw_batch_size=_number("sw.batch_size", sw.get("batch_size", d.sw_batch_size), int),
         slab_axis=None if slab_axis is None else _number("sw.slab_axis", slab_axis, int),
         accum_dtype=sw.get("accum_dtype", d.accum_dtype),
+        skip_air=bool(sw.get("skip_air", d.skip_air)),
         device=str(cfg.get("device", d.device)), amp=bool(cfg.get("amp", d.amp)),
         cpu_bf16=bool(cfg.get("cpu_bf16", d.cpu_bf16)),
         backend=str(cfg.get("backend") or d.backend),
