@@ -19,6 +19,7 @@ from ctseg.inference.ensemble import check_members, run_checkpoints
 from ctseg.inference.inputs import discover_cases
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
 from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions, resolve_device
+from ctseg.inference.placement import AUTO
 from ctseg.inference.postprocess import POSTPROCESSING_FILE, read_choice
 from ctseg.inference.prompts import parse_prompt
 from ctseg.models.loading import EXPORT_MANIFEST, load_model
@@ -50,14 +51,16 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
     d = PredictOptions()
     sw = plain(cfg.get("sw")) or {}
     slab_axis = sw.get("slab_axis", d.slab_axis)
+    batch = sw.get("batch_size", d.sw_batch_size)
     return PredictOptions(
         roi_size=sw.get("roi_size", d.roi_size),
         overlap=_number("sw.overlap", sw.get("overlap", d.overlap), float),
         mode=str(sw.get("mode", d.mode)), padding_mode=sw.get("padding_mode", d.padding_mode),
-        sw_batch_size=_number("sw.batch_size", sw.get("batch_size", d.sw_batch_size), int),
+        sw_batch_size=batch if batch == AUTO else _number("sw.batch_size", batch, int),
         slab_axis=None if slab_axis is None else _number("sw.slab_axis", slab_axis, int),
         accum_dtype=sw.get("accum_dtype", d.accum_dtype),
         device=str(cfg.get("device", d.device)), amp=bool(cfg.get("amp", d.amp)),
+        gpu_preprocessing=bool(cfg.get("gpu_preprocessing", d.gpu_preprocessing)),
         cpu_bf16=bool(cfg.get("cpu_bf16", d.cpu_bf16)),
         backend=str(cfg.get("backend") or d.backend),
         channels_last=bool(cfg.get("channels_last", d.channels_last)),
