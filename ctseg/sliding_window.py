@@ -90,6 +90,7 @@ def sliding_window_predict(
     sigma_scale: Sequence[float] | float = 0.125,
     sw_batch_size: int = BATCH_SIZE,
     slab_axis: int | None = None,
+    slab_planes: int | None = None,
     keep_channels: Sequence[int] = (),
     cval: float = 0.0,
     padding_mode: str = "constant",
@@ -117,6 +118,9 @@ def sliding_window_predict(
             None picks the axis with the smallest accumulator (ties: the lowest index). Axis 0
             adds the windows in exactly MONAI's order, so the blended logits are bit-identical;
             other axes reorder the additions, which can flip only floating-point ties.
+        slab_planes: planes of the accumulator along the slab axis (default: one window's
+            extent, the least memory); the axis' whole extent makes it a full-volume accumulator
+            that is reduced to labels once, after the last window (no rolling).
         keep_channels: class indices whose softmax (over all C classes) is returned as full
             (D, H, W) float32 volumes in `SlidingWindowResult.probabilities`.
         cval: constant used to pad an image smaller than `roi_size` (symmetric, like MONAI).
@@ -140,8 +144,8 @@ def sliding_window_predict(
     roi = _check_roi(roi_size, spatial)
     overlaps = _check_overlap(overlap)
     blend = _check_mode(mode)
-    if sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1 (a whole number), got {sw_batch_size!r}")
     if accum_dtype is None:
         accum_dtype = image.dtype if image.dtype.is_floating_point else torch.float32
     if not accum_dtype.is_floating_point:
@@ -155,7 +159,7 @@ def sliding_window_predict(
 
     image, pad = pad_to_roi(image, roi, cval, _check_padding(padding_mode))
     size = tuple(int(s) for s in image.shape[2:])
-    axis = _check_axis(slab_axis, size, roi)
+    axis = choose_axis(slab_axis, size, roi)
     if window_starts is None:
         windows = grid_windows(size, roi, overlaps)
     else:
@@ -171,10 +175,13 @@ def sliding_window_predict(
     rest = [d for d in range(SPATIAL_DIMS) if d != axis]
     slab_weight = weight[0].movedim(axis + 1, 1).to(device)
 
+    if slab_planes is not None and slab_planes < 1:
+        raise ValueError(f"slab_planes must be >= 1 or None, got {slab_planes}")
+    planes = roi[axis] if slab_planes is None else min(max(slab_planes, roi[axis]), box[axis])
     stitch = _SlabStitcher(
         size=box,
         axis=axis,
-        planes=roi[axis],
+        planes=planes,
         keep=keep,
         dtype=accum_dtype,
         device=device,
@@ -211,7 +218,8 @@ def sliding_window_predict(
 
 
 class _SlabStitcher:
-    """Rolling (C, planes, *rest) logit accumulator along the slab axis, flushed to labels."""
+    """Rolling (C, planes, *rest) logit accumulator along the slab axis, flushed to labels when a
+    window reaches past its last plane (planes = the whole extent: a full-volume accumulator)."""
 
     def __init__(
         self,
@@ -271,8 +279,11 @@ class _SlabStitcher:
         """Blend one weighted window, given as (C, planes, *rest), into the accumulator."""
         if not self.channels:
             self._allocate(values.shape[0])
-        self._flush(window[self.axis][0] - self.start)
-        region = (slice(None), slice(None), *(slice(*window[d]) for d in rest))
+        # Planes before the window's start are final (windows come in order of their start);
+        # only as many as the window needs are flushed (with planes = the window's extent, all).
+        self._flush(window[self.axis][1] - self.start - self.planes)
+        first, last = (a - self.start for a in window[self.axis])
+        region = (slice(None), slice(first, last), *(slice(*window[d]) for d in rest))
         self.values[region] += values
         self.weights[region] += weight
 
@@ -306,9 +317,10 @@ class _SlabStitcher:
                 volume.movedim(self.axis, 0)[done] = probability.to(
                     self.output_device, torch.float32
                 )
-        for buffer in (self.values, self.weights):
-            _roll_planes(buffer.movedim(1, 0), count)
         self.start += count
+        if self.start < self.size[self.axis]:  # the last flush leaves nothing to roll
+            for buffer in (self.values, self.weights):
+                _roll_planes(buffer.movedim(1, 0), count)
 
     def outputs(
         self,
@@ -417,7 +429,7 @@ def _check_mode(mode: str) -> BlendMode:
     return BlendMode(str(mode))
 
 
-def _check_axis(slab_axis: int | None, size: tuple[int, ...], roi: tuple[int, ...]) -> int:
+def choose_axis(slab_axis: int | None, size: Sequence[int], roi: Sequence[int]) -> int:
     """Slab axis in 0..2; None picks the axis with the smallest accumulator roi[k] / size[k]."""
     if slab_axis is None:
         return min(range(SPATIAL_DIMS), key=lambda d: (roi[d] / size[d], d))

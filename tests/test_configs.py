@@ -228,8 +228,8 @@ def test_predict_options_defaults_are_predict_yamls():
     from_yaml = options_from(cfg)
     defaults = PredictOptions()
     for name in ("roi_size", "overlap", "mode", "padding_mode", "sw_batch_size", "slab_axis",
-                 "accum_dtype", "device", "amp", "cpu_bf16", "backend", "channels_last", "masks",
-                 "series_uid", "dicom_seg"):
+                 "accum_dtype", "device", "amp", "gpu_preprocessing", "cpu_bf16", "backend",
+                 "channels_last", "masks", "series_uid", "dicom_seg"):
         assert getattr(from_yaml, name) == getattr(defaults, name), name
     assert list(from_yaml.probabilities) == list(defaults.probabilities)
     assert options_from({}) == defaults

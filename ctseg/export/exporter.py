@@ -105,6 +105,8 @@ def export_model(model: LoadedModel, formats: Sequence[str], output: str | Path,
             report = parity.check(fmt, path, references[run_device], runner,
                                   window.to(run_device), parity.thresholds_for(fmt, thresholds))
             manifest["formats"][fmt] = {"file": path.name, "sha256": digest, "parity": report}
+            if fmt in TRT_FORMATS:  # the engine's optimisation profile: 1..max_batch windows
+                manifest["formats"][fmt]["max_batch"] = max_batch
     if skipped:
         manifest["skipped"] = skipped
     text = json.dumps(manifest, indent=2) + "\n"

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ctseg.errors import ConfigError
 from ctseg.export.exporter import export_model, sample_window
-from ctseg.export.formats import trt_unavailable
+from ctseg.export.formats import DEFAULT_MAX_BATCH, trt_unavailable
 from ctseg.export.runtime import Runner, load_runner
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.loading import load_export
@@ -81,28 +81,47 @@ def _format_for(model: LoadedModel, backend: str, amp: bool) -> str:
     return formats[0]
 
 
-def _export_now(model: LoadedModel, fmt: str, stack: ExitStack) -> LoadedModel:
+def _export_now(model: LoadedModel, fmt: str, stack: ExitStack, batch_size: int | str
+                ) -> LoadedModel:
     """Export `model` to `fmt` in a temporary folder kept for the run (parity checked on a
-    phantom window); that export, loaded."""
+    phantom window; TensorRT engines take `batch_size` windows, at least the default max_batch);
+    that export, loaded."""
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctseg_backend_")))
     log.info("exporting the network to %s for this run", fmt)
-    export_model(model, [fmt], folder, sample_window(model))
+    max_batch = max(DEFAULT_MAX_BATCH, batch_size if isinstance(batch_size, int) else 0)
+    export_model(model, [fmt], folder, sample_window(model), max_batch=max_batch)
     return load_export(folder)
 
 
+def check_batch(model: LoadedModel, fmt: str, batch_size: int | str) -> int | None:
+    """The most windows per forward pass the `fmt` file of `model` accepts (None: any); a
+    ConfigError naming the file, before any window runs, when `batch_size` exceeds it."""
+    limit = model.batch_limits.get(fmt)
+    if limit is None or not isinstance(batch_size, int) or batch_size <= limit:
+        return limit
+    path = model.export_dir / model.formats[fmt] if model.export_dir else fmt
+    raise ConfigError(f"{path}: this TensorRT engine runs at most {limit} window(s) per pass, "
+                      f"sw.batch_size={batch_size} asks for more; set sw.batch_size={limit} (or "
+                      f"auto), or export again with python -m ctseg.export "
+                      f"formats=[{fmt}] max_batch={batch_size}")
+
+
 def open_runner(model: LoadedModel, backend: str | None, device: torch.device, amp: bool,
-                channels_last: bool, stack: ExitStack) -> tuple[Runner, str]:
-    """The window runner of `backend` for `model` and the format it runs ("torch" for the
-    network itself); temporary exports live as long as `stack`."""
+                channels_last: bool, stack: ExitStack, batch_size: int | str = 1
+                ) -> tuple[Runner, str, int | None]:
+    """The window runner of `backend` for `model`, the format it runs ("torch" for the network
+    itself) and the most windows per pass it accepts (None: any; `check_batch` refuses a larger
+    `batch_size`); temporary exports live as long as `stack`."""
     backend = choose_backend(backend, model, device)
     if backend == "torch":
         if model.net is None:
             raise ConfigError(f"{model.export_dir} is an export folder: choose the backend of "
                               f"one of its formats ({', '.join(model.formats)}), e.g. "
                               "backend=onnxruntime, or give the checkpoint for backend=torch")
-        return torch_runner(model.net, device, channels_last), "torch"
+        return torch_runner(model.net, device, channels_last), "torch", None
     fmt = _format_for(model, backend, amp)
     if model.export_dir is None:
-        model = _export_now(model, fmt, stack)
+        model = _export_now(model, fmt, stack, batch_size)
+    limit = check_batch(model, fmt, batch_size)
     return load_runner(model.export_dir / model.formats[fmt], fmt, device,
-                       model.digests[fmt]), fmt
+                       model.digests[fmt]), fmt, limit

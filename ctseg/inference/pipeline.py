@@ -26,6 +26,15 @@ from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, MeanSigmoids, mirror_flips
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.outputs import write_case
+from ctseg.inference.placement import (
+    AUTO,
+    MAX_AUTO_BATCH,
+    Placement,
+    fixed_placement,
+    forward_bytes,
+    free_memory,
+    plan_placement,
+)
 from ctseg.inference.postprocess import keep_largest
 from ctseg.inference.prompts import OUTSIDE_NAME, Prompt, check_points_inside
 from ctseg.inference.vista3d import (
@@ -65,12 +74,13 @@ class PredictOptions:
     overlap: float = OVERLAP
     mode: str = MODE
     padding_mode: str | None = None
-    sw_batch_size: int = BATCH_SIZE
+    sw_batch_size: int | str = BATCH_SIZE
     slab_axis: int | None = None
     accum_dtype: str | None = None
     skip_air: bool = False
     device: str = "auto"
     amp: bool = True
+    gpu_preprocessing: bool = True
     cpu_bf16: bool = False
     backend: str = "auto"
     channels_last: bool = True
@@ -96,9 +106,10 @@ class PredictOptions:
         if self.padding_mode is not None and self.padding_mode not in PAD_MODES:
             raise ConfigError(f"sw.padding_mode={self.padding_mode}: choose one of "
                               f"{', '.join(PAD_MODES)} (or null: the model's)")
-        if self.sw_batch_size < 1:
-            raise ConfigError(f"sw.batch_size={self.sw_batch_size}: windows per batch must be "
-                              ">= 1")
+        batch = self.sw_batch_size
+        if batch != AUTO and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise ConfigError(f"sw.batch_size={batch}: windows per batch: a whole number >= 1, "
+                              f"or {AUTO} (from the free GPU memory)")
         if self.tta is not None and self.tta not in TTA_MODES:
             raise ConfigError(f"tta={self.tta}: choose {' or '.join(TTA_MODES)} (or null: none)")
         if self.tta is not None:
@@ -126,6 +137,18 @@ class Segmentation:
     probabilities: dict[int, np.ndarray]
     model_grid: tuple[int, ...]
     windows: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class CaseRun:
+    """A case on its way through load, inference and save (`CasePredictor.load`, `infer`,
+    `save`, each of which may run in its own thread), with its stage timings."""
+
+    case: Case
+    times: dict[str, float] = field(default_factory=dict)
+    prepared: PreparedCase | None = None
+    seg: Segmentation | None = None
+    peak_gpu_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -223,8 +246,10 @@ class CasePredictor:
         # replicates, VISTA3D's inferers pad with zeros) unless sw.padding_mode says otherwise.
         self.padding_mode = options.padding_mode or ("constant" if self.vista3d else "replicate")
         self._stack = ExitStack()
-        self.runner, self.format = open_runner(model, options.backend, self.device, self.amp,
-                                               options.channels_last, self._stack)
+        self.runner, self.format, limit = open_runner(model, options.backend, self.device,
+                                                      self.amp, options.channels_last,
+                                                      self._stack, options.sw_batch_size)
+        limits = [limit]
         # VISTA3D's torch windows are planned per case (plan_case): its members' networks and
         # the flips are averaged there; every other runner is averaged here.
         self.averaged: tuple[list[torch.nn.Module], list[tuple[int, ...]]] | None = None
@@ -238,9 +263,11 @@ class CasePredictor:
             if self.vista3d and self.format == "torch":
                 self.averaged = ([m.net for m in members], flips)
             else:
-                runners = [self.runner, *(open_runner(m, options.backend, self.device, self.amp,
-                                                      options.channels_last, self._stack)[0]
-                                          for m in members)]
+                opened = [open_runner(m, options.backend, self.device, self.amp,
+                                      options.channels_last, self._stack, options.sw_batch_size)
+                          for m in members]
+                runners = [self.runner, *(runner for runner, _, _ in opened)]
+                limits += [member_limit for _, _, member_limit in opened]
                 self.runner = (MeanSigmoids if self.vista3d else MeanProbabilities)(runners,
                                                                                     flips)
         self.exported_plan = None
@@ -249,6 +276,17 @@ class CasePredictor:
                 raise ConfigError(f"clicks (prompt.points) run with backend=torch only; the "
                                   f"{self.format} export holds VISTA3D's automatic mode")
             self.exported_plan = plan_exported(self.runner, prompt, model.known_ids)
+        # The most windows per pass sw.batch_size=auto may choose (TensorRT engines' limit).
+        self.batch_cap = min([MAX_AUTO_BATCH, *(n for n in limits if n is not None)])
+        # SegResNet on CUDA: the accumulator and windows per pass are planned per case from the
+        # free memory and one window's measured cost; elsewhere as configured.
+        self.planned = self.device.type == "cuda" and not self.vista3d
+        self.preprocess_device = self.device if self.planned and options.gpu_preprocessing \
+            else torch.device("cpu")
+        self.forward_bytes = 0
+        if self.planned:
+            window = torch.zeros((1, 1, *self.roi))
+            self.forward_bytes = forward_bytes(self._predictor(self.runner), window, self.device)
 
     def __enter__(self) -> CasePredictor:
         """The predictor itself."""
@@ -291,7 +329,8 @@ class CasePredictor:
             plan = replace(plan, predictor=MeanSigmoids(predictors, flips))
         result = sliding_window_predict(
             padded, self._predictor(plan.predictor), self.roi, o.overlap, mode=o.mode,
-            sw_batch_size=1 if plan.with_windows else o.sw_batch_size, slab_axis=o.slab_axis,
+            sw_batch_size=1 if plan.with_windows else self.placement(padded.shape[2:]).batch_size,
+            slab_axis=o.slab_axis,
             accum_dtype=o.accumulator, window_starts=plan.window_starts,
             with_windows=plan.with_windows,
             sw_device=self.device, device=self.device, output_device="cpu",
@@ -313,6 +352,19 @@ class CasePredictor:
             names = {**names, prompt.outside_value: OUTSIDE_NAME}
         return labels, names
 
+    def placement(self, size: Sequence[int]) -> Placement:
+        """Accumulator and windows per pass for a padded volume of `size`: planned from the free
+        memory (logged) for SegResNet on CUDA, else rolling slabs and sw.batch_size (auto: 1)."""
+        o = self.options
+        if not self.planned:
+            return fixed_placement(self.device, o.sw_batch_size)
+        plan = plan_placement(free_memory(self.device), size, self.model.num_classes, self.roi,
+                              o.accumulator or torch.float32, self.forward_bytes,
+                              o.sw_batch_size, self.device, o.slab_axis, bool(self.keep),
+                              self.batch_cap)
+        log.info("placement: %s", plan.describe())
+        return plan
+
     def _autocast(self, predictor: Any) -> Any:
         """`predictor` under autocast (CUDA float16 with AMP, CPU bfloat16 with cpu_bf16),
         returning float32 logits."""
@@ -331,13 +383,13 @@ class CasePredictor:
                   ) -> torch.Tensor:
         """`volume` (D, H, W) on the preprocessed grid mapped back to the loaded input's grid,
         as a float32 tensor."""
-        image = data[IMAGE]
-        pred = MetaTensor(volume[None].float(), meta=dict(image.meta),
+        image = data[IMAGE]  # on the preprocessing device, where the inversion runs too
+        pred = MetaTensor(volume[None].float().to(image.device), meta=dict(image.meta),
                           applied_operations=list(image.applied_operations))
         inverter = Invertd(keys=PRED, transform=self.transforms, orig_keys=IMAGE,
                            nearest_interp=nearest)
         inverted = inverter({IMAGE: image, PRED: pred})[PRED]
-        return (inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted)[0]
+        return (inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted)[0].cpu()
 
     def _invert(self, data: dict[str, Any], volume: torch.Tensor, nearest: bool) -> np.ndarray:
         """`volume` (D, H, W) on the preprocessed grid mapped back to the loaded input's grid."""
@@ -345,15 +397,16 @@ class CasePredictor:
 
     def prepare(self, case: Case, prompt: Prompt | None = None,
                 lap: Callable[[str], None] = lambda stage: None) -> PreparedCase:
-        """Load `case` and preprocess it as in training (`lap` after each stage); ConfigError
-        when a click of `prompt` (default: the run's) lies outside it."""
+        """Load `case` and preprocess it as in training (on the GPU when planned there with
+        gpu_preprocessing; `lap` after each stage); ConfigError when a click of `prompt`
+        (default: the run's) lies outside it."""
         image, header = load_case(case, self.options.series_uid)
         shape, affine = tuple(image.shape), np.asarray(image.affine, dtype=np.float64)
         check_points_inside(self.options.prompt if prompt is None else prompt, shape, case.path)
         if header is not None:
             affine = header.get_best_affine()
         lap("load")
-        data = self.transforms({IMAGE: image})
+        data = self.transforms({IMAGE: image.to(self.preprocess_device)})
         lap("preprocess")
         return PreparedCase(case, image, data, shape, affine, header)
 
@@ -372,7 +425,12 @@ class CasePredictor:
                 ) -> Segmentation:
         """Load, preprocess and predict `case`; its labels on the input's grid. `lap(stage)` is
         called after each of the load, preprocess, inference and postprocess stages."""
-        prepared = self.prepare(case, lap=lap)
+        return self.segment_prepared(self.prepare(case, lap=lap), lap)
+
+    def segment_prepared(self, prepared: PreparedCase,
+                         lap: Callable[[str], None] = lambda stage: None) -> Segmentation:
+        """Predict a prepared case; its labels on the input's grid (`lap` after the inference
+        and postprocess stages)."""
         data = prepared.data
         o = self.options
         names: Sequence[str] | dict[int, str] = self.model.label_names
@@ -384,17 +442,19 @@ class CasePredictor:
             starts = None
             if o.skip_air:
                 starts, total = body_window_starts(
-                    prepared.image.as_tensor().numpy(), np.asarray(prepared.image.affine),
+                    prepared.image.as_tensor().cpu().numpy(), np.asarray(prepared.image.affine),
                     np.asarray(data[IMAGE].affine), data[IMAGE].shape[1:], self.roi, o.overlap)
                 windows = {"computed": len(starts) or total, "grid": total}
-                log.info("%s: %d of %d windows hold the body (sw.skip_air)", case.name,
+                log.info("%s: %d of %d windows hold the body (sw.skip_air)", prepared.case.name,
                          len(starts), total)
+            size = [max(int(s), r) for s, r in zip(data[IMAGE].shape[1:], self.roi, strict=True)]
+            plan = self.placement(size)
             result = sliding_window_predict(
                 data[IMAGE][None], self._predictor(self.runner), self.roi, o.overlap, mode=o.mode,
-                padding_mode=self.padding_mode, sw_batch_size=o.sw_batch_size,
-                slab_axis=o.slab_axis, keep_channels=self.keep, accum_dtype=o.accumulator,
-                sw_device=self.device, device=self.device, output_device="cpu",
-                window_starts=starts or None,
+                padding_mode=self.padding_mode, sw_batch_size=plan.batch_size,
+                slab_axis=o.slab_axis, slab_planes=plan.slab_planes, keep_channels=self.keep,
+                accum_dtype=o.accumulator, sw_device=self.device, device=plan.device,
+                output_device="cpu", window_starts=starts or None,
             )
             grid_labels = result.labels
             probabilities = {c: self._invert(data, v, nearest=False)
@@ -407,12 +467,9 @@ class CasePredictor:
         return Segmentation(labels, prepared.affine, prepared.header, names, probabilities,
                             tuple(grid_labels.shape), windows)
 
-    def predict(self, case: Case, folder: Path, overwrite: bool = False) -> dict[str, Any]:
-        """Predict `case` and write its outputs to `folder` atomically; the timing report."""
-        times: dict[str, float] = {}
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = clock = time.perf_counter()
+    def _timer(self, times: dict[str, float]) -> Callable[[str], None]:
+        """A `lap(stage)` that records into `times` the seconds since the previous lap."""
+        clock = time.perf_counter()
 
         def lap(stage: str) -> None:
             nonlocal clock
@@ -421,8 +478,28 @@ class CasePredictor:
             times[stage] = round(now - clock, 3)
             clock = now
 
-        seg = self.segment(case, lap)
-        o = self.options
+        return lap
+
+    def load(self, case: Case) -> CaseRun:
+        """Load and preprocess `case` (the load and preprocess stages of `predict`)."""
+        run = CaseRun(case)
+        run.prepared = self.prepare(case, lap=self._timer(run.times))
+        return run
+
+    def infer(self, run: CaseRun) -> CaseRun:
+        """Predict a loaded case (inference and postprocess stages); its prepared data go."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        run.seg = self.segment_prepared(run.prepared, self._timer(run.times))
+        run.prepared = None
+        if self.device.type == "cuda":
+            run.peak_gpu_mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return run
+
+    def save(self, run: CaseRun, folder: Path, overwrite: bool = False) -> dict[str, Any]:
+        """Write a predicted case's outputs to `folder` atomically; its timing report."""
+        case, seg, o = run.case, run.seg, self.options
+        lap = self._timer(run.times)
         seg_error: Exception | None = None
         with atomic_folder(folder, overwrite) as tmp:
             write_case(tmp, seg.labels, seg.affine, seg.header, seg.names, o.masks,
@@ -437,13 +514,18 @@ class CasePredictor:
         if seg_error is not None:
             raise seg_failure(seg_error, case.path, folder) from seg_error
         lap("save")
-        times["total"] = round(time.perf_counter() - start, 3)
+        times = run.times
+        times["total"] = round(sum(times[stage] for stage in STAGES), 3)
         report: dict[str, Any] = {
             "case": case.name, "input": str(case.path), "output": str(folder),
             "shape": list(seg.labels.shape), "model_grid": list(seg.model_grid),
             **({"windows": seg.windows} if seg.windows else {}),
             "seconds": times, "peak_rss_mb": round(peak_rss_mb(), 1),
         }
-        if self.device.type == "cuda":
-            report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        if run.peak_gpu_mb is not None:
+            report["peak_gpu_mb"] = run.peak_gpu_mb
         return report
+
+    def predict(self, case: Case, folder: Path, overwrite: bool = False) -> dict[str, Any]:
+        """Predict `case` and write its outputs to `folder` atomically; the timing report."""
+        return self.save(self.infer(self.load(case)), folder, overwrite)

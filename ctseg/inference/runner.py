@@ -4,7 +4,9 @@ outputs, keep going after a failed case and report failures at the end."""
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,11 @@ from ctseg.atomic import OutputExists, remove_leftovers
 from ctseg.config import plain
 from ctseg.errors import ConfigError, CtsegError, WorkDone, user_message
 from ctseg.inference.ensemble import check_members, run_checkpoints
-from ctseg.inference.inputs import discover_cases
+from ctseg.inference.inputs import Case, discover_cases
 from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
-from ctseg.inference.pipeline import STAGES, CasePredictor, PredictOptions, resolve_device
+from ctseg.inference.overlap import background, done, failed
+from ctseg.inference.pipeline import STAGES, CasePredictor, CaseRun, PredictOptions, resolve_device
+from ctseg.inference.placement import AUTO
 from ctseg.inference.postprocess import POSTPROCESSING_FILE, read_choice
 from ctseg.inference.prompts import parse_prompt
 from ctseg.models.loading import EXPORT_MANIFEST, load_model
@@ -50,15 +54,17 @@ def options_from(cfg: Mapping[str, Any]) -> PredictOptions:
     d = PredictOptions()
     sw = plain(cfg.get("sw")) or {}
     slab_axis = sw.get("slab_axis", d.slab_axis)
+    batch = sw.get("batch_size", d.sw_batch_size)
     return PredictOptions(
         roi_size=sw.get("roi_size", d.roi_size),
         overlap=_number("sw.overlap", sw.get("overlap", d.overlap), float),
         mode=str(sw.get("mode", d.mode)), padding_mode=sw.get("padding_mode", d.padding_mode),
-        sw_batch_size=_number("sw.batch_size", sw.get("batch_size", d.sw_batch_size), int),
+        sw_batch_size=batch if batch == AUTO else _number("sw.batch_size", batch, int),
         slab_axis=None if slab_axis is None else _number("sw.slab_axis", slab_axis, int),
         accum_dtype=sw.get("accum_dtype", d.accum_dtype),
         skip_air=bool(sw.get("skip_air", d.skip_air)),
         device=str(cfg.get("device", d.device)), amp=bool(cfg.get("amp", d.amp)),
+        gpu_preprocessing=bool(cfg.get("gpu_preprocessing", d.gpu_preprocessing)),
         cpu_bf16=bool(cfg.get("cpu_bf16", d.cpu_bf16)),
         backend=str(cfg.get("backend") or d.backend),
         channels_last=bool(cfg.get("channels_last", d.channels_last)),
@@ -139,32 +145,61 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
         write_json(output / TIMING_FILE, {"cases": reports, "skipped": skipped,
                                           "failed": failures})
 
-    with CasePredictor(models[0], options, members=models[1:]) as predictor, \
-            Progress(disable=not cfg.get("progress", True)) as progress:
-        task = progress.add_task("predict", total=len(cases))
-        for case in cases:
-            folder = output / case.name
-            progress.update(task, description=case.name)
-            if (folder / LABELS_FILE).exists() and not overwrite:
+    def load_unless_done(case: Case) -> CaseRun | None:
+        """`case` loaded, or None when its outputs exist (and overwrite is off)."""
+        if (output / case.name / LABELS_FILE).exists() and not overwrite:
+            return None
+        return predictor.load(case)
+
+    def record(case: Case, outcome: Future) -> None:
+        """Log and keep what became of `case`: its report, a skip, or its failure."""
+        folder = output / case.name
+        try:
+            report = outcome.result()
+            if report is None:
                 log.info("%s: output exists, skipped (overwrite=true to redo)", folder)
                 skipped.append(case.name)
             else:
-                try:
-                    report = predictor.predict(case, folder, overwrite=overwrite)
-                    log.info(_summary_line(report))
-                    reports.append(report)
-                except OutputExists:
-                    log.info("%s: written by another process meanwhile, kept", folder)
-                    skipped.append(case.name)
-                except Exception as err:
-                    message = failure_message(err)
-                    log.error("%s failed: %s", case.path, message)
-                    # the console keeps one line per case; the log file gets the traceback
-                    log.debug("%s: traceback of the failure", case.path, exc_info=True)
-                    failures.append({"case": case.name, "input": str(case.path),
-                                     "error": message})
-            progress.advance(task)
-            write_timing()  # after each case, so a killed run keeps the timings so far
+                log.info(_summary_line(report))
+                reports.append(report)
+        except OutputExists:
+            log.info("%s: written by another process meanwhile, kept", folder)
+            skipped.append(case.name)
+        except Exception as err:
+            message = failure_message(err)
+            log.error("%s failed: %s", case.path, message)
+            # the console keeps one line per case; the log file gets the traceback
+            log.debug("%s: traceback of the failure", case.path, exc_info=True)
+            failures.append({"case": case.name, "input": str(case.path), "error": message})
+        progress.advance(task)
+        write_timing()  # after each case, so a killed run keeps the timings so far
+
+    # overlap_io: the next case is read (and preprocessed) and the previous one written in
+    # threads while this one computes; without it each step runs in turn, here.
+    overlap = bool(cfg.get("overlap_io", True))
+    with CasePredictor(models[0], options, members=models[1:]) as predictor, \
+            Progress(disable=not cfg.get("progress", True)) as progress, \
+            background(overlap, "ctseg-read") as reader, \
+            background(overlap, "ctseg-write") as writer:
+        task = progress.add_task("predict", total=len(cases))
+        writes: deque[tuple[Case, Future]] = deque()
+        loading = reader.submit(load_unless_done, cases[0]) if cases else None
+        for index, case in enumerate(cases):
+            progress.update(task, description=case.name)
+            current = loading
+            if index + 1 < len(cases):
+                loading = reader.submit(load_unless_done, cases[index + 1])
+            try:
+                loaded = current.result()
+                saving = done(None) if loaded is None else writer.submit(
+                    predictor.save, predictor.infer(loaded), output / case.name, overwrite)
+            except Exception as err:
+                saving = failed(err)
+            writes.append((case, saving))
+            while len(writes) > overlap:  # with overlap, the last write goes on meanwhile
+                record(*writes.popleft())
+        while writes:
+            record(*writes.popleft())
     log.info("%d predicted, %d skipped, %d failed; timings in %s", len(reports), len(skipped),
              len(failures), output / TIMING_FILE)
     if failures:

@@ -25,6 +25,8 @@ class LoadedModel:
     export_dir: Path | None = None
     formats: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)  # format -> SHA-256 of its file
+    # format -> most windows per forward pass its file accepts (TensorRT engines' max_batch)
+    batch_limits: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -218,6 +218,8 @@ def load_export(folder: Path, overrides: Mapping[str, Any] | None = None) -> Loa
         manifest = json.loads(manifest_path.read_text())
         formats = {fmt: str(entry["file"]) for fmt, entry in manifest["formats"].items()}
         digests = {fmt: str(entry["sha256"]) for fmt, entry in manifest["formats"].items()}
+        limits = {fmt: int(entry["max_batch"]) for fmt, entry in manifest["formats"].items()
+                  if "max_batch" in entry}
         pipeline_data = dict(manifest["pipeline"])
         roi = tuple(int(r) for r in manifest["roi_size"])
         kind, names = str(manifest["kind"]), list(manifest["label_names"])
@@ -234,7 +236,7 @@ def load_export(folder: Path, overrides: Mapping[str, Any] | None = None) -> Loa
     log.info("%s: %s export (%s), spacing %s mm", folder, kind, ", ".join(formats),
              pipeline.spacing)
     return LoadedModel(None, names, pipeline, roi, kind=kind, known_ids=known,
-                       export_dir=folder, formats=formats, digests=digests)
+                       export_dir=folder, formats=formats, digests=digests, batch_limits=limits)
 
 
 def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]
