@@ -151,6 +151,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
           ) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the model on the datamodule, test the best checkpoint; return metrics and objects.
     `extra_callbacks` join the configured ones (e.g. a hyper-parameter search's pruning)."""
+    windows = (cfg.get("sw") or {}).get("batch_size")
+    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int)
+                                or windows < 1):
+        raise ConfigError(f"sw.batch_size={windows}: validation and test in train.py take a "
+                          "number of windows per pass (auto is predict.py's, on CUDA); set "
+                          "sw.batch_size=1 or more")
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule: L.LightningDataModule = instantiate(cfg.data)

@@ -138,6 +138,8 @@ CASES = {
                                  "'sw.overlaps'"),
     "train: data.spacing=-1": Case(f"{TRAIN} data.spacing=-1", "data.spacing=-1: values must be "
                                    "finite and > 0"),
+    "train: sw.batch_size=auto": Case(f"{TRAIN} sw.batch_size=auto", "sw.batch_size=auto: "
+                                      "validation and test in train.py take a number of windows"),
     "train: pretrained weights of another architecture": Case(
         f"{TRAIN} model.pretrained={{d}}/tiny.ckpt", "tiny.ckpt: weights do not fit the network "
         "architecture"),
