@@ -109,15 +109,13 @@ def _synchronize() -> None:
 
 
 def timed_span(span: Callable[[], Result], write: Callable[[Result], object],
-               labels: Callable[[Result], np.ndarray], labels_file: Path,
-               warmup: bool = True) -> dict:
-    """Inside a worker, after its untimed setup: one untimed warm-up run of `span` (unless
-    `warmup` is false), the timed `span`, then `write(result)` timed separately; the labels of
-    the result are saved (untimed) to `labels_file` for the agreement check. Seconds, write
-    seconds, the labels file and, when CUDA was used, the peak GPU memory."""
-    if warmup:
-        span()
-        _synchronize()
+               output: Callable[[Result], np.ndarray], output_file: Path) -> dict:
+    """Inside a worker, after its untimed setup: one untimed warm-up run of `span`, the timed
+    `span`, then `write(result)` timed separately; `output(result)` (the labels) is saved,
+    untimed, to `output_file` for the agreement check. Seconds, write seconds, the output file
+    and, when CUDA was used, the peak GPU memory."""
+    span()
+    _synchronize()
     start = time.perf_counter()
     result = span()
     _synchronize()
@@ -125,8 +123,8 @@ def timed_span(span: Callable[[], Result], write: Callable[[Result], object],
     start = time.perf_counter()
     write(result)
     write_seconds = time.perf_counter() - start
-    np.save(labels_file, labels(result))
-    out = {"seconds": seconds, "write_seconds": write_seconds, "labels": str(labels_file)}
+    np.save(output_file, output(result))
+    out = {"seconds": seconds, "write_seconds": write_seconds, "output": str(output_file)}
     if _cuda_used():
         out["peak_gpu_mb"] = sys.modules["torch"].cuda.max_memory_allocated() / 2**20
     return out
@@ -186,9 +184,9 @@ def failed_checks(checks: Mapping[str, Mapping[str, Any]]) -> str | None:
 def payload(benchmark: str, span: str, repeats: int, setting: Mapping[str, Any],
             sides: Mapping[str, Mapping[str, Any]], checks: Mapping[str, Mapping[str, Any]]
             ) -> dict:
-    """The JSON every benchmark writes; the labels files of the sides are left out."""
+    """The JSON every benchmark writes; the output files of the sides are left out."""
     return {"benchmark": benchmark, "span": span, "repeats": repeats, "setting": dict(setting),
-            "sides": {name: {k: v for k, v in side.items() if k != "labels"}
+            "sides": {name: {k: v for k, v in side.items() if k != "output"}
                       for name, side in sides.items()},
             "agreement": dict(checks), "machine": machine()}
 

@@ -134,10 +134,10 @@ def checks_of(sides: dict[str, dict], variants: list[str], spacing: float,
               with_monai: bool) -> dict[str, dict]:
     """The agreement checks at one spacing: each variant against fp32 and against MONAI."""
     checks = {}
-    fp32 = sides[side_name("fp32", spacing)]["labels"]
-    monai = sides[side_name("monai", spacing)]["labels"] if with_monai else None
+    fp32 = sides[side_name("fp32", spacing)]["output"]
+    monai = sides[side_name("monai", spacing)]["output"] if with_monai else None
     for variant in variants:
-        labels = sides[side_name(variant, spacing)]["labels"]
+        labels = sides[side_name(variant, spacing)]["output"]
         threshold = REDUCED_THRESHOLD if variant in REDUCED else THRESHOLD
         if variant != "fp32":
             checks[f"{side_name(variant, spacing)} vs fp32"] = agreement(

@@ -215,7 +215,7 @@ def main() -> None:
                           args.repeats)
         checks = {"ctseg vs MONAI": agreement(
             "share of voxels with equal labels",
-            voxel_agreement(sides["ctseg"]["labels"], sides["monai"]["labels"]),
+            voxel_agreement(sides["ctseg"]["output"], sides["monai"]["output"]),
             args.threshold)}
     setting = {"shape": list(shape), "spacing_mm": args.spacing, "num_classes": NUM_CLASSES,
                "device": args.device, "roi": args.roi, "overlap": args.overlap,

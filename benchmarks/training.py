@@ -51,8 +51,8 @@ PIPELINES = ("bundle", "bundle_cached", "ctseg_none", "ctseg_memory", "ctseg_dis
 SLOW = ("bundle", "ctseg_none")
 
 
-def make_volume(workdir: Path, tile: int) -> dict[str, str]:
-    """Write the tiled 1.5 mm CT and label map; return their paths."""
+def make_volume(workdir: Path, tile: int, spacing: float = SPACING) -> dict[str, str]:
+    """Write the tiled CT and label map at `spacing` mm; return their paths."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 
     from ctseg.data.merge import prepare
@@ -63,7 +63,7 @@ def make_volume(workdir: Path, tile: int) -> dict[str, str]:
     load = Compose([LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys),
                     Orientationd(keys=keys, axcodes="RAS",
                                  labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-                    Spacingd(keys=keys, pixdim=SPACING, mode=("bilinear", "nearest"))])
+                    Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest"))])
     data = load({"image": record["image"], "label": record["label"]})
     affine = np.asarray(data["image"].affine, dtype=np.float64)
     paths = {}
