@@ -144,17 +144,22 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict:
             "peak_gpu_mb": max(gpu) if gpu else None, **side}
 
 
-def run_sides(script: str, sides: Mapping[str, Sequence[str]], workdir: str, repeats: int
-              ) -> dict[str, dict]:
+def run_sides(script: str, sides: Mapping[str, Sequence[str]], workdir: str, repeats: int,
+              warmup_round: bool = False) -> dict[str, dict]:
     """Measure every side (worker name -> its options) `repeats` times, interleaved (A, B, A, B,
-    ...), each measurement in a fresh interpreter; the summary of each side (`summarise`)."""
+    ...), each measurement in a fresh interpreter; the summary of each side (`summarise`). With
+    `warmup_round`, an untimed round comes first: the warm-up of measurements that time whole
+    processes, which cannot warm up inside."""
     if repeats < 1:
         raise SystemExit(f"--repeats {repeats}: give at least 1")
     runs: dict[str, list[dict]] = {name: [] for name in sides}
-    for repeat in range(repeats):
+    for repeat in range(-1 if warmup_round else 0, repeats):
         for name, options in sides.items():
-            log.info("%s (round %d of %d)", name, repeat + 1, repeats)
-            runs[name].append(run_worker(script, name, workdir, options))
+            log.info("%s (%s)", name, f"round {repeat + 1} of {repeats}" if repeat >= 0
+                     else "warm-up round")
+            result = run_worker(script, name, workdir, options)
+            if repeat >= 0:
+                runs[name].append(result)
     return {name: summarise(rs) for name, rs in runs.items()}
 
 

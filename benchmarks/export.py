@@ -9,12 +9,12 @@ inference.json) at each spacing.
 Weights: a random-init bundle SegResNet (105 classes), or `--ckpt` (a ctseg checkpoint: its own
 architecture, classes and preprocessing; the MONAI side then needs the bundle architecture and
 is left out, agreement is against ctseg fp32 only). The CT is the shared crop resampled to each
-spacing. The network is exported once per spacing (`python -m ctseg.export`, parity checked,
-untimed); then every variant and MONAI's pipeline are measured with the protocol of
-benchmarks/common.py (one process per measurement, interleaved rounds, one untimed warm-up,
-medians), over the same span as benchmarks/inference.py: from the input file to the labels in
-memory, writing timed apart. Each variant's process also times one window of random input
-(the median of `--windows`, after a warm-up window): the model compute alone.
+spacing. The network is exported once per spacing to the formats the variants need (`python -m
+ctseg.export`, parity checked, untimed); then every variant and MONAI's pipeline are measured
+with the protocol of benchmarks/common.py (one process per measurement, interleaved rounds, one
+untimed warm-up, medians), over the same span as benchmarks/inference.py: from the input file to
+the labels in memory, writing timed apart. Each variant's process also times one window of random
+input (the median of `--windows`, after a warm-up window): the model compute alone.
 
 Agreement: each variant's labels against fp32's and against MONAI's, at least 99.9 % of the
 voxels for the float32 variants and 98 % for the reduced-precision ones (bf16, AMP fp16,
@@ -25,6 +25,7 @@ script exits non-zero after writing the JSON when one is below. Prints the table
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -63,6 +64,9 @@ VARIANTS = {
 }
 CPU_VARIANTS = ("fp32", "fp32 channels-last", "bf16 (CPU autocast)", "TorchScript",
                 "onnxruntime")
+# Export format each exported variant runs.
+FORMATS = {"TorchScript": "torchscript", "onnxruntime": "onnx", "TensorRT fp32": "trt_fp32",
+           "TensorRT fp16": "trt_fp16"}
 # Reduced-precision variants and their least share of voxels with labels equal to fp32's (and
 # MONAI's): the random weights' 105 classes are near-ties almost everywhere, so rounding to bf16 /
 # fp16 flips 1-2 % of the voxels (a trained network keeps 99.94 %, see benchmarks/README.md);
@@ -84,12 +88,11 @@ def predict_cfg(args: argparse.Namespace, options: dict) -> dict:
 
 
 def worker_export(args: argparse.Namespace) -> dict:
-    """Export the network (parity checked) to the formats the device runs; seconds taken."""
+    """Export the network (parity checked) to the formats the variants need; seconds taken."""
     from ctseg.export.__main__ import run
     from ctseg.export.formats import DEFAULT_MAX_BATCH, DEFAULT_OPSET
 
-    formats = ["torchscript", "onnx"] + (["trt_fp32", "trt_fp16"] if args.device == "cuda"
-                                         else [])
+    formats = json.loads(args.formats)
     start = time.perf_counter()
     manifest = run({"ckpt": args.weights, "output": args.model, "formats": formats,
                     "sample": args.ct, "device": args.device, "opset": DEFAULT_OPSET,
@@ -195,7 +198,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     add_worker_options(parser, "--ct", "--weights", "--model", "--variant", "--overlap",
-                       "--sw-batch-size")
+                       "--sw-batch-size", "--formats")
     args = parser.parse_args()
     if args.worker:
         args.spacing = args.spacing[0]
@@ -224,7 +227,10 @@ def main() -> None:
                        "--device", args.device, "--spacing", str(spacing), "--roi",
                        str(args.roi), "--overlap", "0.25", "--sw-batch-size", "1",
                        "--windows", str(args.windows)]
-            exports[f"{spacing:g}"] = run_worker(__file__, "export", workdir, options)
+            formats = list(dict.fromkeys(FORMATS[v] for v in variants if v in FORMATS))
+            if formats:
+                exports[f"{spacing:g}"] = run_worker(__file__, "export", workdir, [
+                    *options, "--formats", json.dumps(formats)])
             names = (["monai"] if not args.ckpt else []) + variants
             at = run_sides(__file__, {side_name(v, spacing): [*options, "--variant", v]
                                       for v in names}, workdir, args.repeats)
