@@ -295,8 +295,8 @@ def whole_processes(args: argparse.Namespace, volume: dict[str, str]) -> dict:
                                volume["label"])
     theirs = sides[TRAIN_TEST]["mean_dice"]
     checks = {"train.py test vs predict.py": agreement(
-        f"1 - |mean test Dice of train.py ({theirs:.4f}) - mean Dice of predict.py's labels "
-        f"({ours:.4f})|", 1 - abs(theirs - ours), PROCESS_THRESHOLD)}
+        f"1 - abs(mean test Dice of train.py ({theirs:.4f}) - mean Dice of predict.py's labels "
+        f"({ours:.4f}))", 1 - abs(theirs - ours), PROCESS_THRESHOLD)}
     setting = {"volume": args.eval_volume, "device": args.device,
                "commands": {name: " ".join(argv[1:]) for name, argv in commands.items()}}
     return payload("training --processes", PROCESS_SPAN, args.repeats, setting, sides, checks)
