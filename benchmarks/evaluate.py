@@ -1,39 +1,57 @@
 """Benchmark the scoring of `python -m ctseg.evaluate` (Dice and NSD per class) at real size.
 
-    python benchmarks/evaluate.py [--tile 11] [--shift 3] [--tolerance 3] [--out result.json]
+    python benchmarks/evaluate.py [--tile 11] [--spacing 1.5] [--shift 3] [--tolerance 3]
+                                  [--repeats 3] [--out result.json]
 
-Ground truth: the shared crop's merged v1 label map at 1.5 mm, tiled `--tile` times along z as in
-benchmarks/training.py (11 tiles: 243x201x649 = 31.7 M voxels, a whole-body CT at 1.5 mm) and
-relabelled so that each (tile, structure) pair up to 104 is a class of its own: 104 localised
+Ground truth: the shared crop's merged v1 label map at `--spacing` mm, tiled `--tile` times along
+z as in benchmarks/training.py (11 tiles at 1.5 mm: 243x201x649 = 31.7 M voxels, a whole-body CT)
+and relabelled so that each (tile, structure) pair up to 104 is a class of its own: 104 localised
 structures of real shapes, as in a whole-body scan. Prediction: the ground truth shifted by
-`--shift` voxels along x. Each measurement runs in its own process (its own peak RSS):
+`--shift` voxels along x. Both are written as NIfTI. The sides are measured with the protocol of
+benchmarks/common.py (one process per measurement, interleaved rounds, one untimed warm-up,
+medians) over the same span, from the two label files to the Dice and NSD per class in memory;
+writing the scores as JSON is timed apart:
 
-- `ctseg_crop`: `ctseg.evaluate.metrics.case_scores` on one tile (the crop at 1.5 mm);
-- `monai_crop`: MONAI's straightforward use on the same tile: `DiceMetric` and
-  `compute_surface_dice(use_subvoxels=True)` on full one-hot volumes of 105 classes; its values
-  are compared with ctseg's (they must agree);
-- `ctseg_wholebody`: `case_scores` on the tiled volume. MONAI's one-hot route is not run there: its
-  two float32 one-hot volumes alone would take 2 x 105 x voxels x 4 bytes (estimate reported).
+- `ctseg`: `ctseg.evaluate.metrics.case_scores` on one tile (the crop);
+- `monai`: MONAI's straightforward use on the same tile: `DiceMetric` and
+  `compute_surface_dice(use_subvoxels=True)` on full one-hot volumes of 105 classes;
+- `ctseg wholebody` (with `--tile` > 1): `case_scores` on the tiled volume. MONAI's one-hot route
+  is not run there: its two float32 one-hot volumes alone would take 2 x 105 x voxels x 4 bytes
+  (estimate reported).
 
-Prints a table and writes JSON.
+Agreement: every Dice and NSD value of ctseg, over the classes in the ground truth, within
+TOLERANCE (1e-4) of MONAI's; else the script exits non-zero after writing the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from common import add_worker_options, machine, run_worker, serve_worker
+from common import (
+    add_repeats_option,
+    add_worker_options,
+    agreement,
+    configure_logging,
+    finish,
+    payload,
+    report_text,
+    run_sides,
+    serve_worker,
+    slug,
+    timed_span,
+)
 from training import SPACING, make_volume
 
 NUM_CLASSES = 105
-MEASUREMENTS = ("ctseg_crop", "monai_crop", "ctseg_wholebody")
+SPAN = "prediction and truth files -> Dice and NSD per class in memory"
+# Largest difference of a Dice or NSD value from MONAI's that still agrees: both compute the same
+# definitions (NSD on subvoxel surfaces), so only float rounding may differ.
+TOLERANCE = 1e-4
 
 
 def distinct_classes(label: np.ndarray, tiles: int, classes: int = NUM_CLASSES - 1) -> np.ndarray:
@@ -53,100 +71,119 @@ def distinct_classes(label: np.ndarray, tiles: int, classes: int = NUM_CLASSES -
     return out
 
 
-def write_label(workdir: Path, tiles: int) -> str:
-    """The relabelled, tiled ground truth as NIfTI; its path."""
-    paths = make_volume(workdir, tiles)
+def write_pair(workdir: Path, tiles: int, spacing: float, shift: int) -> dict[str, str]:
+    """The relabelled, tiled ground truth and the prediction (the truth shifted by `shift` voxels
+    along x) as NIfTI; their paths."""
+    paths = make_volume(workdir, tiles, spacing)
     img = nib.load(paths["label"])
-    label = distinct_classes(np.asarray(img.dataobj), tiles)
-    path = workdir / "truth.nii.gz"
-    nib.save(nib.Nifti1Image(label, img.affine), path)
-    return str(path)
-
-
-def _pair(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """Prediction (shifted truth) and ground truth of the measurement's volume."""
-    truth = np.asarray(nib.load(args.label).dataobj)
-    return np.roll(truth, int(args.shift), axis=0), truth
+    truth = distinct_classes(np.asarray(img.dataobj), tiles)
+    out = {"truth": str(workdir / "truth.nii.gz"), "pred": str(workdir / "pred.nii.gz")}
+    nib.save(nib.Nifti1Image(truth, img.affine), out["truth"])
+    nib.save(nib.Nifti1Image(np.roll(truth, shift, axis=0), img.affine), out["pred"])
+    return out
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """Score one volume with ctseg (per class on bounding boxes) or MONAI (full one-hot)."""
+    """One side: read both label maps and score them per class with ctseg (on bounding boxes) or
+    MONAI (full one-hot volumes); writing the scores as JSON is timed apart."""
     import torch
 
-    pred, truth = _pair(args)
-    spacing = (SPACING,) * 3
-    start = time.perf_counter()
-    if args.worker.startswith("ctseg"):
+    spacing = (float(args.spacing),) * 3
+    tolerance = float(args.tolerance)
+    classes = range(1, NUM_CLASSES)
+
+    def read() -> tuple[np.ndarray, np.ndarray]:
+        return (np.asarray(nib.load(args.pred).dataobj),
+                np.asarray(nib.load(args.truth).dataobj))
+
+    def ctseg_scores() -> np.ndarray:
         from ctseg.evaluate.metrics import case_scores
 
-        scores = case_scores(pred, truth, spacing, range(1, NUM_CLASSES), float(args.tolerance))
-        dice = [scores[c][0] for c in range(1, NUM_CLASSES)]
-        nsd = [scores[c][1] for c in range(1, NUM_CLASSES)]
-    else:
+        pred, truth = read()
+        scores = case_scores(pred, truth, spacing, classes, tolerance)
+        return np.array([[scores[c][0] for c in classes], [scores[c][1] for c in classes]])
+
+    def monai_scores() -> np.ndarray:
         from monai.metrics import DiceMetric, compute_surface_dice
         from monai.networks.utils import one_hot
 
         def onehot(labels: np.ndarray) -> torch.Tensor:
             return one_hot(torch.from_numpy(labels.astype(np.int64))[None, None], NUM_CLASSES)
 
-        p, g = onehot(pred), onehot(truth)
-        dice = DiceMetric(include_background=False, reduction="none")(p, g)[0].tolist()
-        nsd = compute_surface_dice(p, g, [float(args.tolerance)] * (NUM_CLASSES - 1),
+        p, g = (onehot(labels) for labels in read())
+        dice = DiceMetric(include_background=False, reduction="none")(p, g)[0]
+        nsd = compute_surface_dice(p, g, [tolerance] * (NUM_CLASSES - 1),
                                    include_background=False, spacing=spacing,
-                                   use_subvoxels=True)[0].tolist()
-    seconds = time.perf_counter() - start
-    return {"voxels": int(truth.size), "shape": list(truth.shape), "seconds": seconds,
-            "dice": dice, "nsd": nsd,
-            "classes": int(sum(1 for d in dice if not math.isnan(d)))}
+                                   use_subvoxels=True)[0]
+        return np.array([dice.tolist(), nsd.tolist()])
+
+    def write(scores: np.ndarray) -> None:
+        rows = {str(c): {"dice": d, "nsd": n} for c, d, n in zip(classes, *scores.tolist(),
+                                                                 strict=True)}
+        (Path(args.workdir) / f"{slug(args.worker)}_scores.json").write_text(json.dumps(rows))
+
+    span = monai_scores if args.worker == "monai" else ctseg_scores
+    result = timed_span(span, write, lambda scores: scores,
+                        Path(args.workdir) / f"{slug(args.worker)}_scores.npy")
+    truth = nib.load(args.truth)
+    scores = np.load(result["output"])
+    return {**result, "voxels": int(np.prod(truth.shape)), "shape": list(truth.shape),
+            "classes": int((~np.isnan(scores[0])).sum())}
 
 
-def max_difference(a: list[float], b: list[float], truth_present: list[bool]) -> float:
-    """Largest |a - b| over the classes present in the ground truth."""
-    return max((abs(x - y) for x, y, present in zip(a, b, truth_present, strict=True) if present),
-               default=0.0)
+def score_agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+    """Share of the (metric, class) values, over the classes in the ground truth, within
+    TOLERANCE of MONAI's; the largest difference."""
+    present = ~np.isnan(theirs[0])
+    difference = np.abs(ours[:, present] - theirs[:, present])
+    difference[np.isnan(difference)] = np.inf  # a value on one side only
+    return float((difference <= TOLERANCE).mean()), float(difference.max(initial=0.0))
 
 
 def main() -> None:
-    """Build the volumes, run each measurement in a fresh process, print and save the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tile", type=int, default=11, help="tiles of the whole-body volume")
+    """Build the volumes, measure each side with the protocol, print and save the report."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Smallest setting (seconds): --tile 1 --spacing 3 --repeats 1")
+    parser.add_argument("--tile", type=int, default=11, help="tiles of the whole-body volume "
+                        "(1: no whole-body side)")
+    parser.add_argument("--spacing", type=float, default=SPACING, help="grid of the volumes (mm)")
     parser.add_argument("--shift", type=int, default=3, help="prediction shift in voxels (x)")
     parser.add_argument("--tolerance", type=float, default=3.0, help="NSD tolerance in mm")
+    add_repeats_option(parser)
     parser.add_argument("--out", type=Path, help="JSON file for the results")
-    add_worker_options(parser, "--label")
+    add_worker_options(parser, "--truth", "--pred")
     args = parser.parse_args()
     if args.worker:
         serve_worker(worker, args)
         return
-    options = ["--shift", str(args.shift), "--tolerance", str(args.tolerance)]
-    results = {}
+    configure_logging()
     with tempfile.TemporaryDirectory(prefix="ctseg_bench_eval_") as tmp:
-        labels = {"crop": write_label(Path(tmp) / "crop", 1),
-                  "wholebody": write_label(Path(tmp) / "wholebody", args.tile)}
-        for name in MEASUREMENTS:
-            label = labels[name.split("_", 1)[1]]
-            results[name] = run_worker(__file__, name, tmp, [*options, "--label", label])
-    ours, theirs = results["ctseg_crop"], results["monai_crop"]
-    present = [not math.isnan(d) for d in ours["dice"]]
-    agreement = {"max_abs_dice": max_difference(ours["dice"], theirs["dice"], present),
-                 "max_abs_nsd": max_difference(ours["nsd"], theirs["nsd"], present)}
-    voxels = results["ctseg_wholebody"]["voxels"]
-    onehot_gb = 2 * NUM_CLASSES * voxels * 4 / 1e9
-    print(f"{'measurement':<16}{'shape':>16}{'classes':>9}{'seconds':>9}{'peak RSS MB':>13}")
-    for name, r in results.items():
-        shape = "x".join(str(s) for s in r["shape"])
-        print(f"{name:<16}{shape:>16}{r['classes']:>9}{r['seconds']:>9.1f}"
-              f"{r['peak_rss_mb']:>13.0f}")
-    print(f"ctseg vs MONAI on the crop: max |dDice| {agreement['max_abs_dice']:.2e}, max |dNSD| "
-          f"{agreement['max_abs_nsd']:.2e}; MONAI one-hot at whole-body size: {onehot_gb:.1f} GB "
-          "for the two one-hot volumes alone (not run)")
-    report = {"machine": machine(), "args": {"tile": args.tile, "shift": args.shift,
-                                             "tolerance": args.tolerance},
-              "results": {k: {key: v for key, v in r.items() if key not in ("dice", "nsd")}
-                          for k, r in results.items()},
-              "agreement": agreement, "monai_onehot_wholebody_gb": onehot_gb}
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+        options = ["--spacing", str(args.spacing), "--tolerance", str(args.tolerance)]
+        crop = write_pair(Path(tmp) / "crop", 1, args.spacing, args.shift)
+        sides = {"monai": [*options, "--truth", crop["truth"], "--pred", crop["pred"]],
+                 "ctseg": [*options, "--truth", crop["truth"], "--pred", crop["pred"]]}
+        if args.tile > 1:
+            whole = write_pair(Path(tmp) / "wholebody", args.tile, args.spacing, args.shift)
+            sides["ctseg wholebody"] = [*options, "--truth", whole["truth"], "--pred",
+                                        whole["pred"]]
+        measured = run_sides(__file__, sides, tmp, args.repeats)
+        share, largest = score_agreement(np.load(measured["ctseg"]["output"]),
+                                         np.load(measured["monai"]["output"]))
+    checks = {"ctseg vs MONAI": agreement(
+        f"share of Dice and NSD values within {TOLERANCE:g} of MONAI's (largest difference "
+        f"{largest:.2e})", share, 1.0)}
+    voxels = measured.get("ctseg wholebody", measured["ctseg"])["voxels"]
+    setting = {"tile": args.tile, "spacing_mm": args.spacing, "shift": args.shift,
+               "tolerance_mm": args.tolerance, "num_classes": NUM_CLASSES,
+               "monai_onehot_wholebody_gb": 2 * NUM_CLASSES * voxels * 4 / 1e9}
+    report = payload("evaluate", SPAN, args.repeats, setting, measured, checks)
+    print(report_text(report, "monai", f"Dice and NSD of {NUM_CLASSES - 1} classes, crop "
+                      f"{'x'.join(map(str, measured['ctseg']['shape']))} at {args.spacing} mm"))
+    print(f"MONAI one-hot at the whole-body size ({voxels / 1e6:.1f} M voxels): "
+          f"{setting['monai_onehot_wholebody_gb']:.1f} GB for the two one-hot volumes alone "
+          "(not run)")
+    finish(report, args.out)
 
 
 if __name__ == "__main__":

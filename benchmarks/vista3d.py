@@ -1,47 +1,58 @@
-"""Benchmark VISTA3D click sessions: first click vs next clicks, against a fresh predict run per
-click, and the automatic "everything" mode, on a whole-body-sized CT on CPU.
+"""Benchmark VISTA3D click sessions against a fresh predict run with the same clicks, and the
+automatic "everything" mode, on a whole-body-sized CT on CPU.
 
     python benchmarks/vista3d.py [--runs VARIANT:WINDOWS:CACHE ...] [--everything [VARIANT ...]]
-                                 [--tile 12] [--repeats 3] [--threads N] [--out result.json]
+                                 [--tile 12] [--clicks 3] [--repeats 3] [--threads N]
+                                 [--table vista3d.md] [--out result.json]
 
 The CT is the shared crop resampled to 1.5 mm and tiled `--tile` times along z (default 12:
 243 x 201 x 708 voxels, 1.06 m); the checkpoints are random-init VISTA3Ds (`small`:
 model=vista3d_small's 16 channels and 4 levels; `vista3d132`: the bundle's network) with the
-bundle's 128^3 window at 1.5 mm and the 97 v1 classes with a VISTA3D id. Each measurement runs
-in a fresh interpreter (peak RSS is its own):
+bundle's 128^3 window at 1.5 mm and the 97 v1 classes with a VISTA3D id. Every side is measured
+with the protocol of benchmarks/common.py (one process per measurement, interleaved rounds, one
+untimed warm-up, medians; model loaded untimed), over the same span: from the input file and the
+clicks (a first click in a kidney of the middle tile, then `--clicks` next clicks a few voxels
+from it) to the labels of the last click in memory; writing them is timed apart:
 
-- session (`ctseg.inference.click_session.ClickSession`), per run VARIANT:WINDOWS:CACHE (windows
-  `grid`: point_window=false, `centred`: point_window=true; cache float32 or float16; default
-  small:grid:float32 small:centred:float32 small:grid:float16 vista3d132:grid:float32), clicks
-  alone (the point head): a warm-up click in another session first; `--repeats` times a new
-  session opened (load + preprocess) and its first click; in the last one `--repeats` next
-  clicks a few voxels from it (each adds a click: the prompt holds all clicks so far). After each
-  next click a fresh `CasePredictor.segment` run (predict.py without writing files: load,
-  preprocess, every window, post-processing, inversion) with the same clicks is timed and its
-  labels compared voxel by voxel. Times: medians over the repeats, wall and CPU time of the
-  process (which a machine shared with other jobs disturbs less).
-- everything (`--everything`, default small): `CasePredictor.segment` without a prompt (all 97
-  classes), time and peak RSS.
+- `session VARIANT:WINDOWS:CACHE` (`ctseg.inference.click_session.ClickSession`; windows `grid`:
+  point_window=false, `centred`: point_window=true; cache float32 or float16; default
+  small:grid:float32 small:centred:float32 small:grid:float16 vista3d132:grid:float32): open the
+  session (load + preprocess), the first click, then each next click (clicks alone, the point
+  head); the open, first-click and next-click times inside the measured run are reported too;
+- `fresh VARIANT:WINDOWS`: `CasePredictor.segment` (predict.py without writing files: load,
+  preprocess, every window, post-processing, inversion) with all the clicks as its prompt;
+- `everything VARIANT` (`--everything`, default small): `CasePredictor.segment` without a prompt
+  (all 97 classes).
 
-Prints the table and writes it beside this script as vista3d.md (and JSON with --out).
+Agreement: each session's labels equal its fresh run's on at least 99.9 % of the voxels, else the
+script exits non-zero after writing the JSON. Prints the tables and writes them to `--table`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
-from common import SHARED, add_worker_options, machine, run_worker, serve_worker
+from common import (
+    SHARED,
+    add_repeats_option,
+    add_worker_options,
+    agreement,
+    configure_logging,
+    finish,
+    payload,
+    report_text,
+    run_sides,
+    serve_worker,
+    slug,
+    timed_span,
+    voxel_agreement,
+)
 
 SHARED_CT = SHARED / "s0001" / "ct.nii.gz"
 SPACING = 1.5
@@ -59,6 +70,11 @@ CACHES = ("float32", "float16")
 RUNS = ("small:grid:float32", "small:centred:float32", "small:grid:float16",
         "vista3d132:grid:float32")
 TABLE = Path(__file__).with_name("vista3d.md")
+# The span of every side: the session's (open, then every click) and the fresh run's.
+SPAN = "input file and clicks -> labels of the last click in memory"
+# Least share of voxels where a session's labels equal the fresh run's with the same clicks: the
+# session computes the same windows, only cached (float16 caches measured 100.000 % too).
+THRESHOLD = 0.999
 
 
 def run_spec(text: str) -> tuple[str, str, str]:
@@ -85,6 +101,7 @@ def make_ct(path: Path, tile: int) -> None:
 
 def make_checkpoint(path: Path, variant: str, seed: int) -> None:
     """A random-init VISTA3D checkpoint of `variant` (v1 classes, 1.5 mm, 128^3 windows)."""
+    import lightning
     import torch
 
     from ctseg.labels import label_names
@@ -95,200 +112,161 @@ def make_checkpoint(path: Path, variant: str, seed: int) -> None:
     data = {"version": "v1", "spacing": SPACING, "intensity": "hu_window", "smooth_sigma": 0.0,
             "patch_size": list(ROI)}
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "datamodule_hyper_parameters": data}, path)
+                "datamodule_hyper_parameters": data,
+                "pytorch-lightning_version": lightning.__version__}, path)
 
 
-def _clock(work: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
-    """`work()`'s result and its wall and CPU (this process) times in seconds."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = work()
-    return result, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+def clicks(first: list[int], count: int) -> tuple[list[list[int]], list[int]]:
+    """The first click and `count` next clicks a few voxels from it, and their labels."""
+    points = [first] + [[c + o for c, o in zip(first, offset, strict=True)]
+                        for offset, _ in NEXT[:count]]
+    return points, [1] + [positive for _, positive in NEXT[:count]]
 
 
-def _median(times: list[dict[str, float]]) -> dict[str, float]:
-    """Median wall and CPU times of repeated measurements."""
-    return {k: statistics.median(t[k] for t in times) for k in ("wall", "cpu")}
-
-
-def worker_session(args: argparse.Namespace) -> dict:
-    """Warm up; first clicks (each in a new session), then next clicks, each against a fresh
-    predict run with the same clicks."""
+def worker(args: argparse.Namespace) -> dict:
+    """One side under the protocol: a click session (open, first click, next clicks), a fresh
+    predict run with all the clicks, or the everything mode; the labels of the last click."""
     import torch
 
     from ctseg.inference.click_session import ClickSession
     from ctseg.inference.inputs import Case
     from ctseg.inference.pipeline import CasePredictor, PredictOptions
+    from ctseg.inference.prompts import parse_prompt
     from ctseg.models.loading import load_model
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(int(args.threads))
     model = load_model(args.ckpt, {}, {})
     case = Case("ct", Path(args.ct), "nifti")
+    affine = nib.load(args.ct).affine
     point_window = MODES[args.mode]
-    dtype = torch.float16 if args.cache == "float16" else torch.float32
-    first = [int(c) for c in args.first.split(",")]
-    with ClickSession.open(model, case, point_window=point_window) as warm:
-        warm.click([[s // 4 for s in nib.load(args.ct).shape]])  # another window
-    opens, firsts = [], []
-    for _ in range(args.repeats):
-        session, seconds = _clock(lambda: ClickSession.open(
-            model, case, point_window=point_window, cache_dtype=dtype))
-        opens.append(seconds)
-        firsts.append(_clock(lambda s=session: s.click([first]))[1])
-        first_runs, first_bytes = session.encoder_runs, session.cache_bytes
-        if len(firsts) < args.repeats:
-            session.close()
-    nexts, fresh, agreement, runs = [], [], [], []
-    for offset, positive in NEXT[:args.repeats]:
-        point = [c + o for c, o in zip(first, offset, strict=True)]
-        before = session.encoder_runs
-        labels, seconds = _clock(lambda p=point, q=positive: session.click([p], [q]))
-        nexts.append(seconds)
-        runs.append(session.encoder_runs - before)
-        with CasePredictor(model, PredictOptions(device="cpu", prompt=session.prompt)) as run:
-            seg, seconds = _clock(lambda r=run: r.segment(case))
-        fresh.append(seconds)
-        agreement.append(float((seg.labels == labels).mean()))
-    result = {"open": _median(opens), "first": _median(firsts), "next": _median(nexts),
-              "fresh": _median(fresh), "first_all": firsts, "next_all": nexts,
-              "fresh_all": fresh, "agreement": agreement, "first_encoder_runs": first_runs,
-              "next_encoder_runs": runs, "cache_bytes_first": first_bytes,
-              "cache_bytes": session.cache_bytes, "cached_windows": session.cached_windows,
-              "foreground": float((labels > 0).mean())}
-    session.close()
-    return result
+    points, labels = clicks([int(c) for c in args.first.split(",")], int(args.clicks))
+    steps: dict = {}
+
+    def session() -> np.ndarray:
+        dtype = torch.float16 if args.cache == "float16" else torch.float32
+        start = time.perf_counter()
+        with ClickSession.open(model, case, point_window=point_window,
+                               cache_dtype=dtype) as opened:
+            steps["open_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            result = opened.click([points[0]])
+            steps["first_s"] = time.perf_counter() - start
+            steps["first_encoder_runs"] = opened.encoder_runs
+            steps["next_s"], steps["next_encoder_runs"] = [], []
+            for point, label in zip(points[1:], labels[1:], strict=True):
+                start, runs = time.perf_counter(), opened.encoder_runs
+                result = opened.click([point], [label])
+                steps["next_s"].append(time.perf_counter() - start)
+                steps["next_encoder_runs"].append(opened.encoder_runs - runs)
+            steps["cache_bytes"] = opened.cache_bytes
+            return result.copy()
+
+    prompt = parse_prompt({"points": points, "point_labels": labels,
+                           "point_window": point_window})
+    kind = args.worker.split(" ", 1)[0]
+    options = PredictOptions(device="cpu", prompt=prompt if kind == "fresh" else
+                             parse_prompt(None))
+    with CasePredictor(model, options) as predictor:
+        span = session if kind == "session" else lambda: predictor.segment(case).labels
+
+        def write(result: np.ndarray) -> None:
+            nib.save(nib.Nifti1Image(result, affine),
+                     Path(args.workdir) / f"{slug(args.worker)}.nii.gz")
+
+        result = timed_span(span, write, lambda labels: labels,
+                            Path(args.workdir) / f"{slug(args.worker)}_labels.npy")
+    if kind == "everything":
+        steps["classes"] = len(model.known_ids)
+    return {**result, **steps}
 
 
-def worker_everything(args: argparse.Namespace) -> dict:
-    """The automatic mode (every class the checkpoint knows) through predict's segment."""
-    import torch
-
-    from ctseg.inference.inputs import Case
-    from ctseg.inference.pipeline import CasePredictor, PredictOptions
-    from ctseg.models.loading import load_model
-
-    torch.set_num_threads(args.threads)
-    model = load_model(args.ckpt, {}, {})
-    with CasePredictor(model, PredictOptions(device="cpu")) as predictor:
-        seg, seconds = _clock(lambda: predictor.segment(Case("ct", Path(args.ct), "nifti")))
-    return {"seconds": seconds, "classes": len(model.known_ids),
-            "labelled": len(np.unique(seg.labels))}
-
-
-def measure(name: str, args: argparse.Namespace, ckpt: str, mode: str = "grid",
-            cache: str = "float32") -> dict:
-    """One measurement in a fresh interpreter; its result with peak RSS."""
-    return run_worker(__file__, f"{name}_{Path(ckpt).stem}_{mode}_{cache}", args.workdir, [
-        "--ct", args.ct, "--ckpt", ckpt, "--mode", mode, "--cache", cache,
-        "--repeats", str(args.repeats), "--threads", str(args.threads), "--kind", name,
-        "--first", args.first])
-
-
-def table(rows: list[dict], everything: dict, shape: tuple[int, ...], threads: int) -> str:
-    """The benchmark as markdown."""
-    info = machine()
-    lines = [f"CT {shape[0]}x{shape[1]}x{shape[2]} at {SPACING} mm (the shared crop tiled), "
-             f"128^3 windows, random-init weights, clicks alone; CPU ({info['cpu']}, {threads} "
-             f"thread(s) of {info['cores']} cores). Seconds, wall (CPU of the process), medians "
-             f"over the repeats; fresh run: predict's segment with the same clicks (load, "
-             "preprocess, every window, post-processing, inversion); agreement: session labels "
-             "equal to the fresh run's, lowest over the next clicks.",
-             "",
-             "| variant | windows | cache | open | first click | next click | next / first "
-             "wall (CPU) | fresh run | next / fresh wall (CPU) | encoder runs first; next | "
-             "cache MiB first; end | agreement | peak RSS MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
-
-    def pair(t: dict) -> str:
-        return f"{t['wall']:.2f} ({t['cpu']:.2f})"
-
-    def ratio(a: dict, b: dict) -> str:
-        return f"{a['wall'] / b['wall']:.2f} ({a['cpu'] / b['cpu']:.2f})"
-
-    for r in rows:
-        lines.append(
-            f"| {r['variant']} | {r['mode']} | {r['cache']} | {pair(r['open'])} | "
-            f"{pair(r['first'])} | {pair(r['next'])} | {ratio(r['next'], r['first'])} | "
-            f"{pair(r['fresh'])} | {ratio(r['next'], r['fresh'])} | {r['first_encoder_runs']}; "
-            f"{', '.join(map(str, r['next_encoder_runs']))} | "
-            f"{r['cache_bytes_first'] / 2**20:.0f}; {r['cache_bytes'] / 2**20:.0f} | "
-            f"{min(r['agreement']) * 100:.3f} % | {r['peak_rss_mb']:.0f} |")
-    lines.append("")
-    for variant, e in everything.items():
-        lines.append(f"Everything mode ({variant}, {e['classes']} classes, predict's segment): "
-                     f"{pair(e['seconds'])} s, peak RSS {e['peak_rss_mb']:.0f} MiB.")
-    return "\n".join(lines) + "\n"
+def click_table(sides: dict[str, dict]) -> str:
+    """The click sessions' steps (timed inside the measured run) as markdown."""
+    lines = ["| session | open (s) | first click (s) | next clicks (s) | encoder runs first; next "
+             "| cache MiB |", "|---|---:|---:|---|---|---:|"]
+    for name, r in sides.items():
+        if name.startswith("session"):
+            lines.append(f"| {name.removeprefix('session ')} | {r['open_s']:.2f} | "
+                         f"{r['first_s']:.2f} | {', '.join(f'{t:.2f}' for t in r['next_s'])} | "
+                         f"{r['first_encoder_runs']}; "
+                         f"{', '.join(map(str, r['next_encoder_runs']))} | "
+                         f"{r['cache_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    """Parse arguments; run as the coordinator or, with --worker, as one measurement."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Parse arguments; run as the coordinator or, with --worker, as one side."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Smallest setting (seconds): --tile 1 --runs small:grid:float32 --everything "
+        "--clicks 1 --repeats 1 --table result.md")
     parser.add_argument("--runs", nargs="+", type=run_spec, default=[run_spec(r) for r in RUNS],
                         help="sessions as VARIANT:WINDOWS:CACHE, e.g. small:grid:float16")
     parser.add_argument("--tile", type=int, default=12, help="copies of the crop along z")
-    parser.add_argument("--repeats", type=int, default=3, choices=range(1, len(NEXT) + 1),
-                        help="next clicks")
+    parser.add_argument("--clicks", type=int, default=3, choices=range(1, len(NEXT) + 1),
+                        help="next clicks after the first")
+    add_repeats_option(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
                         "torch's)")
     parser.add_argument("--everything", nargs="*", choices=tuple(VARIANTS), default=["small"],
                         help="variants whose everything mode is measured (none: skip it)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table", type=Path, default=TABLE,
+                        help="markdown file for the tables (default: vista3d.md beside this "
+                        "script)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
-    add_worker_options(parser, "--ct", "--ckpt", "--mode", "--cache", "--kind", "--first")
+    add_worker_options(parser, "--ct", "--ckpt", "--mode", "--cache", "--first")
     args = parser.parse_args()
     if args.threads is None:
         import torch
 
         args.threads = torch.get_num_threads()
     if args.worker:
-        work = {"session": worker_session, "everything": worker_everything}[args.kind]
-        serve_worker(work, args)
+        serve_worker(worker, args)
         return
+    configure_logging()
     with tempfile.TemporaryDirectory(prefix="ctseg_bench_vista3d_") as workdir:
-        args.workdir = workdir
-        args.ct = str(Path(workdir) / "ct.nii.gz")
-        make_ct(Path(args.ct), args.tile)
-        shape = nib.load(args.ct).shape
+        ct = str(Path(workdir) / "ct.nii.gz")
+        make_ct(Path(ct), args.tile)
+        shape = nib.load(ct).shape
         middle = shape[2] // args.tile * (args.tile // 2)
-        args.first = ",".join(map(str, (FIRST[0], FIRST[1], FIRST[2] + middle)))
+        first = ",".join(map(str, (FIRST[0], FIRST[1], FIRST[2] + middle)))
         ckpts = {}
         for variant in dict.fromkeys([v for v, _, _ in args.runs] + args.everything):
             ckpts[variant] = str(Path(workdir) / f"{variant}.ckpt")
             make_checkpoint(Path(ckpts[variant]), variant, args.seed)
-        rows, everything, failed = [], {}, []
+
+        def options(variant: str, mode: str = "grid", cache: str = "float32") -> list[str]:
+            return ["--ct", ct, "--ckpt", ckpts[variant], "--mode", mode, "--cache", cache,
+                    "--clicks", str(args.clicks), "--threads", str(args.threads), "--first",
+                    first]
+
+        sides = {}
         for variant, mode, cache in args.runs:
-            try:
-                result = measure("session", args, ckpts[variant], mode, cache)
-            except subprocess.CalledProcessError as err:
-                failed.append(f"{variant}:{mode}:{cache} (exit {err.returncode})")
-                continue
-            rows.append({"variant": variant, "mode": mode, "cache": cache, **result})
-            print(f"{variant} {mode} {cache}: first {result['first']['wall']:.1f} s, next "
-                  f"{result['next']['wall']:.2f} s, fresh {result['fresh']['wall']:.1f} s",
-                  flush=True)
-            report(args, shape, rows, everything, failed)
-        for variant in args.everything:
-            try:
-                everything[variant] = measure("everything", args, ckpts[variant])
-            except subprocess.CalledProcessError as err:
-                failed.append(f"{variant} everything (exit {err.returncode})")
-    print(report(args, shape, rows, everything, failed))
-
-
-def report(args: argparse.Namespace, shape: tuple[int, ...], rows: list[dict],
-           everything: dict, failed: list[str]) -> str:
-    """Write the table beside this script (and the JSON to --out) as it stands; the table."""
-    text = table(rows, everything, shape, args.threads)
-    if failed:
-        text += "\nFailed: " + "; ".join(failed) + "\n"
-    TABLE.write_text(f"# VISTA3D click sessions\n\n`python benchmarks/vista3d.py "
-                     f"{' '.join(sys.argv[1:])}`\n\n{text}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"shape": list(shape), "spacing_mm": SPACING,
-                                        "threads": args.threads, "machine": machine(),
-                                        "sessions": rows, "everything": everything,
-                                        "failed": failed}, indent=2) + "\n")
-    return text
+            sides[f"session {variant}:{mode}:{cache}"] = options(variant, mode, cache)
+            sides[f"fresh {variant}:{mode}"] = options(variant, mode)
+        sides.update({f"everything {variant}": options(variant) for variant in args.everything})
+        measured = run_sides(__file__, sides, workdir, args.repeats)
+        checks = {f"{variant}:{mode}:{cache} session vs fresh": agreement(
+            "share of voxels with labels equal to the fresh run's",
+            voxel_agreement(measured[f"session {variant}:{mode}:{cache}"]["output"],
+                            measured[f"fresh {variant}:{mode}"]["output"]), THRESHOLD)
+            for variant, mode, cache in args.runs}
+    setting = {"shape": list(shape), "spacing_mm": SPACING, "roi": list(ROI), "tile": args.tile,
+               "clicks": 1 + args.clicks, "threads": args.threads,
+               "runs": [":".join(r) for r in args.runs], "everything": args.everything}
+    report = payload("vista3d", SPAN, args.repeats, setting, measured, checks)
+    base = f"fresh {args.runs[0][0]}:{args.runs[0][1]}"
+    text = (report_text(report, base, f"CT {'x'.join(map(str, shape))} at {SPACING} mm (the "
+                        f"shared crop tiled {args.tile}x), 128^3 windows, random-init weights, "
+                        f"{1 + args.clicks} clicks, {args.threads} thread(s)")
+            + "\n\nSteps of the click sessions (inside the measured run):\n\n"
+            + click_table(report["sides"]) + "\n")
+    print(text)
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text(f"# VISTA3D click sessions\n\n`python benchmarks/vista3d.py "
+                          f"{' '.join(sys.argv[1:])}`\n\n{text}")
+    finish(report, args.out)
 
 
 if __name__ == "__main__":

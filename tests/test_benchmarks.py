@@ -1,0 +1,87 @@
+"""The benchmarks follow one protocol (benchmarks/common.py): each script, run as a user types it
+at its smallest setting on CPU, writes both sides' timings over the same span and an agreement
+with its reference that passed; an agreement below its threshold exits non-zero, JSON written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, SHARED_DATA
+
+_spec = importlib.util.spec_from_file_location("benchmarks_common",
+                                               REPO / "benchmarks" / "common.py")
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+# Each benchmark's smallest setting (seconds, not minutes) and the sides it compares.
+SMALLEST = {
+    "inference": (["--shape", "32", "32", "32", "--roi", "32"], {"monai", "ctseg"}),
+    "export": (["--spacing", "6", "--roi", "32", "--variants", "fp32 channels-last"],
+               {"monai, 6 mm", "fp32, 6 mm", "fp32 channels-last, 6 mm"}),
+    "evaluate": (["--tile", "1", "--spacing", "6"], {"monai", "ctseg"}),
+    "ensemble": (["--shape", "32", "32", "32", "--roi", "32", "--models", "2"],
+                 {"one", "ensemble", "tta"}),
+    "vista3d": (["--tile", "1", "--runs", "small:grid:float32", "--everything", "--clicks", "1"],
+                {"session small:grid:float32", "fresh small:grid"}),
+}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every benchmark at its smallest setting, one repeat, run at the same time (each in one
+    thread: the figures are not compared, only their shape); its JSON report."""
+    tmp = tmp_path_factory.mktemp("benchmarks")
+    env = {**os.environ, "CTSEG_SHARED_DATA": str(SHARED_DATA), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                       os.environ.get("PYTHONPATH")]))}
+    running = {}
+    for name, (options, _) in SMALLEST.items():
+        extra = ["--table", str(tmp / "vista3d.md")] if name == "vista3d" else []
+        argv = [sys.executable, f"benchmarks/{name}.py", *options, "--repeats", "1", *extra,
+                "--out", str(tmp / f"{name}.json")]
+        running[name] = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+    out = {}
+    for name, process in running.items():
+        output = process.communicate()[0]
+        assert process.returncode == 0, f"{name} failed:\n{output[-4000:]}"
+        out[name] = json.loads((tmp / f"{name}.json").read_text())
+    return out
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_benchmark_follows_the_protocol(reports: dict[str, dict], name: str) -> None:
+    """Both sides timed over the same span, one run per repeat, peak RSS recorded; every
+    agreement passed its threshold."""
+    report = reports[name]
+    assert report["benchmark"] == name and report["repeats"] == 1 and report["span"]
+    assert set(report["sides"]) >= SMALLEST[name][1]
+    for side in report["sides"].values():
+        assert side["seconds"] > 0 and len(side["runs"]) == report["repeats"]
+        assert side["write_seconds"] is not None and side["write_seconds"] >= 0
+        assert side["peak_rss_mb"] > 100 and side["peak_gpu_mb"] is None
+    assert report["agreement"]
+    for check in report["agreement"].values():
+        assert check["passed"] and check["value"] >= check["threshold"], check
+    assert report["machine"]["cores"] >= 1
+
+
+def test_disagreement_exits_non_zero_after_writing(tmp_path: Path) -> None:
+    """An agreement below its threshold: the JSON is written, then the exit names the check."""
+    checks = {"ctseg vs MONAI": common.agreement("share of voxels with equal labels", 0.9, 0.999),
+              "other": common.agreement("share of voxels with equal labels", 1.0, 0.999)}
+    assert not checks["ctseg vs MONAI"]["passed"] and checks["other"]["passed"]
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as raised:
+        common.finish({"agreement": checks}, out)
+    message = str(raised.value.code)
+    assert message.startswith("agreement below threshold: ctseg vs MONAI")
+    assert "0.9 < 0.999" in message and "other" not in message and "\n" not in message
+    assert json.loads(out.read_text())["agreement"] == checks
+    common.finish({"agreement": {"other": checks["other"]}}, None)  # all passed: returns
