@@ -31,11 +31,15 @@ def test_windows_in_air_are_skipped_and_labels_unchanged(shared_ct: Path, tmp_pa
     padded = [max(s, r) for s, r in zip(grid.shape[1:], ROI, strict=True)]
     assert total == len(grid_windows(padded, ROI, 0.25))
     assert 0 < len(starts) < total
-    # A skipped window holds no voxel above the air threshold on the model grid either.
+    # Windows of MONAI's grid, covering every voxel of the body on the model grid (resampled by
+    # MONAI); a skipped window holds none.
+    assert set(starts) < {tuple(a for a, _ in w) for w in grid_windows(padded, ROI, 0.25)}
     image = grid[None].as_tensor().float()
-    for window in grid_windows(image.shape[2:], ROI, 0.25):
-        if tuple(a for a, _ in window) not in starts:
-            assert float(image[(0, 0, *(slice(a, b) for a, b in window))].max()) <= AIR_HU
+    covered = torch.zeros(image.shape[2:], dtype=torch.bool)
+    for start in starts:
+        covered[tuple(slice(a, a + r) for a, r in zip(start, ROI, strict=True))] = True
+    assert bool(covered[image[0, 0] > AIR_HU].all())
+    assert not bool(covered.all())
     full = sliding_window_predict(image, threshold_net, ROI, 0.25).labels
     skipped = sliding_window_predict(image, threshold_net, ROI, 0.25, window_starts=starts)
     assert skipped.num_windows == len(starts)
@@ -43,9 +47,16 @@ def test_windows_in_air_are_skipped_and_labels_unchanged(shared_ct: Path, tmp_pa
     assert torch.equal(skipped.labels, full)
 
 
-def test_a_ct_of_body_only_keeps_every_window(shared_ct: Path):
-    loaded = LoadImage(image_only=True)(str(shared_ct))
-    grid = Spacing(pixdim=3.0)(Orientation(axcodes="RAS", labels=AXIS_LABELS)(loaded[None]))
-    starts, total = body_window_starts(loaded.numpy(), np.asarray(loaded.affine),
-                                       np.asarray(grid.affine), grid.shape[1:], ROI, 0.25)
-    assert len(starts) == total
+def test_a_body_filling_the_volume_keeps_the_whole_grid():
+    body = np.full((40, 40, 20), 40.0)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    starts, total = body_window_starts(body, affine, affine, body.shape, ROI, 0.25)
+    assert sorted(starts) == sorted(tuple(a for a, _ in w)
+                                    for w in grid_windows(body.shape, ROI, 0.25))
+    assert total == 8
+
+
+def test_a_ct_of_air_has_no_body_window():
+    air = np.full((40, 40, 20), -1000.0)
+    starts, total = body_window_starts(air, np.eye(4), np.eye(4), air.shape, ROI, 0.25)
+    assert (starts, total) == ([], 8)
