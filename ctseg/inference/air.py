@@ -27,20 +27,24 @@ from ctseg.sliding_window import grid_windows
 AIR_HU = -500.0
 
 
-def body_window_starts(hu: np.ndarray, hu_affine: np.ndarray, grid_affine: np.ndarray,
-                       grid_shape: Sequence[int], roi: Sequence[int], overlap: float,
-                       threshold: float = AIR_HU) -> tuple[list[tuple[int, ...]], int]:
+def body_mask(hu: np.ndarray, threshold: float = AIR_HU) -> np.ndarray:
+    """The voxels of `hu` (a CT as loaded, in Hounsfield units) above `threshold`."""
+    return np.asarray(hu) > threshold
+
+
+def body_window_starts(body: np.ndarray, ct_affine: np.ndarray, grid_affine: np.ndarray,
+                       grid_shape: Sequence[int], roi: Sequence[int], overlap: float
+                       ) -> tuple[list[tuple[int, ...]], int]:
     """Starts (in voxels of the model grid as the sliding window pads it) of the windows of
-    MONAI's grid that touch a voxel of `hu` (the CT as loaded, (D, H, W) in HU, voxel-to-world
-    `hu_affine`) above `threshold`, and the number of windows of the grid. `grid_affine` maps
-    the model grid's voxels (`grid_shape`) to the same world coordinates."""
-    body = np.asarray(hu) > threshold
+    MONAI's grid that touch a voxel of `body` (`body_mask` of the CT as loaded, voxel-to-world
+    `ct_affine`), and the number of windows of the grid. `grid_affine` maps the model grid's
+    voxels (`grid_shape`) to the same world coordinates."""
     padded = [max(int(s), int(r)) for s, r in zip(grid_shape, roi, strict=True)]
     pad_before = [(p - int(s)) // 2 for p, s in zip(padded, grid_shape, strict=True)]
     windows = grid_windows(padded, roi, overlap)
     if not body.any():
         return [], len(windows)
-    to_hu = np.linalg.inv(np.asarray(hu_affine, dtype=np.float64)) @ np.asarray(
+    to_ct = np.linalg.inv(np.asarray(ct_affine, dtype=np.float64)) @ np.asarray(
         grid_affine, dtype=np.float64)
     limits = np.asarray(body.shape)
     starts = []
@@ -48,7 +52,7 @@ def body_window_starts(hu: np.ndarray, hu_affine: np.ndarray, grid_affine: np.nd
         # The window's voxels in the CT's voxels: the box its corners span, one voxel wider.
         corners = np.array([[*corner, 1.0] for corner in itertools.product(
             *((a - p, b - 1 - p) for (a, b), p in zip(window, pad_before, strict=True)))])
-        points = (to_hu @ corners.T)[:3]
+        points = (to_ct @ corners.T)[:3]
         low = np.clip(np.floor(points.min(axis=1)).astype(int) - 1, 0, limits)
         high = np.clip(np.ceil(points.max(axis=1)).astype(int) + 2, 0, limits)
         if body[tuple(slice(a, b) for a, b in zip(low, high, strict=True))].any():

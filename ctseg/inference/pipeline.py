@@ -20,7 +20,7 @@ from monai.transforms import Compose, Invertd, LoadImaged
 from ctseg.atomic import atomic_folder
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError, DatasetError
-from ctseg.inference.air import body_window_starts
+from ctseg.inference.air import body_mask, body_window_starts
 from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, MeanSigmoids, mirror_flips
@@ -153,8 +153,10 @@ class CaseRun:
 
 @dataclass(frozen=True)
 class PreparedCase:
-    """A loaded and preprocessed case: the input as loaded (`image`), the preprocessed data, the
-    input's shape, affine and NIfTI header (None for DICOM)."""
+    """A loaded and preprocessed case: the input as loaded (`image`; preprocessing on the CPU may
+    have changed its values in place: its affine and shape stay), the preprocessed data, the
+    input's shape, affine and NIfTI header (None for DICOM), and with sw.skip_air the mask of its
+    voxels above the air threshold, taken before preprocessing."""
 
     case: Case
     image: MetaTensor
@@ -162,6 +164,7 @@ class PreparedCase:
     shape: tuple[int, ...]
     affine: np.ndarray
     header: Any
+    body: np.ndarray | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -405,10 +408,12 @@ class CasePredictor:
         check_points_inside(self.options.prompt if prompt is None else prompt, shape, case.path)
         if header is not None:
             affine = header.get_best_affine()
+        skip = self.options.skip_air and not self.vista3d  # VISTA3D plans its own windows
+        body = body_mask(image.as_tensor().numpy()) if skip else None
         lap("load")
         data = self.transforms({IMAGE: image.to(self.preprocess_device)})
         lap("preprocess")
-        return PreparedCase(case, image, data, shape, affine, header)
+        return PreparedCase(case, image, data, shape, affine, header, body)
 
     def input_labels(self, prepared: PreparedCase, grid_labels: torch.Tensor,
                      dtype: torch.dtype = torch.float32) -> np.ndarray:
@@ -440,9 +445,9 @@ class CasePredictor:
             grid_labels, names = self.vista3d_labels(prepared, o.prompt)
         else:
             starts = None
-            if o.skip_air:
+            if prepared.body is not None:
                 starts, total = body_window_starts(
-                    prepared.image.as_tensor().cpu().numpy(), np.asarray(prepared.image.affine),
+                    prepared.body, np.asarray(prepared.image.affine),
                     np.asarray(data[IMAGE].affine), data[IMAGE].shape[1:], self.roi, o.overlap)
                 windows = {"computed": len(starts) or total, "grid": total}
                 log.info("%s: %d of %d windows hold the body (sw.skip_air)", prepared.case.name,
