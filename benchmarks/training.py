@@ -261,14 +261,14 @@ def worker_process(args: argparse.Namespace) -> dict:
     return out
 
 
-def predicted_mean_dice(labels: str, truth: str) -> float:
+def predicted_mean_dice(labels: str, truth: str, spacing: float) -> float:
     """Mean Dice over the classes in `truth` of predict.py's label map."""
     from ctseg.evaluate.metrics import case_scores
 
     pred = np.asanyarray(nib.load(labels).dataobj)
     target = np.asanyarray(nib.load(truth).dataobj)
     classes = [int(c) for c in np.unique(target) if c]
-    scores = case_scores(pred, target, (SPACING,) * 3, classes, 2.0)
+    scores = case_scores(pred, target, (spacing,) * 3, classes, 2.0)
     return float(np.mean([scores[c][0] for c in classes]))
 
 
@@ -281,23 +281,26 @@ def whole_processes(args: argparse.Namespace, volume: dict[str, str]) -> dict:
     gpu = ["trainer=gpu"] if args.device == "cuda" else []
     commands = {
         TRAIN_TEST: [sys.executable, "train.py", "data=totalseg_v1", f"data.root={root}",
+                       f"data.spacing={args.processes_spacing}",
                        "model=segresnet", f"model.pretrained={args.weights}", "train=false",
                        "test=true", "logger=csv", *gpu, f"paths.log_dir={work / 'outputs'}",
                        "callbacks.progress_bar=null"],
         PREDICT: [sys.executable, "predict.py", f"ckpt={args.weights}",
                     f"input={root / 's0001' / 'ct.nii.gz'}", f"output={work / 'predicted'}",
-                    "masks=false", "overwrite=true", "progress=false", f"device={args.device}"],
+                    "masks=false", "overwrite=true", "progress=false", f"device={args.device}",
+                    f"data.spacing={args.processes_spacing}"],
     }
     sides = run_sides(__file__, {name: ["--command", json.dumps(argv)]
                                  for name, argv in commands.items()}, args.workdir,
                       args.repeats, warmup_round=True)
     ours = predicted_mean_dice(str(next((work / "predicted").rglob("labels.nii.gz"))),
-                               volume["label"])
+                               volume["label"], args.processes_spacing)
     theirs = sides[TRAIN_TEST]["mean_dice"]
     checks = {"train.py test vs predict.py": agreement(
         f"1 - abs(mean test Dice of train.py ({theirs:.4f}) - mean Dice of predict.py's labels "
         f"({ours:.4f}))", 1 - abs(theirs - ours), PROCESS_THRESHOLD)}
-    setting = {"volume": args.eval_volume, "device": args.device,
+    setting = {"volume": args.eval_volume, "spacing_mm": args.processes_spacing,
+               "device": args.device,
                "commands": {name: " ".join(argv[1:]) for name, argv in commands.items()}}
     return payload("training --processes", PROCESS_SPAN, args.repeats, setting, sides, checks)
 
@@ -354,7 +357,10 @@ def tables(payload: dict) -> str:
 
 def main() -> None:
     """Parse arguments; run as the coordinator or, with --worker, as one measurement."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Smallest setting (a minute): --tile 1 --no-loaders --skip-eval --processes "
+        "--processes-spacing 6 --repeats 1")
     parser.add_argument("--tile", type=int, default=11, help="copies of the crop along z")
     parser.add_argument("--patches", type=int, default=60, help="patches timed per fast pipeline")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
@@ -368,6 +374,9 @@ def main() -> None:
     parser.add_argument("--processes", action="store_true",
                         help="also time the whole `train.py train=false test=true` process against "
                         "the whole predict.py process on the --eval-volume")
+    parser.add_argument("--processes-spacing", type=float, default=SPACING,
+                        help=f"model grid (mm) of the --processes commands, and of the CT they "
+                        f"run on (default {SPACING}; 3 or 6 for a quick run)")
     add_repeats_option(parser)
     parser.add_argument("--loaders", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the training DataLoaders (--no-loaders: skip them)")
@@ -409,6 +418,9 @@ def main() -> None:
                 key: measure(name, args, volume["image"], volume["label"])
                 for key, name in (("validation", "eval"), ("predict", "predict"))}}
         if args.processes:
+            if args.processes_spacing != SPACING:
+                volume = make_volume(Path(workdir) / "processes", args.tile if
+                                     args.eval_volume == "tiled" else 1, args.processes_spacing)
             payload["processes"] = whole_processes(args, volume)
         print(tables(payload))
     if args.out:

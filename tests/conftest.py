@@ -123,3 +123,14 @@ def vista3d_quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="session")
+def bundle_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fixed random state dict of the wholeBody bundle's network, saved as its `model.pt`."""
+    from ctseg.reference import wholebody_bundle
+
+    torch.manual_seed(20261126)
+    path = tmp_path_factory.mktemp("bundle") / "model.pt"
+    torch.save(wholebody_bundle.network().state_dict(), path)
+    return path

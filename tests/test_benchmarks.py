@@ -30,7 +30,8 @@ SMALLEST = {
     "vista3d": (["--tile", "1", "--runs", "small:grid:float32", "--everything", "--clicks", "1"],
                 {"session small:grid:float32", "fresh small:grid"}),
     "air": (["--spacing", "6", "--region", "neck"], {"all windows", "skip_air"}),
-    "training": (["--tile", "1", "--no-loaders", "--skip-eval", "--processes"],
+    "training": (["--tile", "1", "--no-loaders", "--skip-eval", "--processes",
+                  "--processes-spacing", "6"],
                  {"train.py train=false test=true", "predict.py"}),
 }
 

@@ -27,15 +27,6 @@ RECIPES = {"lowres": 3.0, "highres": 1.5}
 
 
 @pytest.fixture(scope="module")
-def bundle_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fixed random state dict of the bundle's network, saved as a bundle `model.pt`."""
-    torch.manual_seed(20261126)
-    path = tmp_path_factory.mktemp("bundle") / "model.pt"
-    torch.save(bundle.network().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def real_record(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The shared crop with its merged v1 label map."""
     return prepare(shared_data, out=tmp_path_factory.mktemp("prepared")).records[0]

@@ -25,15 +25,6 @@ needs_trt = pytest.mark.skipif(trt_unavailable() is not None, reason=str(trt_una
 
 
 @pytest.fixture(scope="module")
-def bundle_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fixed random state dict of the bundle's network, saved as a bundle `model.pt`."""
-    torch.manual_seed(20261126)
-    path = tmp_path_factory.mktemp("bundle") / "model.pt"
-    torch.save(bundle.network().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def trt_export(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint exported to TensorRT fp32 and fp16 engines of 1..2 windows."""
     model = load_model(tiny_ckpt, {}, {})
