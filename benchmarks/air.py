@@ -96,15 +96,14 @@ def free_of_skipped(ct: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The voxels of `ct` that no skipped window covers (its grid is the model grid: RAS at the
     model's spacing, as `body_ct` writes it)."""
     from ctseg.inference.air import body_mask, body_window_starts
+    from ctseg.inference.vista3d import window_coverage
     from ctseg.sliding_window import grid_windows
 
     roi = (ROI,) * 3
     starts = set(body_window_starts(body_mask(ct), affine, affine, ct.shape, roi, OVERLAP)[0])
     padded = [max(s, ROI) for s in ct.shape]
-    covered = np.zeros(padded, dtype=bool)
-    for window in grid_windows(padded, roi, OVERLAP):
-        if tuple(a for a, _ in window) not in starts:
-            covered[tuple(slice(a, b) for a, b in window)] = True
+    grid = [tuple(a for a, _ in window) for window in grid_windows(padded, roi, OVERLAP)]
+    covered = window_coverage([s for s in grid if s not in starts], padded, roi).numpy()
     before = [(p - s) // 2 for p, s in zip(padded, ct.shape, strict=True)]
     return ~covered[tuple(slice(b, b + s) for b, s in zip(before, ct.shape, strict=True))]
 
