@@ -34,7 +34,7 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
                 return obj[key]
         if obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
             return obj
-    raise ValueError(
+    raise CheckpointError(
         f"{path}: not a network state dict (expected a mapping of parameter names to tensors, "
         f"or one under a 'state_dict' or 'model' key); found {type(obj).__name__}"
     )
@@ -110,8 +110,8 @@ def network_state_dict(obj: Any, path: str | os.PathLike[str]) -> dict[str, Tens
         state = {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
-        raise ValueError(f"{path}: not a network state dict; entries that are not tensors: "
-                         f"{', '.join(map(str, bad[:_SHOWN]))}")
+        raise CheckpointError(f"{path}: not a network state dict; entries that are not tensors: "
+                              f"{', '.join(map(str, bad[:_SHOWN]))}")
     return dict(state)
 
 
@@ -136,7 +136,7 @@ def load_into(
     trained for another class count: with `label_names` = (the weights' classes, the model's)
     and the first a subset of the second, the known classes keep their output weights and the
     new ones their fresh initialisation (adding classes to a trained model); otherwise a
-    ValueError says so unless `reinit_head` is set. With `reinit_head=True` the output layer is
+    CheckpointError says so unless `reinit_head` is set. With `reinit_head=True` the output layer is
     never loaded and keeps its fresh initialisation.
     """
     own = net.state_dict()
@@ -168,7 +168,7 @@ def load_into(
                  "initialised: %s", source, len(old), len(added), ", ".join(added))
     elif mismatched and not reinit_head:
         key = mismatched[0]
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: the weights have {state_dict[key].shape[0]} output classes but the model "
             f"has {own[key].shape[0]}; set model.reinit_head=true to fine-tune from them with a "
             "freshly initialised output layer (a ctseg checkpoint whose classes are all among "
