@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
+import struct
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ctseg.atomic import write_atomic
-from ctseg.errors import CheckpointError, MissingFileError
+from ctseg.errors import CheckpointError, MissingFileError, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,15 @@ NET_PREFIX = "net."
 SEGRESNET_HEAD = "conv_final.2."
 # How many offending keys an error message lists.
 _SHOWN = 5
+# What torch.load(weights_only=True) raises for a file that is not a readable checkpoint, found
+# by loading empty, truncated, garbage and byte-flipped checkpoints and files of other formats
+# (tests/models/test_weights.py sweeps them): its zip reader's OSError and RuntimeError, the
+# unpickler's UnpicklingError, EOFError, struct.error, IndexError, KeyError and ValueError
+# (UnicodeDecodeError), and the TypeError, AttributeError and AssertionError of rebuilding
+# tensors from corrupt records. A MemoryError, or PyTorch running out of memory, passes.
+UNREADABLE: tuple[type[Exception], ...] = (
+    OSError, RuntimeError, pickle.UnpicklingError, EOFError, struct.error, IndexError, KeyError,
+    ValueError, TypeError, AttributeError, AssertionError)
 
 
 def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
@@ -53,7 +64,9 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint",
         raise MissingFileError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:
+    except UNREADABLE as err:
+        if out_of_memory(err):
+            raise
         text = str(err)
         unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         if unsafe:
