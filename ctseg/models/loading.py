@@ -60,6 +60,9 @@ VISTA3D_STEM = "image_encoder.encoder.conv_init.weight"
 VISTA3D_BLOCK = re.compile(r"image_encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
 
 
+# The class paths a checkpoint may name: a class of a module of ctseg.models.
+MODEL_CLASS_PATH = re.compile(r"ctseg\.models\.[a-z_][a-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
+
 # The description of an export folder (written by ctseg.export).
 EXPORT_MANIFEST = "export.json"
 
@@ -141,10 +144,16 @@ def _load_vista3d_state(path: Path, state: Mapping[str, torch.Tensor],
 def module_class(path: Path, checkpoint: Mapping[str, Any],
                  state: Mapping[str, torch.Tensor]) -> type[SegmentationModule]:
     """The module class a Lightning checkpoint records; for one without (saved by hand from a
-    state dict and hyper-parameters) VISTA3D or SegResNet by its weights."""
+    state dict and hyper-parameters) VISTA3D or SegResNet by its weights. A name that is not
+    `ctseg.models.<module>.<Class>` is refused before anything is imported: importing runs the
+    named module's code."""
     name = checkpoint.get(MODULE_CLASS)
     if name is None:
         return VISTA3DModule if any(k.startswith(VISTA3D_MARK) for k in state) else SegResNetModule
+    if not (isinstance(name, str) and MODEL_CLASS_PATH.fullmatch(name)):
+        raise CheckpointError(f"{path}: its module class {name} is not a ctseg model class "
+                              "(ctseg.models.<module>.<Class>); refusing to import it. Give a "
+                              "checkpoint written by ctseg's train.py")
     try:
         cls = get_class(str(name))
     except (ImportError, AttributeError, ValueError) as err:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,35 @@ def test_a_checkpoint_whose_head_disagrees_with_its_classes_is_refused(segresnet
     with pytest.raises(CheckpointError, match=r"a\.ckpt: the weights have 50 output classes but "
                                                "the checkpoint's hyper_parameters expect 105"):
         load_model(path, {}, {})
+
+
+# A module that records its import: a checkpoint naming a class of it must be refused unread.
+PROBE = '''
+from pathlib import Path
+from ctseg.models.segresnet import SegResNetModule
+
+Path(__file__).with_name("imported").write_text("imported")
+
+
+class Probe(SegResNetModule):
+    """A SegmentationModule outside ctseg.models."""
+'''
+
+
+@pytest.mark.parametrize("name", ["ctseg_probe.Probe", "os.system", "builtins.eval",
+                                  "ctseg.models.segresnet.os.system", "ctseg.modelsx.a.B",
+                                  "ctseg.models.segresnet"])
+def test_a_class_outside_ctseg_models_is_refused_before_any_import(
+        segresnet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str):
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "ctseg_probe.py").write_text(PROBE)
+    monkeypatch.syspath_prepend(str(tmp_path / "probe"))
+    path = save_checkpoint(segresnet, tmp_path / "a.ckpt", DATA)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["ctseg_module_class"] = name
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=rf"a\.ckpt: its module class {re.escape(name)} is "
+                                              r"not a ctseg model class \(ctseg\.models\."):
+        load_model(path, {}, {})
+    assert not (tmp_path / "probe" / "imported").exists()
+    assert "ctseg_probe" not in sys.modules
