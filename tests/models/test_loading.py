@@ -146,7 +146,8 @@ def test_a_class_outside_ctseg_models_is_refused_before_any_import(
     checkpoint["ctseg_module_class"] = name
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match=rf"a\.ckpt: its module class {re.escape(name)} is "
-                                              r"not a ctseg model class \(ctseg\.models\."):
+                                              r"not a ctseg model class \(ctseg\.models\.") as err:
         load_model(path, {}, {})
+    assert cli_message(err.value) == str(err.value)  # the command line's one error line
     assert not (tmp_path / "probe" / "imported").exists()
     assert "ctseg_probe" not in sys.modules
