@@ -1,9 +1,9 @@
 """Bad input to every command line, as real processes: exit 1, exactly one `error:` line that
 names the file or key, no traceback, and nothing created where the command would have written.
 
-The matrix: predict.py (18 cases), train.py (4), python -m ctseg.hparams_search (2),
+The matrix: predict.py (18 cases), train.py (5), python -m ctseg.hparams_search (2),
 ctseg.data (3), ctseg.evaluate (4), ctseg.visualize (5), ctseg.export (4), ctseg.compare (3):
-43 cases x 8 command lines. Every command that reads a file meets it missing, empty and
+44 cases x 8 command lines. Every command that reads a file meets it missing, empty and
 truncated. Other weights that do not fit, and checkpoints naming a class outside ctseg, are
 tests/models/test_loading.py's (in-process: the same CtsegError makes the one line).
 """
