@@ -34,6 +34,26 @@ CONFIG_DIR = (_PACKAGE_CONFIG if _PACKAGE_CONFIG.is_dir()
 RUN_NAME_ENV = "CTSEG_RUN_NAME"
 
 
+# Loggers that libraries give console handlers of their own: Lightning's `lightning` always,
+# `lightning.pytorch` and `lightning.fabric` when imported before the root logger had a handler.
+# Beside Hydra's job logging (the root logger's console and log-file handlers) each of their
+# lines would print twice, once per format.
+OWN_HANDLER_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+
+
+def log_through_root() -> None:
+    """Once the root logger has handlers (Hydra's job logging), send the OWN_HANDLER_LOGGERS'
+    records through them alone, as ctseg's own loggers do: their handlers removed, propagation
+    on. One console line per message, in one format, and every one in the run's log file."""
+    if not logging.getLogger().handlers:
+        return
+    for name in OWN_HANDLER_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
 @functools.cache
 def run_name() -> str:
     """This process's run (or sweep) folder name, fixed at first use: CTSEG_RUN_NAME if set;

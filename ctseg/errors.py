@@ -133,14 +133,34 @@ def root_cause(err: BaseException) -> BaseException:
 
 def data_errors() -> tuple[type[BaseException], ...]:
     """What reading or decoding a bad file raises: OS and gzip errors, nibabel's and pydicom's
-    file errors, YAML syntax errors, and the ValueErrors numpy and nibabel raise for
-    inconsistent headers."""
+    file errors (a NIfTI header nibabel cannot interpret: HeaderDataError), YAML syntax errors,
+    and the ValueErrors numpy and nibabel raise for inconsistent headers."""
     from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
     from pydicom.errors import InvalidDicomError
     from yaml import YAMLError
 
     return (OSError, EOFError, ValueError, zlib.error, struct.error, ImageFileError,
-            InvalidDicomError, YAMLError)
+            HeaderDataError, InvalidDicomError, YAMLError)
+
+
+def dicom_errors() -> tuple[type[BaseException], ...]:
+    """What reading a bad DICOM file with pydicom and MONAI's PydicomReader raises: data_errors(),
+    a value of the wrong length (BytesLengthException) or type (TypeError), fewer values than a
+    tag needs (IndexError), and an unknown value representation or pixel data no decoder can
+    decode (NotImplementedError, RuntimeError)."""
+    from pydicom.errors import BytesLengthException
+
+    return (*data_errors(), BytesLengthException, TypeError, IndexError, RuntimeError)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says that memory ran out rather than that a file is bad: a MemoryError, an
+    OSError with ENOMEM (a memory map), or PyTorch's allocator or memory map failing (a
+    RuntimeError quoting ENOMEM's text)."""
+    return (isinstance(err, MemoryError)
+            or (isinstance(err, OSError) and err.errno == errno.ENOMEM)
+            or os.strerror(errno.ENOMEM) in str(err))
 
 
 @contextmanager

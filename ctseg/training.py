@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctseg.atomic import remove_leftovers, write_atomic
 from ctseg.callbacks.checkpoint_io import AtomicCheckpointIO
-from ctseg.config import instantiate_group
+from ctseg.config import instantiate_group, log_through_root
 from ctseg.data.folds import SPLITS_FILE, write_splits
 from ctseg.errors import ConfigError, MissingFileError
 from ctseg.logger.wandb_runs import log_dice_table
@@ -151,6 +151,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
           ) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the model on the datamodule, test the best checkpoint; return metrics and objects.
     `extra_callbacks` join the configured ones (e.g. a hyper-parameter search's pruning)."""
+    log_through_root()
     windows = (cfg.get("sw") or {}).get("batch_size")
     if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int)
                                 or windows < 1):

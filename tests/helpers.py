@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -193,3 +195,22 @@ def scanner_ct(shared_ct: Path, path: Path) -> Path:
     nib.save(nib.Nifti1Image(fov[::-1], affine @ np.diag([-1, 1, 1, 1]) @ np.array(
         [[1, 0, 0, -(fov.shape[0] - 1)], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])), path)
     return path
+
+
+def raised_short_of_memory(setup: str, calls: Sequence[str], headroom_mib: int = 32
+                           ) -> list[str]:
+    """`<type>: <message>` of what each Python statement of `calls` raises ("returned" when it
+    raises nothing), run one after the other in a fresh process whose address space is capped
+    (RLIMIT_AS) at its size after running `setup` plus `headroom_mib`: a load that needs more
+    memory than that runs out."""
+    lines = ["import re, resource", "from pathlib import Path", setup,
+             "size = int(re.search(r'VmSize:\\s+(\\d+) kB', "
+             "Path('/proc/self/status').read_text())[1])",
+             f"resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + {headroom_mib} * 2**20,) * 2)"]
+    for call in calls:
+        lines += ["try:", f"    {call}", "    print('returned')", "except BaseException as err:",
+                  "    print(f'{type(err).__name__}: {err}'.replace(chr(10), ' '))"]
+    result = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-len(calls):]

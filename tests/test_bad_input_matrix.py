@@ -1,10 +1,11 @@
 """Bad input to every command line, as real processes: exit 1, exactly one `error:` line that
 names the file or key, no traceback, and nothing created where the command would have written.
 
-The matrix: predict.py (17 cases), train.py (4), python -m ctseg.hparams_search (2),
+The matrix: predict.py (18 cases), train.py (5), python -m ctseg.hparams_search (2),
 ctseg.data (3), ctseg.evaluate (4), ctseg.visualize (5), ctseg.export (4), ctseg.compare (3):
-42 cases x 8 command lines. Every command that reads a file meets it missing, empty and
-truncated.
+44 cases x 8 command lines. Every command that reads a file meets it missing, empty and
+truncated. Other weights that do not fit, and checkpoints naming a class outside ctseg, are
+tests/models/test_loading.py's (in-process: the same CtsegError makes the one line).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO, SHARED_DATA, save_checkpoint, truncate
+from monai.networks.nets import SegResNet
 
 from ctseg.labels import label_names
 from ctseg.models.segresnet import SegResNetModule
@@ -41,13 +43,16 @@ def checkpoint(path: Path, num_classes: int = 105) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Good and broken inputs: a checkpoint, one of 118 classes, the crop's CT, an empty, a
-    truncated and a singular-affine NIfTI, a regular file to put outputs under, prediction
-    folders with a truncated and an empty label map, a DICOM folder holding a file that is not
-    DICOM, a run folder with a broken config.yaml and one with a broken metrics.csv."""
+    """Good and broken inputs: a checkpoint, one of 118 classes, a bundle-style SegResNet state
+    dict of 50 classes, the crop's CT, an empty, a truncated and a singular-affine NIfTI, a
+    regular file to put outputs under, prediction folders with a truncated and an empty label
+    map, a DICOM folder holding a file that is not DICOM, a run folder with a broken config.yaml
+    and one with a broken metrics.csv."""
     d = tmp_path_factory.mktemp("bad_inputs")
     checkpoint(d / "tiny.ckpt")
     checkpoint(d / "classes118.ckpt", num_classes=118)
+    torch.save(SegResNet(spatial_dims=3, init_filters=8, out_channels=50).state_dict(),
+               d / "classes50.pt")
     shutil.copy(d / "tiny.ckpt", d / "truncated.ckpt")
     truncate(d / "truncated.ckpt")
     ct = CROP / "s0001" / "ct.nii.gz"
@@ -96,6 +101,10 @@ CASES = {
         "predict.py ckpt={d}/classes118.ckpt input={d}/ct.nii.gz output={o}/pred",
         "classes118.ckpt: the checkpoint's hyper_parameters give 118 classes but "
         "TotalSegmentator v1 has 105"),
+    "predict: bundle state dict of another class count": Case(
+        "predict.py ckpt={d}/classes50.pt input={d}/ct.nii.gz output={o}/pred",
+        "classes50.pt: the weights have 50 output classes but the model config (model.num_classes "
+        "/ data.version) expect 105; a bare state dict takes its classes from data.version"),
     "predict: device=cuda without CUDA": Case(f"{PREDICT} device=cuda", "device=cuda: CUDA is "
                                               "not available on this machine"),
     "predict: unknown probabilities name": Case(f"{PREDICT} probabilities=[no_such_organ]",

@@ -112,6 +112,25 @@ def trained_and_tested(ws: Workspace) -> None:
         assert values and all(0 <= v <= 1 for v in values), (key, values)
 
 
+# A console line of Hydra's job logging (the root logger's handler): [time][logger][LEVEL] - text
+HYDRA_LINE = re.compile(r"^\[[\d\- :,]+\]\[([\w.]+)\]\[[A-Z]+\] - (.*)$")
+
+
+def trained_once_per_line(ws: Workspace) -> None:
+    """The default run trained and tested, and its console (stdout and stderr, as a user reads
+    it) shows each log message on one line: Lightning's and ctseg's through the root logger's
+    handler, none a second time through a handler of their own (`INFO: ...`)."""
+    trained_and_tested(ws)
+    result = ws.results["python train.py"]
+    lines = (result.stdout + result.stderr).splitlines()
+    logged = [m.groups() for m in map(HYDRA_LINE.match, lines) if m]
+    names = {name.split(".")[0] for name, _ in logged}
+    assert {"lightning", "ctseg"} <= names, names
+    for _, text in filter(lambda entry: entry[1], logged):
+        shown = [line for line in lines if line.endswith(text)]
+        assert len(shown) == sum(t == text for _, t in logged), shown
+
+
 def labels_on_the_ct_grid(ws: Workspace) -> None:
     """predictions/ct/labels.nii.gz lies on the CT's grid and holds v1 class indices."""
     ct, labels = nib.load(SHARED_DATA / "totalseg_mini/s0001/ct.nii.gz"), nib.load(
@@ -157,7 +176,7 @@ NNUNET_PHANTOMS = ("python -m ctseg.data phantoms data/phantoms_nnunet --layout 
 PLAN: dict[str, Run | Skip] = {
     # README: set-up and quickstart
     "python train.py": Run(TRAIN, ("outputs/train/runs/{train}/checkpoints/last.ckpt",),
-                           ("checkpoints:",), check=trained_and_tested),
+                           ("checkpoints:",), check=trained_once_per_line),
     FIRST_PREDICTION: Run(files=("predictions/ct/labels.nii.gz", "predictions/ct/labels.json"),
                           check=labels_on_the_ct_grid),
     "python train.py experiment=phantom_quick":

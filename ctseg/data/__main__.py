@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ctseg.data.layout import detect_layout, read_meta, subject_problems
-from ctseg.data.phantoms import DEFAULT_COUNT, DEFAULT_SHAPE, LAYOUTS
+from ctseg.data.phantoms import LAYOUTS, phantom_defaults
 from ctseg.errors import CtsegError
 from ctseg.labels import VERSIONS, label_names
 
@@ -138,15 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--version", **version)
     c.set_defaults(func=_check)
 
-    g = sub.add_parser("phantoms", help="write synthetic CT phantoms in the download layout")
+    default = phantom_defaults()
+    g = sub.add_parser("phantoms", help="write synthetic CT phantoms in the download layout "
+                       "(defaults: conf/data/phantoms.yaml's, as train.py writes them)")
     g.add_argument("out", type=Path, help="output folder")
-    g.add_argument("--n", type=int, default=DEFAULT_COUNT,
-                   help=f"number of phantoms (default {DEFAULT_COUNT})")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--n", type=int, default=default.n,
+                   help=f"number of phantoms (default {default.n})")
+    g.add_argument("--seed", type=int, default=default.seed,
+                   help=f"random seed (default {default.seed})")
     g.add_argument("--version", **version)
-    g.add_argument("--shape", type=int, nargs=3, default=DEFAULT_SHAPE, metavar=("X", "Y", "Z"),
-                   help=f"voxels per axis (default {' '.join(map(str, DEFAULT_SHAPE))})")
-    g.add_argument("--spacing", type=float, default=3.0, help="voxel size in mm (default 3.0)")
+    g.add_argument("--shape", type=int, nargs=3, default=list(default.shape),
+                   metavar=("X", "Y", "Z"),
+                   help=f"voxels per axis (default {' '.join(map(str, default.shape))})")
+    g.add_argument("--spacing", type=float, default=default.spacing,
+                   help=f"voxel size in mm (default {default.spacing})")
     g.add_argument("--layout", choices=LAYOUTS, default="totalseg",
                    help="totalseg (the download's folders, default) or nnunet (dataset.json, "
                    "imagesTr, labelsTr, imagesTs, labelsTs)")

@@ -25,9 +25,9 @@ from ctseg.data.layout import META, detect_layout
 from ctseg.data.merge import PreparedDataset, cache_root, default_prepared_dir, prepare
 from ctseg.data.nnunet import prepare_nnunet
 from ctseg.data.phantoms import (
-    DEFAULT_COUNT,
-    DEFAULT_SHAPE,
     LAYOUTS,
+    phantom_record,
+    phantom_settings,
     phantoms_current,
     write_phantoms,
 )
@@ -56,7 +56,7 @@ SUBJECT = "subject"
 DATASET_KEYS = ("name", "root")
 DATASET_OPTIONS = ("layout", "rename", "masks", "phantoms")
 # Keys of a data.datasets entry's `phantoms` (synthetic phantoms written into its root).
-PHANTOM_OPTIONS = ("n", "seed", "shape", "structures")
+PHANTOM_OPTIONS = ("n", "seed", "shape", "spacing", "structures")
 # Splits each stage reads; the first one must be non-empty.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
@@ -104,8 +104,9 @@ def check_datasets(datasets: Sequence[Mapping[str, Any]], main_names: Sequence[s
     `root`, an optional `layout` (totalseg or nnunet; default: recognised by its files), an
     optional `rename` (nnU-Net label name -> class), optional `masks` (the structures a
     TotalSegmentator-layout download holds: the others are not annotated) and optional
-    `phantoms` ({n, seed, shape, structures}: synthetic phantoms written into the root on first
-    use, labelling `structures` in the nnU-Net layout); ConfigError naming the entry otherwise."""
+    `phantoms` ({n, seed, shape, spacing, structures}: synthetic phantoms written into the root
+    on first use, labelling `structures` in the nnU-Net layout); ConfigError naming the entry
+    otherwise."""
     checked: list[dict[str, Any]] = []
     names = set(main_names)
     for i, entry in enumerate(datasets):
@@ -206,18 +207,21 @@ class WeightedDraws(DistributedSampler):
 
 
 def ensure_phantoms(root: str | os.PathLike[str], layout: str, version: str,
-                    n: int = DEFAULT_COUNT, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
-                    structures: Sequence[str] | None = None) -> bool:
-    """Write phantoms into `root` unless it holds the same count and shape; whether it wrote
-    them. A file lock beside `root` lets the nodes of a multi-node job (one shared filesystem)
-    prepare at the same time."""
+                    n: int | None = None, seed: int | None = None,
+                    shape: Sequence[int] | None = None, structures: Sequence[str] | None = None,
+                    spacing: float | None = None) -> bool:
+    """Write phantoms into `root` unless it holds phantoms written with the same settings (every
+    one that changes their files: `phantom_record`; None: the defaults); whether it wrote them.
+    A file lock beside `root` lets the nodes of a multi-node job (one shared filesystem) prepare
+    at the same time."""
+    record = phantom_record(n, seed, version, shape, spacing, layout, structures)
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root.parent / f".{root.name}.lock")):
-        if phantoms_current(root, n, shape, layout, structures):
+        if phantoms_current(root, record):
             return False
-        write_phantoms(root, n, seed=seed, version=version, shape=tuple(shape), layout=layout,
-                       structures=structures)
+        write_phantoms(root, n, seed=seed, version=version, shape=shape, spacing=spacing,
+                       layout=layout, structures=structures)
         return True
 
 
@@ -601,29 +605,33 @@ class PhantomDataModule(TotalSegmentatorDataModule):
     def __init__(
         self,
         root: str,
-        n_phantoms: int = DEFAULT_COUNT,
-        phantom_seed: int = 0,
-        phantom_shape: Sequence[int] = DEFAULT_SHAPE,
+        n_phantoms: int | None = None,
+        phantom_seed: int | None = None,
+        phantom_shape: Sequence[int] | None = None,
+        phantom_spacing: float | None = None,
         extra_roots: Sequence[str] = (),
         extra_split: str | None = None,
         extra_repeat: int = 1,
         masks: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Remember the phantom settings (`masks`: the structures the phantoms count as
-        annotated, default all); other arguments go to TotalSegmentatorDataModule."""
+        """Remember the phantom settings (None: the defaults, conf/data/phantoms.yaml's;
+        `masks`: the structures the phantoms count as annotated, default all); other arguments
+        go to TotalSegmentatorDataModule."""
         if extra_split is not None and extra_split not in STAGE_SPLITS["fit"] + ("test",):
             raise ValueError(f"extra_split must be train, val, test or null, got {extra_split!r}")
         if extra_repeat < 1:
             raise ValueError(f"extra_repeat must be >= 1, got {extra_repeat}")
         extras = [str(r) for r in extra_roots]
         super().__init__(root=[str(root), *extras], **kwargs)
-        self.phantom_shape = tuple(int(s) for s in phantom_shape)
+        phantoms = phantom_settings(n_phantoms, phantom_seed, phantom_shape, phantom_spacing)
+        self.phantom_shape = tuple(int(s) for s in phantoms.shape)
         # root is rebuilt from the phantom root and extra_roots; keeping it would pass it twice.
         self.remove_ignored_hparams(["root"])
         self.save_hyperparameters({
-            "phantom_root": str(root), "n_phantoms": n_phantoms,
-            "phantom_seed": phantom_seed, "phantom_shape": list(self.phantom_shape),
+            "phantom_root": str(root), "n_phantoms": phantoms.n,
+            "phantom_seed": phantoms.seed, "phantom_shape": list(self.phantom_shape),
+            "phantom_spacing": phantoms.spacing,
             "extra_roots": extras, "extra_split": extra_split, "extra_repeat": extra_repeat,
             "masks": None if masks is None else [str(m) for m in masks],
         })
@@ -641,9 +649,10 @@ class PhantomDataModule(TotalSegmentatorDataModule):
         return self.hparams.masks if index == 0 else None
 
     def prepare_data(self) -> None:
-        """Write the phantoms unless phantom_root already holds the same count and shape, then
-        merge the label maps of every root."""
+        """Write the phantoms unless phantom_root already holds phantoms of the same settings,
+        then merge the label maps of every root."""
         if ensure_phantoms(self.hparams.phantom_root, "totalseg", self.hparams.version,
-                           self.hparams.n_phantoms, self.hparams.phantom_seed, self.phantom_shape):
+                           self.hparams.n_phantoms, self.hparams.phantom_seed, self.phantom_shape,
+                           spacing=self.hparams.phantom_spacing):
             self._prepared = None  # new phantoms: merge again
         super().prepare_data()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
 import json
@@ -12,13 +13,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+import yaml
 from rich.progress import track
 
 from ctseg.atomic import write_atomic
-from ctseg.data.layout import META
+from ctseg.config import CONFIG_DIR
+from ctseg.data.layout import DATASET_JSON, META
 from ctseg.labels import check_version, class_names
 
 logger = logging.getLogger(__name__)
@@ -35,9 +39,41 @@ GZIP_LEVEL = 1
 MIN_SIDE = 16
 # Folder layouts a dataset can have: the TotalSegmentator download, nnU-Net v2 raw.
 LAYOUTS = ("totalseg", "nnunet")
-# Phantoms written when no count or shape is given (CLI, DataModules, data.datasets entries).
-DEFAULT_COUNT = 12
-DEFAULT_SHAPE = (80, 80, 64)
+# The one home of the phantom writers' defaults (write_phantoms, `python -m ctseg.data phantoms`,
+# the DataModules, data.datasets entries): its n_phantoms, phantom_seed, phantom_shape and
+# phantom_spacing.
+DEFAULTS_CONFIG = CONFIG_DIR / "data" / "phantoms.yaml"
+# The settings a phantom folder was written with, beside its meta.csv or dataset.json.
+RECORD = "phantoms.json"
+
+
+@dataclass(frozen=True)
+class PhantomSettings:
+    """How many phantoms, from which seed, on how many voxels, around which spacing (mm)."""
+
+    n: int
+    seed: int
+    shape: Sequence[int]
+    spacing: float
+
+
+@functools.cache
+def phantom_defaults() -> PhantomSettings:
+    """The defaults of every phantom writer, as DEFAULTS_CONFIG sets them."""
+    cfg = yaml.safe_load(DEFAULTS_CONFIG.read_text())
+    return PhantomSettings(int(cfg["n_phantoms"]), int(cfg["phantom_seed"]),
+                           tuple(int(s) for s in cfg["phantom_shape"]),
+                           float(cfg["phantom_spacing"]))
+
+
+def phantom_settings(n: int | None = None, seed: int | None = None,
+                     shape: Sequence[int] | None = None, spacing: float | None = None
+                     ) -> PhantomSettings:
+    """The settings given, `phantom_defaults()`' for those left None (unchecked)."""
+    default = phantom_defaults()
+    return PhantomSettings(default.n if n is None else n, default.seed if seed is None else seed,
+                           default.shape if shape is None else shape,
+                           default.spacing if spacing is None else spacing)
 
 
 @dataclass(frozen=True)
@@ -100,6 +136,28 @@ def _check_args(n: int, shape: tuple[int, int, int], spacing: float, version: st
     missing = sorted(set(PHANTOM_STRUCTURES) - set(class_names(version).values()))
     if missing:
         raise ValueError(f"phantom structures {missing} are not TotalSegmentator {version} classes")
+
+
+def phantom_record(n: int | None = None, seed: int | None = None, version: str = "v1",
+                   shape: Sequence[int] | None = None, spacing: float | None = None,
+                   layout: str = "totalseg", structures: Sequence[str] | None = None
+                   ) -> dict[str, Any]:
+    """Everything the files of a phantom folder depend on (None: `phantom_defaults()`'), checked:
+    what write_phantoms records in RECORD and phantoms_current compares."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    settings = phantom_settings(n, seed, shape, spacing)
+    _check_args(settings.n, settings.shape, settings.spacing, version)
+    chosen = None if layout == "totalseg" else [
+        str(name) for name in (PHANTOM_STRUCTURES if structures is None else structures)]
+    return {"n": int(settings.n), "seed": int(settings.seed), "version": version,
+            "shape": [int(v) for v in settings.shape], "spacing": float(settings.spacing),
+            "layout": layout, "structures": chosen}
+
+
+def _record_bytes(record: dict[str, Any]) -> bytes:
+    """The RECORD file's content."""
+    return json.dumps(record, indent=1).encode()
 
 
 def _check_overwrite(out: Path) -> None:
@@ -242,30 +300,31 @@ def _meta_text(rows: list[dict[str, str]]) -> str:
     return buffer.getvalue()
 
 
-def write_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
-                   shape: tuple[int, int, int] = DEFAULT_SHAPE, spacing: float = 3.0,
-                   progress: bool = False, layout: str = "totalseg",
+def write_phantoms(out: str | Path, n: int | None = None, seed: int | None = None,
+                   version: str = "v1", shape: Sequence[int] | None = None,
+                   spacing: float | None = None, progress: bool = False, layout: str = "totalseg",
                    structures: Sequence[str] | None = None) -> list[Path]:
     """Write n synthetic CT subjects `out/sXXXX/{ct.nii.gz,segmentations/*.nii.gz}` and meta.csv
-    (`layout="nnunet"`: write_nnunet_phantoms, labelling `structures`).
+    (`layout="nnunet"`: write_nnunet_phantoms, labelling `structures`); n, seed, shape and
+    spacing left None are `phantom_defaults()`'.
 
-    Always rewrites: meta.csv is removed first and written last (atomically), so a folder holding
-    meta.csv is complete. Subject i depends only on (seed, i, shape, spacing); splits depend on n.
-    Returns the subject folders in meta.csv order.
+    Always rewrites: meta.csv and RECORD (the settings) are removed first and written last
+    (atomically), so a folder holding meta.csv is complete. Subject i depends only on (seed, i,
+    shape, spacing); splits depend on n. Returns the subject folders in meta.csv order.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if layout == "nnunet":
         return write_nnunet_phantoms(out, n, seed, version, shape, spacing, progress, structures)
+    record = phantom_record(n, seed, version, shape, spacing, layout)
     if structures is not None:
         raise ValueError("structures: a TotalSegmentator-layout phantom has every mask; label a "
                          "subset with layout nnunet")
-    _check_args(n, shape, spacing, version)
+    n, seed, spacing = record["n"], record["seed"], record["spacing"]
+    shape = (record["shape"][0], record["shape"][1], record["shape"][2])
     out = Path(out)
-    shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     _check_overwrite(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)
+    (out / RECORD).unlink(missing_ok=True)
     started = time.perf_counter()
     splits = split_assignment(n, np.random.default_rng([seed, n, 1_000_004]))
     rows: list[dict[str, str]] = []
@@ -277,6 +336,7 @@ def write_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
         rows.append({"image_id": image_id, "age": str(int(rng.integers(25, 90))),
                      "gender": str(rng.choice(["m", "f"])), "institute": "ctseg",
                      "study_type": PHANTOM_STUDY, "split": splits[i]})
+    _write_bytes(out / RECORD, _record_bytes(record))
     _write_bytes(out / META, _meta_text(rows).encode())
     logger.info("wrote %d %s phantoms of shape %s to %s in %.1f s", n, version, shape, out,
                 time.perf_counter() - started)
@@ -296,30 +356,31 @@ def _subjects(n: int, seed: int, shape: tuple[int, int, int], spacing: float, pr
         yield (*render_subject(shape, affine, rng, lesions), affine, rng)
 
 
-def write_nnunet_phantoms(out: str | Path, n: int, seed: int = 0, version: str = "v1",
-                          shape: tuple[int, int, int] = DEFAULT_SHAPE, spacing: float = 3.0,
-                          progress: bool = False, structures: Sequence[str] | None = None
-                          ) -> list[Path]:
+def write_nnunet_phantoms(out: str | Path, n: int | None = None, seed: int | None = None,
+                          version: str = "v1", shape: Sequence[int] | None = None,
+                          spacing: float | None = None, progress: bool = False,
+                          structures: Sequence[str] | None = None) -> list[Path]:
     """The phantoms of write_phantoms (same seed: same CTs, unless `structures` names LESIONS,
     which are then drawn too) as an nnU-Net raw dataset labelling `structures` only (default all
     of PHANTOM_STRUCTURES; the others are background): train and val subjects in imagesTr /
-    labelsTr, test subjects in imagesTs / labelsTs, dataset.json written last. Returns the CT
-    paths."""
-    _check_args(n, shape, spacing, version)
-    chosen = list(PHANTOM_STRUCTURES if structures is None else structures)
+    labelsTr, test subjects in imagesTs / labelsTs, RECORD and dataset.json written last.
+    Returns the CT paths."""
+    record = phantom_record(n, seed, version, shape, spacing, "nnunet", structures)
+    n, seed, spacing, chosen = record["n"], record["seed"], record["spacing"], record["structures"]
+    shape = (record["shape"][0], record["shape"][1], record["shape"][2])
     drawn = (*PHANTOM_STRUCTURES, *LESIONS)
     unknown = sorted(set(chosen) - set(drawn))
     if unknown or not chosen:
         raise ValueError(f"structures must be phantom structures ({', '.join(drawn)}); got "
                          f"{unknown or 'none'}")
     out = Path(out)
-    shape = (int(shape[0]), int(shape[1]), int(shape[2]))
-    description = out / "dataset.json"
+    description = out / DATASET_JSON
     if description.is_file() and PHANTOM_STUDY not in description.read_text(errors="replace"):
         raise ValueError(f"{description}: this folder holds a dataset not written by "
                          "write_phantoms; refusing to overwrite it, choose an empty output folder")
     out.mkdir(parents=True, exist_ok=True)
     description.unlink(missing_ok=True)
+    (out / RECORD).unlink(missing_ok=True)
     splits = split_assignment(n, np.random.default_rng([seed, n, 1_000_004]))
     values = {name: chosen.index(name) + 1 for name in chosen}
     lut = np.array([0, *(values.get(name, 0) for name in drawn)], np.uint8)
@@ -335,25 +396,19 @@ def write_nnunet_phantoms(out: str | Path, n: int, seed: int = 0, version: str =
     dataset = {"name": "phantoms", "description": PHANTOM_STUDY, "channel_names": {"0": "CT"},
                "labels": {"background": 0, **values}, "file_ending": ".nii.gz",
                "numTraining": sum(split != "test" for split in splits)}
+    _write_bytes(out / RECORD, _record_bytes(record))
     _write_bytes(description, json.dumps(dataset, indent=1).encode())
     logger.info("wrote %d phantoms (nnU-Net layout, %d structures) to %s", n, len(chosen), out)
     return images
 
 
-def phantoms_current(root: str | Path, n: int, shape: Sequence[int], layout: str = "totalseg",
-                     structures: Sequence[str] | None = None) -> bool:
-    """Whether `root` holds n phantoms of `shape` in `layout` written by write_phantoms (nnU-Net
-    layout: labelling `structures`, default all)."""
+def phantoms_current(root: str | Path, record: dict[str, Any]) -> bool:
+    """Whether `root` holds phantoms written by write_phantoms with the settings of `record`
+    (`phantom_record`'s): its RECORD equals it, beside the meta.csv / dataset.json written last."""
     root = Path(root)
-    if layout == "nnunet":
-        description = root / "dataset.json"
-        text = description.read_text(errors="replace") if description.is_file() else ""
-        labelled = list(json.loads(text).get("labels", {}))[1:] if PHANTOM_STUDY in text else None
-        if labelled != list(PHANTOM_STRUCTURES if structures is None else structures):
-            return False
-        images = sorted(root.glob("images*/*_0000.nii.gz"))
-    else:
-        if not (root / META).is_file():
-            return False
-        images = sorted(root.glob("s*/ct.nii.gz"))
-    return len(images) == n and nib.load(images[0]).shape == tuple(shape)
+    done = root / (DATASET_JSON if record["layout"] == "nnunet" else META)
+    try:
+        written = json.loads((root / RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return done.is_file() and written == record

@@ -17,7 +17,7 @@ from monai.transforms import LoadImage
 from monai.utils import MetaKeys
 
 from ctseg.data.layout import check_affine
-from ctseg.errors import DatasetError
+from ctseg.errors import DatasetError, data_errors, dicom_errors, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,9 @@ def dicom_series(folder: Path) -> list[DicomSeries]:
     for path in _dicom_files(folder):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError) as err:
+        except dicom_errors() as err:
+            if out_of_memory(err):
+                raise
             raise DatasetError(path, f"corrupt DICOM file ({err})") from err
         groups[str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
     series = []
@@ -158,14 +160,18 @@ def _load_nifti(path: Path) -> tuple[MetaTensor, nib.Nifti1Header]:
     """The NIfTI volume as a (X, Y, Z) float32 MetaTensor, and its header."""
     try:
         header = nib.load(path).header
-    except Exception as err:
+    except data_errors() as err:
+        if out_of_memory(err):
+            raise
         raise DatasetError(path, f"corrupt or unreadable NIfTI file ({type(err).__name__}: "
                                  f"{err})") from err
     _check_shape(path, tuple(int(s) for s in header.get_data_shape()))
     check_affine(header.get_best_affine(), path)
     try:
         image = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
-    except Exception as err:
+    except data_errors() as err:
+        if out_of_memory(err):
+            raise
         raise DatasetError(path, f"corrupt or truncated NIfTI file ({type(err).__name__}: "
                                  f"{err})") from err
     if image.ndim == 4:  # a single volume stored as 4-D: drop the time axis
@@ -187,7 +193,9 @@ def _load_dicom(folder: Path, series_uid: str | None) -> MetaTensor:
                 for path in series.files:
                     (Path(tmp) / path.name).symlink_to(path.resolve())
                 image = loader(tmp)
-    except Exception as err:
+    except dicom_errors() as err:
+        if out_of_memory(err):
+            raise
         raise DatasetError(folder, f"cannot read DICOM series {series.uid} "
                                    f"({type(err).__name__}: {err})") from err
     _check_shape(folder, tuple(image.shape))

@@ -60,6 +60,9 @@ VISTA3D_STEM = "image_encoder.encoder.conv_init.weight"
 VISTA3D_BLOCK = re.compile(r"image_encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
 
 
+# The class paths a checkpoint may name: a class of a module of ctseg.models.
+MODEL_CLASS_PATH = re.compile(r"ctseg\.models\.[a-z_][a-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
+
 # The description of an export folder (written by ctseg.export).
 EXPORT_MANIFEST = "export.json"
 
@@ -68,8 +71,10 @@ def head_classes(state: Mapping[str, torch.Tensor], path: Path) -> int:
     """Output classes of a SegResNet state dict (rows of its final convolution)."""
     weights = [v for k, v in state.items() if k.startswith(SEGRESNET_HEAD) and k.endswith("weight")]
     if not weights:
-        raise ValueError(f"{path}: no SegResNet output layer ({SEGRESNET_HEAD}*) in the weights; "
-                         "is this a SegResNet checkpoint?")
+        raise CheckpointError(f"{path}: no SegResNet output layer ({SEGRESNET_HEAD}*) in the "
+                              "weights; give a SegResNet state dict (the wholeBody_ct_segmentation "
+                              "bundle's model.pt), the vista3d bundle's model.pt, a ctseg "
+                              "checkpoint or an export folder")
     return int(weights[0].shape[0])
 
 
@@ -115,10 +120,10 @@ def vista3d_architecture(state: Mapping[str, torch.Tensor], path: Path) -> dict[
             blocks[level] = max(blocks.get(level, 0), block + 1)
     stem = state.get(VISTA3D_STEM)
     if stem is None or not blocks or sorted(blocks) != list(range(len(blocks))):
-        raise ValueError(f"{path}: VISTA3D weights ({VISTA3D_MARK}*) without the image encoder "
-                         f"of vista3d132 ({VISTA3D_STEM}, image_encoder.encoder.layers.<level>."
-                         "blocks.<n>.*); give the vista3d bundle's models/model.pt or a ctseg "
-                         "VISTA3D checkpoint")
+        raise CheckpointError(f"{path}: VISTA3D weights ({VISTA3D_MARK}*) without the image "
+                              f"encoder of vista3d132 ({VISTA3D_STEM}, "
+                              "image_encoder.encoder.layers.<level>.blocks.<n>.*); give the "
+                              "vista3d bundle's models/model.pt or a ctseg VISTA3D checkpoint")
     return {"encoder_embed_dim": int(stem.shape[0]), "in_channels": int(stem.shape[1]),
             "blocks_down": tuple(blocks[level] for level in range(len(blocks)))}
 
@@ -139,10 +144,16 @@ def _load_vista3d_state(path: Path, state: Mapping[str, torch.Tensor],
 def module_class(path: Path, checkpoint: Mapping[str, Any],
                  state: Mapping[str, torch.Tensor]) -> type[SegmentationModule]:
     """The module class a Lightning checkpoint records; for one without (saved by hand from a
-    state dict and hyper-parameters) VISTA3D or SegResNet by its weights."""
+    state dict and hyper-parameters) VISTA3D or SegResNet by its weights. A name that is not
+    `ctseg.models.<module>.<Class>` is refused before anything is imported: importing runs the
+    named module's code."""
     name = checkpoint.get(MODULE_CLASS)
     if name is None:
         return VISTA3DModule if any(k.startswith(VISTA3D_MARK) for k in state) else SegResNetModule
+    if not (isinstance(name, str) and MODEL_CLASS_PATH.fullmatch(name)):
+        raise CheckpointError(f"{path}: its module class {name} is not a ctseg model class "
+                              "(ctseg.models.<module>.<Class>); refusing to import it. Give a "
+                              "checkpoint written by ctseg's train.py")
     try:
         cls = get_class(str(name))
     except (ImportError, AttributeError, ValueError) as err:
@@ -169,9 +180,11 @@ def check_classes(path: Path, state: Mapping[str, torch.Tensor], hparams: Mappin
     if any(k.startswith(SEGRESNET_HEAD) for k in state):
         found = head_classes(state, path)
         if found != expected:
-            raise ValueError(f"{path}: the weights have {found} output classes but {source} "
-                             f"expect {expected}; use a checkpoint trained for this class set or "
-                             "set data.version / model.num_classes to match it")
+            raise CheckpointError(
+                f"{path}: the weights have {found} output classes but {source} expect "
+                f"{expected}; a bare state dict takes its classes from data.version (v1: "
+                f"{num_classes('v1')}, v2: {num_classes('v2')} classes) and a ctseg checkpoint "
+                "from its hyper_parameters: give weights trained for one of these class sets")
     return expected, None if names is None else list(names)
 
 
@@ -225,8 +238,8 @@ def load_export(folder: Path, overrides: Mapping[str, Any] | None = None) -> Loa
         kind, names = str(manifest["kind"]), list(manifest["label_names"])
         known = [int(i) for i in manifest.get("known_ids") or []]
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{manifest_path}: not a ctseg export description ({err!r}); export "
-                         "the checkpoint again with python -m ctseg.export") from err
+        raise CheckpointError(f"{manifest_path}: not a ctseg export description ({err!r}); "
+                              "export the checkpoint again with python -m ctseg.export") from err
     overrides = dict(overrides or {})
     if "patch_size" in overrides:
         raise ConfigError(f"data.patch_size={overrides['patch_size']}: {folder} runs the window "
@@ -254,8 +267,8 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
         exported = load_export(path.parent, overrides)
         formats = {f: name for f, name in exported.formats.items() if name == path.name}
         if not formats:
-            raise ValueError(f"{path}: not listed in {path.parent / EXPORT_MANIFEST}; give the "
-                             "export folder or one of its files")
+            raise CheckpointError(f"{path}: not listed in {path.parent / EXPORT_MANIFEST}; give "
+                                  "the export folder or one of its files")
         return replace(exported, formats=formats)
     obj = read_checkpoint(path, mmap=True)
     state = network_state_dict(obj, path)
@@ -266,6 +279,10 @@ def load_model(path: str | Path, model_cfg: Mapping[str, Any], data_cfg: Mapping
     # A bare state dict (a bundle model.pt) follows the bundle's inference.json: no smoothing.
     data = {**WHOLEBODY_BUNDLE_DATA, **{k: data_cfg[k] for k in CLASS_KEYS if k in data_cfg}}
     head_classes(state, path)
+    if not data.get("version"):
+        raise ConfigError(f"data.version=null: a bare SegResNet state dict ({path}) takes its "
+                          f"class names from data.version; set v1 ({num_classes('v1')} classes) "
+                          f"or v2 ({num_classes('v2')})")
     expected, names = check_classes(path, state, model_cfg, data.get("version"),
                                     "the model config (model.num_classes / data.version)")
     net = SegResNetModule(**{k: v for k, v in model_cfg.items() if k in SEGRESNET_ARCHITECTURE},

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
+import struct
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ctseg.atomic import write_atomic
-from ctseg.errors import CheckpointError, MissingFileError
+from ctseg.errors import CheckpointError, MissingFileError, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,15 @@ NET_PREFIX = "net."
 SEGRESNET_HEAD = "conv_final.2."
 # How many offending keys an error message lists.
 _SHOWN = 5
+# What torch.load(weights_only=True) raises for a file that is not a readable checkpoint, found
+# by loading empty, truncated, garbage and byte-flipped checkpoints and files of other formats
+# (tests/models/test_weights.py sweeps them): its zip reader's OSError and RuntimeError, the
+# unpickler's UnpicklingError, EOFError, struct.error, IndexError, KeyError and ValueError
+# (UnicodeDecodeError), and the TypeError, AttributeError and AssertionError of rebuilding
+# tensors from corrupt records. A MemoryError, or PyTorch running out of memory, passes.
+UNREADABLE: tuple[type[Exception], ...] = (
+    OSError, RuntimeError, pickle.UnpicklingError, EOFError, struct.error, IndexError, KeyError,
+    ValueError, TypeError, AttributeError, AssertionError)
 
 
 def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
@@ -34,7 +45,7 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
                 return obj[key]
         if obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
             return obj
-    raise ValueError(
+    raise CheckpointError(
         f"{path}: not a network state dict (expected a mapping of parameter names to tensors, "
         f"or one under a 'state_dict' or 'model' key); found {type(obj).__name__}"
     )
@@ -53,7 +64,9 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint",
         raise MissingFileError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:
+    except UNREADABLE as err:
+        if out_of_memory(err):
+            raise
         text = str(err)
         unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         if unsafe:
@@ -110,8 +123,8 @@ def network_state_dict(obj: Any, path: str | os.PathLike[str]) -> dict[str, Tens
         state = {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
-        raise ValueError(f"{path}: not a network state dict; entries that are not tensors: "
-                         f"{', '.join(map(str, bad[:_SHOWN]))}")
+        raise CheckpointError(f"{path}: not a network state dict; entries that are not tensors: "
+                              f"{', '.join(map(str, bad[:_SHOWN]))}")
     return dict(state)
 
 
@@ -136,7 +149,7 @@ def load_into(
     trained for another class count: with `label_names` = (the weights' classes, the model's)
     and the first a subset of the second, the known classes keep their output weights and the
     new ones their fresh initialisation (adding classes to a trained model); otherwise a
-    ValueError says so unless `reinit_head` is set. With `reinit_head=True` the output layer is
+    CheckpointError says so unless `reinit_head` is set. With `reinit_head=True` the output layer is
     never loaded and keeps its fresh initialisation.
     """
     own = net.state_dict()
@@ -168,7 +181,7 @@ def load_into(
                  "initialised: %s", source, len(old), len(added), ", ".join(added))
     elif mismatched and not reinit_head:
         key = mismatched[0]
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: the weights have {state_dict[key].shape[0]} output classes but the model "
             f"has {own[key].shape[0]}; set model.reinit_head=true to fine-tune from them with a "
             "freshly initialised output layer (a ctseg checkpoint whose classes are all among "

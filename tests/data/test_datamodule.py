@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,6 +16,7 @@ from torch.utils.data import DistributedSampler
 
 from ctseg.data.datamodule import PhantomDataModule, TotalSegmentatorDataModule, shard
 from ctseg.data.layout import read_meta
+from ctseg.data.merge import prepare
 from ctseg.data.phantoms import write_phantoms
 from ctseg.data.volume_cache import CachedVolumes
 from ctseg.labels import num_classes
@@ -258,3 +261,25 @@ def test_invalid_settings_are_rejected(tmp_path: Path) -> None:
         _module(tmp_path, tmp_path, val_fraction=1.0)
     with pytest.raises(ValueError, match="segresnet, hu_window"):
         _module(tmp_path, tmp_path, intensity="minmax")
+
+
+def test_another_phantom_seed_trains_on_that_seeds_phantoms(tmp_path: Path) -> None:
+    root, shape = tmp_path / "phantoms", (24, 24, 16)
+    settings = {**FAST, "n_phantoms": 3, "phantom_shape": shape, "patch_size": 16,
+                "cache": "none", "prepared_dir": str(tmp_path / "prepared")}
+    first = PhantomDataModule(root=str(root), phantom_seed=0, **settings)
+    first.prepare_data()
+    first.setup("fit")
+    dm = PhantomDataModule(root=str(root), phantom_seed=1, **settings)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.hparams.phantom_seed == 1
+    reference = tmp_path / "seed1"
+    write_phantoms(reference, 3, seed=1, shape=shape)
+    merged = {r["image_id"]: r for r in prepare(reference, out=tmp_path / "reference").records}
+    assert dm.records["train"]
+    for record in dm.records["train"]:
+        ours = Path(record["image"])
+        assert ours.read_bytes() == (reference / ours.parent.name / "ct.nii.gz").read_bytes()
+        expected = np.asanyarray(nib.load(merged[record["subject"]]["label"]).dataobj)
+        assert np.array_equal(np.asanyarray(nib.load(record["label"]).dataobj), expected)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from ctseg.atomic import TEMP_MARK
+from ctseg.data.__main__ import build_parser
+from ctseg.data.datamodule import PhantomDataModule, ensure_phantoms
 from ctseg.data.layout import by_split, read_meta, subject_problems
 from ctseg.data.phantoms import PHANTOM_STRUCTURES, split_assignment, write_phantoms
 from ctseg.labels import VERSIONS, class_names
@@ -155,3 +157,45 @@ def test_bad_arguments_raise(tmp_path: Path, kwargs: dict, message: str) -> None
     with pytest.raises(ValueError, match=message):
         write_phantoms(tmp_path / "out", **args)
     assert not (tmp_path / "out").exists()
+
+
+# Settings of a small phantom folder, and changes of each one that changes its files.
+SMALL = {"layout": "totalseg", "version": "v1", "n": 2, "seed": 0, "shape": (16, 16, 16)}
+CHANGES = ({"seed": 1}, {"n": 3}, {"shape": (16, 16, 24)}, {"version": "v2"}, {"spacing": 2.0},
+           {"layout": "nnunet", "structures": ["liver"]}, {"structures": ["spleen"]})
+
+
+def test_a_phantom_folder_is_kept_for_its_settings_and_rewritten_for_others(
+        tmp_path: Path, tree_digest) -> None:
+    root, settings = tmp_path / "root", dict(SMALL)
+    assert ensure_phantoms(root, **settings)
+    digest = tree_digest(root)
+    assert not ensure_phantoms(root, **settings)
+    assert tree_digest(root) == digest, "phantoms of the same settings must not be rewritten"
+    for change in CHANGES:
+        settings.update(change)
+        assert ensure_phantoms(root, **settings), f"{change}: the old phantoms were kept"
+        assert not ensure_phantoms(root, **settings), change
+        if change == {"seed": 1}:  # the files are those of the new settings
+            write_phantoms(tmp_path / "reference", **settings)
+            files = [p.relative_to(tmp_path / "reference")
+                     for p in (tmp_path / "reference").rglob("*") if p.is_file()]
+            assert len(files) > settings["n"]
+            for rel in files:
+                assert (root / rel).read_bytes() == (tmp_path / "reference" / rel).read_bytes()
+
+
+def test_every_phantom_default_is_the_data_configs(compose_cfg, tmp_path: Path) -> None:
+    data = compose_cfg().data
+    expected = (data.n_phantoms, data.phantom_seed, list(data.phantom_shape))
+    cli = build_parser().parse_args(["phantoms", str(tmp_path / "cli")])
+    assert (cli.n, cli.seed, list(cli.shape)) == expected
+    module = PhantomDataModule(root=str(tmp_path / "module")).hparams
+    assert (module.n_phantoms, module.phantom_seed, module.phantom_shape) == expected
+    assert cli.spacing == module.phantom_spacing == data.phantom_spacing
+    from ctseg.data.phantoms import phantom_record  # what write_phantoms writes by default
+
+    assert phantom_record() == {"n": data.n_phantoms, "seed": data.phantom_seed, "version": "v1",
+                                "shape": list(data.phantom_shape),
+                                "spacing": data.phantom_spacing, "layout": "totalseg",
+                                "structures": None}

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import io
+import re
+import struct
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import SegResNet
 
+from ctseg.errors import CheckpointError
 from ctseg.models.segresnet import SegResNetModule
 from ctseg.models.weights import (
     SEGRESNET_HEAD,
+    UNREADABLE,
     bundle_state_dict,
     load_bundle_state_dict,
     load_into,
+    read_checkpoint,
     save_bundle_state_dict,
 )
 
@@ -196,3 +205,42 @@ def test_a_checkpoint_gains_classes_keeping_its_own_output_weights(tmp_path):
     with pytest.raises(ValueError, match="3 output classes but the model has 2"):
         SegResNetModule(num_classes=2, label_names=["background", "aorta"], init_filters=8,
                         pretrained=str(ckpt))
+
+
+def damaged_checkpoints(legacy: bool) -> Iterator[bytes]:
+    """A small checkpoint (the zip format, or the legacy one of torch.save before 1.6) cut at
+    32 lengths, then (zip) with each byte of its pickle in turn replaced by the opcodes BININT
+    (J) and BININT1 (K): what an interrupted copy or a damaged disk leaves."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(32, 32)}, buffer, _use_new_zipfile_serialization=not legacy)
+    data = buffer.getvalue()
+    for cut in np.linspace(0, len(data) - 1, 32).astype(int):
+        yield data[:cut]
+    if legacy:
+        return
+    with zipfile.ZipFile(buffer) as archive:
+        pickle = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+    name, extra = struct.unpack("<HH", data[pickle.header_offset + 26:pickle.header_offset + 30])
+    start = pickle.header_offset + 30 + name + extra  # after the member's local file header
+    for i in range(start, start + pickle.file_size):
+        for opcode in b"JK":
+            yield data[:i] + bytes([opcode]) + data[i + 1:]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_every_damaged_checkpoint_is_named_unreadable(tmp_path, legacy):
+    path = tmp_path / "model.ckpt"
+    raised = set()
+    for data in damaged_checkpoints(legacy):
+        path.write_bytes(data)
+        for mmap in (True, False):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except Exception as err:
+                raised.add(type(err))
+                with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: "):
+                    read_checkpoint(path, mmap=mmap)
+    if not legacy:  # each error type read_checkpoint names unreadable, met by a damaged file
+        assert {next(t for t in UNREADABLE if issubclass(r, t)) for r in raised} == set(
+            UNREADABLE), raised
+
