@@ -1,10 +1,11 @@
 """The notebooks in notebooks/ are stored without outputs and run top to bottom in a fresh python3
-kernel, showing what each one is for."""
+kernel, showing what each one is for; their shell commands run the kernel's own interpreter."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def images(notebook: nbformat.NotebookNode) -> list[np.ndarray]:
             if "image/png" in output.get("data", {})]
 
 
+def foreign_python_first(folder: Path) -> dict[str, str]:
+    """An environment whose PATH finds another `python` first, as a kernel of a virtual environment
+    that is not activated sees it: stand-ins for python and python3 in `folder` that log each call
+    to folder/calls and fail."""
+    for name in ("python", "python3"):
+        stand_in = folder / name
+        stand_in.write_text('#!/bin/sh\necho "$0 $*" >> "$(dirname "$0")/calls"\nexit 1\n')
+        stand_in.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
 def test_every_notebook_is_checked():
     assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED)
 
@@ -80,10 +92,16 @@ def test_notebook_is_stored_without_outputs(path: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path: Path):
+def test_notebook_runs(path: Path, tmp_path: Path):
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO)}}).execute()
+    env = foreign_python_first(tmp_path)
+    try:  # jupyter_client starts the kernel with sys.executable whatever PATH says
+        NotebookClient(notebook, timeout=900, kernel_name="python3",
+                       resources={"metadata": {"path": str(REPO)}}).execute(env=env)
+    finally:
+        calls = tmp_path / "calls"
+        assert not calls.exists(), (f"{path.name} ran the python first on PATH, not the "
+                                    f"kernel's interpreter:\n{calls.read_text()}")
     text = outputs_text(notebook)
     for pattern in EXPECTED[path.name]:
         assert re.search(pattern, text), f"{path.name}: no output matches {pattern!r}"
