@@ -48,6 +48,19 @@ EXPECTED = {
         r"2 cases; NSD at 3 mm; mean over classes: Dice 0\.\d+",
     ],
 }
+# The figures a notebook's text states, each as (where the text states it, where the outputs show
+# it, tolerance): regular expressions whose one group is the number. The stated figure is read from
+# the text itself, so the two cannot drift apart. Every decimal in a notebook's text is one of
+# these groups or the tolerance, stated as "within <tolerance>" (test_every_stated_figure_is_held).
+DICE = r"NSD at 3 mm; mean over classes: Dice (0\.\d+)"
+FIGURES = {
+    "01_quickstart.ipynb": [
+        (r"mean Dice about (0\.\d+) on the three test phantoms", rf"3 cases; {DICE}", 0.05),
+    ],
+    "03_compare_runs.ipynb": [
+        (r"validation Dice of about (0\.\d+)", r"best run: .* best val/mean_dice (0\.\d+)", 0.05),
+    ],
+}
 
 
 def outputs_text(notebook: nbformat.NotebookNode) -> str:
@@ -58,6 +71,19 @@ def outputs_text(notebook: nbformat.NotebookNode) -> str:
             parts.append(output.get("text", ""))
             parts.append(output.get("data", {}).get("text/plain", ""))
     return "\n".join(parts)
+
+
+def markdown_text(notebook: nbformat.NotebookNode) -> str:
+    """The text of the notebook's Markdown cells, joined, every run of white space one space."""
+    return " ".join(" ".join(cell.source.split()) for cell in notebook.cells
+                    if cell.cell_type == "markdown")
+
+
+def stated(text: str, pattern: str) -> float:
+    """The number of the one group of `pattern` in `text`; fails when the text does not have it."""
+    match = re.search(pattern, text)
+    assert match, f"no text matches {pattern!r}"
+    return float(match[1])
 
 
 def images(notebook: nbformat.NotebookNode) -> list[np.ndarray]:
@@ -83,6 +109,21 @@ def test_every_notebook_is_checked():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_stated_figure_is_held(path: Path):
+    text = markdown_text(nbformat.read(path, as_version=4))
+    held = set()
+    for narrative, _, _ in FIGURES.get(path.name, []):
+        stated(text, narrative)
+        held |= {match.span(1) for match in re.finditer(narrative, text)}
+    tolerances = {tolerance for _, _, tolerance in FIGURES.get(path.name, [])}
+    for match in re.finditer(r"within (\d*\.\d+)", text):
+        assert {float(match[1])} == tolerances, f"{path.name}: {match[0]!r}, held {tolerances}"
+        held.add(match.span(1))
+    loose = [m[0] for m in re.finditer(r"\b\d*\.\d+\b", text) if m.span() not in held]
+    assert not loose, f"{path.name} states figures that no entry of FIGURES holds: {loose}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_stored_without_outputs(path: Path):
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
@@ -105,6 +146,10 @@ def test_notebook_runs(path: Path, tmp_path: Path):
     text = outputs_text(notebook)
     for pattern in EXPECTED[path.name]:
         assert re.search(pattern, text), f"{path.name}: no output matches {pattern!r}"
+    for narrative, output, tolerance in FIGURES.get(path.name, []):
+        claim, value = stated(markdown_text(notebook), narrative), stated(text, output)
+        assert abs(value - claim) <= tolerance, (f"{path.name}: the text states {claim}, the "
+                                                 f"outputs show {value} ({output!r})")
     shown = images(notebook)
     assert shown, f"{path.name} displays no figure"
     for image in shown:
