@@ -40,12 +40,15 @@ EXPECTED = {
         r"runs compared: 2",
     ],
     "04_cross_validation.ipynb": [
-        r"\['0', '1', '2'\] \['0', '1', '2'\]",
-        r"cross-validation: 10 out-of-fold cases of 3 folds",
-        r"\| model\.optimizer\.lr=0\.001 \| 3 \| 2 \| 0\.\d+",
+        r"\['0', '1'\] \['0', '1'\]",
+        r"cross-validation: 34 out-of-fold cases of 2 folds",
+        # the text: lower on all six test phantoms (the smallest two-sided p of six pairs, 1/32),
+        # no structure significant after Holm's correction
+        r"lr=0\.001 vs the best, model\.optimizer\.lr=0\.003: overall Dice difference "
+        r"-0\.\d+ \(Wilcoxon p = 0\.0312, 6 cases\); structures that differ "
+        r"\(Holm-adjusted p < 0\.05\): none",
         r"configs compared: 2",
-        r"2 predicted, 0 skipped, 0 failed",
-        r"2 cases; NSD at 3 mm; mean over classes: Dice 0\.\d+",
+        r"6 predicted, 0 skipped, 0 failed",
     ],
 }
 # The figures a notebook's text states, each as (where the text states it, where the outputs show
@@ -59,6 +62,21 @@ FIGURES = {
     ],
     "03_compare_runs.ipynb": [
         (r"validation Dice of about (0\.\d+)", r"best run: .* best val/mean_dice (0\.\d+)", 0.05),
+    ],
+    "04_cross_validation.ipynb": [
+        (r"mean Dice of about (0\.\d+) at lr 3e-3",
+         rf"34 cases; {DICE}.*\nwritten: \S*lr_3e-3/cv_evaluation", 0.05),
+        (r"about (0\.\d+) at lr 1e-3 over the 34 phantoms",
+         rf"34 cases; {DICE}.*\nwritten: \S*lr_1e-3/cv_evaluation", 0.05),
+        (r"test mean Dice of about (0\.\d+) at lr 3e-3",
+         r"\| model\.optimizer\.lr=0\.003 \| 2 \| 6 \| (0\.\d+)", 0.05),
+        (r"test mean Dice of about 0\.\d+ at lr 3e-3 and about (0\.\d+) at lr 1e-3",
+         r"\| model\.optimizer\.lr=0\.001 \| 2 \| 6 \| (0\.\d+)", 0.05),
+        (r"about (0\.\d+) with fold 0 alone", rf"single:\s*6 cases; {DICE}", 0.05),
+        (r"about (0\.\d+) with the ensemble of both folds", rf"ensemble:\s*6 cases; {DICE}",
+         0.05),
+        (r"about (0\.\d+) with the ensemble and mirroring", rf"mirrored:\s*6 cases; {DICE}",
+         0.05),
     ],
 }
 
