@@ -4,7 +4,6 @@ MONAI MetaTensor, with one clear error naming the file for each kind of bad inpu
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from monai.utils import MetaKeys
 
+from ctseg.atomic import scratch_folder
 from ctseg.data.layout import check_affine
 from ctseg.errors import DatasetError
 
@@ -183,10 +183,10 @@ def _load_dicom(folder: Path, series_uid: str | None) -> MetaTensor:
         if len(series.files) == len(_dicom_files(folder)):
             image = loader(str(folder))
         else:
-            with tempfile.TemporaryDirectory(prefix="ctseg_series_") as tmp:
+            with scratch_folder("dicom_series") as tmp:
                 for path in series.files:
-                    (Path(tmp) / path.name).symlink_to(path.resolve())
-                image = loader(tmp)
+                    (tmp / path.name).symlink_to(path.resolve())
+                image = loader(str(tmp))
     except Exception as err:
         raise DatasetError(folder, f"cannot read DICOM series {series.uid} "
                                    f"({type(err).__name__}: {err})") from err

@@ -17,7 +17,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged
 
-from ctseg.atomic import atomic_folder
+from ctseg.atomic import swapped_folder
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError, DatasetError
 from ctseg.inference.air import body_mask, body_window_starts
@@ -25,7 +25,7 @@ from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, MeanSigmoids, mirror_flips
 from ctseg.inference.inputs import Case, load_case
-from ctseg.inference.outputs import write_case
+from ctseg.inference.outputs import LABELS_FILE, write_case
 from ctseg.inference.placement import (
     AUTO,
     MAX_AUTO_BATCH,
@@ -502,11 +502,12 @@ class CasePredictor:
         return run
 
     def save(self, run: CaseRun, folder: Path, overwrite: bool = False) -> dict[str, Any]:
-        """Write a predicted case's outputs to `folder` atomically; its timing report."""
+        """Write a predicted case's outputs as folder `folder` (`swapped_folder`); its timing
+        report."""
         case, seg, o = run.case, run.seg, self.options
         lap = self._timer(run.times)
         seg_error: Exception | None = None
-        with atomic_folder(folder, overwrite) as tmp:
+        with swapped_folder(folder, replace=overwrite, own=LABELS_FILE) as tmp:
             write_case(tmp, seg.labels, seg.affine, seg.header, seg.names, o.masks,
                        seg.probabilities)
             if o.dicom_seg and case.kind == "dicom":
