@@ -168,7 +168,7 @@ def test_a_failed_parity_check_names_the_format_and_keeps_the_previous_export(
 def test_a_re_export_replaces_the_whole_folder_and_never_a_foreign_one(exported, tiny_ckpt,
                                                                        tmp_path):
     out = tmp_path / "export"
-    shutil.copytree(exported, out)  # torchscript and onnx
+    shutil.copytree(exported, out, ignore=shutil.ignore_patterns(".export_logs"))  # ts and onnx
     manifest = export_run(export_cfg(tiny_ckpt, out, "formats=[torchscript]"))
     assert list(manifest["formats"]) == ["torchscript"]
     assert sorted(p.name for p in out.iterdir()) == [EXPORT_MANIFEST, "model.ts",
