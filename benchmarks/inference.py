@@ -100,7 +100,7 @@ def predict_span(cfg: dict, workdir: Path, name: str,
     and build `CasePredictor` (untimed; then `setup(predictor)`, whose figures are added), time
     `CasePredictor.segment` (read, preprocess, infer, invert: input file -> labels in memory)
     and writing the case's outputs as predict.py does."""
-    from ctseg.atomic import atomic_folder
+    from ctseg.atomic import swapped_folder
     from ctseg.inference.ensemble import check_members
     from ctseg.inference.inputs import discover_cases
     from ctseg.inference.outputs import write_case
@@ -117,7 +117,7 @@ def predict_span(cfg: dict, workdir: Path, name: str,
     folder = workdir / slug(name)
 
     def write(seg: Any) -> None:
-        with atomic_folder(folder, overwrite=True) as tmp:
+        with swapped_folder(folder) as tmp:
             write_case(tmp, seg.labels, seg.affine, seg.header, seg.names, options.masks,
                        seg.probabilities)
 

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import OmegaConf
 
-from ctseg.atomic import staged_files
+from ctseg.atomic import swapped_folder
 from ctseg.errors import ConfigError, blamed_on, reported
 from ctseg.evaluate import statistics
 from ctseg.figures import save_png
@@ -39,6 +39,10 @@ OVERRIDES = Path(".hydra") / "overrides.yaml"
 OUTPUTS = ("compare.md", "compare.csv", "val_curves.png")
 STATISTICS_OUTPUTS = ("statistics.csv", "paired_tests.csv", "dice_per_config.png")
 SCORES = Path("evaluation") / "scores.csv"
+# The output folder inside the first folder compared, when --out is not given.
+DEFAULT_OUT = "comparison"
+# What a comparison keeps of the one it replaces: the W&B files it logged (maybe not yet synced).
+KEPT = ("wandb",)
 # Overrides that repeat a config (replicates) rather than change it.
 REPLICATE_KEYS = ("seed", "data.fold")
 
@@ -273,9 +277,21 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def check_out(out: Path) -> None:
+    """ConfigError when folder `out` holds run folders: a comparison replaces its folder whole."""
+    held = next(out.rglob(str(CONFIG)), None) if out.is_dir() else None
+    if held is not None:
+        raise ConfigError(f"--out {out}: holds run folders ({held.parent.parent}); a comparison "
+                          "replaces its output folder as a whole, so give it a folder of its own "
+                          f"(the default: <first folder>/{DEFAULT_OUT})")
+
+
 def compare(folders: Sequence[str | Path], out: Path, seed: int = 0) -> list[Run]:
     """Write compare.md, compare.csv and val_curves.png for the runs under `folders`, and the
-    statistics files when runs wrote evaluation/scores.csv (bootstrap seeded with `seed`)."""
+    statistics files when runs wrote evaluation/scores.csv (bootstrap seeded with `seed`), as
+    the whole content of folder `out` (an earlier comparison there is replaced, its W&B files
+    kept)."""
+    check_out(out)
     runs = find_runs(folders)
     root = names_root(folders)
     header, rows = table_rows(runs, root)
@@ -287,7 +303,7 @@ def compare(folders: Sequence[str | Path], out: Path, seed: int = 0) -> list[Run
         text += statistics_markdown(summary, paired)
     else:
         log.info("no run wrote %s (train with callbacks=native_evaluation): no statistics", SCORES)
-    with staged_files(out) as staging:  # all written before any replaces its old version
+    with swapped_folder(out, own=OUTPUTS[0], keep=KEPT) as staging:
         (staging / OUTPUTS[0]).write_text(text)
         (staging / OUTPUTS[1]).write_text(buffer.getvalue())
         plot_curves(runs, root, staging / OUTPUTS[2])
@@ -346,14 +362,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m ctseg.compare", description=__doc__.splitlines()[0].split(": ", 1)[-1])
     parser.add_argument("folders", nargs="+", help="run folders, multirun folders, or folders "
                         "holding them (searched recursively)")
-    parser.add_argument("--out", type=Path, help="where the outputs go (default: the first "
-                        "folder)")
+    parser.add_argument("--out", type=Path, help="the folder the outputs go to, replaced as a "
+                        f"whole (default: <first folder>/{DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence "
                         "intervals (default: 0)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the comparison to "
                         "W&B even when the runs logged there")
     args = parser.parse_args(argv)
-    out = args.out or Path(args.folders[0])
+    out = args.out or Path(args.folders[0]) / DEFAULT_OUT
     with reported("python -m ctseg.compare"):
         runs = compare(args.folders, out, args.seed)
     print((out / OUTPUTS[0]).read_text())

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ctseg.atomic import remove_leftovers, write_atomic
+from ctseg.atomic import remove_leftovers, temp_prefix, write_atomic
 from ctseg.callbacks.checkpoint_io import AtomicCheckpointIO
 from ctseg.config import instantiate_group, log_through_root
 from ctseg.data.folds import SPLITS_FILE, write_splits
@@ -77,7 +77,7 @@ def check_writable(folder: Path, what: str) -> None:
     """Create `folder` and write a probe file in it; ConfigError naming the folder otherwise."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ctseg_probe_"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=temp_prefix("probe")):
             pass
     except OSError as err:
         raise ConfigError(f"{folder}: cannot write the {what} there ({err.strerror or err}); "

@@ -235,7 +235,7 @@ PLAN: dict[str, Run | Skip] = {
         Run(TRAIN),
     # README: logging, sweeps and search
     "python -m ctseg.compare outputs/phantom_quick/multiruns/<name>":
-        Run(files=("outputs/phantom_quick/multiruns/{sweep}/compare.csv",)),
+        Run(files=("outputs/phantom_quick/multiruns/{sweep}/comparison/compare.csv",)),
     "python -m ctseg.compare outputs/train/runs/<a> outputs/train/runs/<b> --out comparison":
         Run(files=("comparison/compare.csv", "comparison/val_curves.png")),
     "python -m ctseg.hparams_search hparams_search=optuna experiment=phantom_quick":
@@ -246,7 +246,7 @@ PLAN: dict[str, Run | Skip] = {
     "hparams_search.storage=postgresql://user:pass@db/optuna hparams_search.params.lr.high=0.1":
         Skip("needs a PostgreSQL server; the same search on the default SQLite storage runs"),
     "python -m ctseg.compare outputs/phantom_quick/optuna/phantom_quick":
-        Run(files=("outputs/phantom_quick/optuna/phantom_quick/compare.csv",)),
+        Run(files=("outputs/phantom_quick/optuna/phantom_quick/comparison/compare.csv",)),
     # README: on a cluster
     "python train.py -m experiment=phantom_quick model.optimizer.lr=1e-3,3e-3 seed=1,2":
         Run(TRAIN, ("outputs/phantom_quick/multiruns/{sweep}/3/checkpoints/last.ckpt",),

@@ -169,7 +169,7 @@ def test_multirun_of_ddp_jobs_finishes_in_one_folder_per_job(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ctseg.compare", str(sweeps[0])], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    with (sweeps[0] / "compare.csv").open() as f:
+    with (sweeps[0] / "comparison" / "compare.csv").open() as f:
         table = list(csv.DictReader(f))
     assert sorted(r["run"] for r in table) == ["0", "1"]
     best = [float(r["best val/mean_dice"]) for r in table]
@@ -177,10 +177,10 @@ def test_multirun_of_ddp_jobs_finishes_in_one_folder_per_job(tmp_path):
     assert best[0] == pytest.approx(max(val_dice(job)[0] for job in jobs), abs=1e-4)
     assert {r["seed"] for r in table} == {"1", "2"}
     assert "trainer.devices" not in table[0]  # the same in every run: not a column
-    text = (sweeps[0] / "compare.md").read_text()
+    text = (sweeps[0] / "comparison" / "compare.md").read_text()
     assert text.startswith("| rank | run | best val/mean_dice |")
     assert "Per-structure val Dice of the best run" in text and "| liver |" in text
-    image = plt.imread(sweeps[0] / "val_curves.png")
+    image = plt.imread(sweeps[0] / "comparison" / "val_curves.png")
     assert image.shape[0] > 300 and image[..., :3].std() > 0.05  # drawn, not blank
 
 
@@ -319,7 +319,7 @@ def test_optuna_search_prunes_and_resumes_after_a_kill(tmp_path):
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after) == 7
     assert "study phantom_quick:" in resumed.stdout
     compare_main([str(study_dir)])  # ranks the trials like any runs
-    with (study_dir / "compare.csv").open() as f:
+    with (study_dir / "comparison" / "compare.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) >= 7 and {"model.optimizer.lr", "model.optimizer.weight_decay"} <= set(
         table[0])

@@ -4,7 +4,6 @@ for parity on a validation window; figures logged and written beside the files."
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from ctseg.atomic import scratch_folder
 from ctseg.data.transforms import IMAGE
 from ctseg.export.exporter import centre_window, export_model, sample_window
 from ctseg.export.formats import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, DEFAULT_OPSET, check_formats
@@ -50,9 +50,9 @@ class ExportBest(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Export on rank 0 (every rank saves the fallback checkpoint together)."""
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
-        with tempfile.TemporaryDirectory(prefix="ctseg_export_") as tmp:
+        with scratch_folder("export_current") as tmp:
             if not best or not Path(best).is_file():
-                best = str(Path(tmp) / "current.ckpt")
+                best = str(tmp / "current.ckpt")
                 trainer.save_checkpoint(best)
                 log.warning("no best checkpoint was saved; exporting the current weights")
             if not trainer.is_global_zero:

@@ -38,7 +38,7 @@ import torch
 from monai.transforms.utils import generate_spatial_bounding_box
 from torch.utils.data import Dataset
 
-from ctseg.atomic import remove_leftovers, temp_prefix
+from ctseg.atomic import OutputExists, remove_leftovers, swapped_folder, temp_prefix
 from ctseg.data.file_stamp import file_stamp
 from ctseg.data.transforms import (
     ANNOTATED,
@@ -209,33 +209,28 @@ class VolumeCache:
         shutil.rmtree(trash, ignore_errors=True)
 
     def _build(self, record: dict[str, Any], folder: Path) -> None:
-        """Preprocess `record` into a private temporary folder, then rename it to `folder`."""
+        """Preprocess `record` into a private temporary folder that becomes `folder` whole
+        (`swapped_folder`; a concurrent builder's finished entry is kept)."""
         data = volume_transforms(self._volumes)({IMAGE: record[IMAGE], LABEL: record[LABEL]})
         start, stop = generate_spatial_bounding_box(data[VALID])
         image = np.ascontiguousarray(data[IMAGE].numpy(), dtype=np.float32)
         label = np.ascontiguousarray(data[LABEL].numpy(), dtype=np.uint8)
         locations = class_locations(label[0], self.pipeline.num_classes)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{temp_prefix(folder.name)}{uuid.uuid4().hex}"
-        tmp.mkdir()
         try:
-            np.save(tmp / IMAGE_FILE, image)
-            np.save(tmp / LABEL_FILE, label)
-            np.savez(tmp / LOCATIONS_FILE, **{f"c{c}": v for c, v in locations.items()})
-            sizes = {name: (tmp / name).stat().st_size
-                     for name in (IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE)}
-            meta = {"format": CACHE_FORMAT, "shape": list(image.shape[1:]), "bytes": sizes,
-                    "valid": [list(start), [b - a for a, b in zip(start, stop, strict=True)]],
-                    "image": str(record[IMAGE]), "label": str(record[LABEL]),
-                    "affine": np.asarray(data[IMAGE].affine).tolist()}
-            (tmp / META_FILE).write_text(json.dumps(meta))
-            try:
-                tmp.rename(folder)
-            except OSError:
-                if self._valid(folder) is None:
-                    raise  # not a concurrent builder's finished entry: a real failure
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with swapped_folder(folder, replace=False) as tmp:
+                np.save(tmp / IMAGE_FILE, image)
+                np.save(tmp / LABEL_FILE, label)
+                np.savez(tmp / LOCATIONS_FILE, **{f"c{c}": v for c, v in locations.items()})
+                sizes = {name: (tmp / name).stat().st_size
+                         for name in (IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE)}
+                meta = {"format": CACHE_FORMAT, "shape": list(image.shape[1:]), "bytes": sizes,
+                        "valid": [list(start), [b - a for a, b in zip(start, stop, strict=True)]],
+                        "image": str(record[IMAGE]), "label": str(record[LABEL]),
+                        "affine": np.asarray(data[IMAGE].affine).tolist()}
+                (tmp / META_FILE).write_text(json.dumps(meta))
+        except OutputExists:
+            if self._valid(folder) is None:
+                raise  # not a concurrent builder's finished entry: a real failure
 
 
 def patch_start(volume: CachedVolume, size: Sequence[int], sampler: str) -> tuple[int, ...]:

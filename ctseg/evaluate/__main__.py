@@ -142,22 +142,26 @@ def evaluate_cv(folder: Path, output: Path | None, tolerance: float) -> dict[str
                                   "of one cross-validation")
             rows.append(row)
     out = output or folder / "cv_evaluation"
-    summary = write_outputs(rows, out, tolerance)
     runs = [path.parents[2] for path in files]
-    summary.update(output=str(out), folds=[str(run) for run in runs], missing=[])
+    choice = None
     if all((run / CV_PREDICTIONS / GROUND_TRUTH).is_file() for run in runs):
-        summary["postprocessing"] = choose_postprocessing(runs, out)
+        choice = choose_postprocessing(runs)
     else:
         log.info("no kept out-of-fold predictions (callbacks=cross_validation keeps them): no "
                  "post-processing chosen")
+    summary = write_outputs(rows, out, tolerance, extra=None if choice is None else
+                            lambda staging: write_choice(staging, *choice))
+    summary.update(output=str(out), folds=[str(run) for run in runs], missing=[])
+    if choice is not None:
+        summary["postprocessing"] = choice[0]
     log.info("cross-validation: %d out-of-fold cases of %d folds", len(fold_of), len(files))
     return summary
 
 
-def choose_postprocessing(runs: list[Path], out: Path) -> list[str]:
+def choose_postprocessing(runs: list[Path]) -> tuple[list[str], dict[str, Any]]:
     """Choose, on the folds' kept out-of-fold predictions, the structures whose largest component
-    alone does not lower their Dice; write the choice beside every fold's checkpoints and into
-    `out`; the chosen structures."""
+    alone does not lower their Dice; write the choice beside every fold's checkpoints; the
+    chosen structures and the Dice figures of the structures tested."""
     version = str(OmegaConf.load(runs[0] / "checkpoints" / "config.yaml").data.version)
 
     def cases() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -169,11 +173,11 @@ def choose_postprocessing(runs: list[Path], out: Path) -> list[str]:
                 yield pred, gt
 
     chosen, tested = choose(cases(), label_names(version))
-    for folder in [*(run / "checkpoints" for run in runs), out]:
-        write_choice(folder, chosen, tested)
+    for run in runs:
+        write_choice(run / "checkpoints", chosen, tested)
     log.info("post-processing: the largest component kept for %d of %d structures (%s)",
              len(chosen), len(tested), POSTPROCESSING_FILE)
-    return chosen
+    return chosen, tested
 
 
 def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

@@ -8,15 +8,16 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ctseg.atomic import staged_files
+from ctseg.atomic import TEMP_MARK, swapped_folder
 from ctseg.figures import save_png
+from ctseg.inference.postprocess import POSTPROCESSING_FILE
 
 OUTPUTS = ("scores.csv", "summary.json", "summary.md", "dice_per_class.png",
            "dice_per_region.png")
@@ -131,10 +132,12 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: Pat
     save_png(figure, out / OUTPUTS[4])
 
 
-def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, tolerance: float
-                  ) -> dict[str, Any]:
-    """Write every output of OUTPUTS to `out`, all of them first in a private folder, so a
-    failure or a kill never leaves a mix of old and new outputs; the summary."""
+def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, tolerance: float,
+                  extra: Callable[[Path], Any] | None = None) -> dict[str, Any]:
+    """Write every output of OUTPUTS, and the post-processing choice that `extra(folder)` may
+    write, as folder `out` (`swapped_folder`: a failure or a kill never leaves a mix of old and
+    new outputs, and no earlier one of these files stays); what other steps wrote there (native
+    evaluation's `val/` and `predictions/`) is kept; the summary."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["case", "dataset", "class", "structure",
                                                 "region", "dice", "nsd"])
@@ -143,9 +146,13 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, tolerance: float
     summary = summarise(rows)
     summary["tolerance_mm"] = tolerance
     text = json.dumps(summary, indent=2, allow_nan=True) + "\n"
-    with staged_files(out) as staging:
+    others = [p.name for p in out.iterdir() if p.name not in (*OUTPUTS, POSTPROCESSING_FILE)
+              and TEMP_MARK not in p.name] if out.is_dir() else []
+    with swapped_folder(out, own=OUTPUTS[1], keep=others) as staging:
         (staging / OUTPUTS[0]).write_text(buffer.getvalue())
         (staging / OUTPUTS[1]).write_text(text)
         (staging / OUTPUTS[2]).write_text(markdown(summary, tolerance))
         plot(rows, summary, staging)
+        if extra is not None:
+            extra(staging)
     return summary

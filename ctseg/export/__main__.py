@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR, plain
@@ -26,6 +27,17 @@ def summary(manifest: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def log_entry(output: Path) -> tuple[str, ...]:
+    """The entry of `output` holding this run's Hydra log folder (`hydra.run.dir`), which a
+    re-export keeps; none outside a Hydra run or when the logs go elsewhere."""
+    if not HydraConfig.initialized():
+        return ()
+    logs = Path(HydraConfig.get().runtime.output_dir).resolve()
+    if not logs.is_relative_to(output.resolve()) or logs == output.resolve():
+        return ()
+    return (logs.relative_to(output.resolve()).parts[0],)
+
+
 def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Export `cfg.ckpt` to `cfg.formats` in `cfg.output`; the manifest (export.json)."""
     formats = plain(cfg["formats"])
@@ -38,10 +50,11 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                           "model.pt it was exported from")
     sample = cfg.get("sample")
     window = sample_window(model, Path(str(sample)) if sample else None)
-    return export_model(model, list(formats), Path(str(cfg["output"])), window,
+    output = Path(str(cfg["output"]))
+    return export_model(model, list(formats), output, window,
                         source=str(cfg["ckpt"]), opset=int(cfg["opset"]),
                         thresholds=plain(cfg.get("parity")), device=str(cfg.get("device", "cpu")),
-                        max_batch=int(cfg["max_batch"]))
+                        max_batch=int(cfg["max_batch"]), keep=log_entry(output))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")

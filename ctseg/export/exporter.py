@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ctseg.atomic import remove_leftovers, staged_files, write_atomic
+from ctseg.atomic import scratch_folder, swapped_folder
 from ctseg.data.phantoms import render_subject
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.export import parity
@@ -51,13 +50,13 @@ def sample_window(model: LoadedModel, sample: str | Path | None = None) -> Tenso
     """A preprocessed (1, 1, *roi) window for the parity check: the centre of CT `sample`, or
     of a synthetic phantom CT at the model's spacing when None."""
     transforms = infer_transforms(model.pipeline)
-    with tempfile.TemporaryDirectory(prefix="ctseg_export_") as tmp:
+    with scratch_folder("export_sample") as tmp:
         if sample is None:
             spacing = np.asarray(model.pipeline.spacing, dtype=np.float64)
             shape = tuple(int(r) for r in model.roi_size)
             affine = np.diag([*spacing, 1.0])
             hu, _ = render_subject(shape, affine, np.random.default_rng(0))
-            sample = Path(tmp) / "phantom.nii.gz"
+            sample = tmp / "phantom.nii.gz"
             nib.save(nib.Nifti1Image(hu, affine), sample)
         volume = transforms({IMAGE: str(sample)})[IMAGE][None].as_tensor()
     return centre_window(volume.float(), model.roi_size)
@@ -73,22 +72,24 @@ def manifest_entry(model: LoadedModel, source: str, opset: int) -> dict[str, Any
 def export_model(model: LoadedModel, formats: Sequence[str], output: str | Path,
                  window: Tensor, source: str = "", opset: int = DEFAULT_OPSET,
                  thresholds: Mapping[str, Any] | None = None, device: str = "cpu",
-                 max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, Any]:
+                 max_batch: int = DEFAULT_MAX_BATCH, keep: Sequence[str] = ()
+                 ) -> dict[str, Any]:
     """Write `model` in each of `formats` to `output`, check each on `window`, then write
     `export.json` with each file's SHA-256; TensorRT formats are skipped with one logged line
-    where they cannot run. The files are written and checked in a private folder and moved into
-    `output` only once every check passed: a ParityError (naming format and figures) leaves a
-    previous export in `output` as it was."""
+    where they cannot run. The files, their parity reports and `export.json` are written and
+    checked in a private folder that replaces `output` as a whole only once every check passed
+    (`swapped_folder`): a ParityError (naming format and figures) or a kill leaves a previous
+    export in `output` as it was, and no file of it stays beside a new one; the entries `keep`
+    of `output` (the CLI's log folder) are kept."""
     if model.net is None:
         raise ValueError("export_model needs a model with its torch network")
     output = Path(output)
-    remove_leftovers(output.parent)
     net = window_network(model.net, model.kind, model.known_ids).cpu()
     window = window.float().cpu()
     manifest = manifest_entry(model, source, opset)
     skipped = {}
     references: dict[torch.device, Tensor] = {}  # the torch logits, once per device
-    with staged_files(output) as staging:
+    with swapped_folder(output, own=EXPORT_MANIFEST, keep=keep) as staging:
         for fmt in check_formats(list(formats)):
             if fmt in TRT_FORMATS and (reason := trt_unavailable()):
                 log.warning("%s skipped: %s", fmt, reason)
@@ -107,9 +108,8 @@ def export_model(model: LoadedModel, formats: Sequence[str], output: str | Path,
             manifest["formats"][fmt] = {"file": path.name, "sha256": digest, "parity": report}
             if fmt in TRT_FORMATS:  # the engine's optimisation profile: 1..max_batch windows
                 manifest["formats"][fmt]["max_batch"] = max_batch
-    if skipped:
-        manifest["skipped"] = skipped
-    text = json.dumps(manifest, indent=2) + "\n"
-    write_atomic(output / EXPORT_MANIFEST, lambda tmp: tmp.write_text(text))
+        if skipped:
+            manifest["skipped"] = skipped
+        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("exported %s to %s", ", ".join(manifest["formats"]) or "nothing", output)
     return manifest

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from contextlib import ExitStack
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ctseg.atomic import scratch_folder
 from ctseg.errors import ConfigError
 from ctseg.export.exporter import export_model, sample_window
 from ctseg.export.formats import DEFAULT_MAX_BATCH, trt_unavailable
@@ -86,7 +85,7 @@ def _export_now(model: LoadedModel, fmt: str, stack: ExitStack, batch_size: int 
     """Export `model` to `fmt` in a temporary folder kept for the run (parity checked on a
     phantom window; TensorRT engines take `batch_size` windows, at least the default max_batch);
     that export, loaded."""
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctseg_backend_")))
+    folder = stack.enter_context(scratch_folder("backend_export"))
     log.info("exporting the network to %s for this run", fmt)
     max_batch = max(DEFAULT_MAX_BATCH, batch_size if isinstance(batch_size, int) else 0)
     export_model(model, [fmt], folder, sample_window(model), max_batch=max_batch)

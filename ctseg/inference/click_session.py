@@ -32,10 +32,10 @@ import torch
 from monai.networks.nets.vista3d import VISTA3D
 from torch import Tensor, nn
 
-from ctseg.atomic import atomic_folder
+from ctseg.atomic import swapped_folder
 from ctseg.errors import ConfigError
 from ctseg.inference.inputs import Case, discover_cases
-from ctseg.inference.outputs import write_case
+from ctseg.inference.outputs import LABELS_FILE, write_case
 from ctseg.inference.pipeline import CasePredictor, PredictOptions, PreparedCase
 from ctseg.inference.prompts import Prompt, check_points_inside, parse_prompt
 from ctseg.models.loaded_model import LoadedModel
@@ -404,7 +404,7 @@ class ClickSession:
         if self.labels is None:
             raise ConfigError("nothing to save: click first (or again after reset())")
         folder = Path(folder)
-        with atomic_folder(folder, overwrite=True) as tmp:
+        with swapped_folder(folder, own=LABELS_FILE) as tmp:
             write_case(tmp, self.labels, self.prepared.affine, self.prepared.header, self.names,
                        masks, {})
         return folder

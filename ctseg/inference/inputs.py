@@ -4,7 +4,6 @@ MONAI MetaTensor, with one clear error naming the file for each kind of bad inpu
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from monai.utils import MetaKeys
 
+from ctseg.atomic import scratch_folder
 from ctseg.data.layout import check_affine
 from ctseg.errors import DatasetError, data_errors, dicom_errors, out_of_memory
 
@@ -181,23 +181,29 @@ def _load_nifti(path: Path) -> tuple[MetaTensor, nib.Nifti1Header]:
     return image, header.copy()
 
 
+def _read_series(loader: LoadImage, path: Path, folder: Path, uid: str) -> MetaTensor:
+    """The DICOM files in `path` read by `loader`; a DatasetError naming `folder` for what a
+    corrupt series raises (running out of memory is not a corrupt file)."""
+    try:
+        return loader(str(path))
+    except dicom_errors() as err:
+        if out_of_memory(err):
+            raise
+        raise DatasetError(folder, f"cannot read DICOM series {uid} "
+                                   f"({type(err).__name__}: {err})") from err
+
+
 def _load_dicom(folder: Path, series_uid: str | None) -> MetaTensor:
     """The chosen CT series of `folder` as a (X, Y, Z) float32 MetaTensor with a RAS affine."""
     series = pick_series(folder, series_uid)
     loader = LoadImage(reader="PydicomReader", image_only=True, dtype=np.float32)
-    try:
-        if len(series.files) == len(_dicom_files(folder)):
-            image = loader(str(folder))
-        else:
-            with tempfile.TemporaryDirectory(prefix="ctseg_series_") as tmp:
-                for path in series.files:
-                    (Path(tmp) / path.name).symlink_to(path.resolve())
-                image = loader(tmp)
-    except dicom_errors() as err:
-        if out_of_memory(err):
-            raise
-        raise DatasetError(folder, f"cannot read DICOM series {series.uid} "
-                                   f"({type(err).__name__}: {err})") from err
+    if len(series.files) == len(_dicom_files(folder)):
+        image = _read_series(loader, folder, folder, series.uid)
+    else:
+        with scratch_folder("dicom_series") as tmp:
+            for path in series.files:
+                (tmp / path.name).symlink_to(path.resolve())
+            image = _read_series(loader, tmp, folder, series.uid)
     _check_shape(folder, tuple(image.shape))
     return image
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged
 
-from ctseg.atomic import atomic_folder
+from ctseg.atomic import swapped_folder
 from ctseg.data.transforms import IMAGE, infer_transforms
 from ctseg.errors import ConfigError, DatasetError
 from ctseg.inference.air import body_mask, body_window_starts
@@ -25,7 +25,7 @@ from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
 from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, MeanSigmoids, mirror_flips
 from ctseg.inference.inputs import Case, load_case
-from ctseg.inference.outputs import write_case
+from ctseg.inference.outputs import LABELS_FILE, write_case
 from ctseg.inference.placement import (
     AUTO,
     MAX_AUTO_BATCH,
@@ -37,6 +37,7 @@ from ctseg.inference.placement import (
 )
 from ctseg.inference.postprocess import keep_largest
 from ctseg.inference.prompts import OUTSIDE_NAME, Prompt, check_points_inside
+from ctseg.inference.record import write_record
 from ctseg.inference.vista3d import (
     keep_clicked_components,
     plan_case,
@@ -501,14 +502,18 @@ class CasePredictor:
             run.peak_gpu_mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         return run
 
-    def save(self, run: CaseRun, folder: Path, overwrite: bool = False) -> dict[str, Any]:
-        """Write a predicted case's outputs to `folder` atomically; its timing report."""
+    def save(self, run: CaseRun, folder: Path, overwrite: bool = False,
+             record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write a predicted case's outputs, and `record` (what wrote them), as folder `folder`
+        (`swapped_folder`); its timing report."""
         case, seg, o = run.case, run.seg, self.options
         lap = self._timer(run.times)
         seg_error: Exception | None = None
-        with atomic_folder(folder, overwrite) as tmp:
+        with swapped_folder(folder, replace=overwrite, own=LABELS_FILE) as tmp:
             write_case(tmp, seg.labels, seg.affine, seg.header, seg.names, o.masks,
                        seg.probabilities)
+            if record is not None:
+                write_record(tmp, record)
             if o.dicom_seg and case.kind == "dicom":
                 try:
                     write_dicom_seg(tmp / SEG_FILE, seg.labels, seg.affine,

@@ -19,12 +19,13 @@ from ctseg.config import plain
 from ctseg.errors import ConfigError, CtsegError, WorkDone, user_message
 from ctseg.inference.ensemble import check_members, run_checkpoints
 from ctseg.inference.inputs import Case, discover_cases
-from ctseg.inference.outputs import LABELS_FILE, TIMING_FILE, write_json
+from ctseg.inference.outputs import TIMING_FILE, write_json
 from ctseg.inference.overlap import background, done, failed
 from ctseg.inference.pipeline import STAGES, CasePredictor, CaseRun, PredictOptions, resolve_device
 from ctseg.inference.placement import AUTO
 from ctseg.inference.postprocess import POSTPROCESSING_FILE, read_choice
 from ctseg.inference.prompts import parse_prompt
+from ctseg.inference.record import check_done, prediction_record
 from ctseg.models.loading import EXPORT_MANIFEST, load_model
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
     overwrite = bool(cfg.get("overwrite", False))
     removed = remove_leftovers(output)
     if removed:
-        log.info("removed %d temporary folders of an interrupted run in %s", len(removed), output)
+        log.info("cleaned up %d temporaries of an interrupted run in %s", len(removed), output)
+    written_by = prediction_record(sources, models, options)
+    skip = set() if overwrite else set(check_done(output, [c.name for c in cases], written_by))
     reports, skipped, failures = [], [], []
 
     def write_timing() -> None:
@@ -146,10 +149,8 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
                                           "failed": failures})
 
     def load_unless_done(case: Case) -> CaseRun | None:
-        """`case` loaded, or None when its outputs exist (and overwrite is off)."""
-        if (output / case.name / LABELS_FILE).exists() and not overwrite:
-            return None
-        return predictor.load(case)
+        """`case` loaded, or None when the same model and settings wrote it (overwrite off)."""
+        return None if case.name in skip else predictor.load(case)
 
     def record(case: Case, outcome: Future) -> None:
         """Log and keep what became of `case`: its report, a skip, or its failure."""
@@ -157,7 +158,8 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
         try:
             report = outcome.result()
             if report is None:
-                log.info("%s: output exists, skipped (overwrite=true to redo)", folder)
+                log.info("%s: written by the same model and settings, skipped (overwrite=true "
+                         "to redo)", folder)
                 skipped.append(case.name)
             else:
                 log.info(_summary_line(report))
@@ -192,7 +194,8 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> int:
             try:
                 loaded = current.result()
                 saving = done(None) if loaded is None else writer.submit(
-                    predictor.save, predictor.infer(loaded), output / case.name, overwrite)
+                    predictor.save, predictor.infer(loaded), output / case.name, overwrite,
+                    written_by)
             except Exception as err:
                 saving = failed(err)
             writes.append((case, saving))

@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +144,62 @@ def test_compare_logs_its_tables_to_wandb_when_the_runs_did(tmp_path: Path, caps
     assert run.project == "cv_demo" and run.job_type == "compare"
     main([str(sweep), "--out", str(tmp_path / "plain"), "--no-wandb"])
     assert not (tmp_path / "plain" / "wandb").exists()
+
+
+def wandb_sweep(sweep: Path, with_scores: bool) -> None:
+    """Two finished runs of two learning rates that logged to W&B offline, with per-case scores
+    or without."""
+    for job, lr in enumerate(["1e-3", "3e-4"]):
+        fake_run(sweep / str(job), [f"model.optimizer.lr={lr}"],
+                 scores(job, {}) if with_scores else None)
+        (sweep / str(job) / "checkpoints" / "config.yaml").write_text(
+            "optimized_metric: val/mean_dice\nlogger:\n  wandb:\n    project: cv_demo\n"
+            "    offline: true\n")
+        (sweep / str(job) / "wandb_id.txt").write_text(f"run{job}\n")
+
+
+def test_a_comparison_into_the_folder_of_an_earlier_one_keeps_none_of_its_files(tmp_path):
+    """`python -m ctseg.compare <runs> --out cmp` twice, the second time for runs without
+    scores: no statistics file of the first stays, is listed as written or logged to W&B; the
+    first comparison's W&B files stay."""
+    wandb_sweep(tmp_path / "scored", with_scores=True)
+    wandb_sweep(tmp_path / "unscored", with_scores=False)
+    stats_files = ("statistics.csv", "paired_tests.csv", "dice_per_config.png")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    printed = []
+    for sweep in ("scored", "unscored"):
+        result = subprocess.run([sys.executable, "-m", "ctseg.compare", sweep, "--out", "cmp"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        printed.append(result.stdout)
+        if sweep == "scored":
+            assert all((tmp_path / "cmp" / name).is_file() for name in stats_files)
+    written = next(line for line in printed[1].splitlines() if line.startswith("2 runs;"))
+    assert written == ("2 runs; written cmp/compare.md, cmp/compare.csv, cmp/val_curves.png")
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
+        "compare.csv", "compare.md", "val_curves.png", "wandb"]
+    assert "Statistics over test cases" not in (tmp_path / "cmp" / "compare.md").read_text()
+    first, second = sorted((tmp_path / "cmp" / "wandb").glob("offline-run-*"))
+    assert list(first.glob("files/media/table/compare/statistics_*.json"))
+    assert list(second.glob("files/media/table/compare/runs_*.json"))
+    assert not list(second.glob("files/media/table/compare/statistics_*.json"))
+    assert not list(second.glob("files/media/images/compare/*"))
+
+
+def test_the_default_output_is_a_folder_of_its_own_and_never_a_runs_folder(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for job, lr in enumerate(["1e-3", "3e-4"]):
+        fake_run(sweep / str(job), [f"model.optimizer.lr={lr}"], None)
+    main([str(sweep), "--no-wandb"])
+    assert (sweep / "comparison" / "compare.md").is_file()
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "comparison"]
+    before = sorted(str(p) for p in sweep.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sweep), "--out", str(sweep), "--no-wandb"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --out {sweep}: holds run folders ({sweep / '0'}); a comparison replaces its "
+        "output folder as a whole, so give it a folder of its own (the default: "
+        "<first folder>/comparison)")
+    assert sorted(str(p) for p in sweep.rglob("*")) == before

@@ -15,7 +15,7 @@ import torch
 from helpers import truncate
 from omegaconf import OmegaConf
 
-from ctseg.errors import reported
+from ctseg.errors import ConfigError, reported
 from ctseg.export.__main__ import run as export_run
 from ctseg.export.exporter import export_model, sample_window
 from ctseg.export.formats import trt_unavailable
@@ -163,6 +163,25 @@ def test_a_failed_parity_check_names_the_format_and_keeps_the_previous_export(
         export_run(cfg)
     assert tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_re_export_replaces_the_whole_folder_and_never_a_foreign_one(exported, tiny_ckpt,
+                                                                       tmp_path):
+    out = tmp_path / "export"
+    shutil.copytree(exported, out, ignore=shutil.ignore_patterns(".export_logs"))  # ts and onnx
+    manifest = export_run(export_cfg(tiny_ckpt, out, "formats=[torchscript]"))
+    assert list(manifest["formats"]) == ["torchscript"]
+    assert sorted(p.name for p in out.iterdir()) == [EXPORT_MANIFEST, "model.ts",
+                                                     "model.ts.parity.json"]
+    assert json.loads((out / EXPORT_MANIFEST).read_text())["formats"].keys() == {"torchscript"}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=rf"^{mine}: exists and is not an output of this "
+                                          rf"command \(no {EXPORT_MANIFEST} in it\)"):
+        export_run(export_cfg(tiny_ckpt, mine, "formats=[torchscript]"))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "mine"]
 
 
 def test_export_checks_parity_on_the_given_ct(tiny_ckpt, shared_ct, tmp_path):

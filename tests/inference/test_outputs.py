@@ -1,4 +1,5 @@
-"""Case folders appear atomically; colour tables and label JSON list every class."""
+"""Case folders appear whole (`swapped_folder`); colour tables and label JSON list every
+class."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import stat
 
 import pytest
 
-from ctseg.atomic import atomic_folder, write_atomic
+from ctseg.atomic import swapped_folder, write_atomic
 from ctseg.inference.outputs import (
     itksnap_table,
     label_colours,
@@ -20,7 +21,8 @@ from ctseg.labels import label_map_dtype, label_names
 
 def test_failed_write_leaves_no_folder_and_no_temp(tmp_path) -> None:
     target = tmp_path / "case"
-    with pytest.raises(RuntimeError, match="disk full"), atomic_folder(target, False) as tmp:
+    with pytest.raises(RuntimeError, match="disk full"), \
+            swapped_folder(target, replace=False) as tmp:
         (tmp / "labels.nii.gz").write_bytes(b"partial")
         raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
@@ -28,11 +30,12 @@ def test_failed_write_leaves_no_folder_and_no_temp(tmp_path) -> None:
 
 def test_overwrite_replaces_and_refuses_without_it(tmp_path) -> None:
     target = tmp_path / "case"
-    with atomic_folder(target, False) as tmp:
+    with swapped_folder(target, replace=False) as tmp:
         (tmp / "old.txt").write_text("old")
-    with pytest.raises(FileExistsError, match="overwrite=true"), atomic_folder(target, False):
+    with pytest.raises(FileExistsError, match="overwrite=true"), \
+            swapped_folder(target, replace=False):
         pass
-    with atomic_folder(target, True) as tmp:
+    with swapped_folder(target) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
@@ -42,7 +45,7 @@ def test_atomic_outputs_get_the_permissions_of_a_plain_write(tmp_path) -> None:
     umask = os.umask(0o022)
     try:
         write_atomic(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
-        with atomic_folder(tmp_path / "case", False) as tmp:
+        with swapped_folder(tmp_path / "case", replace=False) as tmp:
             (tmp / "labels.txt").write_text("1")
     finally:
         os.umask(umask)

@@ -3,6 +3,7 @@ failure messages and where their tracebacks are logged."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from nibabel.orientations import axcodes2ornt, ornt_transform
 
 from ctseg.config import CONFIG_DIR
 from ctseg.data.layout import DatasetError
+from ctseg.errors import reported
 from ctseg.inference.outputs import (
     ITKSNAP_TABLE,
     LABELS_FILE,
@@ -27,6 +29,7 @@ from ctseg.inference.outputs import (
     TIMING_FILE,
 )
 from ctseg.inference.pipeline import seg_failure
+from ctseg.inference.record import RECORD_FILE
 from ctseg.inference.runner import CasesFailed, failure_message, run
 from ctseg.labels import label_names
 
@@ -200,16 +203,58 @@ def test_missing_and_empty_inputs_raise(tiny_ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_outputs_are_skipped_unless_overwrite(tiny_ckpt, shared_ct, tmp_path):
+def refused(ckpt: Path, source: Path, output: Path, capsys, **options) -> str:
+    """The one line predict.py prints on stderr when it exits 1 before predicting."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info, reported("predict.py"):
+        predict(ckpt, source, output, **options)
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_case_is_skipped_only_when_the_same_model_and_settings_wrote_it(
+        tiny_ckpt, shared_ct, tmp_path, capsys):
+    """A rerun skips a case folder its model (SHA-256) and settings wrote; another model, other
+    settings, or a folder without a record (written before records were) stop the run with one
+    line naming the case and overwrite=true, the folder untouched; overwrite=true replaces it."""
     out = tmp_path / "out"
     assert predict(tiny_ckpt, shared_ct, out, masks=False) == 0
+    record = json.loads((out / "ct" / RECORD_FILE).read_text())
+    assert record["models"] == [{"source": str(tiny_ckpt),
+                                 "sha256": hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()}]
+    assert record["options"]["sw.overlap"] == 0.25 and record["options"]["tta"] is None
+    assert record["data"]["spacing"] == [4.0, 4.0, 4.0] and len(record["classes"]) == 105
     stamp = (out / "ct" / LABELS_FILE).stat().st_mtime_ns
     assert predict(tiny_ckpt, shared_ct, out, masks=False) == 0
     assert (out / "ct" / LABELS_FILE).stat().st_mtime_ns == stamp
     assert json.loads((out / TIMING_FILE).read_text())["skipped"] == ["ct"]
-    assert predict(tiny_ckpt, shared_ct, out, masks=True, overwrite=True) == 0
+    other = save_checkpoint(tiny_module(seed=1), tmp_path / "other.ckpt")
+    fix = "set overwrite=true to predict it again, or choose another output folder"
+    case = f"error: {out / 'ct'}: exists and is not skipped"
+    assert refused(other, shared_ct, out, capsys, masks=False) == (
+        f"{case}: it was written by another model (the SHA-256 of ckpt={other} differs from the "
+        f"recorded one); {fix}")
+    assert refused(tiny_ckpt, shared_ct, out, capsys, masks=False, sw={"overlap": 0.5}) == (
+        f"{case}: it was written with sw.overlap=0.25 (this run: 0.5); {fix}")
+    assert refused(tiny_ckpt, shared_ct, out, capsys, masks=False, tta="mirror") == (
+        f"{case}: it was written with tta=null (this run: mirror); {fix}")
+    assert refused(tiny_ckpt, shared_ct, out, capsys, masks=True) == (
+        f"{case}: it was written with masks=false (this run: true); {fix}")
+    assert refused(tiny_ckpt, shared_ct, out, capsys, masks=False,
+                   data={"spacing": 5.0}) == (
+        f"{case}: it was written with data.spacing=[4.0, 4.0, 4.0] (this run: [5.0, 5.0, 5.0]); "
+        f"{fix}")
+    (out / "ct" / RECORD_FILE).unlink()  # as a case folder written before the record was
+    assert refused(tiny_ckpt, shared_ct, out, capsys, masks=False) == (
+        f"{case}: it was written before ctseg recorded the model and settings of a case (no "
+        f"{RECORD_FILE}), so it may come from another model or settings; {fix}")
+    assert (out / "ct" / LABELS_FILE).stat().st_mtime_ns == stamp
+    assert predict(other, shared_ct, out, masks=True, overwrite=True) == 0
     assert (out / "ct" / LABELS_FILE).stat().st_mtime_ns != stamp
     assert (out / "ct" / MASKS_DIR / "liver.nii.gz").is_file()
+    assert json.loads((out / "ct" / RECORD_FILE).read_text())["models"][0]["source"] == str(other)
     assert not [p for p in out.iterdir() if p.name.startswith(".ct.")]
 
 
