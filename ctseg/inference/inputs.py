@@ -105,11 +105,12 @@ def dicom_series(folder: Path) -> list[DicomSeries]:
     for path in _dicom_files(folder):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
+            uid = str(ds.get("SeriesInstanceUID", ""))  # decoded here: a damaged tag fails now
         except dicom_errors() as err:
             if out_of_memory(err):
                 raise
             raise DatasetError(path, f"corrupt DICOM file ({err})") from err
-        groups[str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
+        groups[uid].append((path, ds))
     series = []
     for uid, items in groups.items():
         first = items[0][1]

@@ -88,10 +88,6 @@ def test_truncated_or_corrupted_dicom_files_are_one_error_naming_them(series):
             "UFuncTypeError"} <= set(causes), causes
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "dicom_series reads SeriesInstanceUID after the try around dcmread; pydicom decodes a tag "
-    "lazily, so a damaged value representation fails outside it (inputs.py's DICOM code is "
-    "being reworked in parallel)"))
 def test_a_damaged_series_uid_is_one_error_naming_the_file(series):
     damaged = sorted(series.iterdir())[1]
     data = damaged.read_bytes()
