@@ -30,6 +30,8 @@ import pytest
 import torch
 from helpers import REPO, SHARED_DATA, metric_rows, write_dicom_series
 
+from ctseg.data.phantoms import phantom_defaults
+
 pytestmark = pytest.mark.slow
 
 # Lines that start with one of these are ctseg commands.
@@ -197,7 +199,8 @@ PLAN: dict[str, Run | Skip] = {
     NNUNET_PHANTOMS: Run(("--shape", "24", "24", "16"), ("data/phantoms_nnunet/dataset.json",
                                                          "data/phantoms_nnunet/labelsTs/*.nii.gz")),
     "python -m ctseg.data check /data/Dataset017_BTCV":
-        Run(prints=("12 subject(s)", "nnU-Net raw dataset"), after=(NNUNET_PHANTOMS,)),
+        Run(prints=(f"{phantom_defaults().n} subject(s)", "nnU-Net raw dataset"),
+            after=(NNUNET_PHANTOMS,)),
     "python -m ctseg.data prepare /data/Dataset017_BTCV":
         Run(files=("home/.cache/ctseg/prepared/phantoms_nnunet-*/mapped-*/manifest.json",),
             prints=("liver",), after=(NNUNET_PHANTOMS,)),
