@@ -29,7 +29,7 @@ SMALLEST = {
                  {"one", "ensemble", "tta"}),
     "vista3d": (["--tile", "1", "--runs", "small:grid:float32", "--everything", "--clicks", "1"],
                 {"session small:grid:float32", "fresh small:grid"}),
-    "air": (["--spacing", "6", "--region", "neck"], {"all windows", "skip_air"}),
+    "air": (["--spacing", "6", "--roi", "32", "--region", "neck"], {"all windows", "skip_air"}),
     "training": (["--tile", "1", "--no-loaders", "--skip-eval", "--processes",
                   "--processes-spacing", "6"],
                  {"train.py train=false test=true", "predict.py"}),
@@ -79,6 +79,14 @@ def test_benchmark_follows_the_protocol(reports: dict[str, dict], name: str) -> 
     for check in report["agreement"].values():
         assert check["passed"] and check["value"] >= check["threshold"], check
     assert report["machine"]["cores"] >= 1
+
+
+def test_skip_air_skips_windows_in_its_smallest_setting(reports: dict[str, dict]) -> None:
+    """At the smallest setting the skip_air side computes fewer windows than the grid holds, so
+    the comparison compares two different runs."""
+    windows = reports["air"]["sides"]["skip_air"]["windows"]
+    assert 0 < windows["computed"] < windows["grid"], windows
+    assert "windows" not in reports["air"]["sides"]["all windows"]
 
 
 def test_disagreement_exits_non_zero_after_writing(tmp_path: Path) -> None:
