@@ -1,17 +1,20 @@
 """Benchmark `sw.skip_air`: sliding windows in the air of a scanner's field of view, skipped.
 
-    python benchmarks/air.py [--spacing 1.5] [--region legs] [--repeats 3] [--out air.json]
+    python benchmarks/air.py [--spacing 1.5] [--region legs] [--roi 96] [--repeats 3]
+                             [--out air.json]
 
 A modelled whole-body CT as a scanner writes it: a 500 mm field of view of air (-1000 HU) holding
 a body of soft tissue (40 HU) whose cross-section follows the regions of an adult lying on a
 patient table (carbon fibre, 200 HU, 440 mm wide, under the back): head, neck, trunk, two thighs,
-two calves (`REGIONS`). First the geometry: the windows of MONAI's grid (96^3 voxels, overlap
-0.25) that touch the body, per region and over the whole body, as `ctseg.inference.air` counts
-them (no network). Then predict.py with and without `sw.skip_air` on one region (`--region`),
-with a random-init 105-class bundle SegResNet, under the common protocol (input file -> labels in
-memory). Agreement: the labels are equal on every voxel that no skipped window covers (there the
-same windows are blended in the same order); voxels that a skipped window covers are air, where a
-trained network predicts background and random weights predict anything.
+two calves (`REGIONS`). First the geometry: the windows of MONAI's grid (`--roi`^3 voxels,
+default 96, overlap 0.25) that touch the body, per region and over the whole body, as
+`ctseg.inference.air` counts them (no network). Then predict.py with and without `sw.skip_air`
+on one region (`--region`), with a random-init 105-class bundle SegResNet, under the common
+protocol (input file -> labels in memory); the skip_air side records the windows it computed
+and those of the grid (`windows`). Agreement: the labels are equal on every voxel that no skipped
+window covers (there the same windows are blended in the same order); voxels that a skipped
+window covers are air, where a trained network predicts background and random weights predict
+anything.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ REGIONS = {
 }
 TABLE_MM = (440.0, 20.0)  # width, thickness
 BACK_MM = -120.0  # the body's posterior surface (AP), where the table begins
-ROI, OVERLAP = 96, 0.25
+ROI, OVERLAP = 96, 0.25  # the bundle's window (the default of --roi)
 THRESHOLD = 0.9999
 
 
@@ -69,14 +72,14 @@ def body_ct(regions: list[str], spacing: float) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(slabs, axis=2), np.diag([spacing, spacing, spacing, 1.0])
 
 
-def window_counts(spacing: float) -> dict[str, dict[str, int]]:
+def window_counts(spacing: float, roi: int) -> dict[str, dict[str, int]]:
     """Windows touching the body / windows of the grid, per region and for the whole body."""
     from ctseg.inference.air import body_mask, body_window_starts
 
     counts = {}
     for name in (*REGIONS, "whole body"):
         ct, affine = body_ct(list(REGIONS) if name == "whole body" else [name], spacing)
-        starts, total = body_window_starts(body_mask(ct), affine, affine, ct.shape, (ROI,) * 3,
+        starts, total = body_window_starts(body_mask(ct), affine, affine, ct.shape, (roi,) * 3,
                                            OVERLAP)
         counts[name] = {"computed": len(starts), "grid": total}
     return counts
@@ -85,23 +88,23 @@ def window_counts(spacing: float) -> dict[str, dict[str, int]]:
 def worker_predict(args: argparse.Namespace) -> dict:
     """predict.py's pipeline on the region's CT, with or without `sw.skip_air`."""
     cfg = {"ckpt": args.weights, "input": args.ct, "device": "cpu", "masks": False,
-           "sw": {"roi_size": [ROI] * 3, "overlap": OVERLAP,
+           "sw": {"roi_size": [int(args.roi)] * 3, "overlap": OVERLAP,
                   "skip_air": args.worker == "skip_air"},
            "model": {"num_classes": NUM_CLASSES},
            "data": {"version": "v1", "spacing": float(args.spacing), "intensity": "segresnet"}}
     return predict_span(cfg, Path(args.workdir), args.worker)
 
 
-def free_of_skipped(ct: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """The voxels of `ct` that no skipped window covers (its grid is the model grid: RAS at the
-    model's spacing, as `body_ct` writes it)."""
+def free_of_skipped(ct: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
+    """The voxels of `ct` that no skipped window of `size`^3 covers (its grid is the model
+    grid: RAS at the model's spacing, as `body_ct` writes it)."""
     from ctseg.inference.air import body_mask, body_window_starts
     from ctseg.inference.vista3d import window_coverage
     from ctseg.sliding_window import grid_windows
 
-    roi = (ROI,) * 3
+    roi = (size,) * 3
     starts = set(body_window_starts(body_mask(ct), affine, affine, ct.shape, roi, OVERLAP)[0])
-    padded = [max(s, ROI) for s in ct.shape]
+    padded = [max(s, size) for s in ct.shape]
     grid = [tuple(a for a, _ in window) for window in grid_windows(padded, roi, OVERLAP)]
     covered = window_coverage([s for s in grid if s not in starts], padded, roi).numpy()
     before = [(p - s) // 2 for p, s in zip(padded, ct.shape, strict=True)]
@@ -112,11 +115,14 @@ def main() -> None:
     """Parse arguments; run as the coordinator or, with --worker, as one side."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Smallest setting (seconds): --spacing 6 --region neck --repeats 1")
+        epilog="Smallest setting (seconds; windows in air skipped): --spacing 6 --roi 32 "
+        "--region neck --repeats 1")
     parser.add_argument("--spacing", type=float, default=1.5, help="model grid and CT (mm)")
     parser.add_argument("--region", choices=tuple(REGIONS), default="legs",
                         help="the region predict.py runs on, with and without sw.skip_air")
     add_repeats_option(parser)
+    parser.add_argument("--roi", type=int, default=ROI, help=f"window edge in voxels "
+                        f"(default {ROI}, the bundle's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     add_worker_options(parser, "--ct", "--weights")
@@ -125,7 +131,7 @@ def main() -> None:
         serve_worker(worker_predict, args)
         return
     configure_logging()
-    counts = window_counts(args.spacing)
+    counts = window_counts(args.spacing, args.roi)
     with tempfile.TemporaryDirectory(prefix="ctseg_air_") as workdir:
         args.workdir = workdir
         args.ct = str(Path(workdir) / "ct.nii.gz")
@@ -133,16 +139,17 @@ def main() -> None:
         ct, affine = body_ct([args.region], args.spacing)
         nib.save(nib.Nifti1Image(ct, affine), args.ct)
         make_weights(Path(args.weights), args.seed)
-        options = ["--ct", args.ct, "--weights", args.weights, "--spacing", str(args.spacing)]
+        options = ["--ct", args.ct, "--weights", args.weights, "--spacing", str(args.spacing),
+                   "--roi", str(args.roi)]
         sides = run_sides(__file__, {"all windows": options, "skip_air": options}, workdir,
                           args.repeats)
         kept = np.load(sides["all windows"]["output"]), np.load(sides["skip_air"]["output"])
-        free = free_of_skipped(ct, affine)
+        free = free_of_skipped(ct, affine, args.roi)
         checks = {"skip_air vs all windows": agreement(
             "share of voxels no skipped window covers with equal labels",
             float((kept[0][free] == kept[1][free]).mean()), THRESHOLD)}
     setting = {"spacing_mm": args.spacing, "region": args.region, "shape": list(ct.shape),
-               "roi": ROI, "overlap": OVERLAP, "num_classes": NUM_CLASSES,
+               "roi": args.roi, "overlap": OVERLAP, "num_classes": NUM_CLASSES,
                "windows": counts}
     report = payload("air", PREDICTION_SPAN, args.repeats, setting, sides, checks)
     lines = ["| region | windows touching the body | windows of the grid | share |",

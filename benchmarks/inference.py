@@ -99,7 +99,8 @@ def predict_span(cfg: dict, workdir: Path, name: str,
     """The ctseg side of the protocol for predict.py's configuration `cfg`: load the model(s)
     and build `CasePredictor` (untimed; then `setup(predictor)`, whose figures are added), time
     `CasePredictor.segment` (read, preprocess, infer, invert: input file -> labels in memory)
-    and writing the case's outputs as predict.py does."""
+    and writing the case's outputs as predict.py does; with sw.skip_air, the windows computed
+    and those of the grid (`windows`)."""
     from ctseg.atomic import swapped_folder
     from ctseg.inference.ensemble import check_members
     from ctseg.inference.inputs import discover_cases
@@ -121,9 +122,14 @@ def predict_span(cfg: dict, workdir: Path, name: str,
             write_case(tmp, seg.labels, seg.affine, seg.header, seg.names, options.masks,
                        seg.probabilities)
 
+    def segment() -> Any:
+        seg = predictor.segment(case)
+        extra.update({"windows": seg.windows} if seg.windows else {})
+        return seg
+
     with CasePredictor(models[0], options, members=models[1:]) as predictor:
         extra = setup(predictor) if setup else {}
-        result = timed_span(lambda: predictor.segment(case), write, lambda seg: seg.labels,
+        result = timed_span(segment, write, lambda seg: seg.labels,
                             workdir / f"{slug(name)}_labels.npy")
     return {**extra, **result}
 

@@ -23,7 +23,7 @@ from ctseg.errors import ConfigError, DatasetError
 from ctseg.inference.air import body_mask, body_window_starts
 from ctseg.inference.backends import open_runner
 from ctseg.inference.dicom_seg import SEG_FILE, series_datasets, write_dicom_seg
-from ctseg.inference.ensemble import TTA_MODES, MeanProbabilities, MeanSigmoids, mirror_flips
+from ctseg.inference.ensemble import TTA_MODES, MeanLogits, mirror_flips
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.outputs import LABELS_FILE, write_case
 from ctseg.inference.placement import (
@@ -221,7 +221,7 @@ class CasePredictor:
     def __init__(self, model: LoadedModel, options: PredictOptions,
                  members: Sequence[LoadedModel] = ()) -> None:
         """Prepare transforms, device and the network for `options`; `members` (other models of
-        `model`'s classes and preprocessing) and `options.tta` average window probabilities."""
+        `model`'s classes and preprocessing) and `options.tta` average window logits."""
         self.model, self.options = model, options
         self.device = resolve_device(options.device)
         self.amp = options.amp and self.device.type == "cuda"
@@ -262,7 +262,7 @@ class CasePredictor:
                 raise ConfigError("clicks (prompt.points) run one VISTA3D checkpoint without "
                                   "tta; remove the list of checkpoints or tta")
             flips = mirror_flips(options.tta_axes) if options.tta else [()]
-            log.info("averaging the probabilities of %d model(s) x %d mirroring(s) per window",
+            log.info("averaging the logits of %d model(s) x %d mirroring(s) per window",
                      1 + len(members), len(flips))
             if self.vista3d and self.format == "torch":
                 self.averaged = ([m.net for m in members], flips)
@@ -272,8 +272,7 @@ class CasePredictor:
                           for m in members]
                 runners = [self.runner, *(runner for runner, _, _ in opened)]
                 limits += [member_limit for _, _, member_limit in opened]
-                self.runner = (MeanSigmoids if self.vista3d else MeanProbabilities)(runners,
-                                                                                    flips)
+                self.runner = MeanLogits(runners, flips)
         self.exported_plan = None
         if self.format != "torch" and self.vista3d:
             if prompt.has_points:
@@ -330,7 +329,7 @@ class CasePredictor:
             predictors = [plan.predictor, *(plan_case(
                 member, prompt, self.model.known_ids, points, before, padded.shape[2:],
                 self.roi, o.overlap).predictor for member in nets)]
-            plan = replace(plan, predictor=MeanSigmoids(predictors, flips))
+            plan = replace(plan, predictor=MeanLogits(predictors, flips))
         result = sliding_window_predict(
             padded, self._predictor(plan.predictor), self.roi, o.overlap, mode=o.mode,
             sw_batch_size=1 if plan.with_windows else self.placement(padded.shape[2:]).batch_size,
