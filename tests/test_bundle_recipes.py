@@ -74,8 +74,9 @@ def test_prediction_labels_equal_the_bundles_own(bundle_weights, shared_data, tm
         agreement[name] = float((ours == reference).mean())
     assert agreement["bundle"] >= 0.999, agreement
     # Random weights give labels that follow the input closely: train.json's smoothing alone
-    # changes 40 % of them (9 % with the published weights), which this comparison must see.
-    assert agreement["smoothed"] < 0.9, agreement
+    # changes 41 % of them (docs/prediction.md, "Bundle compatibility": 59 % agree), which this
+    # comparison must see.
+    assert agreement["smoothed"] == pytest.approx(0.59, abs=0.05), agreement
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
