@@ -7,6 +7,7 @@ finds it inside the traceback text of a spawned DDP process.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import logging
 import os
@@ -189,17 +190,51 @@ def cli_message(err: BaseException) -> str | None:
     error of Hydra about the command line, or an OS error naming a path; None for anything
     else (a bug, which keeps its traceback)."""
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     message = user_message(err)
     if message is not None:
         return message
     if isinstance(err, HydraException) and not isinstance(err, CtsegError):
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        return " ".join(lines[:2]) if lines else type(err).__name__
+        return hydra_message(str(err)) or type(err).__name__
+    missing = re.search(r"Missing mandatory value: ([\w.]+)", str(err))
+    if missing and isinstance(err, OmegaConfBaseException):
+        return (f"{missing.group(1)}= is missing: this command needs it on the command line, "
+                f"e.g. {missing.group(1)}=<path> (--help lists every key)")
     if isinstance(err, OSError) and err.filename:
         return (f"{err.filename}: {err.strerror or err}; check that the path exists and is "
                 "writable (a folder, not a file)")
     return None
+
+
+def hydra_message(text: str) -> str:
+    """Hydra's error text on one line: its lines up to the config search path, a list of
+    options (a header ending in ':' and indented lines) as "header a, b, c", and the option
+    nearest to a misspelt one ("did you mean ...?")."""
+    lines = text.split("Config search path:")[0].splitlines()
+    parts: list[str] = []
+    options: list[str] = []
+    for line in lines:
+        if line.startswith(("\t", " ")) and line.strip() and parts and parts[-1].endswith(":"):
+            options.append(line.strip())
+        elif line.strip():
+            if options:
+                parts[-1] += " " + ", ".join(options)
+                options = []
+            parts.append(line.strip())
+    if options:
+        parts[-1] += " " + ", ".join(options)
+    missing = re.search(r"Could not find '(?:[\w/]+/)?([^'/]+)'", text)
+    if missing and options_in(text):
+        near = difflib.get_close_matches(missing.group(1), options_in(text), n=1)
+        parts[-1] += f"; did you mean {near[0]}?" if near else ""
+    return " ".join(parts)
+
+
+def options_in(text: str) -> list[str]:
+    """The options Hydra lists under "Available options in '<group>':" in `text`."""
+    listed = re.search(r"Available options in '[^']*':\n((?:\t[^\n]*\n?)+)", text)
+    return [o.strip() for o in listed.group(1).splitlines()] if listed else []
 
 
 class WorkDone:

@@ -1,15 +1,16 @@
 """Bad input to every command line, as real processes: exit 1, exactly one `error:` line that
 names the file or key, no traceback, and nothing created where the command would have written.
 
-The matrix: predict.py (18 cases), train.py (5), python -m ctseg.hparams_search (2),
+The matrix: predict.py (20 cases), train.py (7), python -m ctseg.hparams_search (2),
 ctseg.data (3), ctseg.evaluate (4), ctseg.visualize (5), ctseg.export (4), ctseg.compare (3):
-44 cases x 8 command lines. Every command that reads a file meets it missing, empty and
+48 cases x 8 command lines. Every command that reads a file meets it missing, empty and
 truncated. Other weights that do not fit, and checkpoints naming a class outside ctseg, are
 tests/models/test_loading.py's (in-process: the same CtsegError makes the one line).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,7 @@ class Case:
     says: str
     absent: tuple[str, ...] = ("{o}/*",)
     limit_kb: int | None = None  # ulimit -f for the process
+    outside: bool = False  # run from `{o}` (a user's folder outside the clone), not the clone
 
 
 PREDICT = "predict.py ckpt={d}/tiny.ckpt input={d}/ct.nii.gz output={o}/pred"
@@ -143,6 +145,19 @@ CASES = {
     "predict: DICOM folder without a DICOM file": Case(
         "predict.py ckpt={d}/tiny.ckpt input={d}/dicom output={o}/pred",
         "dicom: empty input folder: no NIfTI files (.nii/.nii.gz), no DICOM files"),
+    "predict: no input=": Case("predict.py ckpt={d}/tiny.ckpt output={o}/pred",
+                               "input= is missing: this command needs it on the command line"),
+    "predict: no output=": Case("predict.py ckpt={d}/tiny.ckpt input={d}/ct.nii.gz",
+                                "output= is missing: this command needs it on the command line",
+                                ("{o}/*", "{r}/.predict_logs")),
+    "train: misspelt config option": Case(
+        f"{TRAIN} model=segresnt_small", "Available options in 'model': segresnet, "
+        "segresnet_small, vista3d, vista3d_small; did you mean segresnet_small?"),
+    "train: default run outside the clone, no crop": Case(
+        "{r}/train.py", "data.extra_roots: {shared}/data/totalseg_mini is not a folder. The "
+        "embedded default adds the real crop from ../shared/data beside the clone: run from the "
+        "clone, set CTSEG_SHARED_DATA to the folder holding totalseg_mini, or train on the "
+        "phantoms only with data.extra_roots=[]", outside=True),
     "predict: unknown key": Case(f"{PREDICT} sw.overlaps=0.5", "Could not override "
                                  "'sw.overlaps'"),
     "train: data.spacing=-1": Case(f"{TRAIN} data.spacing=-1", "data.spacing=-1: values must be "
@@ -225,13 +240,17 @@ CASES = {
 def test_bad_input_is_one_error_line_and_creates_nothing(name, files, tmp_path):
     case = CASES[name]
     out = tmp_path / "out"
-    fill = {"d": str(files), "o": str(out)}
+    fill = {"d": str(files), "o": str(out), "r": str(REPO), "shared": str(tmp_path / "shared")}
     if "device=cuda" in case.command and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     argv = [sys.executable, *case.command.format(**fill).split()]
     if case.limit_kb:
         argv = ["bash", "-c", f'ulimit -f {case.limit_kb}; exec "$@"', "bash", *argv]
-    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTSEG_")}
+    if case.outside:
+        out.mkdir()
+    result = subprocess.run(argv, cwd=out if case.outside else REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 1, result.stderr[-3000:]
     assert len(errors) == 1, result.stderr[-3000:]

@@ -597,6 +597,19 @@ class TotalSegmentatorDataModule(LightningDataModule):
         return self._loader("test", 1, shuffle=False)
 
 
+def missing_extra_roots(roots: Sequence[str]) -> None:
+    """Raise a ConfigError naming the first of `roots` that is not a folder, with the fixes (the
+    embedded default reads the real crop from ../shared/data beside the clone)."""
+    for root in roots:
+        if not Path(root).is_dir():
+            raise ConfigError(
+                f"data.extra_roots: {os.path.normpath(root)} is not a folder. The embedded "
+                "default adds the real crop from ../shared/data beside the clone: run from the "
+                "clone, set "
+                "CTSEG_SHARED_DATA to the folder holding totalseg_mini, or train on the "
+                "phantoms only with data.extra_roots=[]")
+
+
 class PhantomDataModule(TotalSegmentatorDataModule):
     """TotalSegmentatorDataModule over synthetic phantoms written on first use into `root`,
     plus optional `extra_roots` (e.g. the real crop), whose subjects join their meta.csv split, or
@@ -623,6 +636,7 @@ class PhantomDataModule(TotalSegmentatorDataModule):
         if extra_repeat < 1:
             raise ValueError(f"extra_repeat must be >= 1, got {extra_repeat}")
         extras = [str(r) for r in extra_roots]
+        missing_extra_roots(extras)
         super().__init__(root=[str(root), *extras], **kwargs)
         phantoms = phantom_settings(n_phantoms, phantom_seed, phantom_shape, phantom_spacing)
         self.phantom_shape = tuple(int(s) for s in phantoms.shape)

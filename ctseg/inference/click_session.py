@@ -38,6 +38,7 @@ from ctseg.inference.inputs import Case, discover_cases
 from ctseg.inference.outputs import LABELS_FILE, write_case
 from ctseg.inference.pipeline import CasePredictor, PredictOptions, PreparedCase
 from ctseg.inference.prompts import Prompt, check_points_inside, parse_prompt
+from ctseg.inference.vista3d import warn_untrained_clicks
 from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.loading import load_model
 from ctseg.sliding_window import label_dtype
@@ -298,12 +299,14 @@ class ClickSession:
         if refused:
             raise ConfigError(f"ClickSession.open: {', '.join(refused)} cannot be set; clicks "
                               "come with click(), and a session runs the torch network")
+        source = model if isinstance(model, (str, Path)) else "the checkpoint"
         if isinstance(model, (str, Path)):
             model = load_model(model, {}, {})
         if model.kind != "vista3d" or model.net is None:
             raise ConfigError(f"a click session needs a VISTA3D checkpoint (.ckpt or the "
                               f"bundle's model.pt), got a {model.kind} "
                               f"{'export' if model.net is None else 'checkpoint'}")
+        warn_untrained_clicks(model, source)
         case = image if isinstance(image, Case) else _one_case(image)
         cache = WindowCache(cache_dtype, None if max_cache_mb is None
                             else int(max_cache_mb * 2**20))

@@ -43,6 +43,7 @@ from ctseg.inference.vista3d import (
     plan_case,
     plan_exported,
     to_model_grid,
+    warn_untrained_clicks,
     window_coverage,
 )
 from ctseg.models.loaded_model import LoadedModel
@@ -236,6 +237,8 @@ class CasePredictor:
         if not self.vista3d and (prompt.labels or prompt.has_points):
             raise ConfigError("prompt.labels / prompt.points need a VISTA3D checkpoint; "
                               f"this one is a {model.kind} (remove the prompt)")
+        if prompt.has_points:
+            warn_untrained_clicks(model, "the checkpoint")
         self.keep = class_indices(model.label_names, options.probabilities)
         if self.vista3d and options.largest_component:
             raise ConfigError("post-processing (postprocessing.json) applies to SegResNet "

@@ -20,6 +20,7 @@ its padding only after the windows.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,9 +31,12 @@ from torch import Tensor
 
 from ctseg.errors import ConfigError
 from ctseg.inference.prompts import CLICKED, Prompt, output_names, prompt_ids
+from ctseg.models.loaded_model import LoadedModel
 from ctseg.models.vista3d import automatic_logits, with_background
 from ctseg.sliding_window import Window, grid_windows
 from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_labels
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,3 +185,13 @@ def _inside(point: Sequence[float], start: Sequence[int], roi: Sequence[int]) ->
     after the window's first voxel)."""
     return all(s < p < s + r for p, s, r in zip(point, start, roi, strict=True))
 
+
+def warn_untrained_clicks(model: LoadedModel, source: object) -> None:
+    """Log a warning when `model` (loaded from `source`) records that no training step held
+    clicks: its point head is untrained, and clicks give near-random masks."""
+    if model.click_steps == 0:
+        log.warning("%s: this VISTA3D checkpoint was trained without clicks (0 training steps "
+                    "with point prompts, e.g. experiment=vista3d_quick trains the automatic "
+                    "branch only), so its point head is untrained and clicks give unreliable "
+                    "masks; use class prompts (prompt.labels) or train the point head "
+                    "(model.drop_point_prob < 1, model.stages)", source)

@@ -27,6 +27,8 @@ class LoadedModel:
     digests: dict[str, str] = field(default_factory=dict)  # format -> SHA-256 of its file
     # format -> most windows per forward pass its file accepts (TensorRT engines' max_batch)
     batch_limits: dict[str, int] = field(default_factory=dict)
+    # VISTA3D: the training steps whose prompts held clicks (None: not recorded, e.g. model.pt)
+    click_steps: int | None = None
 
     @property
     def num_classes(self) -> int:

@@ -40,6 +40,8 @@ DICE_OVER = ("all", "foreground")
 EMBEDDINGS = 512
 # Checkpoint entry holding the prompt generator's state.
 RNG_KEY = "vista3d_prompt_rng"
+# Checkpoint key: the training steps whose prompts held clicks (0: the point head never trained).
+CLICK_STEPS_KEY = "vista3d_click_steps"
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,7 @@ class VISTA3DModule(SegmentationModule):
         )
         self.rng = random.Random(seed)
         self._rng_restored = False
+        self.click_steps: int | None = 0
 
     def on_train_epoch_start(self) -> None:
         """Enter the training stage of this epoch (what trains, how prompts are drawn)."""
@@ -332,8 +335,10 @@ class VISTA3DModule(SegmentationModule):
                 ids = [v for v in prompt_ids if v in labelled]
             prompts.append(sample_prompt_pairs(labels[i], ids, self.rng, self.sampling,
                                                self.special))
-        nets = encoded_patches(self.net, image,
-                               with_point=any(p.points is not None for p in prompts),
+        with_point = any(p.points is not None for p in prompts)
+        if self.click_steps is not None and torch.is_grad_enabled():
+            self.click_steps += int(with_point)
+        nets = encoded_patches(self.net, image, with_point=with_point,
                                with_label=any(p.label_prompt is not None for p in prompts))
         losses = []
         for i, (net, p) in enumerate(zip(nets, prompts, strict=True)):
@@ -368,15 +373,20 @@ class VISTA3DModule(SegmentationModule):
     def inference_model(self, pipeline: PipelineConfig) -> LoadedModel:
         """The network with the VISTA3D ids of this module's classes (its automatic mode)."""
         return LoadedModel(self.net, [], pipeline, self.roi, kind="vista3d",
-                           known_ids=sorted(self.prompt_ids.tolist()))
+                           known_ids=sorted(self.prompt_ids.tolist()),
+                           click_steps=self.click_steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the prompt generator's state, so a resumed run draws the prompts it would have."""
+        """Keep the prompt generator's state, so a resumed run draws the prompts it would have,
+        and the number of training steps with clicks."""
         super().on_save_checkpoint(checkpoint)
         checkpoint[RNG_KEY] = self.rng.getstate()
+        checkpoint[CLICK_STEPS_KEY] = self.click_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the prompt generator's state of a resumed run."""
+        """Restore the prompt generator's state of a resumed run and its steps with clicks
+        (None when the checkpoint does not record them)."""
+        self.click_steps = checkpoint.get(CLICK_STEPS_KEY)
         state = checkpoint.get(RNG_KEY)
         if state is not None:
             version, internal, gauss = state

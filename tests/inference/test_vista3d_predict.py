@@ -8,6 +8,7 @@ weights of the bundle's architecture, held voxel for voxel against the bundle's 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -140,10 +141,15 @@ def test_a_click_lands_on_the_same_anatomy_on_the_model_grid(oblique_phantom, tm
 
 @pytest.mark.parametrize("point_window", [True, False])
 def test_click_with_the_liver_id_gives_a_component_holding_the_click(
-        ckpt, oblique_phantom, tmp_path, point_window):
+        ckpt, oblique_phantom, tmp_path, point_window, caplog):
     image, click = oblique_phantom
-    folder = _predict(ckpt, image, tmp_path, labels=[LIVER], points=[list(click)],
-                      point_labels=[1], point_window=point_window)
+    with caplog.at_level(logging.WARNING, logger="ctseg.inference.vista3d"):
+        folder = _predict(ckpt, image, tmp_path, labels=[LIVER], points=[list(click)],
+                          point_labels=[1], point_window=point_window)
+    # vista3d_quick trains the automatic branch only (drop_point_prob=1.0): clicks are warned of.
+    assert torch.load(ckpt, weights_only=True)["vista3d_click_steps"] == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "trained without clicks" in warned[0], warned
     labels = _check_geometry(folder, image)
     assert set(np.unique(labels)) <= {0, LIVER}
     components, _ = ndimage.label(labels == LIVER, structure=np.ones((3, 3, 3)))

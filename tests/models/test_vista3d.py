@@ -12,7 +12,14 @@ from monai.networks.nets import vista3d132
 from torch.utils.data import DataLoader
 
 from ctseg.labels import label_names
-from ctseg.models.vista3d import RNG_KEY, Stage, VISTA3DModule, stage_at, training_stages
+from ctseg.models.vista3d import (
+    CLICK_STEPS_KEY,
+    RNG_KEY,
+    Stage,
+    VISTA3DModule,
+    stage_at,
+    training_stages,
+)
 from ctseg.models.vista3d_prompts import PromptSampling, sample_prompt_pairs
 from ctseg.models.weights import save_bundle_state_dict
 
@@ -184,7 +191,7 @@ def test_foreground_dice_leaves_empty_prompts_to_the_cross_entropy():
     torch.testing.assert_close(losses["all"].detach(), bce + (liver_dice + 3) / 4)
 
 
-def test_stages_switch_what_trains_by_epoch():
+def test_stages_switch_what_trains_by_epoch(tmp_path):
     """model.stages: the automatic branch for one epoch, then the point head on the frozen
     encoder (points only): the encoder and class head stop changing, the point head learns."""
     stages = [{"epochs": 1, "drop_label_prob": 0.0, "drop_point_prob": 1.0},
@@ -218,6 +225,13 @@ def test_stages_switch_what_trains_by_epoch():
     assert not changed(first, last, "class_head.")
     assert changed(first, last, "point_head.")
     assert changed(first, last, "image_encoder.up_layers.")
+    # One step per epoch, with clicks in the second stage only: the checkpoint records 2 (what
+    # predict.py's warning of an untrained point head reads).
+    assert module.click_steps == 2
+    trainer.save_checkpoint(tmp_path / "staged.ckpt")
+    assert torch.load(tmp_path / "staged.ckpt", weights_only=True)[CLICK_STEPS_KEY] == 2
+    loaded = VISTA3DModule.load_from_checkpoint(tmp_path / "staged.ckpt", weights_only=True)
+    assert loaded.click_steps == 2
 
 
 def test_stages_are_checked_and_found_by_epoch():
