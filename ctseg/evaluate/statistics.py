@@ -167,6 +167,7 @@ def few_cases(counts: Mapping[str, int], pairs: int | None) -> str | None:
     if pairs is not None and pairs < MIN_CASES:
         parts.append(f"paired: {pairs} cases, whose two-sided Wilcoxon p cannot go below "
                      f"{smallest_p(pairs):.3g}")
+    tested = " and a Wilcoxon test has little power" if pairs is not None else ""
     return (f"warning: fewer than {MIN_CASES} cases ({'; '.join(parts)}): a bootstrap 95 % CI of "
-            "so few cases is too narrow and a Wilcoxon test has little power; read these "
-            "statistics as a description, and score more cases for a conclusion")
+            f"so few cases is too narrow{tested}; read these statistics as a description, and "
+            "score more cases for a conclusion")

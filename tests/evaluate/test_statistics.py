@@ -301,6 +301,7 @@ def test_few_cases_or_different_subjects_are_one_warning_line_each(tmp_path: Pat
     assert warning in (tmp_path / "few" / "comparison" / "compare.md").read_text()
     assert "statistics of 2 configs over 2 test cases each; written" in printed
     assert statistics.smallest_p(6) == pytest.approx(1 / 32) and statistics.smallest_p(5) > 0.05
+    assert "Wilcoxon" not in statistics.few_cases({"one config": 7}, None)  # no test to warn of
 
     other = [*POOL[:10], "x0010", "x0011"]
     fake_cv(tmp_path / "cv_a", "1e-3", POOL, [POOL[:6], POOL[6:]], {}, 0)
