@@ -2,12 +2,15 @@
 without a W&B server, from the files every ctseg run folder holds (checkpoints/config.yaml,
 .hydra/overrides.yaml, csv/*/metrics.csv): a Markdown and a CSV table sorted by the optimized
 metric, the overrides that differ between runs as columns, per-structure Dice of the best run,
-and a PNG of the validation curves. Runs that scored their test cases (callbacks=native_evaluation:
-evaluation/scores.csv) add statistics per config (runs differing only in seed or data.fold are one
-config): mean, SD and bootstrap 95 % CI over cases, paired Wilcoxon tests against the best config
-with Holm's correction, and a box plot. When the runs logged to W&B (logger=wandb), the tables
-and the box plot are also logged as a W&B run of their project (job type `compare`), offline
-when they were."""
+and a PNG of the validation curves. Runs that scored cases add statistics per config (runs
+differing only in seed or data.fold are one config): mean, SD and bootstrap 95 % CI over cases,
+paired Wilcoxon tests against the best config on the cases both scored (paired by case id) with
+Holm's correction, and a box plot; every figure states its number of cases and runs, and a
+warning line says when they are too few. The cases are the out-of-fold ones when every scored run
+is a fold of a cross-validation (callbacks=cross_validation: evaluation/val/scores.csv, pooled as
+`python -m ctseg.evaluate cv=` pools them), else the test split (callbacks=native_evaluation:
+evaluation/scores.csv). When the runs logged to W&B (logger=wandb), the tables and the box plot
+are also logged as a W&B run of their project (job type `compare`), offline when they were."""
 
 from __future__ import annotations
 
@@ -22,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from ctseg.atomic import swapped_folder
+from ctseg.data.folds import SPLITS_FILE, read_splits
 from ctseg.errors import ConfigError, blamed_on, reported
 from ctseg.evaluate import statistics
 from ctseg.figures import save_png
@@ -38,7 +43,19 @@ CONFIG = Path("checkpoints") / "config.yaml"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 OUTPUTS = ("compare.md", "compare.csv", "val_curves.png")
 STATISTICS_OUTPUTS = ("statistics.csv", "paired_tests.csv", "dice_per_config.png")
-SCORES = Path("evaluation") / "scores.csv"
+# The cases statistics are over, and the file of a run that holds its scores of them.
+OUT_OF_FOLD, TEST = "out-of-fold", "test"
+SCORE_FILES = {OUT_OF_FOLD: statistics.OUT_OF_FOLD_SCORES, TEST: statistics.TEST_SCORES}
+SPLITS = Path("checkpoints") / SPLITS_FILE
+HEADINGS = {
+    TEST: "Statistics over test cases (evaluation/scores.csv; mean, SD and bootstrap 95 % CI over "
+          "cases; runs differing only in seed or fold pooled):",
+    OUT_OF_FOLD: "Statistics over out-of-fold cases (each fold's evaluation/val/scores.csv, pooled "
+                 "as `python -m ctseg.evaluate cv=` pools them; mean, SD and bootstrap 95 % CI "
+                 "over cases; runs: a config's folds, and seeds):",
+}
+# Line styles of a config's replicates in the validation curves.
+LINE_STYLES = ("-", "--", ":", "-.")
 # The output folder inside the first folder compared, when --out is not given.
 DEFAULT_OUT = "comparison"
 # What a comparison keeps of the one it replaces: the W&B files it logged (maybe not yet synced).
@@ -56,6 +73,7 @@ class Run:
     metric: str
     mode: str
     rows: list[dict[str, str]] = field(default_factory=list)
+    fold: int | None = None
 
     def curve(self, key: str) -> list[tuple[int, float]]:
         """(epoch, value) of every logged `key`."""
@@ -75,6 +93,21 @@ class Run:
         the runs compared, seed and fold left out: those repeat a config)."""
         return " ".join(f"{k}={self.overrides.get(k, '')}" for k in keys
                         if k not in REPLICATE_KEYS) or "(defaults)"
+
+    def replicate(self) -> str:
+        """The run among its config's replicates: "fold 0 (17 val cases), seed 1", or "" for
+        neither."""
+        folds = self.folds()
+        parts = [] if self.fold is None else [f"fold {self.fold}" + (
+            f" ({len(folds[self.fold]['val'])} val cases)" if self.fold < len(folds) else "")]
+        if "seed" in self.overrides:
+            parts.append(f"seed {self.overrides['seed']}")
+        return ", ".join(parts)
+
+    def folds(self) -> list[dict[str, list[str]]]:
+        """The folds of the cross-validation the run is a fold of (its splits_final.json), or
+        none."""
+        return read_splits(self.folder / SPLITS) if (self.folder / SPLITS).is_file() else []
 
     def last(self, prefix: str) -> dict[str, float]:
         """Last logged value of every metric starting with `prefix`."""
@@ -107,7 +140,9 @@ def load_run(folder: Path) -> Run | None:
                 overrides[key.lstrip("+~")] = value
     metric = str(cfg.get("optimized_metric") or "val/mean_dice")
     mode = "min" if "loss" in metric else "max"
-    run = Run(folder, overrides, metric, mode, _metrics_rows(folder))
+    fold = OmegaConf.select(cfg, "data.fold", default=None, throw_on_resolution_failure=False)
+    run = Run(folder, overrides, metric, mode, _metrics_rows(folder),
+              None if fold is None else int(fold))
     with blamed_on(folder / "csv", "a metrics.csv value is not a number"):
         return run if run.curve(metric) else None
 
@@ -178,17 +213,36 @@ def markdown(runs: Sequence[Run], root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: Sequence[Run], root: Path, path: Path) -> None:
-    """Validation curves of the optimized metric, one line per run, as a PNG."""
-    figure, axes = plt.subplots(figsize=(8, 5))
+def config_colours(configs: Sequence[str]) -> dict[str, Any]:
+    """One colour per config, the same in every figure of a comparison (tab10, by name)."""
+    palette = colormaps["tab10"]
+    return {config: palette(i % palette.N) for i, config in enumerate(sorted(set(configs)))}
+
+
+def curves_figure(runs: Sequence[Run], root: Path) -> Figure:
+    """Validation curves of the optimized metric, one line per run: a colour per config, a line
+    style per replicate (fold, seed); the title states the runs and configs."""
+    keys = varying(runs)
+    configs: dict[str, list[Run]] = {}
     for run in runs:
-        epochs, values = zip(*run.curve(run.metric), strict=True)
-        axes.plot(epochs, values, marker="o", label=_name(run, root))
+        configs.setdefault(run.config(keys), []).append(run)
+    colours = config_colours(list(configs))
+    figure = Figure(figsize=(8, 5))
+    axes = figure.add_subplot()
+    for config, members in configs.items():
+        members.sort(key=lambda r: (-1 if r.fold is None else r.fold, r.overrides.get("seed", "")))
+        for i, run in enumerate(members):
+            epochs, values = zip(*run.curve(run.metric), strict=True)
+            who = run.replicate() or (_name(run, root) if len(members) > 1 else "")
+            axes.plot(epochs, values, marker="os^Dv"[i % 5], linestyle=LINE_STYLES[i % 4],
+                      color=colours[config], label=f"{config}: {who}" if who else config)
     axes.set_xlabel("epoch")
-    axes.set_ylabel(runs[0].metric)
+    axes.set_ylabel(f"{runs[0].metric} (each run's validation cases)")
+    axes.set_title(f"Validation {runs[0].metric} per epoch: {len(runs)} runs of "
+                   f"{len(configs)} configs")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    save_png(figure, path)
+    axes.legend(fontsize="small", title="config: replicate", title_fontsize="small")
+    return figure
 
 
 def names_root(folders: Sequence[str | Path]) -> Path:
@@ -196,76 +250,158 @@ def names_root(folders: Sequence[str | Path]) -> Path:
     return Path(folders[0]) if len(folders) == 1 else Path("/")
 
 
-def config_tables(runs: Sequence[Run]) -> dict[str, list[list[dict[str, Any]]]]:
-    """Config -> the per-case score rows of each of its runs that wrote evaluation/scores.csv."""
-    tables: dict[str, list[list[dict[str, Any]]]] = {}
+@dataclass
+class Statistics:
+    """A comparison's statistics: the cases they are over (`source`), per config and structure
+    the summary rows, the paired tests against the best config, each config's per-case overall
+    Dice (ranked, best first) and runs, and the warning lines about them."""
+
+    source: str
+    summary: list[dict[str, Any]]
+    paired: list[dict[str, Any]]
+    boxes: dict[str, list[float]]
+    runs: dict[str, int]
+    warnings: list[str]
+
+
+def scored_configs(runs: Sequence[Run]
+                   ) -> tuple[str, dict[str, list[tuple[Run, list[dict[str, Any]]]]], list[str]]:
+    """Which cases the statistics are over, each config's runs with their score rows, and
+    warnings: the out-of-fold cases when every run that scored cases is a fold of a
+    cross-validation, else the test split (runs without test scores left out, with a warning)."""
+    has = {source: [r for r in runs if (r.folder / path).is_file()]
+           for source, path in SCORE_FILES.items()}
+    scored = {r.folder for found in has.values() for r in found}
+    source = OUT_OF_FOLD if scored and len(has[OUT_OF_FOLD]) == len(scored) else TEST
+    warnings = []
+    if source == TEST and has[OUT_OF_FOLD]:
+        warnings.append(f"warning: {len(has[OUT_OF_FOLD])} of the {len(scored)} runs that scored "
+                        "cases are folds of a cross-validation and the others are not: all are "
+                        f"compared on their test split ({SCORE_FILES[TEST]})")
+    left = sorted(str(folder) for folder in scored - {r.folder for r in has[source]})
+    if left:
+        warnings.append(f"warning: {len(left)} runs have no {SCORE_FILES[source]} and are left "
+                        f"out of the statistics: {', '.join(left)}")
     keys = varying(runs)
-    for run in runs:
-        if (run.folder / SCORES).is_file():
-            tables.setdefault(run.config(keys), []).append(
-                statistics.read_scores(run.folder / SCORES))
-    return tables
+    tables: dict[str, list[tuple[Run, list[dict[str, Any]]]]] = {}
+    for run in has[source]:
+        tables.setdefault(run.config(keys), []).append(
+            (run, statistics.read_scores(run.folder / SCORE_FILES[source])))
+    return source, tables, warnings
 
 
-def config_statistics(runs: Sequence[Run], seed: int = 0
-                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+def unscored_folds(config: str, members: Sequence[Run], cases: set[str]) -> str | None:
+    """A warning line when the out-of-fold `cases` of a config's fold runs are not all the
+    subjects its folds split (a fold missing or unscored), else None."""
+    pool = {case for run in members for fold in run.folds() for case in fold["val"]}
+    if not pool or cases >= pool:
+        return None
+    return (f"warning: {config}: out-of-fold scores of {len(cases & pool)} of the {len(pool)} "
+            f"subjects its folds split ({len(pool - cases)} unscored: a fold missing or "
+            "unfinished); its statistics are over the scored ones")
+
+
+def paired_against(best: str, other: str, tables: dict[str, statistics.Table],
+                   warnings: list[str]) -> list[dict[str, Any]]:
+    """The paired tests of config `other` against `best` on the cases both scored; a warning
+    appended when they scored different cases, and no test when none in both."""
+    first = set(statistics.per_case(tables[best], "dice"))
+    second = set(statistics.per_case(tables[other], "dice"))
+    if first != second:
+        warnings.append(f"warning: {best} and {other} scored different cases ({len(first)} and "
+                        f"{len(second)}, {len(first & second)} in both): "
+                        + ("the paired tests use the cases in both" if first & second else
+                           "no paired test")
+                        + "; compare configs scored on the same subjects (cross-validations: "
+                        "folds of the same train + val subjects)")
+    if not first & second:
+        return []
+    return statistics.paired_tests(tables[best], tables[other])
+
+
+def config_statistics(runs: Sequence[Run], seed: int = 0) -> Statistics | None:
     """Per config and structure the description of Dice and NSD over cases (with the number of
     runs and the SD of their overall means), the paired tests of every config against the best,
-    and each config's per-case overall Dice (for the box plot); empty without scores."""
-    tables = {config: (rows, statistics.case_table(rows))
-              for config, rows in config_tables(runs).items()}
+    each config's per-case overall Dice, and the warnings about them; None without scores."""
+    source, scored, warnings = scored_configs(runs)
+    if not scored:
+        return None
+    tables = {config: statistics.case_table([rows for _, rows in members])
+              for config, members in scored.items()}
     summary: list[dict[str, Any]] = []
-    for config, (rows, table) in tables.items():
-        run_means = [np.mean(list(statistics.per_case(statistics.case_table([r]),
-                                                      "dice").values())) for r in rows]
-        for row in statistics.summary_rows(config, table, seed):
-            row.update(runs=len(rows), run_sd=float(np.std(run_means, ddof=1))
-                       if len(rows) > 1 else math.nan)
+    for config, members in scored.items():
+        run_means = [np.mean(list(statistics.per_case(statistics.case_table([rows]),
+                                                      "dice").values())) for _, rows in members]
+        for row in statistics.summary_rows(config, tables[config], seed):
+            row.update(scores=source, runs=len(members),
+                       run_sd=float(np.std(run_means, ddof=1)) if len(members) > 1 else math.nan)
             summary.append(row)
-    overall = {r["config"]: r["dice_mean"] for r in summary if r["structure"] == statistics.OVERALL}
-    ranked = sorted(overall, key=lambda c: -overall[c])
-    paired = [{"config": other, "against": ranked[0], **row}
+        if source == OUT_OF_FOLD:
+            cases = set(statistics.per_case(tables[config], "dice"))
+            warning = unscored_folds(config, [run for run, _ in members], cases)
+            warnings += [warning] if warning else []
+    overall = {r["config"]: r for r in summary if r["structure"] == statistics.OVERALL}
+    ranked = sorted(overall, key=lambda c: -overall[c]["dice_mean"])
+    runs_of = {config: len(members) for config, members in scored.items()}
+    paired = [{"config": other, "against": ranked[0], "scores": source,
+               "runs": runs_of[other], "against_runs": runs_of[ranked[0]], **row}
               for other in ranked[1:]
-              for row in statistics.paired_tests(tables[ranked[0]][1], tables[other][1])]
-    boxes = {c: list(statistics.per_case(tables[c][1], "dice").values()) for c in ranked}
-    return summary, paired, boxes
+              for row in paired_against(ranked[0], other, tables, warnings)]
+    pairs = [p["n"] for p in paired if p["structure"] == statistics.OVERALL]
+    few = statistics.few_cases({c: overall[c]["dice_n"] for c in ranked},
+                               min(pairs) if pairs else None)
+    warnings += [few] if few else []
+    boxes = {c: list(statistics.per_case(tables[c], "dice").values()) for c in ranked}
+    return Statistics(source, summary, paired, boxes, {c: runs_of[c] for c in ranked}, warnings)
 
 
-def statistics_markdown(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str, Any]]
-                        ) -> str:
-    """The overall statistics per config and the structures where a config differs from the
-    best significantly, as Markdown."""
-    lines = ["", "Statistics over test cases (evaluation/scores.csv; mean, SD and bootstrap 95 % "
-             "CI over cases; runs differing only in seed or fold pooled):", "",
+def statistics_markdown(stats: Statistics) -> str:
+    """The overall statistics per config, the structures where a config differs from the best
+    significantly, and the warnings, as Markdown."""
+    lines = ["", HEADINGS[stats.source], "",
              "| config | runs | cases | Dice mean | Dice SD | Dice 95 % CI | NSD mean | "
              "NSD 95 % CI | SD over runs |", "|---|---:|---:|---:|---:|---|---:|---|---:|"]
-    for r in summary:
+    for r in stats.summary:
         if r["structure"] == statistics.OVERALL:
             lines.append(f"| {r['config']} | {r['runs']} | {r['dice_n']} | {r['dice_mean']:.4f} "
                          f"| {r['dice_sd']:.4f} | {r['dice_ci_low']:.4f}-{r['dice_ci_high']:.4f} "
                          f"| {r['nsd_mean']:.4f} | {r['nsd_ci_low']:.4f}-{r['nsd_ci_high']:.4f} "
                          f"| {r['run_sd']:.4f} |")
-    for against in sorted({p["against"] for p in paired}):
-        for config in sorted({p["config"] for p in paired if p["against"] == against}):
-            rows = [p for p in paired if p["config"] == config and p["against"] == against]
-            overall = rows[0]
-            significant = [p["structure"] for p in rows[1:] if p["significant"]]
-            lines += ["", f"{config} vs the best, {against}: overall Dice difference "
-                      f"{overall['mean_difference']:+.4f} (Wilcoxon p = {overall['p']:.3g}, "
-                      f"{overall['n']} cases); structures that differ (Holm-adjusted p < "
-                      f"{statistics.ALPHA}): {', '.join(significant) or 'none'}"]
+    for config in dict.fromkeys(p["config"] for p in stats.paired):
+        rows = [p for p in stats.paired if p["config"] == config]
+        overall = rows[0]
+        significant = [p["structure"] for p in rows[1:] if p["significant"]]
+        lines += ["", f"{config} vs the best, {overall['against']}: overall Dice difference "
+                  f"{overall['mean_difference']:+.4f} (Wilcoxon p = {overall['p']:.3g}, "
+                  f"{overall['n']} {stats.source} cases paired by case id; "
+                  f"{overall['runs']} and {overall['against_runs']} runs); structures that "
+                  f"differ (Holm-adjusted p < {statistics.ALPHA}): "
+                  f"{', '.join(significant) or 'none'}"]
+    if stats.warnings:
+        lines += ["", *stats.warnings]
     return "\n".join(lines) + "\n"
 
 
-def plot_boxes(boxes: dict[str, list[float]], path: Path) -> None:
-    """Per-case overall Dice of each config as box plots, as a PNG."""
-    figure, axes = plt.subplots(figsize=(max(4, 1.6 * len(boxes)), 5))
-    axes.boxplot(list(boxes.values()))
-    axes.set_xticks(range(1, len(boxes) + 1), list(boxes), rotation=20, ha="right",
-                    fontsize="small")
-    axes.set_ylabel("per-case mean Dice")
+def dice_figure(stats: Statistics) -> Figure:
+    """Per-case overall Dice of each config as a box plot with its cases as points, a colour per
+    config; the tick labels state each config's cases and runs, the title which cases."""
+    configs = list(stats.boxes)
+    colours = config_colours(configs)
+    figure = Figure(figsize=(max(5.5, 2.2 * len(configs)), 5))
+    axes = figure.add_subplot()
+    boxes = axes.boxplot(list(stats.boxes.values()), patch_artist=True, showfliers=False)
+    for i, (config, box) in enumerate(zip(configs, boxes["boxes"], strict=True), start=1):
+        box.set(facecolor=colours[config], alpha=0.35)
+        values = stats.boxes[config]
+        spread = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+        axes.plot(i + spread, values, "o", color=colours[config], markersize=3)
+    axes.set_xticks(range(1, len(configs) + 1),
+                    [f"{c}\n{len(stats.boxes[c])} cases, {stats.runs[c]} runs" for c in configs],
+                    rotation=20, ha="right", fontsize="small")
+    axes.set_ylabel("per-case Dice (mean over structures)")
+    axes.set_title(f"Per-case Dice over {stats.source} cases")
     axes.grid(alpha=0.3, axis="y")
-    save_png(figure, path)
+    return figure
 
 
 def _csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -286,11 +422,12 @@ def check_out(out: Path) -> None:
                           f"(the default: <first folder>/{DEFAULT_OUT})")
 
 
-def compare(folders: Sequence[str | Path], out: Path, seed: int = 0) -> list[Run]:
+def compare(folders: Sequence[str | Path], out: Path, seed: int = 0
+            ) -> tuple[list[Run], Statistics | None]:
     """Write compare.md, compare.csv and val_curves.png for the runs under `folders`, and the
-    statistics files when runs wrote evaluation/scores.csv (bootstrap seeded with `seed`), as
-    the whole content of folder `out` (an earlier comparison there is replaced, its W&B files
-    kept)."""
+    statistics files when runs scored cases (bootstrap seeded with `seed`), as the whole content
+    of folder `out` (an earlier comparison there is replaced, its W&B files kept); the runs and
+    the statistics."""
     check_out(out)
     runs = find_runs(folders)
     root = names_root(folders)
@@ -298,21 +435,22 @@ def compare(folders: Sequence[str | Path], out: Path, seed: int = 0) -> list[Run
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     text = markdown(runs, root)
-    summary, paired, boxes = config_statistics(runs, seed)
-    if summary:
-        text += statistics_markdown(summary, paired)
+    stats = config_statistics(runs, seed)
+    if stats is not None:
+        text += statistics_markdown(stats)
     else:
-        log.info("no run wrote %s (train with callbacks=native_evaluation): no statistics", SCORES)
+        log.info("no run wrote %s (train with callbacks=native_evaluation, or "
+                 "callbacks=cross_validation): no statistics", SCORE_FILES[TEST])
     with swapped_folder(out, own=OUTPUTS[0], keep=KEPT) as staging:
         (staging / OUTPUTS[0]).write_text(text)
         (staging / OUTPUTS[1]).write_text(buffer.getvalue())
-        plot_curves(runs, root, staging / OUTPUTS[2])
-        if summary:
-            (staging / STATISTICS_OUTPUTS[0]).write_text(_csv(summary))
-            if paired:
-                (staging / STATISTICS_OUTPUTS[1]).write_text(_csv(paired))
-            plot_boxes(boxes, staging / STATISTICS_OUTPUTS[2])
-    return runs
+        save_png(curves_figure(runs, root), staging / OUTPUTS[2])
+        if stats is not None:
+            (staging / STATISTICS_OUTPUTS[0]).write_text(_csv(stats.summary))
+            if stats.paired:
+                (staging / STATISTICS_OUTPUTS[1]).write_text(_csv(stats.paired))
+            save_png(dice_figure(stats), staging / STATISTICS_OUTPUTS[2])
+    return runs, stats
 
 
 def wandb_settings(runs: Sequence[Run]) -> dict[str, Any] | None:
@@ -356,6 +494,15 @@ def log_to_wandb(out: Path, settings: dict[str, Any]) -> str:
     return run.id
 
 
+def statistics_line(stats: Statistics) -> str:
+    """What the statistics are over, as printed: `statistics of 2 configs over 34 out-of-fold
+    cases each; ` (`over 34, 30 ...` when the configs scored different numbers of cases)."""
+    counts = list(dict.fromkeys(len(values) for values in stats.boxes.values()))
+    each = " each" if len(stats.boxes) > 1 and len(counts) == 1 else ""
+    return (f"statistics of {len(stats.boxes)} configs over {', '.join(map(str, counts))} "
+            f"{stats.source} cases{each}; ")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the folders, compare, print the Markdown table."""
     parser = argparse.ArgumentParser(
@@ -371,10 +518,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out or Path(args.folders[0]) / DEFAULT_OUT
     with reported("python -m ctseg.compare"):
-        runs = compare(args.folders, out, args.seed)
+        runs, stats = compare(args.folders, out, args.seed)
     print((out / OUTPUTS[0]).read_text())
     written = [out / o for o in (*OUTPUTS, *STATISTICS_OUTPUTS) if (out / o).is_file()]
-    print(f"{len(runs)} runs; written {', '.join(map(str, written))}")
+    print(f"{len(runs)} runs; {'' if stats is None else statistics_line(stats)}"
+          f"written {', '.join(map(str, written))}")
     settings = None if args.no_wandb else wandb_settings(runs)
     if settings is not None:
         identifier = log_to_wandb(out, settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import json
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -57,18 +56,6 @@ def label_map_dtype(num_classes: int) -> type[np.unsignedinteger]:
 def vista3d_table() -> dict[str, Any]:
     """The VISTA3D label dictionary, everything/subclass lists and TotalSegmentator mapping."""
     return _load("vista3d_labels.json")
-
-
-def label_colours(count: int) -> list[tuple[int, int, int]]:
-    """Distinct, deterministic RGB colours for labels 0..count-1 (0, the background, is black)."""
-    colours = [(0, 0, 0)]
-    golden = 0.618033988749895
-    for i in range(1, count):
-        hue = (i * golden) % 1.0
-        value = 0.95 if i % 2 else 0.75
-        r, g, b = colorsys.hsv_to_rgb(hue, 0.75, value)
-        colours.append((round(r * 255), round(g * 255), round(b * 255)))
-    return colours
 
 
 Names = Sequence[str] | Mapping[int, str]

@@ -42,11 +42,13 @@ EXPECTED = {
     "04_cross_validation.ipynb": [
         r"\['0', '1'\] \['0', '1'\]",
         r"cross-validation: 34 out-of-fold cases of 2 folds",
-        # the text: lower on all six test phantoms (the smallest two-sided p of six pairs, 1/32),
-        # no structure significant after Holm's correction
+        # the text: over the 34 out-of-fold phantoms paired by subject id, p below one in a
+        # million, several structures significant after Holm's correction
         r"lr=0\.001 vs the best, model\.optimizer\.lr=0\.003: overall Dice difference "
-        r"-0\.\d+ \(Wilcoxon p = 0\.0312, 6 cases\); structures that differ "
-        r"\(Holm-adjusted p < 0\.05\): none",
+        r"-0\.\d+ \(Wilcoxon p = \d(\.\d+)?e-(0[6-9]|[1-9]\d), 34 out-of-fold cases paired by "
+        r"case id; 2 and 2 runs\); structures that differ \(Holm-adjusted p < 0\.05\): "
+        r"\w+, \w+, \w+",
+        r"4 runs; statistics of 2 configs over 34 out-of-fold cases each; written ",
         r"configs compared: 2",
         r"6 predicted, 0 skipped, 0 failed",
     ],
@@ -68,10 +70,11 @@ FIGURES = {
          rf"34 cases; {DICE}.*\nwritten: \S*lr_3e-3/cv_evaluation", 0.05),
         (r"about (0\.\d+) at lr 1e-3 over the 34 phantoms",
          rf"34 cases; {DICE}.*\nwritten: \S*lr_1e-3/cv_evaluation", 0.05),
-        (r"test mean Dice of about (0\.\d+) at lr 3e-3",
-         r"\| model\.optimizer\.lr=0\.003 \| 2 \| 6 \| (0\.\d+)", 0.05),
-        (r"test mean Dice of about 0\.\d+ at lr 3e-3 and about (0\.\d+) at lr 1e-3",
-         r"\| model\.optimizer\.lr=0\.001 \| 2 \| 6 \| (0\.\d+)", 0.05),
+        (r"here about (0\.\d+) at lr 3e-3",
+         r"\| model\.optimizer\.lr=0\.003 \| 2 \| 34 \| (0\.\d+)", 0.05),
+        (r"here about 0\.\d+ at lr 3e-3 and (0\.\d+) at lr 1e-3",
+         r"\| model\.optimizer\.lr=0\.001 \| 2 \| 34 \| (0\.\d+)", 0.05),
+        (r"scores lower by about (0\.\d+)", r"overall Dice difference -(0\.\d+)", 0.05),
         (r"about (0\.\d+) with fold 0 alone", rf"single:\s*6 cases; {DICE}", 0.05),
         (r"about (0\.\d+) with the ensemble of both folds", rf"ensemble:\s*6 cases; {DICE}",
          0.05),

@@ -23,7 +23,7 @@ from ctseg.evaluate.metrics import case_rows, mapped, names_lookup
 from ctseg.evaluate.native import GROUND_TRUTH, PREDICTIONS
 from ctseg.evaluate.postprocess import choose
 from ctseg.evaluate.report import OUTPUTS, markdown, write_outputs
-from ctseg.evaluate.statistics import read_scores
+from ctseg.evaluate.statistics import OUT_OF_FOLD_SCORES, read_scores
 from ctseg.inference.outputs import LABELS_FILE, LABELS_JSON, read_label_json
 from ctseg.inference.postprocess import POSTPROCESSING_FILE, write_choice
 from ctseg.label_space import LabelSpace, annotated_channels
@@ -31,8 +31,7 @@ from ctseg.labels import check_version, label_names
 
 log = logging.getLogger(__name__)
 
-# A fold's out-of-fold scores in its run folder (callbacks=cross_validation).
-CV_SCORES = Path("evaluation") / "val" / "scores.csv"
+# A fold's kept out-of-fold predictions in its run folder (callbacks=cross_validation).
 CV_PREDICTIONS = Path("evaluation") / "val" / PREDICTIONS
 
 
@@ -127,10 +126,10 @@ def evaluate_cv(folder: Path, output: Path | None, tolerance: float) -> dict[str
     into `output` (default `<folder>/cv_evaluation`), as nnU-Net reports its CV figure."""
     if not folder.is_dir():
         raise ConfigError(f"cv={folder}: no such folder")
-    files = sorted(folder.rglob(str(CV_SCORES)))
+    files = sorted(folder.rglob(str(OUT_OF_FOLD_SCORES)))
     if not files:
-        raise ConfigError(f"cv={folder}: no run below it wrote {CV_SCORES}; train the folds with "
-                          "callbacks=cross_validation (docs/training.md)")
+        raise ConfigError(f"cv={folder}: no run below it wrote {OUT_OF_FOLD_SCORES}; train the "
+                          "folds with callbacks=cross_validation (docs/training.md)")
     rows: list[dict[str, Any]] = []
     fold_of: dict[str, Path] = {}
     for path in files:

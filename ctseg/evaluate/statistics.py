@@ -1,7 +1,8 @@
 """Statistics over per-case scores (the scores.csv of `python -m ctseg.evaluate` and of native
 evaluation): per structure and overall, the mean, SD and a seeded bootstrap 95 % confidence
 interval over cases; between two configs on the same cases, a paired Wilcoxon signed-rank test per
-structure with Holm's correction across structures. scipy computes every statistic."""
+structure with Holm's correction across structures. scipy computes every statistic; below
+`MIN_CASES` cases they say little, and `few_cases` says so."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ OVERALL = "overall"  # the per-case mean over structures
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 ALPHA = 0.05
+# The fewest cases (pairs, for a paired test) whose statistics are reported without a warning.
+# Below it a percentile bootstrap CI of the mean is too narrow (resamples of n cases hold at most
+# n distinct values), and a two-sided Wilcoxon signed-rank test has little power: with fewer than
+# 6 pairs it cannot reach p < 0.05 at all (its smallest p is 2 / 2**n, `smallest_p`).
+MIN_CASES = 10
+# Where a run folder keeps per-case scores: its test split (callbacks=native_evaluation) and, for
+# a fold of a cross-validation (callbacks=cross_validation), its val subjects, the out-of-fold ones.
+TEST_SCORES = Path("evaluation") / "scores.csv"
+OUT_OF_FOLD_SCORES = Path("evaluation") / "val" / "scores.csv"
 # (case, structure) -> {"dice": ..., "nsd": ...}
 Table = dict[tuple[str, str], dict[str, float]]
 
@@ -138,3 +148,26 @@ def paired_tests(a: Table, b: Table, metric: str = "dice") -> list[dict[str, Any
     for row in rows:
         row["significant"] = bool(not math.isnan(row["p_holm"]) and row["p_holm"] < ALPHA)
     return rows
+
+
+def smallest_p(pairs: int) -> float:
+    """The smallest two-sided p-value a Wilcoxon signed-rank test of `pairs` pairs can give (every
+    difference of one sign; scipy's exact distribution), 1 without pairs."""
+    return float(stats.wilcoxon(np.arange(1.0, pairs + 1)).pvalue) if pairs else 1.0
+
+
+def few_cases(counts: Mapping[str, int], pairs: int | None) -> str | None:
+    """One warning line when a config's statistics rest on fewer than MIN_CASES cases (`counts`:
+    config -> cases) or a paired test on fewer than MIN_CASES pairs (`pairs`: the fewest pairs
+    of any paired test, None without one); None when none does."""
+    few = {config: n for config, n in counts.items() if n < MIN_CASES}
+    if not few and (pairs is None or pairs >= MIN_CASES):
+        return None
+    parts = [f"{config}: {n} cases" for config, n in few.items()]
+    if pairs is not None and pairs < MIN_CASES:
+        parts.append(f"paired: {pairs} cases, whose two-sided Wilcoxon p cannot go below "
+                     f"{smallest_p(pairs):.3g}")
+    tested = " and a Wilcoxon test has little power" if pairs is not None else ""
+    return (f"warning: fewer than {MIN_CASES} cases ({'; '.join(parts)}): a bootstrap 95 % CI of "
+            f"so few cases is too narrow{tested}; read these statistics as a description, and "
+            "score more cases for a conclusion")

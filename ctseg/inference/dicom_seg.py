@@ -17,9 +17,10 @@ from pydicom.uid import generate_uid
 
 from ctseg import __version__
 from ctseg.atomic import write_atomic
+from ctseg.colours import label_colours
 from ctseg.errors import DatasetError, blamed_on
 from ctseg.inference.inputs import pick_series
-from ctseg.labels import Names, label_colours, label_map_dtype, label_table
+from ctseg.labels import Names, label_map_dtype, label_table
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def with_uids(sources: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Dataset]
 def segment_descriptions(values: Sequence[int], names: Names) -> list[hd.seg.SegmentDescription]:
     """One description per label value (segment numbers 1, 2, ...): name and table colour."""
     table = label_table(names)
-    colours = label_colours(max(table) + 1)
+    colours = label_colours(table)
     return [
         hd.seg.SegmentDescription(
             segment_number=number, segment_label=table[value],

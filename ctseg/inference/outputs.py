@@ -12,8 +12,9 @@ import nibabel as nib
 import numpy as np
 
 from ctseg.atomic import write_atomic
+from ctseg.colours import label_colours
 from ctseg.errors import DatasetError
-from ctseg.labels import Names, label_colours, label_map_dtype, label_table
+from ctseg.labels import Names, label_map_dtype, label_table
 
 LABELS_FILE = "labels.nii.gz"
 LABELS_JSON = "labels.json"
@@ -30,9 +31,9 @@ def file_name(name: str) -> str:
 
 
 def _coloured(names: Names) -> list[tuple[int, str, tuple[int, int, int]]]:
-    """(value, name, colour) per label; the colour depends on the value only."""
+    """(value, name, colour) per label; the colour is its structure name's (`ctseg.colours`)."""
     table = label_table(names)
-    colours = label_colours(max(table) + 1)
+    colours = label_colours(table)
     return [(i, n, colours[i]) for i, n in sorted(table.items())]
 
 

@@ -22,9 +22,10 @@ from matplotlib.gridspec import GridSpec
 from matplotlib.patches import Patch
 from nibabel.orientations import apply_orientation, io_orientation
 
+from ctseg.colours import label_colours
 from ctseg.data.layout import same_grid, stored_labels
 from ctseg.errors import ConfigError, DatasetError, MissingFileError, blamed_on
-from ctseg.labels import Names, label_colours, label_table
+from ctseg.labels import Names, label_table
 
 PLANES = ("axial", "coronal", "sagittal")
 # Axis of the RAS volume each plane cuts across, and the (row, column) axes it shows.
@@ -157,7 +158,7 @@ def render_planes(
     table = label_table(names)
     top = max([max(table, default=0)] + [int(p.max(initial=0)) for ps in rows.values()
                                          for p in ps])
-    colours = np.asarray(label_colours(top + 1), dtype=np.float32) / 255
+    colours = np.asarray(label_colours(table, top + 1), dtype=np.float32) / 255
     grey = _grey(ct, window)
 
     extents = [(sizes[SHOWN_AXES[p][0]] * g.shape[1], sizes[SHOWN_AXES[p][1]] * g.shape[0])

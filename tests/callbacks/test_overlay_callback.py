@@ -16,8 +16,8 @@ from monai.data import DataLoader, MetaTensor
 from torch.utils.data import Dataset
 
 from ctseg.callbacks.overlays import TAG, ValidationOverlays, batch_case_name, voxel_spacing
+from ctseg.colours import label_colours
 from ctseg.errors import ConfigError
-from ctseg.labels import label_colours
 from ctseg.models.segresnet import SegResNetModule
 from ctseg.visualize.overlay import render_overlay
 
@@ -72,7 +72,7 @@ def test_csv_and_tensorboard_get_overlays_of_the_first_cases(tmp_path):
     image = plt.imread(Path(csv.log_dir) / "overlays" / pngs[0])[..., :3]
     assert image.std() > 0.05
     # The legend patches carry the exact label colours of the Slicer / ITK-SNAP tables.
-    for colour in label_colours(3)[1:]:
+    for colour in label_colours(NAMES)[1:]:
         assert (np.abs(image - np.array(colour) / 255).max(axis=-1) < 1.5 / 255).sum() > 20
     events = EventAccumulator(board.log_dir, size_guidance={"images": 0})
     events.Reload()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 from helpers import REPO
 from omegaconf import open_dict
@@ -68,3 +69,12 @@ def test_folds_pool_their_out_of_fold_scores(compose_cfg, tmp_path: Path) -> Non
     with (tmp_path / "compare" / "statistics.csv").open() as f:
         overall = [r for r in csv.DictReader(f) if r["structure"] == "overall"]
     assert len(overall) == 1 and overall[0]["runs"] == "2"  # folds: one config
+    # over the out-of-fold cases that cv_evaluation scored, not the folds' shared test cases
+    with (cv / "cv_evaluation" / "scores.csv").open() as f:
+        pooled = [r for r in csv.DictReader(f) if r["dice"] not in ("", "nan")]
+    per_case = [np.mean([float(r["dice"]) for r in pooled if r["case"] == c]) for c in cases]
+    assert overall[0]["dice_n"] == str(len(cases)) and overall[0]["scores"] == "out-of-fold"
+    assert float(overall[0]["dice_mean"]) == pytest.approx(np.mean(per_case))
+    text = (tmp_path / "compare" / "compare.md").read_text()
+    assert "Statistics over out-of-fold cases" in text
+    assert f"warning: fewer than 10 cases ((defaults): {len(cases)} cases)" in text

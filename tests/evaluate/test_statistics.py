@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from helpers import wandb_run
 from scipy import stats
 
-from ctseg.compare import compare, main
+from ctseg.compare import compare, config_statistics, curves_figure, dice_figure, find_runs, main
 from ctseg.evaluate import statistics
 from ctseg.evaluate.statistics import case_table, describe, holm, paired_tests, per_case
 
@@ -203,3 +204,149 @@ def test_the_default_output_is_a_folder_of_its_own_and_never_a_runs_folder(tmp_p
         "output folder as a whole, so give it a folder of its own (the default: "
         "<first folder>/comparison)")
     assert sorted(str(p) for p in sweep.rglob("*")) == before
+
+
+def write_scores(path: Path, rows: list[dict]) -> None:
+    """`rows` as a scores.csv at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", "class", "structure", "dice", "nsd"])
+        writer.writeheader()
+        writer.writerows({"class": 1, **r} for r in rows)
+
+
+def fake_cv(folder: Path, lr: str, pool: list[str], folds: list[list[str]],
+            shift: dict[str, float], seed: int) -> dict[str, dict[str, float]]:
+    """A finished cross-validation of `pool` in multirun folder `folder`, as
+    callbacks=cross_validation leaves it: per fold a run folder (data.fold in its config, the
+    splits in checkpoints/splits_final.json), its out-of-fold scores (evaluation/val/scores.csv)
+    and its scores of the two test cases (evaluation/scores.csv); case -> structure -> the
+    out-of-fold Dice written."""
+    every = scores(seed, shift, range(len(pool)))
+    by_case: dict[str, dict[str, float]] = {}
+    for row in every:
+        case = pool[int(row["case"][1:])]
+        by_case.setdefault(case, {})[row["structure"]] = row["dice"]
+    splits = [{"train": sorted(set(pool) - set(val)), "val": sorted(val)} for val in folds]
+    for fold, val in enumerate(folds):
+        run = folder / str(fold)
+        fake_run(run, [f"data.fold={fold}", f"model.optimizer.lr={lr}"], None)
+        (run / "checkpoints" / "config.yaml").write_text(
+            f"optimized_metric: val/mean_dice\ndata:\n  fold: {fold}\n  num_folds: {len(folds)}\n")
+        (run / "checkpoints" / "splits_final.json").write_text(json.dumps(splits))
+        write_scores(run / "evaluation" / "val" / "scores.csv",
+                     [{**r, "case": pool[int(r["case"][1:])]} for r in every
+                      if pool[int(r["case"][1:])] in val])
+        write_scores(run / "evaluation" / "scores.csv", scores(seed + 100 + fold, shift, range(2)))
+    return by_case
+
+
+POOL = [f"s{i:04d}" for i in range(12)]
+
+
+def test_cross_validations_are_compared_on_their_out_of_fold_cases_paired_by_subject(
+        tmp_path: Path, capsys) -> None:
+    """Two 2-fold cross-validations of one pool of 12 subjects, split differently: compare's
+    statistics are over the 12 out-of-fold subjects that `python -m ctseg.evaluate cv=` pools, not
+    the 2 test cases, and its Wilcoxon test pairs them by subject."""
+    from ctseg.evaluate.__main__ import evaluate_cv
+
+    a = fake_cv(tmp_path / "cv_a", "1e-3", POOL, [POOL[:6], POOL[6:]], {"spleen": 0.1}, 0)
+    b = fake_cv(tmp_path / "cv_b", "3e-4", POOL, [POOL[::2], POOL[1::2]], {}, 1)
+    main([str(tmp_path / "cv_a"), str(tmp_path / "cv_b"), "--out", str(tmp_path / "cmp"),
+          "--no-wandb"])
+    printed = capsys.readouterr().out
+    with (tmp_path / "cmp" / "statistics.csv").open() as f:
+        overall = {r["config"]: r for r in csv.DictReader(f) if r["structure"] == "overall"}
+    best, other = "model.optimizer.lr=1e-3", "model.optimizer.lr=3e-4"
+    assert {c: (r["dice_n"], r["runs"]) for c, r in overall.items()} == {
+        best: ("12", "2"), other: ("12", "2")}  # the 12 subjects of the pool, 2 folds
+    assert {r["scores"] for r in overall.values()} == {"out-of-fold"}
+    # the same per-case figures as the cross-validation's own evaluation (cv_evaluation)
+    evaluate_cv(tmp_path / "cv_a", None, 3.0)
+    pooled = statistics.read_scores(tmp_path / "cv_a" / "cv_evaluation" / "scores.csv")
+    assert {r["case"] for r in pooled} == set(POOL)
+    per_subject = {s: np.mean(list(a[s].values())) for s in POOL}
+    assert float(overall[best]["dice_mean"]) == pytest.approx(np.mean(list(per_subject.values())))
+    assert float(overall[best]["dice_mean"]) == pytest.approx(np.mean(
+        [np.mean([r["dice"] for r in pooled if r["case"] == s]) for s in POOL]))
+    with (tmp_path / "cmp" / "paired_tests.csv").open() as f:
+        paired = {r["structure"]: r for r in csv.DictReader(f)}
+    spleen = [b[s]["spleen"] - a[s]["spleen"] for s in POOL]
+    assert paired["spleen"]["n"] == "12"
+    assert float(paired["spleen"]["p"]) == pytest.approx(stats.wilcoxon(spleen).pvalue)
+    assert paired["spleen"]["significant"] == "True"
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "Statistics over out-of-fold cases" in text
+    assert "12 out-of-fold cases paired by case id; 2 and 2 runs" in text
+    assert "warning" not in text  # 12 cases, the same subjects, every fold scored
+    assert ("4 runs; statistics of 2 configs over 12 out-of-fold cases each; written "
+            in printed)
+
+
+def test_few_cases_or_different_subjects_are_one_warning_line_each(tmp_path: Path,
+                                                                   capsys) -> None:
+    """Two configs scored on 2 test cases: one line says the statistics rest on too few cases
+    (and the smallest p two pairs allow); cross-validations of different subjects, or one with a
+    fold unscored, are warned about, and their paired test uses only the subjects of both."""
+    for job, lr in enumerate(["1e-3", "3e-4"]):
+        fake_run(tmp_path / "few" / str(job), [f"model.optimizer.lr={lr}"],
+                 scores(job, {}, range(2)))
+    main([str(tmp_path / "few"), "--no-wandb"])
+    printed = capsys.readouterr().out
+    (warning,) = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert warning.startswith(f"warning: fewer than {statistics.MIN_CASES} cases "
+                              "(model.optimizer.lr=")
+    assert "2 cases; paired: 2 cases, whose two-sided Wilcoxon p cannot go below 0.5)" in warning
+    assert warning in (tmp_path / "few" / "comparison" / "compare.md").read_text()
+    assert "statistics of 2 configs over 2 test cases each; written" in printed
+    assert statistics.smallest_p(6) == pytest.approx(1 / 32) and statistics.smallest_p(5) > 0.05
+    assert "Wilcoxon" not in statistics.few_cases({"one config": 7}, None)  # no test to warn of
+
+    other = [*POOL[:10], "x0010", "x0011"]
+    fake_cv(tmp_path / "cv_a", "1e-3", POOL, [POOL[:6], POOL[6:]], {}, 0)
+    fake_cv(tmp_path / "cv_b", "3e-4", other, [other[:6], other[6:]], {"spleen": 0.1}, 1)
+    shutil.rmtree(tmp_path / "cv_b" / "1" / "evaluation")  # fold 1 unfinished: no scores
+    main([str(tmp_path / "cv_a"), str(tmp_path / "cv_b"), "--out", str(tmp_path / "cmp"),
+          "--no-wandb"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert lines[0] == ("warning: model.optimizer.lr=3e-4: out-of-fold scores of 6 of the 12 "
+                        "subjects its folds split (6 unscored: a fold missing or unfinished); its "
+                        "statistics are over the scored ones")
+    assert lines[1] == ("warning: model.optimizer.lr=3e-4 and model.optimizer.lr=1e-3 scored "
+                        "different cases (6 and 12, 6 in both): the paired tests use the cases "
+                        "in both; compare configs scored on the same subjects (cross-validations: "
+                        "folds of the same train + val subjects)")
+    assert lines[2].startswith("warning: fewer than 10 cases (model.optimizer.lr=3e-4: 6 cases; "
+                               "paired: 6 cases")
+    with (tmp_path / "cmp" / "paired_tests.csv").open() as f:
+        assert next(csv.DictReader(f))["n"] == "6"
+
+
+def test_the_figures_state_their_cases_runs_and_configs(tmp_path: Path) -> None:
+    """val_curves.png and dice_per_config.png as matplotlib builds them: a title, the number of
+    runs and cases, a colour per config shared by both figures, a legend entry per run."""
+    fake_cv(tmp_path / "cv_a", "1e-3", POOL, [POOL[:7], POOL[7:]], {"spleen": 0.1}, 0)
+    fake_cv(tmp_path / "cv_b", "3e-4", POOL, [POOL[::2], POOL[1::2]], {}, 1)
+    runs = find_runs([tmp_path])
+    curves = curves_figure(runs, tmp_path).axes[0]
+    assert curves.get_title() == "Validation val/mean_dice per epoch: 4 runs of 2 configs"
+    assert curves.get_xlabel() == "epoch"
+    legend = {t.get_text() for t in curves.get_legend().get_texts()}
+    assert legend == {"model.optimizer.lr=1e-3: fold 0 (7 val cases)",
+                      "model.optimizer.lr=1e-3: fold 1 (5 val cases)",
+                      "model.optimizer.lr=3e-4: fold 0 (6 val cases)",
+                      "model.optimizer.lr=3e-4: fold 1 (6 val cases)"}
+    colour = {line.get_label(): line.get_color() for line in curves.get_lines()}
+    assert colour["model.optimizer.lr=1e-3: fold 0 (7 val cases)"] == colour[
+        "model.optimizer.lr=1e-3: fold 1 (5 val cases)"] != colour[
+        "model.optimizer.lr=3e-4: fold 0 (6 val cases)"]
+    stats_ = config_statistics(runs)
+    boxes = dice_figure(stats_).axes[0]
+    assert boxes.get_title() == "Per-case Dice over out-of-fold cases"
+    assert boxes.get_ylabel() == "per-case Dice (mean over structures)"
+    assert [t.get_text() for t in boxes.get_xticklabels()] == [
+        "model.optimizer.lr=1e-3\n12 cases, 2 runs", "model.optimizer.lr=3e-4\n12 cases, 2 runs"]
+    points = [line for line in boxes.get_lines() if line.get_marker() == "o"]
+    assert [len(line.get_ydata()) for line in points] == [12, 12]
+    assert points[0].get_color() == colour["model.optimizer.lr=1e-3: fold 0 (7 val cases)"]

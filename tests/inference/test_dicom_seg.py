@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from pydicom.uid import CTImageStorage, SegmentationStorage
 
+from ctseg.colours import label_colours
 from ctseg.config import CONFIG_DIR
 from ctseg.errors import DatasetError, root_cause
 from ctseg.inference.dicom_seg import (
@@ -33,7 +34,7 @@ from ctseg.inference.dicom_seg import (
 from ctseg.inference.inputs import Case, load_case
 from ctseg.inference.outputs import LABELS_FILE, MASKS_DIR, TIMING_FILE
 from ctseg.inference.runner import CasesFailed, run
-from ctseg.labels import label_colours, label_names
+from ctseg.labels import label_names
 
 NAMES = label_names("v1")
 
@@ -84,7 +85,7 @@ def test_predict_writes_a_dicom_seg_of_the_series_that_reads_back_to_the_labels(
     assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     present = [int(v) for v in np.unique(labels) if v]
     assert len(present) > 3
-    colours = label_colours(len(NAMES))
+    colours = label_colours(NAMES)
     assert [(s.SegmentNumber, s.SegmentLabel, list(s.RecommendedDisplayCIELabValue))
             for s in seg.SegmentSequence] == [
         (n, NAMES[v], list(hd.color.CIELabColor.from_rgb(*colours[v]).value))

@@ -10,12 +10,8 @@ import stat
 import pytest
 
 from ctseg.atomic import swapped_folder, write_atomic
-from ctseg.inference.outputs import (
-    itksnap_table,
-    label_colours,
-    label_json,
-    slicer_table,
-)
+from ctseg.colours import label_colours
+from ctseg.inference.outputs import itksnap_table, label_json, slicer_table
 from ctseg.labels import label_map_dtype, label_names
 
 
@@ -55,7 +51,7 @@ def test_atomic_outputs_get_the_permissions_of_a_plain_write(tmp_path) -> None:
 
 def test_tables_cover_every_class_with_distinct_colours() -> None:
     names = label_names("v2")
-    colours = label_colours(len(names))
+    colours = label_colours(names)
     assert colours[0] == (0, 0, 0) and len(set(colours)) == len(names)
     assert json.loads(label_json(names))["117"] == "costal_cartilages"
     slicer = [line.split() for line in slicer_table(names).splitlines() if line[0] != "#"]

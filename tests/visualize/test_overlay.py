@@ -13,9 +13,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ctseg.colours import label_colours
 from ctseg.errors import ConfigError, DatasetError, MissingFileError
 from ctseg.inference.outputs import label_json
-from ctseg.labels import label_colours, label_names
+from ctseg.labels import label_names
 from ctseg.visualize.__main__ import visualize
 from ctseg.visualize.overlay import (
     _display,
@@ -106,7 +107,7 @@ def test_cli_draws_the_structures_in_their_table_colours(shared_data, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["overlay.png"]  # no temporary left over
     image = plt.imread(out)
     assert image[..., :3].std() > 0.1  # drawn, not blank
-    colours = label_colours(len(label_names("v2")))
+    colours = label_colours(label_names("v2"))
     names = label_names("v2")
     # alpha=1: liver (the largest structure) in its exact table colour over many pixels, and the
     # aorta's colour too (the legend patch alone is ~150 pixels).
