@@ -8,15 +8,16 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, run_name
+from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, check_data, run_name
 from ctseg.errors import ConfigError, run_cli
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
     """Run training; return the metric named by `optimized_metric` for Hydra sweepers."""
-    # Imported once Hydra has read the command line: --help and --cfg answer without loading
-    # torch, Lightning and MONAI.
+    check_data(cfg.get("data"))
+    # Imported once Hydra has read the command line and the values are checked: --help, --cfg
+    # and a bad value answer without loading torch, Lightning and MONAI.
     from ctseg.training import train
 
     if cfg.get("hparams_search") is not None:

@@ -1,9 +1,9 @@
 """Bad input to every command line, as real processes: exit 1, exactly one `error:` line that
 names the file or key, no traceback, and nothing created where the command would have written.
 
-The matrix: predict.py (18 cases), train.py (5), python -m ctseg.hparams_search (2),
+The matrix: predict.py (18 cases), train.py (6), python -m ctseg.hparams_search (2),
 ctseg.data (3), ctseg.evaluate (4), ctseg.visualize (5), ctseg.export (4), ctseg.compare (3):
-44 cases x 8 command lines. Every command that reads a file meets it missing, empty and
+45 cases x 8 command lines. Every command that reads a file meets it missing, empty and
 truncated. Other weights that do not fit, and checkpoints naming a class outside ctseg, are
 tests/models/test_loading.py's (in-process: the same CtsegError makes the one line).
 """
@@ -147,6 +147,10 @@ CASES = {
                                  "'sw.overlaps'"),
     "train: data.spacing=-1": Case(f"{TRAIN} data.spacing=-1", "data.spacing=-1: values must be "
                                    "finite and > 0"),
+    # Checked as composed, before any work: no run folder and no phantoms written.
+    "train: data.spacing=abc": Case(f"{TRAIN} data.spacing=abc", "data.spacing='abc': must be a "
+                                    "number > 0, or three numbers (one per axis)",
+                                    ("{o}/*", "{d}/data/phantoms")),
     "train: sw.batch_size=auto": Case(f"{TRAIN} sw.batch_size=auto", "sw.batch_size=auto: "
                                       "validation and test in train.py take a number of windows"),
     "train: pretrained weights of another architecture": Case(
