@@ -20,11 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctseg.atomic import remove_leftovers, temp_prefix, write_atomic
 from ctseg.callbacks.checkpoint_io import AtomicCheckpointIO
-from ctseg.config import instantiate_group, log_through_root
+from ctseg.config import CONFIG_DIR, instantiate_group, log_through_root
 from ctseg.data.folds import SPLITS_FILE, write_splits
 from ctseg.errors import ConfigError, MissingFileError
 from ctseg.logger.wandb_runs import log_dice_table
-from ctseg.models.weights import read_checkpoint
+from ctseg.models.loading import module_class
+from ctseg.models.weights import network_state_dict, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,38 @@ def requeued_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | Non
     return ckpt_path
 
 
+def model_target(name: str) -> str | None:
+    """The `_target_` of conf/model/<name>.yaml, or of the model option its defaults extend."""
+    conf = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+    if "_target_" in conf:
+        return str(conf["_target_"])
+    bases = [entry for entry in conf.get("defaults") or () if isinstance(entry, str)
+             and entry != "_self_"]
+    return next(filter(None, map(model_target, bases)), None)
+
+
+def model_options(cls: type) -> list[str]:
+    """The `model=<name>` options (conf/model/<name>.yaml) that build `cls`."""
+    target = f"{cls.__module__}.{cls.__qualname__}"
+    return [path.stem for path in sorted((CONFIG_DIR / "model").glob("*.yaml"))
+            if model_target(path.stem) == target]
+
+
+def check_resumed_class(ckpt_path: str, checkpoint: Any, model: L.LightningModule) -> None:
+    """ConfigError when the checkpoint to resume records another module class than the
+    composed config builds (its weights could not load into the model); the error names both
+    and the fix."""
+    path = Path(ckpt_path)
+    cls = module_class(path, checkpoint, network_state_dict(checkpoint, path))
+    if type(model) is cls:
+        return
+    options = " or ".join(f"model={name}" for name in model_options(cls)) or "its model"
+    raise ConfigError(f"{path}: a checkpoint of {cls.__module__}.{cls.__qualname__}, but the "
+                      f"config builds {type(model).__name__} (model._target_); resume it with "
+                      f"the settings it was trained with: ckpt_path=<its run folder>, or "
+                      f"choose its model: {options}")
+
+
 def save_config(cfg: DictConfig, folder: Path) -> Path:
     """Write the fully resolved config as `config.yaml` in `folder`, atomically."""
     path = folder / "config.yaml"
@@ -96,7 +129,8 @@ class RunPlan:
 def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.LightningModule,
               trainer: L.Trainer, checkpoint_dir: Path) -> RunPlan:
     """Check before the first step everything the run needs: writable output folders, a safe
-    resume checkpoint, prepared data with subjects for every stage, matching class counts.
+    resume checkpoint of the configured model class, prepared data with subjects for every
+    stage, matching class counts.
 
     A run without test subjects skips the test stage (one warning line) rather than failing
     after training. Raises CtsegError subclasses naming the file or setting at fault.
@@ -107,7 +141,8 @@ def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.Light
     ckpt_path = resolve_ckpt_path(requeued_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir),
                                   checkpoint_dir)
     if ckpt_path is not None:
-        read_checkpoint(ckpt_path, "checkpoint to resume", mmap=True)
+        check_resumed_class(ckpt_path, read_checkpoint(ckpt_path, "checkpoint to resume",
+                                                       mmap=True), model)
     data_classes = getattr(datamodule, "num_classes", None)
     model_classes = model.hparams.get("num_classes")
     if data_classes is not None and model_classes is not None and data_classes != model_classes:
