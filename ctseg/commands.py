@@ -3,28 +3,42 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from collections.abc import Callable, Sequence
 
 import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, check_data, run_name
 from ctseg.errors import ConfigError, run_cli
+from ctseg.resume import kept_unless_started, resume_arguments
+
+log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
-    """Run training; return the metric named by `optimized_metric` for Hydra sweepers."""
-    check_data(cfg.get("data"))
-    # Imported once Hydra has read the command line and the values are checked: --help, --cfg
-    # and a bad value answer without loading torch, Lightning and MONAI.
-    from ctseg.training import train
+def train_app(notes: Sequence[str] = ()) -> Callable[[], float | None]:
+    """train.py's Hydra app; it logs `notes` (what a resume restores and changes) once Hydra has
+    set up the run's logging."""
 
-    if cfg.get("hparams_search") is not None:
-        raise ConfigError("hparams_search: train.py trains one run; run the search with "
-                          "python -m ctseg.hparams_search hparams_search=<space> [overrides]")
-    metrics, _ = train(cfg)
-    return metrics.get(cfg.get("optimized_metric"))
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+    def train_main(cfg: DictConfig) -> float | None:
+        """Run training; return the metric named by `optimized_metric` for Hydra sweepers."""
+        for note in notes:
+            log.info(note)
+        check_data(cfg.get("data"))
+        # Imported once Hydra has read the command line and the values are checked: --help,
+        # --cfg and a bad value answer without loading torch, Lightning and MONAI.
+        from ctseg.training import train
+
+        if cfg.get("hparams_search") is not None:
+            raise ConfigError("hparams_search: train.py trains one run; run the search with "
+                              "python -m ctseg.hparams_search hparams_search=<space> [overrides]")
+        metrics, _ = train(cfg)
+        return metrics.get(cfg.get("optimized_metric"))
+
+    return train_main
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
@@ -36,11 +50,20 @@ def predict_main(cfg: DictConfig) -> None:
     run(cfg)
 
 
+def resumed_train() -> float | None:
+    """train.py on its command line, a resume of a run folder first turned into the run's own
+    overrides under the command's, in that folder (`ctseg.resume`)."""
+    resume = resume_arguments(sys.argv[1:])
+    sys.argv[1:] = resume.arguments
+    with kept_unless_started(resume.folder):
+        return train_app(resume.notes)()
+
+
 def train_cli() -> None:
     """Console entry point of training (`ctseg-train`, `python train.py`)."""
     # DDP ranks and submitit jobs started from here inherit the run folder's name.
     os.environ[RUN_NAME_ENV] = run_name()
-    run_cli(train_main, "train.py")
+    run_cli(resumed_train, "train.py")
 
 
 def predict_cli() -> None:

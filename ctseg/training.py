@@ -26,6 +26,7 @@ from ctseg.errors import ConfigError, MissingFileError
 from ctseg.logger.wandb_runs import log_dice_table
 from ctseg.models.loading import module_class
 from ctseg.models.weights import network_state_dict, read_checkpoint
+from ctseg.resume import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,11 @@ def check_resumed_class(ckpt_path: str, checkpoint: Any, model: L.LightningModul
     if type(model) is cls:
         return
     options = " or ".join(f"model={name}" for name in model_options(cls)) or "its model"
+    folder = run_folder(ckpt_path) or "<its run folder>"
     raise ConfigError(f"{path}: a checkpoint of {cls.__module__}.{cls.__qualname__}, but the "
                       f"config builds {type(model).__name__} (model._target_); resume it with "
-                      f"the settings it was trained with: ckpt_path=<its run folder>, or "
-                      f"choose its model: {options}")
+                      f"the settings it was trained with: ckpt_path={folder}, or choose its "
+                      f"model: {options}")
 
 
 def save_config(cfg: DictConfig, folder: Path) -> Path:
