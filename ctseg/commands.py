@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, check_data, run_name
 from ctseg.errors import ConfigError, run_cli
-from ctseg.resume import kept_unless_started, resume_arguments
+from ctseg.resume import first_process, kept_unless_started, resume_arguments
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,12 @@ def predict_main(cfg: DictConfig) -> None:
 
 def resumed_train() -> float | None:
     """train.py on its command line, a resume of a run folder first turned into the run's own
-    overrides under the command's, in that folder (`ctseg.resume`)."""
+    overrides under the command's, in that folder (`ctseg.resume`; the other ranks of a DDP
+    run rewrite their arguments alike, the first process alone logs what the resume changes)."""
     resume = resume_arguments(sys.argv[1:])
     sys.argv[1:] = resume.arguments
     with kept_unless_started(resume.folder):
-        return train_app(resume.notes)()
+        return train_app(resume.notes if first_process() else ())()
 
 
 def train_cli() -> None:

@@ -160,13 +160,19 @@ def resume_arguments(args: Sequence[str]) -> Resume:
     return Resume(arguments, folder, notes)
 
 
+def first_process() -> bool:
+    """Whether this is the process the user started (rank 0), not another rank of a torchrun /
+    srun job or a DDP rank that Lightning started (LOCAL_RANK > 0) with the same arguments."""
+    return not launcher_rank() and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 @contextmanager
 def kept_unless_started(folder: Path | None) -> Iterator[None]:
     """Put a resumed run folder's `.hydra` files back as they were if the resume ends before
     its run starts (no STARTED_MARKS file rewritten): Hydra rewrites them with the resume's
     overrides first, and a resume refused for a bad setting must not make that setting the
-    run's. Only the process that writes them (rank 0, not a DDP rank Lightning started)."""
-    if folder is None or launcher_rank() or os.environ.get("LOCAL_RANK", "0") != "0":
+    run's. Only in the process that writes them (first_process)."""
+    if folder is None or not first_process():
         yield
         return
     files = {path: path.read_bytes() for path in sorted((folder / ".hydra").glob("*.yaml"))}
