@@ -5,17 +5,36 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from ctseg.config import CONFIG_DIR, RUN_NAME_ENV, check_data, run_name
-from ctseg.errors import ConfigError, run_cli
+from ctseg.errors import ConfigError, Interrupted, run_cli
 from ctseg.resume import first_process, kept_unless_started, resume_arguments
 
 log = logging.getLogger(__name__)
+
+
+def shown(path: Path) -> str:
+    """`path` as the user would type it: relative to the working folder when inside it."""
+    cwd = Path.cwd().resolve()
+    resolved = path.resolve()
+    return str(resolved.relative_to(cwd)) if resolved.is_relative_to(cwd) else str(path)
+
+
+def interrupted_line(stop: Interrupted) -> str:
+    """The line train.py ends an interrupted run with: where it stopped and the exact command
+    that resumes it (the program as it was typed)."""
+    program = f"python {sys.argv[0]}" if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
+    where = f"train.py: interrupted by {stop.signal.name} at epoch {stop.epoch}, step {stop.step}"
+    if stop.resume_from is None:
+        return f"{where}, before any checkpoint was saved: run the same command again"
+    return f"{where}; resume with: {program} {shlex.quote(f'ckpt_path={shown(stop.resume_from)}')}"
 
 
 def train_app(notes: Sequence[str] = ()) -> Callable[[], float | None]:
@@ -35,7 +54,12 @@ def train_app(notes: Sequence[str] = ()) -> Callable[[], float | None]:
         if cfg.get("hparams_search") is not None:
             raise ConfigError("hparams_search: train.py trains one run; run the search with "
                               "python -m ctseg.hparams_search hparams_search=<space> [overrides]")
-        metrics, _ = train(cfg)
+        try:
+            metrics, _ = train(cfg)
+        except Interrupted as stop:
+            if stop.rank_zero:
+                print(interrupted_line(stop), file=sys.stderr)
+            raise
         return metrics.get(cfg.get("optimized_metric"))
 
     return train_main

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from ctseg.atomic import remove_leftovers, temp_prefix, write_atomic
 from ctseg.callbacks.checkpoint_io import AtomicCheckpointIO
 from ctseg.config import CONFIG_DIR, instantiate_group, log_through_root
 from ctseg.data.folds import SPLITS_FILE, write_splits
-from ctseg.errors import ConfigError, MissingFileError
+from ctseg.errors import ConfigError, Interrupted, MissingFileError
 from ctseg.logger.wandb_runs import log_dice_table
 from ctseg.models.loading import module_class
 from ctseg.models.weights import network_state_dict, read_checkpoint
@@ -184,10 +186,30 @@ def ddp_strategy(strategy: Any, model: L.LightningModule) -> Any:
     return strategy
 
 
+@contextmanager
+def interruptible(trainer: L.Trainer, run_dir: Path, checkpoint_dir: Path) -> Iterator[None]:
+    """Raise Interrupted when Lightning ends a fit or test stopped by SIGTERM or Ctrl-C: it
+    finishes the batch, lets the checkpoint callbacks save (last.ckpt) and ends the stage with a
+    SystemExit (its SIGTERMException, or sys.exit(1) after a KeyboardInterrupt), which would
+    otherwise end train.py silently (with status 0 after SIGTERM)."""
+    try:
+        yield
+    except SystemExit as stop:
+        if not trainer.interrupted:
+            raise
+        signum = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
+        last = checkpoint_dir / "last.ckpt"
+        resume_from = (run_dir if last == run_dir / "checkpoints" / "last.ckpt" else last) \
+            if last.is_file() else None
+        raise Interrupted(signum, trainer.current_epoch, trainer.global_step, resume_from,
+                          trainer.is_global_zero) from stop
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
           ) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the model on the datamodule, test the best checkpoint; return metrics and objects.
-    `extra_callbacks` join the configured ones (e.g. a hyper-parameter search's pruning)."""
+    `extra_callbacks` join the configured ones (e.g. a hyper-parameter search's pruning). A run
+    stopped by SIGTERM or Ctrl-C raises Interrupted once its progress is saved."""
     log_through_root()
     windows = (cfg.get("sw") or {}).get("batch_size")
     if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int)
@@ -219,14 +241,17 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
     if cfg.get("train"):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=True)
+        with interruptible(trainer, output_dir, checkpoint_dir):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=plan.ckpt_path,
+                        weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if plan.test:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         if best is None:
             log.warning("no best checkpoint was saved; testing the current weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        with interruptible(trainer, output_dir, checkpoint_dir):
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
