@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import column, compose_in, metric_rows, scanner_ct, wandb_records, wandb_run
+from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
+from ctseg.errors import Interrupted
 from ctseg.inference.runner import run as predict
 from ctseg.training import train
 
@@ -267,18 +269,33 @@ def test_an_interrupted_run_says_how_to_resume_and_the_command_finishes_it(tmp_p
     stopped = torch.load(last, weights_only=True)["global_step"]
     assert 1 <= stopped < STOPPED_STEPS
 
-    # Ctrl-C in the resumed run: the same line, 128 + SIGINT
-    status, output = stopped_once_logging(resume, run / "csv/version_1/metrics.csv",
-                                          signal.SIGINT)
-    assert status == 128 + signal.SIGINT, output[-3000:]
-    assert resume_command(output, "SIGINT", last) == resume
-    assert torch.load(last, weights_only=True)["global_step"] > stopped
-
     finished = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "Traceback" not in finished.stdout + finished.stderr
     saved = torch.load(last, weights_only=True)
     assert (saved["epoch"], saved["global_step"]) == (5, STOPPED_STEPS)
+
+
+class CtrlC(Callback):
+    """Press Ctrl-C after the first training step: the KeyboardInterrupt that Python's SIGINT
+    handler raises in the main thread."""
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        """Interrupt once."""
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_is_an_interruption_resumable_from_the_run_folder(compose_cfg, tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(Interrupted) as stop:
+            train(compose_cfg(*TINY, *STOPPED), extra_callbacks=[CtrlC()])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C after one
+    saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert (stop.value.code, stop.value.signal) == (128 + signal.SIGINT, signal.SIGINT)
+    assert (stop.value.epoch, stop.value.step) == (saved["epoch"], saved["global_step"]) == (0, 1)
+    assert stop.value.resume_from == tmp_path / "run"
 
 
 def test_a_run_shorter_than_its_validation_interval_keeps_last_ckpt(compose_cfg, tmp_path):
