@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
+import numpy as np
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -159,6 +161,40 @@ def plain(value: Any) -> Any:
     if isinstance(value, Sequence):
         return [plain(v) for v in value]
     return value
+
+
+# Keys of the data group that take one value or one per axis (z, y, x), and each value's type.
+PER_AXIS = {"spacing": float, "patch_size": int}
+
+
+def per_axis(value: Any, name: str, kind: type) -> tuple:
+    """`value` (one number, or three: one per axis) as three `kind` values, each finite and > 0
+    (ints whole numbers); ConfigError naming `data.<name>` and what it must be otherwise."""
+    values = [value] * 3 if np.ndim(value) == 0 else list(value)
+    if len(values) != 3:
+        raise ConfigError(f"data.{name}={value!r}: needs one value or three (one per axis)")
+    try:
+        if any(isinstance(v, bool) for v in values):
+            raise TypeError(name)
+        out = tuple(kind(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.{name}={value!r}: must be a number > 0, or three numbers (one "
+                          "per axis)") from None
+    if kind is int and out != tuple(values):
+        raise ConfigError(f"data.{name}={value!r}: values must be whole numbers")
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        raise ConfigError(f"data.{name}={value!r}: values must be finite and > 0")
+    return out
+
+
+def check_data(data: Any) -> None:
+    """Check the composed data group's per-axis values (PER_AXIS) before any work starts:
+    ConfigError naming the key. The DataModule checks them again with the same rule."""
+    if not isinstance(data, DictConfig):
+        return
+    for name, kind in PER_AXIS.items():
+        if data.get(name) is not None:
+            per_axis(plain(data[name]), name, kind)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

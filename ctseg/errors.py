@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 import zlib
@@ -235,6 +236,21 @@ def options_in(text: str) -> list[str]:
     """The options Hydra lists under "Available options in '<group>':" in `text`."""
     listed = re.search(r"Available options in '[^']*':\n((?:\t[^\n]*\n?)+)", text)
     return [o.strip() for o in listed.group(1).splitlines()] if listed else []
+
+
+class Interrupted(SystemExit):
+    """A training run stopped by a signal (SIGTERM: `kill`, a pre-emption; SIGINT: Ctrl-C) once
+    Lightning finished its batch and the checkpoint callbacks saved its progress. It ends the
+    process with 128 + the signal's number, the status a shell reports for a process that
+    signal ended; `resume_from` is what `ckpt_path=` resumes it from (None: nothing saved)."""
+
+    def __init__(self, signum: int, epoch: int, step: int, resume_from: Path | None,
+                 rank_zero: bool = True) -> None:
+        """Record where the run stopped."""
+        super().__init__(128 + signum)
+        self.signal = signal.Signals(signum)
+        self.epoch, self.step = epoch, step
+        self.resume_from, self.rank_zero = resume_from, rank_zero
 
 
 class WorkDone:

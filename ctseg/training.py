@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctseg.atomic import remove_leftovers, temp_prefix, write_atomic
 from ctseg.callbacks.checkpoint_io import AtomicCheckpointIO
-from ctseg.config import instantiate_group, log_through_root
+from ctseg.config import CONFIG_DIR, instantiate_group, log_through_root
 from ctseg.data.folds import SPLITS_FILE, write_splits
-from ctseg.errors import ConfigError, MissingFileError
+from ctseg.errors import ConfigError, Interrupted, MissingFileError
 from ctseg.logger.wandb_runs import log_dice_table
-from ctseg.models.weights import read_checkpoint
+from ctseg.models.loading import module_class
+from ctseg.models.weights import network_state_dict, read_checkpoint
+from ctseg.resume import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,39 @@ def requeued_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | Non
     return ckpt_path
 
 
+def model_target(name: str) -> str | None:
+    """The `_target_` of conf/model/<name>.yaml, or of the model option its defaults extend."""
+    conf = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+    if "_target_" in conf:
+        return str(conf["_target_"])
+    bases = [entry for entry in conf.get("defaults") or () if isinstance(entry, str)
+             and entry != "_self_"]
+    return next(filter(None, map(model_target, bases)), None)
+
+
+def model_options(cls: type) -> list[str]:
+    """The `model=<name>` options (conf/model/<name>.yaml) that build `cls`."""
+    target = f"{cls.__module__}.{cls.__qualname__}"
+    return [path.stem for path in sorted((CONFIG_DIR / "model").glob("*.yaml"))
+            if model_target(path.stem) == target]
+
+
+def check_resumed_class(ckpt_path: str, checkpoint: Any, model: L.LightningModule) -> None:
+    """ConfigError when the checkpoint to resume records another module class than the
+    composed config builds (its weights could not load into the model); the error names both
+    and the fix."""
+    path = Path(ckpt_path)
+    cls = module_class(path, checkpoint, network_state_dict(checkpoint, path))
+    if type(model) is cls:
+        return
+    options = " or ".join(f"model={name}" for name in model_options(cls)) or "its model"
+    folder = run_folder(ckpt_path) or "<its run folder>"
+    raise ConfigError(f"{path}: a checkpoint of {cls.__module__}.{cls.__qualname__}, but the "
+                      f"config builds {type(model).__name__} (model._target_); resume it with "
+                      f"the settings it was trained with: ckpt_path={folder}, or choose its "
+                      f"model: {options}")
+
+
 def save_config(cfg: DictConfig, folder: Path) -> Path:
     """Write the fully resolved config as `config.yaml` in `folder`, atomically."""
     path = folder / "config.yaml"
@@ -96,7 +133,8 @@ class RunPlan:
 def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.LightningModule,
               trainer: L.Trainer, checkpoint_dir: Path) -> RunPlan:
     """Check before the first step everything the run needs: writable output folders, a safe
-    resume checkpoint, prepared data with subjects for every stage, matching class counts.
+    resume checkpoint of the configured model class, prepared data with subjects for every
+    stage, matching class counts.
 
     A run without test subjects skips the test stage (one warning line) rather than failing
     after training. Raises CtsegError subclasses naming the file or setting at fault.
@@ -107,7 +145,8 @@ def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.Light
     ckpt_path = resolve_ckpt_path(requeued_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir),
                                   checkpoint_dir)
     if ckpt_path is not None:
-        read_checkpoint(ckpt_path, "checkpoint to resume", mmap=True)
+        check_resumed_class(ckpt_path, read_checkpoint(ckpt_path, "checkpoint to resume",
+                                                       mmap=True), model)
     data_classes = getattr(datamodule, "num_classes", None)
     model_classes = model.hparams.get("num_classes")
     if data_classes is not None and model_classes is not None and data_classes != model_classes:
@@ -147,10 +186,30 @@ def ddp_strategy(strategy: Any, model: L.LightningModule) -> Any:
     return strategy
 
 
+@contextmanager
+def interruptible(trainer: L.Trainer, run_dir: Path, checkpoint_dir: Path) -> Iterator[None]:
+    """Raise Interrupted when Lightning ends a fit or test stopped by SIGTERM or Ctrl-C: it
+    finishes the batch, lets the checkpoint callbacks save (last.ckpt) and ends the stage with a
+    SystemExit (its SIGTERMException, or sys.exit(1) after a KeyboardInterrupt), which would
+    otherwise end train.py silently (with status 0 after SIGTERM)."""
+    try:
+        yield
+    except SystemExit as stop:
+        if not trainer.interrupted:
+            raise
+        signum = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
+        last = checkpoint_dir / "last.ckpt"
+        resume_from = (run_dir if last == run_dir / "checkpoints" / "last.ckpt" else last) \
+            if last.is_file() else None
+        raise Interrupted(signum, trainer.current_epoch, trainer.global_step, resume_from,
+                          trainer.is_global_zero) from stop
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
           ) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the model on the datamodule, test the best checkpoint; return metrics and objects.
-    `extra_callbacks` join the configured ones (e.g. a hyper-parameter search's pruning)."""
+    `extra_callbacks` join the configured ones (e.g. a hyper-parameter search's pruning). A run
+    stopped by SIGTERM or Ctrl-C raises Interrupted once its progress is saved."""
     log_through_root()
     windows = (cfg.get("sw") or {}).get("batch_size")
     if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int)
@@ -182,14 +241,17 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
     if cfg.get("train"):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=True)
+        with interruptible(trainer, output_dir, checkpoint_dir):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=plan.ckpt_path,
+                        weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if plan.test:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         if best is None:
             log.warning("no best checkpoint was saved; testing the current weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        with interruptible(trainer, output_dir, checkpoint_dir):
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]

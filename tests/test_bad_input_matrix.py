@@ -1,9 +1,9 @@
 """Bad input to every command line, as real processes: exit 1, exactly one `error:` line that
 names the file or key, no traceback, and nothing created where the command would have written.
 
-The matrix: predict.py (20 cases), train.py (7), python -m ctseg.hparams_search (2),
+The matrix: predict.py (20 cases), train.py (9), python -m ctseg.hparams_search (2),
 ctseg.data (3), ctseg.evaluate (4), ctseg.visualize (5), ctseg.export (4), ctseg.compare (3):
-48 cases x 8 command lines. Every command that reads a file meets it missing, empty and
+50 cases x 8 command lines. Every command that reads a file meets it missing, empty and
 truncated. Other weights that do not fit, and checkpoints naming a class outside ctseg, are
 tests/models/test_loading.py's (in-process: the same CtsegError makes the one line).
 """
@@ -26,6 +26,7 @@ from monai.networks.nets import SegResNet
 
 from ctseg.labels import label_names
 from ctseg.models.segresnet import SegResNetModule
+from ctseg.models.vista3d import VISTA3DModule
 
 pytestmark = pytest.mark.slow
 CROP = SHARED_DATA / "totalseg_mini"
@@ -44,14 +45,18 @@ def checkpoint(path: Path, num_classes: int = 105) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Good and broken inputs: a checkpoint, one of 118 classes, a bundle-style SegResNet state
-    dict of 50 classes, the crop's CT, an empty, a truncated and a singular-affine NIfTI, a
-    regular file to put outputs under, prediction folders with a truncated and an empty label
-    map, a DICOM folder holding a file that is not DICOM, a run folder with a broken config.yaml
-    and one with a broken metrics.csv."""
+    """Good and broken inputs: a checkpoint, one of 118 classes, a tiny VISTA3D checkpoint, a
+    bundle-style SegResNet state dict of 50 classes, the crop's CT, an empty, a truncated and a
+    singular-affine NIfTI, a regular file to put outputs under, prediction folders with a
+    truncated and an empty label map, a DICOM folder holding a file that is not DICOM, a run
+    folder with a broken config.yaml and one with a broken metrics.csv."""
     d = tmp_path_factory.mktemp("bad_inputs")
     checkpoint(d / "tiny.ckpt")
     checkpoint(d / "classes118.ckpt", num_classes=118)
+    vista3d = VISTA3DModule(105, label_names("v1"), encoder_embed_dim=8, blocks_down=(1, 1, 1),
+                            roi_size=(8, 8, 8))
+    save_checkpoint(vista3d, d / "vista3d.ckpt", {"version": "v1", "spacing": 12.0,
+                                                  "intensity": "hu_window", "patch_size": [8] * 3})
     torch.save(SegResNet(spatial_dims=3, init_filters=8, out_channels=50).state_dict(),
                d / "classes50.pt")
     shutil.copy(d / "tiny.ckpt", d / "truncated.ckpt")
@@ -162,6 +167,16 @@ CASES = {
                                  "'sw.overlaps'"),
     "train: data.spacing=-1": Case(f"{TRAIN} data.spacing=-1", "data.spacing=-1: values must be "
                                    "finite and > 0"),
+    # Checked as composed, before any work: no run folder and no phantoms written.
+    "train: data.spacing=abc": Case(f"{TRAIN} data.spacing=abc", "data.spacing='abc': must be a "
+                                    "number > 0, or three numbers (one per axis)",
+                                    ("{o}/*", "{d}/data/phantoms")),
+    # Its recorded class is checked before the run folder gets files (the weights could not load).
+    "train: resume a VISTA3D checkpoint under the default SegResNet config": Case(
+        f"{TRAIN} ckpt_path={{d}}/vista3d.ckpt", "vista3d.ckpt: a checkpoint of "
+        "ctseg.models.vista3d.VISTA3DModule, but the config builds SegResNetModule "
+        "(model._target_); resume it with the settings it was trained with: ckpt_path=<its run "
+        "folder>, or choose its model: model=vista3d or model=vista3d_small"),
     "train: sw.batch_size=auto": Case(f"{TRAIN} sw.batch_size=auto", "sw.batch_size=auto: "
                                       "validation and test in train.py take a number of windows"),
     "train: pretrained weights of another architecture": Case(

@@ -30,6 +30,7 @@ import pytest
 import torch
 from command_server import CommandServer
 from helpers import REPO, SHARED_DATA, metric_rows, write_dicom_series
+from omegaconf import OmegaConf
 
 from ctseg.data.phantoms import phantom_defaults
 
@@ -53,9 +54,14 @@ TRAIN = ("trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
          "data.patch_size=[16,16,16]")
 # The README's first command, `python train.py`, runs the default recipe as it is (1,000 steps,
 # about 3 minutes): the run that the README's figures describe and the later commands read.
-# Resuming it: one epoch more (a second resume of the same folder: one more again).
+# Resuming it: one epoch more (a second resume of the same folder: one more again), in its
+# folder; its 1,000 steps are 100 epochs of 10.
 RESUME = ("trainer.max_epochs=101",)
 RESUME_AGAIN = ("trainer.max_epochs=102",)
+DEFAULT_RUN_STEPS_PER_EPOCH = 10
+# Resuming `python train.py experiment=phantom_quick` (shrunk by TRAIN: 1 epoch of 2 steps) from
+# its folder: one epoch more.
+PHANTOM_RESUME = "python train.py ckpt_path=outputs/phantom_quick/runs/<run>"
 SEARCH = ("hparams_search.n_trials=2", *TRAIN)
 
 # README.md, the first paragraph: `python train.py`'s held-out test Dice (3 test phantoms; lungs:
@@ -94,6 +100,8 @@ PLACEHOLDERS = {
     "outputs/phantom_quick/runs/<run>/checkpoints/epoch_129.ckpt":
         "outputs/phantom_quick/runs/{phantom}/checkpoints/last.ckpt",
     "series_uid=1.2.840...": "series_uid={series_uid}",
+    # after the longer placeholder starting with it
+    "outputs/phantom_quick/runs/<run>": "outputs/phantom_quick/runs/{phantom}",
 }
 
 
@@ -134,6 +142,44 @@ def default_run_figures(ws: Workspace) -> None:
     wrong = {k: round(measured[k], 3) for k, v in DEFAULT_RUN_DICE.items()
              if abs(measured[k] - v) > 0.05}
     assert not wrong, f"stated {DEFAULT_RUN_DICE}, measured {measured}"
+
+
+def resumed_elsewhere(ws: Workspace, run: Path) -> list[Path]:
+    """Run folders other than `run` that a resume made (their recorded overrides set ckpt_path)."""
+    return [p for p in ws.clone.glob("outputs/*/runs/*") if p != run
+            and "ckpt_path=" in (p / ".hydra/overrides.yaml").read_text()]
+
+
+def default_run_resumed_in_place(epochs: int) -> Callable[[Workspace], None]:
+    """A check: the default run was resumed in its own folder, whose last.ckpt holds `epochs`
+    epochs, and no other run folder was made for the resume."""
+
+    def check(ws: Workspace) -> None:
+        run = ws.clone / "outputs/train/runs" / ws.value("train")
+        saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+        assert (saved["epoch"], saved["global_step"]) == (
+            epochs - 1, epochs * DEFAULT_RUN_STEPS_PER_EPOCH)
+        assert not resumed_elsewhere(ws, run)
+
+    return check
+
+
+def phantom_quick_resumed_in_place(ws: Workspace) -> None:
+    """experiment=phantom_quick's shrunk run, resumed from its folder with one epoch more
+    (trainer.max_epochs=2 appended), went on in that folder with the experiment's settings and
+    its own shrink overrides, and its log names the one override the resume changed."""
+    run = ws.clone / "outputs/phantom_quick/runs" / ws.value("phantom")
+    saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, 4)  # 2 epochs of 2 steps
+    assert not resumed_elsewhere(ws, run)
+    config = OmegaConf.load(run / "checkpoints/config.yaml")
+    assert (config.task_name, config.data.extra_roots, config.data.n_phantoms,
+            config.trainer.check_val_every_n_epoch) == ("phantom_quick", [], 8, 1)
+    result = ws.results[PHANTOM_RESUME]
+    changes = [line for line in (result.stdout + result.stderr).splitlines()
+               if "resume changes" in line]
+    assert len(changes) == 1 and changes[0].endswith(
+        "resume changes trainer.max_epochs=2 (the run had trainer.max_epochs=1)"), changes
 
 
 # A console line of Hydra's job logging (the root logger's handler): [time][logger][LEVEL] - text
@@ -258,15 +304,19 @@ PLAN: dict[str, Run | Skip] = {
         Skip(f"needs the bundle's weights, {DOWNLOAD} subject) and {GPU}"),
     "python train.py data=totalseg_v2 model.pretrained=.../model.pt model.reinit_head=true":
         Skip("needs the bundle's weights and the TotalSegmentator v2 download"),
-    "python train.py ckpt_path=outputs/train/runs/2026-11-26_10-00-00": Run(RESUME),
-    "python train.py ckpt_path=/path/to/epoch_010.ckpt": Run(RESUME),
+    "python train.py ckpt_path=outputs/train/runs/2026-11-26_10-00-00":
+        Run(RESUME, check=default_run_resumed_in_place(101)),
+    PHANTOM_RESUME: Run(("trainer.max_epochs=2",), check=phantom_quick_resumed_in_place),
+    "python train.py ckpt_path=/path/to/epoch_010.ckpt":
+        Run(RESUME, check=default_run_resumed_in_place(101)),
     "python train.py ckpt_path=last hydra.run.dir=outputs/train/runs/2026-11-26_10-00-00":
-        Run(RESUME),
+        Run(RESUME, check=default_run_resumed_in_place(101)),
     "python train.py callbacks.overlays=null": Run(TRAIN),
     # train.py --help
     "python train.py -m model.optimizer.lr=1e-3,3e-4 seed=1,2":
         Run(TRAIN, ("outputs/train/multiruns/*/3/checkpoints/last.ckpt",)),
-    "python train.py ckpt_path=outputs/train/runs/<run>": Run(RESUME_AGAIN),
+    "python train.py ckpt_path=outputs/train/runs/<run>":
+        Run(RESUME_AGAIN, check=default_run_resumed_in_place(102)),
     "python train.py callbacks.overlays.max_cases=4 callbacks.overlays.every_n_validations=5":
         Run(TRAIN),
     # README: logging, sweeps and search

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import column, compose_in, metric_rows, scanner_ct, wandb_records, wandb_run
+from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
+from ctseg.errors import Interrupted
 from ctseg.inference.runner import run as predict
 from ctseg.training import train
 
@@ -213,43 +216,86 @@ def test_missing_resume_checkpoint_names_the_path(compose_cfg, tmp_path):
         train(compose_cfg(*TINY, f"ckpt_path={tmp_path / 'nothing'}"))
 
 
-def test_sigterm_writes_checkpoint_and_resume_continues(compose_cfg, tmp_path):
-    run = tmp_path / "killed"
-    last = run / "checkpoints" / "last.ckpt"
-    metrics = run / "csv" / "version_0" / "metrics.csv"
-    # 25 steps per epoch and no validation: the signal comes in the first epoch, before any
-    # checkpoint, so last.ckpt exists only if the SIGTERM handling writes it.
-    many = ("data.samples_per_volume=25",)
-    cmd = [sys.executable, "train.py", *TINY, *many, "trainer.max_epochs=1000",
-           "trainer.check_val_every_n_epoch=1000", "trainer.log_every_n_steps=1",
-           "+logger.csv.flush_logs_every_n_steps=1", f"hydra.run.dir={run}",
-           f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'outputs'}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+# The interrupted run: TINY at two single-patch steps per epoch and no validation, so a step is
+# short and last.ckpt is written at every epoch end and on the signal.
+STOPPED = ("data.batch_size=1", "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=1000",
+           "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1")
+STOPPED_STEPS = 12
+
+
+def stopped_once_logging(command: list[str], metrics: Path, signum: int) -> tuple[int, str]:
+    """Run `command` and send it `signum` once it has logged a training step to `metrics` (it
+    trains); its exit status and output."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 300
         while not metrics.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert metrics.is_file(), f"no training step logged in time; exit code {proc.poll()}"
-        assert not last.exists()
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        proc.send_signal(signum)
+        output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0, output[-3000:]
-    assert "Received SIGTERM" in output
-    saved = torch.load(last, weights_only=True)
-    step, epoch = saved["global_step"], saved["epoch"]
-    assert step >= max(1, *(int(r["step"]) for r in metric_rows(run)))
+    assert "Traceback" not in output, output[-3000:]
+    return proc.returncode, output
 
-    _, objects = train(compose_cfg(*TINY, *many, f"trainer.max_epochs={epoch + 2}",
-                                   f"ckpt_path={last}"))
-    trainer = objects["trainer"]
-    assert step < trainer.global_step <= (epoch + 2) * trainer.num_training_batches
-    assert trainer.current_epoch == epoch + 2
-    assert min(e for e, _ in column(metric_rows(tmp_path / "run"), "train/loss_epoch")) >= epoch
+
+def resume_command(output: str, signal_name: str, last: Path) -> list[str]:
+    """The one line an interrupted train.py ends with, naming the signal and the epoch and step
+    that last.ckpt holds; the command it gives, as argv (this interpreter for `python`)."""
+    saved = torch.load(last, weights_only=True)
+    said = (f"train.py: interrupted by {signal_name} at epoch {saved['epoch']}, step "
+            f"{saved['global_step']}; resume with: ")
+    lines = [line for line in output.splitlines() if "resume with" in line]
+    assert len(lines) == 1 and lines[0].startswith(said), (said, output[-3000:])
+    words = shlex.split(lines[0].removeprefix(said))
+    assert words[:2] == ["python", "train.py"], words
+    return [sys.executable, *words[1:]]
+
+
+def test_an_interrupted_run_says_how_to_resume_and_the_command_finishes_it(tmp_path):
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    command = [sys.executable, "train.py", *TINY, *STOPPED, f"hydra.run.dir={run}",
+               f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'outputs'}"]
+    status, output = stopped_once_logging(command, run / "csv/version_0/metrics.csv",
+                                          signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, output[-3000:]  # 143, as a shell reports a kill
+    resume = resume_command(output, "SIGTERM", last)
+    assert resume[2:] == [f"ckpt_path={run}"]
+    stopped = torch.load(last, weights_only=True)["global_step"]
+    assert 1 <= stopped < STOPPED_STEPS
+
+    finished = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "Traceback" not in finished.stdout + finished.stderr
+    saved = torch.load(last, weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (5, STOPPED_STEPS)
+
+
+class CtrlC(Callback):
+    """Press Ctrl-C after the first training step: the KeyboardInterrupt that Python's SIGINT
+    handler raises in the main thread."""
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        """Interrupt once."""
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_is_an_interruption_resumable_from_the_run_folder(compose_cfg, tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(Interrupted) as stop:
+            train(compose_cfg(*TINY, *STOPPED), extra_callbacks=[CtrlC()])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C after one
+    saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert (stop.value.code, stop.value.signal) == (128 + signal.SIGINT, signal.SIGINT)
+    assert (stop.value.epoch, stop.value.step) == (saved["epoch"], saved["global_step"]) == (0, 1)
+    assert stop.value.resume_from == tmp_path / "run"
 
 
 def test_a_run_shorter_than_its_validation_interval_keeps_last_ckpt(compose_cfg, tmp_path):

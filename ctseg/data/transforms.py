@@ -61,7 +61,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from ctseg.errors import ConfigError
+from ctseg.config import per_axis
 from ctseg.sliding_window import label_dtype
 
 INTENSITIES = ("segresnet", "hu_window")
@@ -89,19 +89,6 @@ HU_WINDOW = (-963.8247715525971, 1053.678477684517)
 # Voxel indices kept per class for the `classes` sampler (bounds the cached index lists).
 MAX_INDICES_PER_CLASS = 20_000
 INDICES = f"{LABEL}_cls_indices"
-# Label maps are kept as uint8 (up to 256 classes): a quarter of float32 in memory and disk caches.
-def _triple(value: float | Sequence[float], name: str, kind: type) -> tuple:
-    """`value` repeated to three axes (or checked to have three), each converted with `kind`
-    (int values must be whole numbers)."""
-    values = [value] * 3 if np.ndim(value) == 0 else list(value)
-    if len(values) != 3:
-        raise ConfigError(f"data.{name}={value!r}: needs one value or three (one per axis)")
-    out = tuple(kind(v) for v in values)
-    if kind is int and out != tuple(values):
-        raise ConfigError(f"data.{name}={value!r}: values must be whole numbers")
-    if not all(math.isfinite(v) and v > 0 for v in out):
-        raise ConfigError(f"data.{name}={value!r}: values must be finite and > 0")
-    return out
 
 
 @dataclass(frozen=True)
@@ -141,8 +128,8 @@ class PipelineConfig:
             raise ValueError(f"smooth_sigma must be >= 0 voxels (0: no smoothing), got "
                              f"{self.smooth_sigma!r}")
         object.__setattr__(self, "smooth_sigma", sigma)
-        object.__setattr__(self, "spacing", _triple(self.spacing, "spacing", float))
-        object.__setattr__(self, "patch_size", _triple(self.patch_size, "patch_size", int))
+        object.__setattr__(self, "spacing", per_axis(self.spacing, "spacing", float))
+        object.__setattr__(self, "patch_size", per_axis(self.patch_size, "patch_size", int))
         window = tuple(float(v) for v in self.hu_window)
         if len(window) != 2 or not window[0] < window[1]:
             raise ValueError(f"hu_window must be (low, high) with low < high, got "
@@ -233,7 +220,7 @@ def eval_transforms(cfg: PipelineConfig,
     or, as the bundle validates, the central `center_crop` region of the padded volume."""
     volume = volume_transforms(cfg).transforms
     if center_crop is not None:
-        size = list(_triple(center_crop, "center_crop", int))
+        size = list(per_axis(center_crop, "center_crop", int))
         return Compose([*volume, CenterSpatialCropd(keys=(IMAGE, LABEL), roi_size=size),
                         DeleteItemsd(keys=VALID)])
     return Compose([*volume,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ctseg.config import CONFIG_DIR
+from ctseg.config import CONFIG_DIR, check_data
 from ctseg.errors import ConfigError, CtsegError, run_cli
 from ctseg.hparams_search.search import FINISHED, run_search
 
@@ -19,6 +19,7 @@ def main(cfg: DictConfig) -> None:
     """Run the search, print the best trial and the state counts."""
     if cfg.get("hparams_search") is None:
         raise ConfigError("choose a search space: hparams_search=optuna (conf/hparams_search)")
+    check_data(cfg.get("data"))
     study = run_search(cfg)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in FINISHED}

@@ -15,21 +15,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from wandb.sdk.lib.runid import generate_id
 
 from ctseg.atomic import write_atomic
+from ctseg.resume import resumed_folder
 
 log = logging.getLogger(__name__)
 
 ID_FILE = "wandb_id.txt"
-
-
-def resumed_folder(ckpt_path: str | None, output_dir: Path) -> Path | None:
-    """The run folder a resumed run comes from: `output_dir` for `last`, the folder itself, or
-    the folder holding `checkpoints/<file>.ckpt`; None for a fresh run."""
-    if not ckpt_path:
-        return None
-    if ckpt_path == "last":
-        return output_dir
-    path = Path(ckpt_path)
-    return path if path.is_dir() else path.parent.parent
 
 
 def run_id(output_dir: Path, resumed: Path | None) -> str:
