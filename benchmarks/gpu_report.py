@@ -1,7 +1,7 @@
 """One prepared GPU report: the benchmark scripts with `--device cuda`, under their protocol.
 
     python benchmarks/gpu_report.py [--out gpu_report] [--budget-min 8] [--repeats 3]
-                                    [--sections NAME ...] [--point-budget-s 90]
+                                    [--sections NAME ...] [--point-budget-s 60]
                                     [--vista3d-ckpt CKPT] [--members CKPT ...]
                                     [--device cuda|cpu] [--smoke]
 
@@ -15,23 +15,25 @@ writes that script's JSON to `<out>/sections/<name>.json` and its output to
   bundle's inference.json pipeline (AMP on CUDA) on a whole-body-sized phantom CT at 1.5 mm
   (273x273x397) and 3 mm (137x137x199), `--repeats` rounds: time, peak GPU memory, agreement;
   goal at 1.5 mm: <= 0.5x the bundle's time and GPU memory;
-- `export`: benchmarks/export.py, AMP, TensorRT fp32 and fp16 of the bundle's SegResNet on the
-  shared crop at 1.5 mm (one round; engine build time, the median time of 10 windows, parity,
-  agreement);
 - `training`: benchmarks/training.py, 30 AMP training steps of the bundle's SegResNet and of
   VISTA3D (vista3d132) fed by `data.cache=disk` with 4 workers, one process and Lightning's DDP on
   one device: patches/s and data-wait share (goal <= 5 %);
 - `point_stage`: benchmarks/point_stage.py, VISTA3D's point head trained for `--point-budget-s`
-  seconds from an automatic-mode checkpoint (`--vista3d-ckpt`, else experiment=vista3d_quick
-  trained first), clicks on held-out phantoms (hit rate, Dice after 1 and 5 clicks);
+  seconds (default 60; the issue's 3 minutes with 180) from an automatic-mode checkpoint
+  (`--vista3d-ckpt`, else experiment=vista3d_quick trained first), clicks on held-out phantoms
+  (hit rate, Dice after 1 and 5 clicks);
+- `export`: benchmarks/export.py, AMP, TensorRT fp32 and fp16 of the bundle's SegResNet on the
+  shared crop at 1.5 mm (one round; engine build time, the median time of 10 windows, parity,
+  agreement; without torch-tensorrt the TensorRT variants are recorded as skipped);
 - `vista3d`: benchmarks/vista3d.py, vista3d132's click session and everything mode on the
   shared crop tiled 4x (one round);
 - `ensemble`: benchmarks/ensemble.py, two members (`--members`, else trained first), their
   ensemble and mirroring TTA against MONAI's inferer (one round).
 
-Every section has a budget (seconds on one H100, estimated); a section is started only while
-the time spent plus its budget stays within `--budget-min`, and the one running is stopped at
-that limit: the report finishes within it, recording the sections skipped. Writes
+The order puts first what the issue asks most (prediction against the bundle, training, whether
+clicks learn). Every section has a budget (seconds on one H100, estimated); a section is started
+only while the time spent plus its budget stays within `--budget-min`, and the one running is
+stopped at that limit: the report finishes within it, recording the sections skipped. Writes
 `gpu_report.json` and `gpu_report.md` to `--out`, prints each section's elapsed time, and exits 1
 naming the sections whose script failed (an agreement below its threshold included). Without
 CUDA it prints one line and exits 0. `--device cpu --smoke` runs every section at its smallest
@@ -59,7 +61,7 @@ from common import REPO, machine
 BUDGET_MIN = 8.0
 REPEATS = 3
 # Seconds of point-stage training in the point_stage section.
-POINT_BUDGET_S = 90.0
+POINT_BUDGET_S = 60.0
 # Goals of the issue, checked on the report's figures.
 TIME_GOAL, MEMORY_GOAL, DATA_WAIT_GOAL = 0.5, 0.5, 0.05
 # Issue 36's seed anchors of TensorRT window compute over AMP, measured on an A100.
@@ -99,19 +101,13 @@ SECTIONS = {
         lambda a: ["--shape", "273", "273", "397", "--spacing", "1.5", "--repeats",
                    str(a.repeats), *_threshold(a)],
         lambda a: ["--shape", "32", "32", "32", "--roi", "32", "--spacing", "1.5", "--repeats",
-                   "1", *_threshold(a)], 120, 60),
+                   "1", *_threshold(a)], 100, 60),
     "predict_3mm": Section(
         "inference.py",
         lambda a: ["--shape", "137", "137", "199", "--spacing", "3", "--repeats", str(a.repeats),
                    *_threshold(a)],
         lambda a: ["--shape", "32", "32", "32", "--roi", "32", "--spacing", "3", "--repeats",
                    "1", *_threshold(a)], 60, 60),
-    "export": Section(
-        "export.py",
-        lambda a: ["--spacing", "1.5", "--variants", "AMP fp16", "TensorRT fp32",
-                   "TensorRT fp16", "--windows", "10", "--repeats", "1"],
-        lambda a: ["--spacing", "6", "--roi", "32", "--variants", "fp32", "onnxruntime",
-                   "--windows", "1", "--repeats", "1"], 150, 90),
     "training": Section(
         "training.py",
         lambda a: ["--tile", "11", "--no-loaders", "--skip-eval", "--train-steps", "30",
@@ -120,18 +116,25 @@ SECTIONS = {
         lambda a: ["--tile", "1", "--no-loaders", "--skip-eval", "--patch", "32",
                    "--train-steps", "2", "--batch-size", "1", "--workers", "0",
                    "--train-pipelines", "ctseg_disk", "--train-models", "segresnet",
-                   "vista3d_small", "--strategies", "ddp"], 100, 90),
+                   "vista3d_small", "--strategies", "ddp"], 110, 90),
     "point_stage": Section(
         "point_stage.py",
         lambda a: ["--budget-s", f"{a.point_budget_s:g}", "--clicks", "5", *_ckpt(a)],
         lambda a: ["--max-steps", "1", "--clicks", "2", "--cases", "1", "--structures", "liver",
-                   *_ckpt(a)], 210, 180),
+                   *_ckpt(a)], 180, 180),
+    "export": Section(
+        "export.py",
+        lambda a: ["--spacing", "1.5", "--variants", "AMP fp16", "TensorRT fp32",
+                   "TensorRT fp16", "--windows", "10", "--repeats", "1"],
+        lambda a: ["--spacing", "6", "--roi", "32", "--variants", "fp32", "fp32 channels-last",
+                   "onnxruntime", "--windows", "1", "--repeats", "1"], 150, 90),
     "vista3d": Section(
         "vista3d.py",
         lambda a: ["--tile", "4", "--runs", "vista3d132:grid:float32", "--everything",
                    "vista3d132", "--repeats", "1", "--table", str(a.out / "vista3d.md")],
-        lambda a: ["--tile", "1", "--runs", "small:grid:float32", "--everything", "--clicks",
-                   "1", "--repeats", "1", "--table", str(a.out / "vista3d.md")], 60, 90),
+        lambda a: ["--tile", "1", "--runs", "small:grid:float32", "--everything", "small",
+                   "--clicks", "1", "--repeats", "1", "--table", str(a.out / "vista3d.md")], 60,
+        90),
     "ensemble": Section(
         "ensemble.py",
         lambda a: [*_members(a), "--repeats", "1"],
