@@ -26,7 +26,7 @@ writes that script's JSON to `<out>/sections/<name>.json` and its output to
   shared crop at 1.5 mm (one round; engine build time, the median time of 10 windows, parity,
   agreement; without torch-tensorrt the TensorRT variants are recorded as skipped);
 - `vista3d`: benchmarks/vista3d.py, vista3d132's click session and everything mode on the
-  shared crop tiled 4x (one round);
+  shared crop tiled 4x (one round; the smoke run skips the everything mode, minutes on a CPU);
 - `ensemble`: benchmarks/ensemble.py, two members (`--members`, else trained first), their
   ensemble and mirroring TTA against MONAI's inferer (one round).
 
@@ -132,9 +132,8 @@ SECTIONS = {
         "vista3d.py",
         lambda a: ["--tile", "4", "--runs", "vista3d132:grid:float32", "--everything",
                    "vista3d132", "--repeats", "1", "--table", str(a.out / "vista3d.md")],
-        lambda a: ["--tile", "1", "--runs", "small:grid:float32", "--everything", "small",
-                   "--clicks", "1", "--repeats", "1", "--table", str(a.out / "vista3d.md")], 60,
-        90),
+        lambda a: ["--tile", "1", "--runs", "small:grid:float32", "--everything", "--clicks",
+                   "1", "--repeats", "1", "--table", str(a.out / "vista3d.md")], 60, 90),
     "ensemble": Section(
         "ensemble.py",
         lambda a: [*_members(a), "--repeats", "1"],
