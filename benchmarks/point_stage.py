@@ -194,9 +194,15 @@ def worker(args: argparse.Namespace) -> dict:
 
 def table(report: dict) -> str:
     """The clicks of each checkpoint as markdown."""
-    clicks = report["setting"]["clicks"]
-    lines = [f"| checkpoint | training steps with clicks | first-click hit rate | Dice, 1 click | "
-             f"Dice, {clicks} clicks |", "|---|---:|---:|---:|---:|"]
+    setting = report["setting"]
+    clicks = setting["clicks"]
+    trained = ", ".join(f"{name.removesuffix('_train_s').replace('_', ' ')} {setting[name]:.0f} s"
+                        for name in ("automatic_train_s", "point_stage_train_s")
+                        if name in setting)
+    cap = "" if setting["max_steps"] is None else f", at most {setting['max_steps']} step(s)"
+    lines = [f"Training processes: {trained} (point-stage budget {setting['budget_s']:g} s{cap}).",
+             "", "| checkpoint | training steps with clicks | first-click hit rate | Dice, 1 click "
+             f"| Dice, {clicks} clicks |", "|---|---:|---:|---:|---:|"]
     for name, r in report["sides"].items():
         lines.append(f"| {name} | {r['click_steps']} | {r['hit_rate']:.2f} | "
                      f"{r['dice_first']:.3f} | {r['dice_last']:.3f} |")
