@@ -3,7 +3,7 @@
     python benchmarks/gpu_report.py [--out gpu_report] [--budget-min 8] [--repeats 3]
                                     [--sections NAME ...] [--point-budget-s 60]
                                     [--vista3d-ckpt CKPT] [--members CKPT ...]
-                                    [--device cuda|cpu] [--smoke]
+                                    [--device cuda|cpu] [--smoke [--jobs N]]
 
 Each section runs one benchmark script as a user types it, in its own process, with the
 protocol of benchmarks/common.py (one process per measurement, the same span on both sides, an
@@ -37,7 +37,8 @@ stopped at that limit: the report finishes within it, recording the sections ski
 `gpu_report.json` and `gpu_report.md` to `--out`, prints each section's elapsed time, and exits 1
 naming the sections whose script failed (an agreement below its threshold included). Without
 CUDA it prints one line and exits 0. `--device cpu --smoke` runs every section at its smallest
-setting on CPU (minutes on 2 cores; nothing is measured that way, the set-up is exercised).
+setting on CPU (minutes on 2 cores; nothing is measured that way, the set-up is exercised);
+`--jobs N` runs N sections at a time there.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -259,14 +261,44 @@ def parse_args() -> argparse.Namespace:
                         "experiment=vista3d_quick (default: trained in the point_stage section)")
     parser.add_argument("--members", type=Path, nargs="+", help="trained ensemble members "
                         "(default: trained in the ensemble section)")
+    parser.add_argument("--jobs", type=int, default=1, help="sections run at the same time "
+                        "(more than 1 only with --smoke, whose figures are not compared)")
     parser.add_argument("--predict-threshold", type=float, help="least share of equal labels "
                         "in the predict sections (default: inference.py's)")
     return parser.parse_args()
 
 
+def say(line: str) -> None:
+    """Print one whole line of progress (sections may run side by side)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def run_within(args: argparse.Namespace, name: str, start: float, budget_s: float) -> dict:
+    """Section `name`, run unless its budget would pass the report's `budget_s` (the report
+    started at `start`), or recorded as skipped; said as it goes."""
+    spent = time.perf_counter() - start
+    need = SECTIONS[name].smoke_budget_s if args.smoke else SECTIONS[name].budget_s
+    if spent + need > budget_s:
+        section = {"status": "skipped", "message": f"its budget of {need:.0f} s would pass the "
+                   f"report's {budget_s:.0f} s ({spent:.0f} s spent); run it with --sections "
+                   f"{name}"}
+        say(f"[{name}] skipped: {section['message']}")
+        return section
+    say(f"[{name}] running (budget {need:.0f} s) ...")
+    section = run_section(args, name, budget_s - spent)
+    say(f"[{name}] {section['status']} in {section['seconds']:.0f} s")
+    return section
+
+
 def main() -> int:
     """Run the sections within the budget; write the report; 1 when a section failed."""
     args = parse_args()
+    if args.jobs < 1 or (args.jobs > 1 and not args.smoke):
+        print(f"error: --jobs {args.jobs}: give 1, or more only with --smoke (sections measured "
+              "side by side share the machine, so their figures are not comparable)",
+              file=sys.stderr)
+        return 1
     if args.device == "cuda":
         import torch
 
@@ -278,20 +310,10 @@ def main() -> int:
         (args.out / folder).mkdir(parents=True, exist_ok=True)
     budget_s, start = args.budget_min * 60, time.perf_counter()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections: dict[str, dict] = {}
-    for name in [n for n in SECTIONS if n in args.sections]:
-        spent = time.perf_counter() - start
-        need = SECTIONS[name].smoke_budget_s if args.smoke else SECTIONS[name].budget_s
-        if spent + need > budget_s:
-            sections[name] = {"status": "skipped", "message": f"its budget of {need:.0f} s "
-                              f"would pass the report's {budget_s:.0f} s ({spent:.0f} s spent); "
-                              f"run it with --sections {name}"}
-            print(f"[{name}] skipped: {sections[name]['message']}", flush=True)
-            continue
-        print(f"[{name}] running (budget {need:.0f} s) ...", flush=True)
-        sections[name] = run_section(args, name, budget_s - spent)
-        print(f"[{name}] {sections[name]['status']} in {sections[name]['seconds']:.0f} s",
-              flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # started in the report's order
+        running = {name: pool.submit(run_within, args, name, start, budget_s)
+                   for name in SECTIONS if name in args.sections}
+    sections = {name: future.result() for name, future in running.items()}
     report = {"date": date, "machine": machine(), "device": args.device, "smoke": args.smoke,
               "budget_min": args.budget_min, "seconds": time.perf_counter() - start,
               "sections": sections, "goals": goals(sections)}

@@ -125,3 +125,14 @@ def test_the_budget_skips_sections_that_would_pass_it_and_records_them(tmp_path)
     assert "would pass the report's 30 s" in sections["export"]["message"]
     assert "[predict_3mm] skipped: its budget of 60 s" in done.stdout
     assert not list((out / "sections").iterdir())
+
+
+def test_jobs_side_by_side_only_for_the_smoke_run(tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, str(REPORT), "--jobs", "2", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: --jobs 2: give 1, or more only with --smoke (sections measured side by side "
+        "share the machine, so their figures are not comparable)"]
+    assert not out.exists()
