@@ -19,13 +19,16 @@ input (the median of `--windows`, after a warm-up window): the model compute alo
 Agreement: each variant's labels against fp32's and against MONAI's, at least 99.9 % of the
 voxels for the float32 variants and 98 % for the reduced-precision ones (bf16, AMP fp16,
 TensorRT fp16: with random weights the 105 classes are near-ties, see REDUCED_THRESHOLD); the
-script exits non-zero after writing the JSON when one is below. Prints the tables.
+script exits non-zero after writing the JSON when one is below. A variant whose format the
+export skipped (TensorRT without torch-tensorrt or without CUDA) is not run and is recorded in
+`setting.skipped_variants`. Prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -51,6 +54,7 @@ from common import (
 from inference import NUM_CLASSES, THRESHOLD, make_ct, make_weights, predict_span, worker_monai
 
 SHARED_CT = SHARED / "s0001" / "ct.nii.gz"
+log = logging.getLogger(__name__)
 # Variant -> predict.py options; which run where.
 VARIANTS = {
     "fp32": {"backend": "torch", "channels_last": False, "amp": False},
@@ -213,7 +217,7 @@ def main() -> None:
                                                                    device_variants)]
     sides: dict[str, dict] = {}
     checks: dict[str, dict] = {}
-    exports, shapes = {}, {}
+    exports, shapes, skipped = {}, {}, {}
     for spacing in args.spacing:
         with tempfile.TemporaryDirectory(prefix="ctseg_export_bench_") as workdir:
             args.workdir = workdir
@@ -231,6 +235,12 @@ def main() -> None:
             if formats:
                 exports[f"{spacing:g}"] = run_worker(__file__, "export", workdir, [
                     *options, "--formats", json.dumps(formats)])
+                unavailable = exports[f"{spacing:g}"]["skipped"]
+                skipped |= {v: unavailable[FORMATS[v]] for v in variants
+                            if FORMATS.get(v) in unavailable}
+                variants = [v for v in variants if v not in skipped]
+                for variant, reason in skipped.items():
+                    log.info("%s skipped: %s", variant, reason)
             names = (["monai"] if not args.ckpt else []) + variants
             at = run_sides(__file__, {side_name(v, spacing): [*options, "--variant", v]
                                       for v in names}, workdir, args.repeats)
@@ -240,13 +250,16 @@ def main() -> None:
             sides.update(at)
             shapes[f"{spacing:g}"] = list(nib.load(args.ct).shape)
     setting = {"spacings_mm": args.spacing, "shapes": shapes, "device": args.device,
-               "roi": args.roi, "variants": variants, "exports": exports,
+               "roi": args.roi, "variants": variants, "skipped_variants": skipped,
+               "exports": exports,
                "weights": str(args.ckpt) if args.ckpt else "random bundle SegResNet"}
     report = payload("export", PREDICTION_SPAN, args.repeats, setting, sides, checks)
     base = side_name("monai" if not args.ckpt else "fp32", args.spacing[0])
     print(report_text(report, base, f"Export backends, {args.device}") + "\n")
     for spacing in args.spacing:
         print(table(report, spacing, variants) + "\n")
+    for variant, reason in skipped.items():
+        print(f"{variant}: skipped ({reason})")
     finish(report, args.out)
 
 

@@ -99,8 +99,8 @@ def predict_span(cfg: dict, workdir: Path, name: str,
     """The ctseg side of the protocol for predict.py's configuration `cfg`: load the model(s)
     and build `CasePredictor` (untimed; then `setup(predictor)`, whose figures are added), time
     `CasePredictor.segment` (read, preprocess, infer, invert: input file -> labels in memory)
-    and writing the case's outputs as predict.py does; with sw.skip_air, the windows computed
-    and those of the grid (`windows`)."""
+    and writing the case's outputs as predict.py does; the model grid it ran on (`grid_mm`)
+    and, with sw.skip_air, the windows computed and those of the grid (`windows`)."""
     from ctseg.atomic import swapped_folder
     from ctseg.inference.ensemble import check_members
     from ctseg.inference.inputs import discover_cases
@@ -131,7 +131,7 @@ def predict_span(cfg: dict, workdir: Path, name: str,
         extra = setup(predictor) if setup else {}
         result = timed_span(segment, write, lambda seg: seg.labels,
                             workdir / f"{slug(name)}_labels.npy")
-    return {**extra, **result}
+    return {**extra, **result, "grid_mm": [float(s) for s in models[0].pipeline.spacing]}
 
 
 def worker_ctseg(args: argparse.Namespace) -> dict:
@@ -173,8 +173,9 @@ def worker_monai(args: argparse.Namespace) -> dict:
         nib.save(nib.Nifti1Image(labels, nib.load(args.ct).affine),
                  Path(args.workdir) / f"{slug(args.worker)}.nii.gz")
 
-    return timed_span(span, write, lambda labels: labels,
-                      Path(args.workdir) / f"{slug(args.worker)}_labels.npy")
+    result = timed_span(span, write, lambda labels: labels,
+                        Path(args.workdir) / f"{slug(args.worker)}_labels.npy")
+    return {**result, "grid_mm": [spacing] * 3}
 
 
 def worker_options(args: argparse.Namespace) -> list[str]:

@@ -1,6 +1,8 @@
 """Benchmark the training data pipeline and whole-volume evaluation at real size.
 
-    python benchmarks/training.py [--tile 11] [--patches 60] [--workers 1] [--out result.json]
+    python benchmarks/training.py [--tile 11] [--patches 60] [--workers 1] [--patch 96]
+                                  [--device cuda --train-steps 30 [--train-models ...]
+                                  [--strategies single ddp]] [--out result.json]
 
 Builds one real-sized CT: the shared TotalSegmentator crop resampled to 1.5 mm (243x201x59) and,
 with its merged v1 label map, tiled `--tile` times along z (mirrored every other time): 11 tiles
@@ -17,9 +19,12 @@ Each reports patches per second after the first item (cache building excluded, t
 the peak RSS of its worker process. Evaluation: one volume (`--eval-volume crop|tiled`) through
 ctseg's validation step (slab aggregation, per-class counts) against `predict.py` on the same
 CT, with the bundle's 105-class SegResNet (random weights). With `--train-steps N` (meant for a
-GPU: `--device cuda`), each cached pipeline also feeds N real training steps of that SegResNet
-(batch `--batch-size`, AMP on CUDA) and reports the patches per second the steps consumed and the
-share of time they waited for data (`ctseg.callbacks.throughput`). With `--processes` (and
+GPU: `--device cuda`), each cached pipeline of `--train-pipelines` also feeds N real training
+steps of each model of `--train-models` (the bundle's SegResNet, VISTA3D's vista3d132 or its
+small variant) with each of `--strategies` (one process, or Lightning's DDP on one device, the
+NCCL path of `trainer=ddp`), batch `--batch-size` of `--patch`-edged patches, AMP on CUDA, and
+reports the patches per second the steps consumed and the share of time they waited for data
+(`ctseg.callbacks.throughput`). With `--processes` (and
 `--no-loaders --skip-eval` for that alone), the test stage as a user runs it, `python train.py
 data=totalseg_v1 data.root=<a download holding the volume as its test subject>
 model.init_filters=<its width> model.pretrained=<ckpt> data.spacing=<its spacing>
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import resource
@@ -45,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -97,8 +104,9 @@ def make_volume(workdir: Path, tile: int, spacing: float = SPACING, source: Path
     return paths
 
 
-def _dataset(name: str, record: dict, cache_dir: Path):
-    """The training dataset of pipeline `name`, built as the DataModule (or train.json) does."""
+def _dataset(name: str, record: dict, cache_dir: Path, patch: tuple[int, int, int] = PATCH):
+    """The training dataset of pipeline `name` (patches of `patch` voxels), built as the
+    DataModule (or train.json) does."""
     from monai.data import CacheDataset, Dataset
 
     from ctseg.data.transforms import PipelineConfig, train_transforms
@@ -106,11 +114,11 @@ def _dataset(name: str, record: dict, cache_dir: Path):
     from ctseg.reference import wholebody_bundle as bundle
 
     if name.startswith("bundle"):
-        transform = bundle.train_preprocessing((SPACING,) * 3, PATCH)
+        transform = bundle.train_preprocessing((SPACING,) * 3, patch)
         if name == "bundle_cached":
             return CacheDataset([record], transform, cache_rate=1.0, progress=False)
         return Dataset([record], transform)
-    pipeline = PipelineConfig(spacing=SPACING, patch_size=PATCH, num_classes=105)
+    pipeline = PipelineConfig(spacing=SPACING, patch_size=patch, num_classes=105)
     if name == "ctseg_disk":
         cache = VolumeCache(cache_dir, pipeline)
         cache.warm([record])  # as the DataModule's setup does, before any worker starts
@@ -127,7 +135,7 @@ def worker_loader(args: argparse.Namespace) -> dict:
 
     record = {"image": args.image, "label": args.label}
     start = time.perf_counter()
-    dataset = _dataset(args.worker, record, Path(args.workdir) / "cache")
+    dataset = _dataset(args.worker, record, Path(args.workdir) / "cache", patch_of(args))
     setup = time.perf_counter() - start
     count = max(2, args.patches // 10) if args.worker in SLOW else args.patches
     loader = DataLoader(torch.utils.data.Subset(dataset, [0] * (count + 1)), batch_size=1,
@@ -136,7 +144,7 @@ def worker_loader(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     first = next(batches)
     first_s = time.perf_counter() - start
-    assert tuple(first["image"].shape[-3:]) == PATCH, first["image"].shape
+    assert tuple(first["image"].shape[-3:]) == patch_of(args), first["image"].shape
     start = time.perf_counter()
     for _ in batches:
         pass
@@ -148,34 +156,67 @@ def worker_loader(args: argparse.Namespace) -> dict:
 
 
 TRAINED = ("bundle_cached", "ctseg_memory", "ctseg_disk")
+# Models the training steps may train: the bundle's SegResNet, and VISTA3D (the bundle's network,
+# vista3d132, or model=vista3d_small's; benchmarks/vista3d.py's variants).
+MODELS = ("segresnet", "vista3d132", "vista3d_small")
+# How the steps run: one process as train.py's trainer=gpu, or Lightning's DDP strategy on one
+# device (trainer=ddp with devices=1: the process group, NCCL on CUDA, gloo on CPU; VISTA3D with
+# train.py's find-unused-parameters variant).
+STRATEGIES = {"single": "auto", "ddp": "ddp"}
+
+
+def patch_of(args: argparse.Namespace) -> tuple[int, int, int]:
+    """The patch edge `--patch` as a 3D patch size."""
+    return (int(args.patch),) * 3
+
+
+def train_module(model: str, patch: tuple[int, int, int]):
+    """A freshly seeded training module of `model` (MODELS) with `patch`-sized windows."""
+    import torch
+    from vista3d import VARIANTS
+
+    from ctseg.labels import label_names
+    from ctseg.models.segresnet import SegResNetModule
+    from ctseg.models.vista3d import VISTA3DModule
+
+    torch.manual_seed(0)
+    if model == "segresnet":
+        return SegResNetModule(roi_size=patch)
+    variant = VARIANTS["small" if model == "vista3d_small" else "vista3d132"]
+    return VISTA3DModule(105, label_names("v1"), roi_size=patch, **variant)
 
 
 def worker_train(args: argparse.Namespace) -> dict:
-    """Feed real training steps of the bundle's SegResNet from one pipeline's DataLoader."""
+    """Feed real training steps of `--model` from one pipeline's DataLoader, AMP on CUDA, with
+    `--strategy`."""
     import lightning as L
     import torch
     from monai.data import DataLoader
 
     from ctseg.callbacks.throughput import DataThroughput
-    from ctseg.models.segresnet import SegResNetModule
+    from ctseg.training import ddp_strategy
 
-    name = args.worker.removeprefix("train_")
+    name = args.worker.removeprefix("train_").split(" ")[0]
     dataset = _dataset(name, {"image": args.image, "label": args.label},
-                       Path(args.workdir) / "cache")
+                       Path(args.workdir) / "cache", patch_of(args))
     items = args.train_steps * args.batch_size
     loader = DataLoader(torch.utils.data.Subset(dataset, [0] * items), batch_size=args.batch_size,
                         num_workers=args.workers, shuffle=False)
-    torch.manual_seed(0)
-    module = SegResNetModule(roi_size=PATCH)
+    module = train_module(args.model, patch_of(args))
     throughput = DataThroughput()
     cuda = args.device == "cuda"
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=1,
+                        strategy=ddp_strategy(STRATEGIES[args.strategy], module),
                         precision="16-mixed" if cuda else "32", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[throughput])
     trainer.fit(module, loader)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("perf/")}
-    return {"steps": throughput.steps, **metrics}
+    out = {"steps": throughput.steps, "model": args.model, "strategy": args.strategy,
+           "strategy_class": type(trainer.strategy).__name__, **metrics}
+    if cuda:
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def worker_eval(args: argparse.Namespace) -> dict:
@@ -186,11 +227,11 @@ def worker_eval(args: argparse.Namespace) -> dict:
     from ctseg.models.segresnet import SegResNetModule
 
     device = torch.device(args.device)
-    module = SegResNetModule(roi_size=PATCH, sw_batch_size=1)
+    module = SegResNetModule(roi_size=patch_of(args), sw_batch_size=1)
     module.net.load_state_dict(torch.load(args.weights, weights_only=True))
     module = module.to(device).eval()
     start = time.perf_counter()
-    pipeline = PipelineConfig(spacing=SPACING, patch_size=PATCH, smooth_sigma=0.0)
+    pipeline = PipelineConfig(spacing=SPACING, patch_size=patch_of(args), smooth_sigma=0.0)
     data = eval_transforms(pipeline)({"image": args.image, "label": args.label})
     batch = {"image": data["image"][None].to(device), "label": data["label"][None].to(device)}
     with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
@@ -339,12 +380,15 @@ def whole_processes(args: argparse.Namespace, volume: dict[str, str]) -> dict:
     return payload("training --processes", PROCESS_SPAN, args.repeats, setting, sides, checks)
 
 
-def measure(name: str, args: argparse.Namespace, image: str, label: str) -> dict:
-    """Run one measurement in a fresh interpreter; its result with the process's peak RSS."""
+def measure(name: str, args: argparse.Namespace, image: str, label: str,
+            extra: Sequence[str] = ()) -> dict:
+    """Run one measurement in a fresh interpreter (with the worker options `extra`); its result
+    with the process's peak RSS."""
     return run_worker(__file__, name, args.workdir, [
         "--image", image, "--label", label, "--weights", args.weights, "--workers",
         str(args.workers), "--patches", str(args.patches), "--device", args.device,
-        "--train-steps", str(args.train_steps), "--batch-size", str(args.batch_size)])
+        "--train-steps", str(args.train_steps), "--batch-size", str(args.batch_size),
+        "--patch", str(args.patch), *extra])
 
 
 def tables(payload: dict) -> str:
@@ -367,8 +411,8 @@ def tables(payload: dict) -> str:
     if payload.get("training"):
         lines += ["", f"Real training steps ({payload['device']}, batch "
                       f"{payload['batch_size']}, {payload['workers']} worker(s)):", "",
-                  "| pipeline | steps | patches/s consumed | data wait | step (s) |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| pipeline, model, strategy | steps | patches/s consumed | data wait | "
+                  "step (s) |", "|---|---:|---:|---:|---:|"]
         for name, r in payload["training"].items():
             lines.append(f"| {name} | {r['steps']} | {r['perf/patches_per_s']:.1f} | "
                          f"{r['perf/data_wait']:.0%} | {r['perf/step_s']:.3f} |")
@@ -405,6 +449,15 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=0,
                         help="real training steps fed by each cached pipeline (0: none)")
     parser.add_argument("--batch-size", type=int, default=4, help="patches per training step")
+    parser.add_argument("--train-pipelines", nargs="+", choices=TRAINED, default=list(TRAINED),
+                        help="cached pipelines that feed the training steps")
+    parser.add_argument("--train-models", nargs="+", choices=MODELS, default=["segresnet"],
+                        help="models the training steps train")
+    parser.add_argument("--strategies", nargs="+", choices=tuple(STRATEGIES),
+                        default=["single"], help="single: one process; ddp: Lightning's DDP "
+                        "strategy on one device (trainer=ddp devices=1)")
+    parser.add_argument("--patch", type=int, default=PATCH[0],
+                        help="edge of the training patches (and evaluation windows) in voxels")
     parser.add_argument("--processes", action="store_true",
                         help="also time the whole `train.py train=false test=true` process against "
                         "the whole predict.py process, with a trained checkpoint (--ckpt)")
@@ -415,7 +468,8 @@ def main() -> None:
     parser.add_argument("--loaders", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the training DataLoaders (--no-loaders: skip them)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    add_worker_options(parser, "--image", "--label", "--weights", "--command")
+    add_worker_options(parser, "--image", "--label", "--weights", "--command", "--model",
+                       "--strategy")
     args = parser.parse_args()
     if args.worker:
         work = worker_process if args.command else {
@@ -435,17 +489,21 @@ def main() -> None:
         tiled = make_volume(Path(workdir), args.tile)
         shape = nib.load(tiled["image"]).shape
         payload = {"machine": machine(), "shape": list(shape), "voxels": int(np.prod(shape)),
-                   "workers": args.workers, "patch": list(PATCH), "device": args.device,
+                   "workers": args.workers, "patch": list(patch_of(args)),
+                   "device": args.device,
                    "batch_size": args.batch_size, "loader": {}}
         for name in PIPELINES if args.loaders else ():
             print(f"measuring {name} ...", flush=True)
             payload["loader"][name] = measure(name, args, tiled["image"], tiled["label"])
         if args.train_steps:
             payload["training"] = {}
-            for name in TRAINED:
-                print(f"training from {name} ...", flush=True)
-                payload["training"][name] = measure(f"train_{name}", args, tiled["image"],
-                                                       tiled["label"])
+            for name, model, strategy in itertools.product(args.train_pipelines,
+                                                           args.train_models, args.strategies):
+                row = f"{name} {model} {strategy}"
+                print(f"training {model} ({strategy}) from {name} ...", flush=True)
+                payload["training"][row] = measure(
+                    f"train_{row}", args, tiled["image"], tiled["label"],
+                    ["--model", model, "--strategy", strategy])
         volume = tiled if args.eval_volume == "tiled" else make_volume(Path(workdir) / "crop", 1)
         if not args.skip_eval:
             payload["evaluation"] = {"volume": args.eval_volume, **{

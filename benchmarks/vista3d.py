@@ -1,9 +1,9 @@
 """Benchmark VISTA3D click sessions against a fresh predict run with the same clicks, and the
-automatic "everything" mode, on a whole-body-sized CT on CPU.
+automatic "everything" mode, on a whole-body-sized CT on CPU (or `--device cuda`).
 
     python benchmarks/vista3d.py [--runs VARIANT:WINDOWS:CACHE ...] [--everything [VARIANT ...]]
                                  [--tile 12] [--clicks 3] [--repeats 3] [--threads N]
-                                 [--table vista3d.md] [--out result.json]
+                                 [--device cpu|cuda] [--table vista3d.md] [--out result.json]
 
 The CT is the shared crop resampled to 1.5 mm and tiled `--tile` times along z (default 12:
 243 x 201 x 708 voxels, 1.06 m); the checkpoints are random-init VISTA3Ds (`small`:
@@ -145,7 +145,7 @@ def worker(args: argparse.Namespace) -> dict:
     def session() -> np.ndarray:
         dtype = torch.float16 if args.cache == "float16" else torch.float32
         start = time.perf_counter()
-        with ClickSession.open(model, case, point_window=point_window,
+        with ClickSession.open(model, case, device=args.device, point_window=point_window,
                                cache_dtype=dtype) as opened:
             steps["open_s"] = time.perf_counter() - start
             start = time.perf_counter()
@@ -164,7 +164,7 @@ def worker(args: argparse.Namespace) -> dict:
     prompt = parse_prompt({"points": points, "point_labels": labels,
                            "point_window": point_window})
     kind = args.worker.split(" ", 1)[0]
-    options = PredictOptions(device="cpu", prompt=prompt if kind == "fresh" else
+    options = PredictOptions(device=args.device, prompt=prompt if kind == "fresh" else
                              parse_prompt(None))
     with CasePredictor(model, options) as predictor:
         span = session if kind == "session" else lambda: predictor.segment(case).labels
@@ -208,6 +208,7 @@ def main() -> None:
     add_repeats_option(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
                         "torch's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--everything", nargs="*", choices=tuple(VARIANTS), default=["small"],
                         help="variants whose everything mode is measured (none: skip it)")
     parser.add_argument("--seed", type=int, default=0)
@@ -239,7 +240,7 @@ def main() -> None:
         def options(variant: str, mode: str = "grid", cache: str = "float32") -> list[str]:
             return ["--ct", ct, "--ckpt", ckpts[variant], "--mode", mode, "--cache", cache,
                     "--clicks", str(args.clicks), "--threads", str(args.threads), "--first",
-                    first]
+                    first, "--device", args.device]
 
         sides = {}
         for variant, mode, cache in args.runs:
@@ -253,13 +254,13 @@ def main() -> None:
                             measured[f"fresh {variant}:{mode}"]["output"]), THRESHOLD)
             for variant, mode, cache in args.runs}
     setting = {"shape": list(shape), "spacing_mm": SPACING, "roi": list(ROI), "tile": args.tile,
-               "clicks": 1 + args.clicks, "threads": args.threads,
+               "clicks": 1 + args.clicks, "threads": args.threads, "device": args.device,
                "runs": [":".join(r) for r in args.runs], "everything": args.everything}
     report = payload("vista3d", SPAN, args.repeats, setting, measured, checks)
     base = f"fresh {args.runs[0][0]}:{args.runs[0][1]}"
     text = (report_text(report, base, f"CT {'x'.join(map(str, shape))} at {SPACING} mm (the "
                         f"shared crop tiled {args.tile}x), 128^3 windows, random-init weights, "
-                        f"{1 + args.clicks} clicks, {args.threads} thread(s)")
+                        f"{1 + args.clicks} clicks, {args.threads} thread(s), {args.device}")
             + "\n\nSteps of the click sessions (inside the measured run):\n\n"
             + click_table(report["sides"]) + "\n")
     print(text)

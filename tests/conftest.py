@@ -147,6 +147,26 @@ def ensemble_members(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def gpu_report_smoke(tmp_path_factory: pytest.TempPathFactory, ensemble_members: list[Path]
+                     ) -> Path:
+    """The output folder of `benchmarks/gpu_report.py --device cpu --smoke` with every section
+    (the ensemble section on `ensemble_members`; a budget the loaded CPU cannot pass), all
+    sections at the same time, one thread per process: tests/test_gpu_report.py checks the
+    report, tests/test_benchmarks.py reads the JSON of the benchmark scripts it ran at their
+    smallest settings."""
+    out = tmp_path_factory.mktemp("gpu_report_smoke") / "report"
+    env = {**os.environ, "CTSEG_SHARED_DATA": str(SHARED_DATA), "OMP_NUM_THREADS": "1",
+           "CTSEG_CACHE": str(out.parent / "cache"), "WANDB_MODE": "offline"}
+    done = subprocess.run([sys.executable, "benchmarks/gpu_report.py", "--device", "cpu",
+                           "--smoke", "--jobs", "7", "--budget-min", "60", "--members",
+                           *map(str, ensemble_members), "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out / "stdout.txt").write_text(done.stdout)
+    return out
+
+
+@pytest.fixture(scope="session")
 def bundle_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fixed random state dict of the wholeBody bundle's network, saved as its `model.pt`."""
     from ctseg.reference import wholebody_bundle

@@ -2,7 +2,8 @@
 at its smallest setting on CPU (the ensemble and training scripts with the shared trained
 checkpoints instead of training their own), writes both sides' timings over the same span and an
 agreement with its reference that passed; an agreement below its threshold exits non-zero, JSON
-written."""
+written. inference.py, export.py, vista3d.py and ensemble.py at their smallest settings are the
+sections of the GPU report's CPU smoke run (`gpu_report_smoke`), read here, not run twice."""
 
 from __future__ import annotations
 
@@ -21,43 +22,46 @@ _spec = importlib.util.spec_from_file_location("benchmarks_common",
 common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
-# Each benchmark's smallest setting (seconds, not minutes; `TRAINED` adds the trained
-# checkpoints) and the sides it compares.
+# Each benchmark run here at its smallest setting (seconds, not minutes; `TRAINED` adds the
+# trained checkpoints) and the sides it compares.
 SMALLEST = {
-    "inference": (["--shape", "32", "32", "32", "--roi", "32"], {"monai", "ctseg"}),
-    "export": (["--spacing", "6", "--roi", "32", "--variants", "fp32 channels-last"],
-               {"monai, 6 mm", "fp32, 6 mm", "fp32 channels-last, 6 mm"}),
     "evaluate": (["--tile", "1", "--spacing", "6"], {"monai", "ctseg"}),
-    "ensemble": ([], {"one", "ensemble", "tta"}),
-    "vista3d": (["--tile", "1", "--runs", "small:grid:float32", "--everything", "--clicks", "1"],
-                {"session small:grid:float32", "fresh small:grid"}),
     "air": (["--spacing", "6", "--roi", "32", "--region", "neck"], {"all windows", "skip_air"}),
     "training": (["--tile", "1", "--no-loaders", "--skip-eval", "--processes"],
                  {"train.py train=false test=true", "predict.py"}),
 }
+# The benchmarks the GPU report's smoke run ran at their smallest settings: its section and the
+# sides they compare.
+REPORTED = {
+    "inference": ("predict_1.5mm", {"monai", "ctseg"}),
+    "export": ("export", {"monai, 6 mm", "fp32, 6 mm", "fp32 channels-last, 6 mm"}),
+    "ensemble": ("ensemble", {"one", "ensemble", "tta"}),
+    "vista3d": ("vista3d", {"session small:grid:float32", "fresh small:grid"}),
+}
+SIDES = {name: sides for name, (_, sides) in {**SMALLEST, **REPORTED}.items()}
 # The options naming the trained checkpoints (the session's `ensemble_members`).
-TRAINED = {"ensemble": lambda members: ["--members", *map(str, members)],
-           "training": lambda members: ["--ckpt", str(members[0])]}
+TRAINED = {"training": lambda members: ["--ckpt", str(members[0])]}
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory: pytest.TempPathFactory, ensemble_members: list[Path]
-            ) -> dict[str, dict]:
-    """Every benchmark at its smallest setting, one repeat, run at the same time (each in one
-    thread: the figures are not compared, only their shape); its JSON report."""
+def reports(tmp_path_factory: pytest.TempPathFactory, ensemble_members: list[Path],
+            gpu_report_smoke: Path) -> dict[str, dict]:
+    """Every benchmark at its smallest setting, one repeat: those of `SMALLEST` run at the same
+    time (each in one thread: the figures are not compared, only their shape), those of
+    `REPORTED` read from the GPU report's smoke run; its JSON report."""
     tmp = tmp_path_factory.mktemp("benchmarks")
     env = {**os.environ, "CTSEG_SHARED_DATA": str(SHARED_DATA), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                        os.environ.get("PYTHONPATH")]))}
     running = {}
     for name, (options, _) in SMALLEST.items():
-        extra = ["--table", str(tmp / "vista3d.md")] if name == "vista3d" else []
         trained = TRAINED[name](ensemble_members) if name in TRAINED else []
         argv = [sys.executable, f"benchmarks/{name}.py", *options, *trained, "--repeats", "1",
-                *extra, "--out", str(tmp / f"{name}.json")]
+                "--out", str(tmp / f"{name}.json")]
         running[name] = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True)
-    out = {}
+    out = {name: json.loads((gpu_report_smoke / "sections" / f"{section}.json").read_text())
+           for name, (section, _) in REPORTED.items()}
     for name, process in running.items():
         output = process.communicate()[0]
         assert process.returncode == 0, f"{name} failed:\n{output[-4000:]}"
@@ -67,13 +71,13 @@ def reports(tmp_path_factory: pytest.TempPathFactory, ensemble_members: list[Pat
     return out
 
 
-@pytest.mark.parametrize("name", SMALLEST)
+@pytest.mark.parametrize("name", SIDES)
 def test_benchmark_follows_the_protocol(reports: dict[str, dict], name: str) -> None:
     """Both sides timed over the same span, one run per repeat, peak RSS recorded; every
     agreement passed its threshold."""
     report = reports[name]
     assert report["benchmark"].split()[0] == name and report["repeats"] == 1 and report["span"]
-    assert set(report["sides"]) >= SMALLEST[name][1]
+    assert set(report["sides"]) >= SIDES[name]
     whole = report["span"] == "command start -> command exit (whole process)"
     assert whole == (name == "training")
     for side in report["sides"].values():

@@ -386,6 +386,28 @@ def test_cuda_amp_trains(compose_cfg):
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_amp_trains_vista3d_automatic_and_point_stage(compose_cfg):
+    """AMP steps of the small VISTA3D on the GPU: the automatic branch (vista3d_quick: no
+    clicks, the whole network trains) and the point stage (clicks only, the point head only)
+    each take one finite step, and the checkpoint's click-step count says which had clicks."""
+    tiny = ("experiment=vista3d_quick", "data.n_phantoms=4", "data.phantom_shape=[24,24,16]",
+            "data.patch_size=[16,16,16]", "data.batch_size=2", "debug=fast_dev_run",
+            "trainer=gpu")
+    point = ("model.trainable=point_head", "model.drop_label_prob=1.0",
+             "model.drop_point_prob=0.0")
+    for overrides, clicks in (((), 0), (point, 1)):
+        metrics, objects = train(compose_cfg(*tiny, *overrides))
+        model = objects["model"]
+        assert objects["trainer"].precision == "16-mixed" and objects["trainer"].global_step == 1
+        assert next(model.parameters()).device.type == "cuda"
+        assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+        assert model.click_steps == clicks
+        trained = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+        assert ("class_head" in trained) == (not clicks) and "point_head" in trained, trained
+
+
 def test_same_seed_gives_the_same_run(compose_cfg, tmp_path):
     losses = []
     for seed in (7, 7, 8):

@@ -1,5 +1,7 @@
 """On a CUDA GPU (skipped elsewhere): predict.py's defaults (AMP, planned placement, GPU
-preprocessing) against the bundle's inference.json pipeline with AMP, TensorRT engines checked
+preprocessing) against the bundle's inference.json pipeline with AMP, the placement planned from
+the device's real free memory (sw.batch_size=auto within it on a whole-body-sized CT; the
+full-volume accumulator it chooses giving the labels of rolling slabs), TensorRT engines checked
 against sw.batch_size before any window, and TensorRT fp16 parity."""
 
 from __future__ import annotations
@@ -12,15 +14,29 @@ import numpy as np
 import pytest
 import torch
 
+from ctseg.data.phantoms import render_subject
 from ctseg.errors import ConfigError
 from ctseg.export.exporter import export_model, sample_window
 from ctseg.export.formats import trt_unavailable
+from ctseg.inference.inputs import Case
 from ctseg.inference.pipeline import CasePredictor, PredictOptions
+from ctseg.inference.placement import (
+    MAX_AUTO_BATCH,
+    MEMORY_FRACTION,
+    forward_bytes,
+    free_memory,
+    plan_placement,
+)
 from ctseg.inference.runner import run
 from ctseg.models.loading import EXPORT_MANIFEST, load_export, load_model
 from ctseg.reference import wholebody_bundle as bundle
+from ctseg.sliding_window import sliding_window_predict
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CUDA = torch.device("cuda")
+# The issue's whole-body CT at 1.5 mm (a 512x512x397 scan resampled).
+WHOLE_BODY = (273, 273, 397)
 needs_trt = pytest.mark.skipif(trt_unavailable() is not None, reason=str(trt_unavailable()))
 
 
@@ -50,8 +66,6 @@ def test_predict_defaults_agree_with_the_bundle_pipeline_with_amp(bundle_weights
 
 
 def test_gpu_preprocessing_gives_the_labels_of_cpu_preprocessing(tiny_ckpt, shared_ct):
-    from ctseg.inference.inputs import Case
-
     model = load_model(tiny_ckpt, {}, {})
     labels = []
     for gpu in (True, False):
@@ -79,3 +93,54 @@ def test_tensorrt_fp16_parity(trt_export):
     for fmt in ("trt_fp32", "trt_fp16"):
         parity = manifest["formats"][fmt]["parity"]
         assert parity["passed"], (fmt, parity)
+
+
+def test_auto_batch_plan_on_the_device_stays_within_its_free_memory(bundle_weights, tmp_path):
+    """sw.batch_size=auto with the 105-class bundle network on a whole-body-sized phantom CT at
+    1.5 mm: the plan measured on the device keeps its accumulator and windows within
+    MEMORY_FRACTION of the free memory, and the prediction's peak stays within that memory."""
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    hu, _ = render_subject(WHOLE_BODY, affine, np.random.default_rng(0))
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), path)
+    model = load_model(bundle_weights, {"num_classes": 105}, {"version": "v1", "spacing": 1.5})
+    with CasePredictor(model, PredictOptions(device="cuda", sw_batch_size="auto")) as predictor:
+        assert predictor.planned
+        plan = predictor.placement(WHOLE_BODY)
+        assert 1 <= plan.batch_size <= MAX_AUTO_BATCH
+        on_device = plan.accumulator_bytes if plan.device == CUDA else 0
+        assert on_device + plan.batch_size * plan.window_bytes <= MEMORY_FRACTION * plan.free_bytes
+        assert plan.free_bytes <= torch.cuda.mem_get_info(CUDA)[1]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(CUDA)
+        torch.cuda.reset_peak_memory_stats(CUDA)
+        seg = predictor.segment(Case("ct", path, "nifti"))
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated(CUDA) - before <= plan.free_bytes
+    assert seg.labels.shape == WHOLE_BODY and len(np.unique(seg.labels)) > 1
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_full_volume_plan_on_the_device_gives_the_labels_of_rolling_slabs(tiny_ckpt, axis):
+    """The planner, fed the device's free memory and the measured forward pass of the tiny
+    network, chooses the full-volume accumulator on the GPU for a small volume; its labels are
+    those of one window's extent of rolling slabs, to the voxel."""
+    model = load_model(tiny_ckpt, {}, {})
+    net = model.net.to(CUDA).eval()
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, 70, 61, 45, device=CUDA)
+    window = torch.zeros(1, 1, *model.roi_size, device=CUDA)
+    plan = plan_placement(free_memory(CUDA), image.shape[2:], model.num_classes, model.roi_size,
+                          torch.float32, forward_bytes(net, window, CUDA), "auto", CUDA,
+                          slab_axis=axis)
+    assert plan.full_volume and plan.device == CUDA
+    assert plan.slab_planes == image.shape[2 + axis]
+    common = dict(slab_axis=axis, sw_device=CUDA, device=CUDA, output_device="cpu")
+    with torch.no_grad():
+        slabs = sliding_window_predict(image, net, model.roi_size, 0.25, **common)
+        full = sliding_window_predict(image, net, model.roi_size, 0.25,
+                                      slab_planes=plan.slab_planes, **common)
+    assert torch.equal(full.labels, slabs.labels)
+    assert len(torch.unique(full.labels)) > 1
+    assert full.accumulator_shape[1] == image.shape[2 + axis]
+    assert full.accumulator_bytes > slabs.accumulator_bytes
