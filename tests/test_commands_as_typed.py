@@ -145,9 +145,11 @@ def default_run_figures(ws: Workspace) -> None:
 
 
 def resumed_elsewhere(ws: Workspace, run: Path) -> list[Path]:
-    """Run folders other than `run` that a resume made (their recorded overrides set ckpt_path)."""
-    return [p for p in ws.clone.glob("outputs/*/runs/*") if p != run
-            and "ckpt_path=" in (p / ".hydra/overrides.yaml").read_text()]
+    """Run folders other than `run` that a resume of `run` made (their recorded overrides set a
+    ckpt_path in `run`; resuming a run in place rewrites its own overrides with ckpt_path)."""
+    return [p for p in ws.clone.glob("outputs/*/runs/*") if p != run and any(
+        line.startswith("- ckpt_path=") and run.name in line
+        for line in (p / ".hydra/overrides.yaml").read_text().splitlines())]
 
 
 def default_run_resumed_in_place(epochs: int) -> Callable[[Workspace], None]:
