@@ -19,7 +19,7 @@ from scipy.sparse.csgraph import connected_components
 # Bottom to top; a module or package of `ctseg/` not listed here fails the test.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("errors", "atomic", "labels", "label_space", "vista3d_labels", "colours", "config",
-     "figures", "sliding_window", "logger", "reference", "resources", "__init__"),
+     "figures", "sliding_window", "logger", "reference", "resources", "resume", "__init__"),
     ("data",),
     ("models",),
     ("export",),
