@@ -43,16 +43,21 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group the tests for pytest-xdist (`--dist loadgroup`): a module's tests run on one worker,
     so its module fixtures are built once, and so do all modules using a session fixture that
-    trains; the longest groups first (LONGEST_FIRST)."""
-    group = {}
+    trains; a test marked with a group of its own keeps it. The longest groups first
+    (LONGEST_FIRST; pyproject.toml's `--no-loadscope-reorder` keeps this order)."""
+    by_module = {}
     for item in items:
         module = item.nodeid.split("::")[0]
         trained = [f for f in TRAINED_FIXTURES if f in getattr(item, "fixturenames", ())]
-        group[module] = trained[0] if trained else group.get(module, module)
+        by_module[module] = trained[0] if trained else by_module.get(module, module)
+    group = {}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::")[0]]))
+        mark = item.get_closest_marker("xdist_group")
+        group[item.nodeid] = mark.args[0] if mark else by_module[item.nodeid.split("::")[0]]
+        if not mark:
+            item.add_marker(pytest.mark.xdist_group(group[item.nodeid]))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group[item.nodeid.split("::")[0]], len(rank)))
+    items.sort(key=lambda item: rank.get(group[item.nodeid], len(rank)))
 
 
 @pytest.fixture(autouse=True)

@@ -254,6 +254,7 @@ EXPORT = "python -m ctseg.export ckpt=outputs/train/runs/<run>/checkpoints/last.
 DOWNLOAD = "needs the TotalSegmentator download (the shared crop is one test subject, no training"
 GPU = "a CUDA GPU"
 CV_ON_PHANTOMS = "tests/evaluate/test_cross_validation.py runs the same on two phantom folds"
+SEARCH_COMMAND = "python -m ctseg.hparams_search hparams_search=optuna experiment=phantom_quick"
 NNUNET_PHANTOMS = ("python -m ctseg.data phantoms data/phantoms_nnunet --layout nnunet "
                    "--structures liver spleen aorta")
 PLAN: dict[str, Run | Skip] = {
@@ -326,7 +327,7 @@ PLAN: dict[str, Run | Skip] = {
         Run(files=("outputs/phantom_quick/multiruns/{sweep}/comparison/compare.csv",)),
     "python -m ctseg.compare outputs/train/runs/<a> outputs/train/runs/<b> --out comparison":
         Run(files=("comparison/compare.csv", "comparison/val_curves.png")),
-    "python -m ctseg.hparams_search hparams_search=optuna experiment=phantom_quick":
+    SEARCH_COMMAND:
         Run(SEARCH, ("outputs/phantom_quick/optuna/phantom_quick/study.db",
                      "outputs/phantom_quick/optuna/phantom_quick/trial_1/checkpoints/last.ckpt"),
             check=two_finished_trials),
@@ -334,7 +335,8 @@ PLAN: dict[str, Run | Skip] = {
     "hparams_search.storage=postgresql://user:pass@db/optuna hparams_search.params.lr.high=0.1":
         Skip("needs a PostgreSQL server; the same search on the default SQLite storage runs"),
     "python -m ctseg.compare outputs/phantom_quick/optuna/phantom_quick":
-        Run(files=("outputs/phantom_quick/optuna/phantom_quick/comparison/compare.csv",)),
+        Run(files=("outputs/phantom_quick/optuna/phantom_quick/comparison/compare.csv",),
+            after=(SEARCH_COMMAND,)),
     # README: on a cluster
     "python train.py -m experiment=phantom_quick model.optimizer.lr=1e-3,3e-3 seed=1,2":
         Run(TRAIN, ("outputs/phantom_quick/multiruns/{sweep}/3/checkpoints/last.ckpt",),
@@ -429,6 +431,35 @@ SOURCES = {
     "phantom": "python train.py experiment=phantom_quick",
     "sweep": "python train.py -m experiment=phantom_quick model.optimizer.lr=1e-3,3e-3 seed=1,2",
 }
+
+
+# The planned commands fall into chains that read no output of another chain: the default run's,
+# the phantom recipes', VISTA3D's and the quick ones. Each chain is a pytest-xdist group of its
+# own (tests/conftest.py), so the chains run side by side, each in its own workspace.
+CHAIN_OF_FIELD = {"train": "default_run", "best": "default_run", "train_b": "default_run",
+                  "phantom": "phantom_recipes", "sweep": "phantom_recipes", "vista": "vista3d"}
+TRAINS = re.compile(r"^python (train\.py|-m ctseg\.hparams_search) (?!--)")
+
+
+def fields_read(command: str) -> set[str]:
+    """The `{name}` fields a planned command gives (SOURCES) or fills in (its placeholders and
+    expected files)."""
+    typed = command
+    for placeholder, value in PLACEHOLDERS.items():
+        typed = typed.replace(placeholder, value)
+    files = PLAN[command].files if isinstance(PLAN[command], Run) else ()
+    gives = {name for name, source in SOURCES.items() if source == command}
+    return gives.union(re.findall(r"\{(\w+)\}", " ".join((typed, *files))))
+
+
+def chain(command: str) -> str:
+    """The chain of a planned command: that of the runs it reads or of the commands it runs
+    after, else `phantom_recipes` for a command that trains, else `quick`."""
+    after = PLAN[command].after if isinstance(PLAN[command], Run) else ()
+    chains = {CHAIN_OF_FIELD[name] for name in fields_read(command) if name in CHAIN_OF_FIELD}
+    chains |= {chain(earlier) for earlier in after} - {"quick"}
+    assert len(chains) <= 1, f"{command} reads the outputs of the chains {chains}"
+    return chains.pop() if chains else "phantom_recipes" if TRAINS.match(command) else "quick"
 
 
 def commands_in(text: str) -> list[str]:
@@ -606,7 +637,8 @@ def test_commands_are_read_from_fenced_blocks_with_continuations_and_comments():
     assert commands_in(text) == ["python train.py", "python predict.py a=1 b=2"]
 
 
-@pytest.mark.parametrize("command", list(PLAN))
+@pytest.mark.parametrize("command", [
+    pytest.param(c, marks=pytest.mark.xdist_group(f"commands_as_typed:{chain(c)}")) for c in PLAN])
 def test_documented_command_runs_as_typed(command: str, workspace: Workspace):
     plan = PLAN[command]
     if isinstance(plan, Skip):
