@@ -65,8 +65,10 @@ PHANTOM_RESUME = "python train.py ckpt_path=outputs/phantom_quick/runs/<run>"
 SEARCH = ("hparams_search.n_trials=2", *TRAIN)
 
 # README.md, the first paragraph: `python train.py`'s held-out test Dice (3 test phantoms; lungs:
-# the mean of the two lower lobes), asserted within 0.05.
-DEFAULT_RUN_DICE = {"mean": 0.73, "liver": 0.90, "spleen": 0.77, "lungs": 0.89, "pancreas": 0.24}
+# the mean of the two lower lobes), from one thread (the suite's) to two, asserted within 0.05 of
+# the range.
+DEFAULT_RUN_DICE = {"mean": (0.73, 0.78), "liver": (0.90, 0.91), "spleen": (0.77, 0.82),
+                    "lungs": (0.89, 0.91), "pancreas": (0.24, 0.39)}
 # README.md, "Quickstart": its checkpoint segments these structures of the crop (training data)
 # with Dice 0.65-0.85 against the crop's own masks, asserted within 0.05 of the range.
 CROP_STRUCTURES = ("liver", "spleen", "kidney_right", "kidney_left", "stomach", "colon",
@@ -129,7 +131,7 @@ class Skip:
 
 def default_run_figures(ws: Workspace) -> None:
     """The default run made its 1,000 steps and reached the README's held-out figures: test
-    Dice on the 3 test phantoms within 0.05 of DEFAULT_RUN_DICE."""
+    Dice on the 3 test phantoms within 0.05 of DEFAULT_RUN_DICE's ranges."""
     run = ws.clone / "outputs/train/runs" / ws.value("train")
     saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert saved["global_step"] == 1000
@@ -139,8 +141,8 @@ def default_run_figures(ws: Workspace) -> None:
     measured = {"mean": float(next(r["test/mean_dice"] for r in rows if r.get("test/mean_dice"))),
                 "lungs": (dice["lung_lower_lobe_left"] + dice["lung_lower_lobe_right"]) / 2,
                 **{name: dice[name] for name in ("liver", "spleen", "pancreas")}}
-    wrong = {k: round(measured[k], 3) for k, v in DEFAULT_RUN_DICE.items()
-             if abs(measured[k] - v) > 0.05}
+    wrong = {k: round(measured[k], 3) for k, (low, high) in DEFAULT_RUN_DICE.items()
+             if not low - 0.05 <= measured[k] <= high + 0.05}
     assert not wrong, f"stated {DEFAULT_RUN_DICE}, measured {measured}"
 
 
