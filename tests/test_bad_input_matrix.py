@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from command_server import CommandServer
 from helpers import REPO, SHARED_DATA, save_checkpoint, truncate
 from monai.networks.nets import SegResNet
 
@@ -31,6 +33,7 @@ from ctseg.models.vista3d import VISTA3DModule
 pytestmark = pytest.mark.slow
 CROP = SHARED_DATA / "totalseg_mini"
 V2_MAP = CROP / "s0001" / "label_totalseg_v2.nii.gz"
+USER_ENV = {k: v for k, v in os.environ.items() if not k.startswith("CTSEG_")}
 
 
 def checkpoint(path: Path, num_classes: int = 105) -> Path:
@@ -41,6 +44,16 @@ def checkpoint(path: Path, num_classes: int = 105) -> Path:
                              roi_size=(32, 32, 32))
     return save_checkpoint(module, path, {"version": "v1", "spacing": 4.0,
                                           "intensity": "segresnet", "patch_size": [32, 32, 32]})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CommandServer]:
+    """Runs each `python <args>` as a process forked from one that has imported the heavy
+    libraries (tests/command_server.py), with the environment of a user who set no ctseg
+    variable."""
+    started = CommandServer(REPO, USER_ENV, tmp_path_factory.mktemp("server") / "server.log")
+    yield started
+    started.close()
 
 
 @pytest.fixture(scope="module")
@@ -252,20 +265,23 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_error_line_and_creates_nothing(name, files, tmp_path):
+def test_bad_input_is_one_error_line_and_creates_nothing(name, files, server, tmp_path):
     case = CASES[name]
     out = tmp_path / "out"
     fill = {"d": str(files), "o": str(out), "r": str(REPO), "shared": str(tmp_path / "shared")}
     if "device=cuda" in case.command and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    argv = [sys.executable, *case.command.format(**fill).split()]
-    if case.limit_kb:
-        argv = ["bash", "-c", f'ulimit -f {case.limit_kb}; exec "$@"', "bash", *argv]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CTSEG_")}
+    args = case.command.format(**fill).split()
     if case.outside:
         out.mkdir()
-    result = subprocess.run(argv, cwd=out if case.outside else REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    cwd = out if case.outside else REPO
+    if case.limit_kb:
+        argv = ["bash", "-c", f'ulimit -f {case.limit_kb}; exec "$@"', "bash", sys.executable,
+                *args]
+        result = subprocess.run(argv, cwd=cwd, env=USER_ENV, capture_output=True, text=True,
+                                timeout=600)
+    else:
+        result = server.run(args, cwd, timeout=600)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 1, result.stderr[-3000:]
     assert len(errors) == 1, result.stderr[-3000:]

@@ -62,7 +62,8 @@ def test_the_installed_wheel_trains_and_predicts_outside_the_clone(venv, tmp_pat
     assert all(Path(p).is_relative_to(venv) for p in where), where  # not the clone's ctseg
     assert all((bin_dir / script).is_file() for script in SCRIPTS)
 
-    run(["ctseg-train", "experiment=phantom_quick", "trainer.max_steps=2"], user, env)
+    run(["ctseg-train", "experiment=phantom_quick", "trainer.max_steps=2", "data.n_phantoms=4",
+         "data.phantom_shape=[24,24,16]", "data.patch_size=[16,16,16]", "test=false"], user, env)
     checkpoints = sorted(user.glob("outputs/phantom_quick/runs/*/checkpoints/last.ckpt"))
     assert len(checkpoints) == 1
     ct = SHARED_DATA / "totalseg_mini" / "s0001" / "ct.nii.gz"
