@@ -6,22 +6,28 @@ inference.json) at each spacing.
     python benchmarks/export.py [--spacing 3 1.5] [--device cpu|cuda] [--ckpt trained.ckpt]
                                 [--variants ...] [--roi 96] [--repeats 3] [--out export.json]
 
-Weights: a random-init bundle SegResNet (105 classes), or `--ckpt` (a ctseg checkpoint: its own
-architecture, classes and preprocessing; the MONAI side then needs the bundle architecture and
-is left out, agreement is against ctseg fp32 only). The CT is the shared crop resampled to each
-spacing. The network is exported once per spacing to the formats the variants need (`python -m
-ctseg.export`, parity checked, untimed); then every variant and MONAI's pipeline are measured
-with the protocol of benchmarks/common.py (one process per measurement, interleaved rounds, one
-untimed warm-up, medians), over the same span as benchmarks/inference.py: from the input file to
-the labels in memory, writing timed apart. Each variant's process also times one window of random
-input (the median of `--windows`, after a warm-up window): the model compute alone.
+Weights: a random-init bundle SegResNet (105 classes), or `--ckpt` (a ctseg checkpoint, SegResNet or
+VISTA3D: its own architecture, classes and preprocessing, only the spacing set by `--spacing`; a
+VISTA3D runs and is exported in its automatic mode over the checkpoint's known ids; the MONAI side
+then needs the bundle architecture and is left out, agreement is against ctseg fp32 only). The
+window is `--roi` voxels per axis (default: the bundle's 96, or the checkpoint's own window with
+`--ckpt`), the same for the export (TensorRT engines are built for it) and the sliding window. The
+CT is the shared crop resampled to each spacing. The network is exported once per spacing to the
+formats the variants need (`python -m ctseg.export`, parity checked, untimed); then every variant
+and MONAI's pipeline are measured with the protocol of benchmarks/common.py (one process per
+measurement, interleaved rounds, one untimed warm-up, medians), over the same span as
+benchmarks/inference.py: from the input file to the labels in memory, writing timed apart. Each
+variant's process also times one window of random input (the median of `--windows`, after a warm-up
+window): the model compute alone (for a VISTA3D the automatic mode over its known ids, the module
+its exports hold).
 
 Agreement: each variant's labels against fp32's and against MONAI's, at least 99.9 % of the
 voxels for the float32 variants and 98 % for the reduced-precision ones (bf16, AMP fp16,
 TensorRT fp16: with random weights the 105 classes are near-ties, see REDUCED_THRESHOLD); the
 script exits non-zero after writing the JSON when one is below. A variant whose format the
-export skipped (TensorRT without torch-tensorrt or without CUDA) is not run and is recorded in
-`setting.skipped_variants`. Prints the tables.
+export skipped (TensorRT without torch-tensorrt or without CUDA), or one asked for that the
+device does not run (AMP fp16 and TensorRT on CPU, bf16 on CUDA), is not run and is recorded in
+`setting.skipped_variants` with the reason. Prints the tables.
 """
 
 from __future__ import annotations
@@ -79,16 +85,30 @@ REDUCED = ("bf16 (CPU autocast)", "AMP fp16", "TensorRT fp16")
 REDUCED_THRESHOLD = 0.98
 CUDA_VARIANTS = ("fp32", "fp32 channels-last", "AMP fp16", "TorchScript", "onnxruntime",
                  "TensorRT fp32", "TensorRT fp16")
+# The window edge (voxels) of the random bundle weights: the bundle's inference.json roi_size.
+BUNDLE_ROI = 96
+
+
+def data_cfg(args: argparse.Namespace) -> dict:
+    """predict.py's and the export's `data` config: the spacing and window of the benchmark; the
+    bundle's classes and intensity scheme for the random weights, a checkpoint's own otherwise."""
+    data: dict[str, Any] = {"spacing": float(args.spacing)}
+    if args.roi:
+        data["patch_size"] = [int(args.roi)] * 3
+    if not args.ckpt_given:
+        data.update(version="v1", intensity="segresnet")
+    return data
 
 
 def predict_cfg(args: argparse.Namespace, options: dict) -> dict:
     """predict.py's configuration for one variant."""
     ckpt = args.weights if options["backend"] == "torch" else args.model
+    data = data_cfg(args)
+    if options["backend"] != "torch":  # an export runs the window it was exported with
+        data.pop("patch_size", None)
     return {"ckpt": ckpt, "input": args.ct, "device": args.device, "masks": False,
-            "sw": {"roi_size": [int(args.roi)] * 3, "overlap": 0.25, "batch_size": 1},
-            "model": {"num_classes": NUM_CLASSES},
-            "data": {"version": "v1", "spacing": float(args.spacing), "intensity": "segresnet"},
-            **options}
+            "sw": {"overlap": 0.25, "batch_size": 1}, "model": {"num_classes": NUM_CLASSES},
+            "data": data, **options}
 
 
 def worker_export(args: argparse.Namespace) -> dict:
@@ -101,22 +121,30 @@ def worker_export(args: argparse.Namespace) -> dict:
     manifest = run({"ckpt": args.weights, "output": args.model, "formats": formats,
                     "sample": args.ct, "device": args.device, "opset": DEFAULT_OPSET,
                     "max_batch": DEFAULT_MAX_BATCH,
-                    "model": {"num_classes": NUM_CLASSES},
-                    "data": {"version": "v1", "spacing": float(args.spacing)}})
-    return {"seconds": time.perf_counter() - start,
+                    "model": {"num_classes": NUM_CLASSES}, "data": data_cfg(args)})
+    return {"seconds": time.perf_counter() - start, "kind": manifest["kind"],
+            "roi_size": manifest["roi_size"],
             "parity": {f: e["parity"] for f, e in manifest["formats"].items()},
             "skipped": manifest.get("skipped", {})}
 
 
 def worker_variant(args: argparse.Namespace) -> dict:
     """One variant's side: the median time of one window of random input (model compute; one
-    warm-up window first), then predict.py's span under the protocol."""
+    warm-up window first; a VISTA3D's automatic mode over its known ids, as its exports), then
+    predict.py's span under the protocol."""
     import torch
+
+    from ctseg.inference.backends import torch_runner
+    from ctseg.models.loading import window_network
 
     device = torch.device(args.device)
 
     def windows(predictor: Any) -> dict:
-        predict = predictor._predictor(predictor.runner)
+        runner, model = predictor.runner, predictor.model
+        if predictor.vista3d and predictor.format == "torch":
+            runner = torch_runner(window_network(model.net, model.kind, model.known_ids), device,
+                                  predictor.options.channels_last)
+        predict = predictor._predictor(runner)
         window = torch.randn(1, 1, *predictor.roi, device=device)
         times = []
         with torch.no_grad():
@@ -126,7 +154,7 @@ def worker_variant(args: argparse.Namespace) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-        return {"window_s": statistics.median(times[1:])}
+        return {"window_s": statistics.median(times[1:]), "roi_size": list(predictor.roi)}
 
     cfg = predict_cfg(args, VARIANTS[args.variant])
     return predict_span(cfg, Path(args.workdir), args.worker, setup=windows)
@@ -195,16 +223,18 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS),
                         help="variants to run (fp32, the reference, always runs; default: all "
                         "the device runs)")
-    parser.add_argument("--roi", type=int, default=96, help="window edge in voxels")
+    parser.add_argument("--roi", type=int, help=f"window edge in voxels (default: {BUNDLE_ROI}, "
+                        "the bundle's; with --ckpt the checkpoint's window)")
     parser.add_argument("--windows", type=int, default=3, help="timed windows per variant")
     add_repeats_option(parser)
     parser.add_argument("--source", type=Path, default=SHARED_CT, help="CT to resample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     add_worker_options(parser, "--ct", "--weights", "--model", "--variant", "--overlap",
-                       "--sw-batch-size", "--formats")
+                       "--sw-batch-size", "--formats", "--ckpt-given")
     args = parser.parse_args()
     if args.worker:
+        args.ckpt_given = args.ckpt_given == "1"
         args.spacing = args.spacing[0]
         if args.worker == "export":
             serve_worker(worker_export, args)
@@ -215,9 +245,13 @@ def main() -> None:
     device_variants = CUDA_VARIANTS if args.device == "cuda" else CPU_VARIANTS
     variants = [v for v in device_variants if v == "fp32" or v in (args.variants or
                                                                    device_variants)]
+    skipped = {v: f"runs on {'CPU' if args.device == 'cuda' else 'CUDA'} only (--device "
+               f"{args.device})" for v in args.variants or () if v not in device_variants}
+    if not args.ckpt:
+        args.roi = args.roi or BUNDLE_ROI
     sides: dict[str, dict] = {}
     checks: dict[str, dict] = {}
-    exports, shapes, skipped = {}, {}, {}
+    exports, shapes = {}, {}
     for spacing in args.spacing:
         with tempfile.TemporaryDirectory(prefix="ctseg_export_bench_") as workdir:
             args.workdir = workdir
@@ -228,9 +262,9 @@ def main() -> None:
             if not args.ckpt:
                 make_weights(Path(args.weights), args.seed)
             options = ["--ct", args.ct, "--weights", args.weights, "--model", args.model,
-                       "--device", args.device, "--spacing", str(spacing), "--roi",
-                       str(args.roi), "--overlap", "0.25", "--sw-batch-size", "1",
-                       "--windows", str(args.windows)]
+                       "--device", args.device, "--spacing", str(spacing), "--overlap", "0.25",
+                       "--sw-batch-size", "1", "--windows", str(args.windows), "--ckpt-given",
+                       "1" if args.ckpt else "0", *(["--roi", str(args.roi)] if args.roi else [])]
             formats = list(dict.fromkeys(FORMATS[v] for v in variants if v in FORMATS))
             if formats:
                 exports[f"{spacing:g}"] = run_worker(__file__, "export", workdir, [
@@ -250,8 +284,8 @@ def main() -> None:
             sides.update(at)
             shapes[f"{spacing:g}"] = list(nib.load(args.ct).shape)
     setting = {"spacings_mm": args.spacing, "shapes": shapes, "device": args.device,
-               "roi": args.roi, "variants": variants, "skipped_variants": skipped,
-               "exports": exports,
+               "roi": sides[side_name("fp32", args.spacing[0])]["roi_size"],
+               "variants": variants, "skipped_variants": skipped, "exports": exports,
                "weights": str(args.ckpt) if args.ckpt else "random bundle SegResNet"}
     report = payload("export", PREDICTION_SPAN, args.repeats, setting, sides, checks)
     base = side_name("monai" if not args.ckpt else "fp32", args.spacing[0])

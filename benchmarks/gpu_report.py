@@ -20,11 +20,17 @@ writes that script's JSON to `<out>/sections/<name>.json` and its output to
   one device: patches/s and data-wait share (goal <= 5 %);
 - `point_stage`: benchmarks/point_stage.py, VISTA3D's point head trained for `--point-budget-s`
   seconds (default 60; the issue's 3 minutes with 180) from an automatic-mode checkpoint
-  (`--vista3d-ckpt`, else experiment=vista3d_quick trained first), clicks on held-out phantoms
-  (hit rate, Dice after 1 and 5 clicks);
+  (`--vista3d-ckpt`, else experiment=vista3d_quick trained first and kept as
+  `<out>/vista3d_automatic.ckpt`), clicks on held-out phantoms (hit rate, Dice after 1 and 5
+  clicks);
 - `export`: benchmarks/export.py, AMP, TensorRT fp32 and fp16 of the bundle's SegResNet on the
   shared crop at 1.5 mm (one round; engine build time, the median time of 10 windows, parity,
   agreement; without torch-tensorrt the TensorRT variants are recorded as skipped);
+- `export_vista3d`: benchmarks/export.py with `--ckpt` the automatic-mode VISTA3D checkpoint
+  (`--vista3d-ckpt`, else the one the point_stage section trained: it waits for that section),
+  its automatic mode over the checkpoint's known ids in its own window: AMP, TorchScript, ONNX
+  Runtime, TensorRT fp32 and fp16 against fp32 at 1.5 mm, as the `export` section (the smoke
+  run at 6 mm, where AMP and TensorRT are recorded as skipped: CUDA only);
 - `vista3d`: benchmarks/vista3d.py, vista3d132's click session and everything mode on the
   shared crop tiled 4x (one round; the smoke run skips the everything mode, minutes on a CPU);
 - `ensemble`: benchmarks/ensemble.py, two members (`--members`, else trained first), their
@@ -38,7 +44,9 @@ stopped at that limit: the report finishes within it, recording the sections ski
 naming the sections whose script failed (an agreement below its threshold included). Without
 CUDA it prints one line and exits 0. `--device cpu --smoke` runs every section at its smallest
 setting on CPU (minutes on 2 cores; nothing is measured that way, the set-up is exercised);
-`--jobs N` runs N sections at a time there.
+`--jobs N` runs N sections at a time there. The goals table gets, per export section, the
+build seconds, each TensorRT variant's window compute over AMP and each format's parity (largest
+logit difference against its threshold).
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,18 +76,26 @@ POINT_BUDGET_S = 60.0
 TIME_GOAL, MEMORY_GOAL, DATA_WAIT_GOAL = 0.5, 0.5, 0.05
 # Issue 36's seed anchors of TensorRT window compute over AMP, measured on an A100.
 TRT_ANCHORS = "2.39x and 1.81x on an A100"
+# The export sections and the model each exports, as the goals table names it.
+EXPORTS = {"export": "SegResNet", "export_vista3d": "VISTA3D automatic mode"}
+# Where the point_stage section keeps the automatic-mode checkpoint it trained (under --out).
+AUTOMATIC_CKPT = "vista3d_automatic.ckpt"
+# The export_vista3d section's variants (fp32, the reference, always runs).
+VISTA3D_VARIANTS = ("AMP fp16", "TorchScript", "onnxruntime", "TensorRT fp32", "TensorRT fp16")
 
 
 @dataclass(frozen=True)
 class Section:
     """One section: its script, its options at full size and at the smallest size, and the
-    seconds it is budgeted at full size (one H100) and at the smallest (2 CPU cores)."""
+    seconds it is budgeted at full size (one H100) and at the smallest (2 CPU cores); `needs`:
+    the section whose output it reads unless `--vista3d-ckpt` is given (it waits for it)."""
 
     script: str
     full: Callable[[argparse.Namespace], list[str]]
     smoke: Callable[[argparse.Namespace], list[str]]
     budget_s: float
     smoke_budget_s: float
+    needs: str | None = None
 
 
 def _threshold(args: argparse.Namespace) -> list[str]:
@@ -88,8 +104,16 @@ def _threshold(args: argparse.Namespace) -> list[str]:
 
 
 def _ckpt(args: argparse.Namespace) -> list[str]:
-    """point_stage.py's --ckpt, when the report was given one."""
-    return ["--ckpt", str(args.vista3d_ckpt)] if args.vista3d_ckpt else []
+    """point_stage.py's --ckpt, when the report was given one; else where it keeps the one it
+    trains."""
+    if args.vista3d_ckpt:
+        return ["--ckpt", str(args.vista3d_ckpt)]
+    return ["--save-automatic", str(args.out / AUTOMATIC_CKPT)]
+
+
+def vista3d_ckpt(args: argparse.Namespace) -> Path:
+    """The automatic-mode VISTA3D checkpoint the export_vista3d section exports."""
+    return args.vista3d_ckpt or args.out / AUTOMATIC_CKPT
 
 
 def _members(args: argparse.Namespace) -> list[str]:
@@ -130,6 +154,13 @@ SECTIONS = {
                    "TensorRT fp16", "--windows", "10", "--repeats", "1"],
         lambda a: ["--spacing", "6", "--roi", "32", "--variants", "fp32", "fp32 channels-last",
                    "onnxruntime", "--windows", "1", "--repeats", "1"], 150, 90),
+    "export_vista3d": Section(
+        "export.py",
+        lambda a: ["--ckpt", str(vista3d_ckpt(a)), "--spacing", "1.5", "--variants",
+                   *VISTA3D_VARIANTS, "--windows", "10", "--repeats", "1"],
+        lambda a: ["--ckpt", str(vista3d_ckpt(a)), "--spacing", "6", "--variants",
+                   *VISTA3D_VARIANTS, "--windows", "1", "--repeats", "1"], 120, 90,
+        needs="point_stage"),
     "vista3d": Section(
         "vista3d.py",
         lambda a: ["--tile", "4", "--runs", "vista3d132:grid:float32", "--everything",
@@ -196,19 +227,33 @@ def goals(sections: dict) -> list[dict]:
         if row.startswith("ctseg_disk") and "perf/data_wait" in figures:
             rows.append({"goal": f"data wait <= {DATA_WAIT_GOAL:.0%} ({row})",
                          "value": figures["perf/data_wait"], "limit": DATA_WAIT_GOAL})
-    export = sections.get("export", {}).get("result")
-    if export:
-        for spacing, built in export["setting"]["exports"].items():
-            rows.append({"goal": f"export build seconds ({', '.join(built['parity'])}, "
-                         f"{spacing} mm)", "value": built["seconds"], "limit": None})
-        amp = next((s for n, s in export["sides"].items() if n.startswith("AMP fp16")), None)
-        for name, side in export["sides"].items():
-            if amp and name.startswith("TensorRT") and "window_s" in side:
-                rows.append({"goal": f"{name}: window compute speed-up over AMP (anchors: "
-                             f"{TRT_ANCHORS})",
-                             "value": amp["window_s"] / side["window_s"], "limit": None})
+    for section, model in EXPORTS.items():
+        rows += export_rows(sections.get(section, {}).get("result"), model)
     for row in rows:
         row["met"] = None if row["limit"] is None else bool(row["value"] <= row["limit"])
+    return rows
+
+
+def export_rows(export: dict | None, model: str) -> list[dict]:
+    """The goal rows of one export section's result: build seconds per spacing, each format's
+    parity (largest logit difference, limit its threshold), each TensorRT variant's window
+    compute speed-up over AMP."""
+    rows: list[dict] = []
+    if not export:
+        return rows
+    for spacing, built in export["setting"]["exports"].items():
+        rows.append({"goal": f"{model}: export build seconds ({', '.join(built['parity'])}, "
+                     f"{spacing} mm)", "value": built["seconds"], "limit": None})
+        for fmt, parity in built["parity"].items():
+            rows.append({"goal": f"{model}: {fmt} parity, max logit difference ({spacing} mm)",
+                         "value": parity["max_abs_diff"],
+                         "limit": parity["thresholds"]["max_abs_diff"]})
+    amp = next((s for n, s in export["sides"].items() if n.startswith("AMP fp16")), None)
+    for name, side in export["sides"].items():
+        if amp and name.startswith("TensorRT") and "window_s" in side:
+            rows.append({"goal": f"{model}, {name}: window compute speed-up over AMP (anchors: "
+                         f"{TRT_ANCHORS})", "value": amp["window_s"] / side["window_s"],
+                         "limit": None})
     return rows
 
 
@@ -258,7 +303,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--point-budget-s", type=float, default=POINT_BUDGET_S,
                         help=f"seconds of point-stage training (default {POINT_BUDGET_S:g})")
     parser.add_argument("--vista3d-ckpt", type=Path, help="automatic-mode VISTA3D checkpoint of "
-                        "experiment=vista3d_quick (default: trained in the point_stage section)")
+                        "experiment=vista3d_quick for the point_stage and export_vista3d sections "
+                        "(default: trained in the point_stage section)")
     parser.add_argument("--members", type=Path, nargs="+", help="trained ensemble members "
                         "(default: trained in the ensemble section)")
     parser.add_argument("--jobs", type=int, default=1, help="sections run at the same time "
@@ -274,9 +320,19 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def run_within(args: argparse.Namespace, name: str, start: float, budget_s: float) -> dict:
+def run_within(args: argparse.Namespace, name: str, start: float, budget_s: float,
+               needed: Future | None = None) -> dict:
     """Section `name`, run unless its budget would pass the report's `budget_s` (the report
-    started at `start`), or recorded as skipped; said as it goes."""
+    started at `start`) or the VISTA3D checkpoint it exports is missing (after the section
+    `needed` finished), or recorded as skipped; said as it goes."""
+    if needed is not None:
+        needed.result()
+    if SECTIONS[name].needs and not vista3d_ckpt(args).is_file():
+        section = {"status": "skipped", "message": f"no VISTA3D checkpoint at "
+                   f"{vista3d_ckpt(args)}: the {SECTIONS[name].needs} section did not write one; "
+                   "give --vista3d-ckpt or run that section too"}
+        say(f"[{name}] skipped: {section['message']}")
+        return section
     spent = time.perf_counter() - start
     need = SECTIONS[name].smoke_budget_s if args.smoke else SECTIONS[name].budget_s
     if spent + need > budget_s:
@@ -299,6 +355,11 @@ def main() -> int:
               "side by side share the machine, so their figures are not comparable)",
               file=sys.stderr)
         return 1
+    if args.vista3d_ckpt and not args.vista3d_ckpt.is_file():
+        print(f"error: --vista3d-ckpt {args.vista3d_ckpt}: no such file; give an automatic-mode "
+              "VISTA3D checkpoint (train.py experiment=vista3d_quick), or leave the option out and "
+              "the point_stage section trains one", file=sys.stderr)
+        return 1
     if args.device == "cuda":
         import torch
 
@@ -306,13 +367,19 @@ def main() -> int:
             print("gpu_report: CUDA is not available on this machine; nothing measured")
             return 0
     args.out = args.out.resolve()
+    args.vista3d_ckpt = args.vista3d_ckpt and args.vista3d_ckpt.resolve()
     for folder in ("sections", "logs"):
         (args.out / folder).mkdir(parents=True, exist_ok=True)
+    if "point_stage" in args.sections and not args.vista3d_ckpt:  # never an earlier run's
+        (args.out / AUTOMATIC_CKPT).unlink(missing_ok=True)
     budget_s, start = args.budget_min * 60, time.perf_counter()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    running: dict[str, Future] = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # started in the report's order
-        running = {name: pool.submit(run_within, args, name, start, budget_s)
-                   for name in SECTIONS if name in args.sections}
+        for name in (n for n in SECTIONS if n in args.sections):
+            needs = None if args.vista3d_ckpt else SECTIONS[name].needs
+            running[name] = pool.submit(run_within, args, name, start, budget_s,
+                                        running.get(needs))
     sections = {name: future.result() for name, future in running.items()}
     report = {"date": date, "machine": machine(), "device": args.device, "smoke": args.smoke,
               "budget_min": args.budget_min, "seconds": time.perf_counter() - start,

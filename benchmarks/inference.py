@@ -99,8 +99,9 @@ def predict_span(cfg: dict, workdir: Path, name: str,
     """The ctseg side of the protocol for predict.py's configuration `cfg`: load the model(s)
     and build `CasePredictor` (untimed; then `setup(predictor)`, whose figures are added), time
     `CasePredictor.segment` (read, preprocess, infer, invert: input file -> labels in memory)
-    and writing the case's outputs as predict.py does; the model grid it ran on (`grid_mm`)
-    and, with sw.skip_air, the windows computed and those of the grid (`windows`)."""
+    and writing the case's outputs as predict.py does; the model grid it ran on (`grid_mm`),
+    its intensity scheme and, with sw.skip_air, the windows computed and those of the grid
+    (`windows`)."""
     from ctseg.atomic import swapped_folder
     from ctseg.inference.ensemble import check_members
     from ctseg.inference.inputs import discover_cases
@@ -131,7 +132,8 @@ def predict_span(cfg: dict, workdir: Path, name: str,
         extra = setup(predictor) if setup else {}
         result = timed_span(segment, write, lambda seg: seg.labels,
                             workdir / f"{slug(name)}_labels.npy")
-    return {**extra, **result, "grid_mm": [float(s) for s in models[0].pipeline.spacing]}
+    return {**extra, **result, "grid_mm": [float(s) for s in models[0].pipeline.spacing],
+            "intensity": models[0].pipeline.intensity}
 
 
 def worker_ctseg(args: argparse.Namespace) -> dict:

@@ -3,10 +3,11 @@ phantoms: do clicks learn?
 
     python benchmarks/point_stage.py [--ckpt automatic.ckpt] [--budget-s 180] [--max-steps N]
                                      [--device cpu|cuda] [--clicks 5] [--repeats 1]
-                                     [--out result.json]
+                                     [--save-automatic CKPT] [--out result.json]
 
 The automatic-mode checkpoint is `--ckpt`, else `python train.py experiment=vista3d_quick`
-trained first on `--device` (the automatic branch only: class prompts, no clicks). The point
+trained first on `--device` (the automatic branch only: class prompts, no clicks);
+`--save-automatic` keeps a copy of it (the GPU report exports it). The point
 stage starts from it: `python train.py experiment=vista3d_quick model.pretrained=<ckpt>
 model.trainable=point_head model.drop_label_prob=1.0 model.drop_point_prob=0.0` on the same 20
 phantoms, for `--budget-s` seconds of training (`trainer.max_time`; `--max-steps` caps both runs,
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -227,6 +229,8 @@ def main() -> None:
     parser.add_argument("--structures", nargs="+", choices=CLICKED, default=list(CLICKED),
                         help="structures clicked on each")
     add_repeats_option(parser, default=1)
+    parser.add_argument("--save-automatic", type=Path, help="copy the automatic-mode checkpoint "
+                        "here (trained or --ckpt)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     add_worker_options(parser, "--ckpt-json", "--phantoms")
     args = parser.parse_args()
@@ -254,6 +258,10 @@ def main() -> None:
             raise SystemExit(f"error: --ckpt {args.ckpt}: its phantoms ({phantoms}) are gone; "
                              "give a checkpoint of experiment=vista3d_quick whose phantoms are "
                              "in place, or none to train one")
+        if args.save_automatic:
+            from ctseg.atomic import write_atomic
+
+            write_atomic(args.save_automatic, lambda tmp: shutil.copyfile(automatic, tmp))
         pointed, times["point_stage_train_s"] = train(work, "point_stage", [
             *gpu, *steps, *POINT_STAGE, *NO_VALIDATION, f"model.pretrained={automatic}",
             f"+trainer.max_time='{max_time(args.budget_s)}'"], phantoms)

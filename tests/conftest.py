@@ -169,7 +169,7 @@ def gpu_report_smoke(tmp_path_factory: pytest.TempPathFactory, ensemble_members:
     env = {**os.environ, "CTSEG_SHARED_DATA": str(SHARED_DATA), "OMP_NUM_THREADS": "1",
            "CTSEG_CACHE": str(out.parent / "cache"), "WANDB_MODE": "offline"}
     done = subprocess.run([sys.executable, "benchmarks/gpu_report.py", "--device", "cpu",
-                           "--smoke", "--jobs", "7", "--budget-min", "60", "--members",
+                           "--smoke", "--jobs", "8", "--budget-min", "60", "--members",
                            *map(str, ensemble_members), "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

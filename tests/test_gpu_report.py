@@ -16,8 +16,11 @@ import torch
 from helpers import REPO, SHARED_DATA
 
 REPORT = REPO / "benchmarks" / "gpu_report.py"
-SECTIONS = ("predict_1.5mm", "predict_3mm", "training", "point_stage", "export", "vista3d",
-            "ensemble")
+SECTIONS = ("predict_1.5mm", "predict_3mm", "training", "point_stage", "export",
+            "export_vista3d", "vista3d", "ensemble")
+# The window of experiment=vista3d_quick (its data.patch_size), which the point_stage section
+# trains and the export_vista3d section exports.
+VISTA3D_QUICK_WINDOW = [32, 32, 24]
 
 
 def report(out: Path, *options: str, timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -62,8 +65,8 @@ def test_every_section_runs_its_script_and_writes_its_rows(smoke):
         result = section["result"]
         checks = result.get("agreement") or {}
         assert all(c["passed"] for c in checks.values()), (name, checks)
-    for name in ("predict_1.5mm", "predict_3mm", "export", "point_stage", "vista3d",
-                 "ensemble"):  # the protocol's sides and a checked agreement
+    for name in ("predict_1.5mm", "predict_3mm", "export", "export_vista3d", "point_stage",
+                 "vista3d", "ensemble"):  # the protocol's sides and a checked agreement
         result = data["sections"][name]["result"]
         assert result["sides"] and result["agreement"], name
         assert all(len(side["runs"]) == 1 for side in result["sides"].values()), name
@@ -99,6 +102,75 @@ def test_the_vista3d_checkpoints_the_report_writes_load(smoke):
     assert sides["automatic"]["click_steps"] == 0 and sides["point stage"]["click_steps"] >= 1
     for side in sides.values():
         assert 0 <= side["hit_rate"] <= 1 and 0 <= side["dice_first"] <= 1
+
+
+@pytest.mark.slow
+def test_the_vista3d_export_rows_measure_its_automatic_mode(smoke, gpu_report_smoke):
+    """export_vista3d exports the automatic-mode checkpoint the point_stage section trained, in
+    the checkpoint's own window and preprocessing: TorchScript and ONNX within their parity
+    thresholds and agreeing with fp32, the window compute of the automatic mode itself (the
+    module the exports hold, so TorchScript's equals fp32's), the CUDA-only variants named as
+    skipped, and the goals table has its rows."""
+    data, text, _ = smoke
+    ckpt = gpu_report_smoke / "vista3d_automatic.ckpt"
+    assert f"--save-automatic {ckpt}" in data["sections"]["point_stage"]["command"]
+    section = data["sections"]["export_vista3d"]
+    assert section["status"] == "passed" and f"--ckpt {ckpt}" in section["command"]
+    setting = section["result"]["setting"]
+    assert setting["weights"] == str(ckpt) and setting["roi"] == VISTA3D_QUICK_WINDOW
+    built = setting["exports"]["6"]
+    assert built["kind"] == "vista3d" and built["roi_size"] == VISTA3D_QUICK_WINDOW
+    assert set(built["parity"]) == {"torchscript", "onnx"} and built["seconds"] > 0
+    for fmt, parity in built["parity"].items():
+        assert parity["window"] == [1, 1, *VISTA3D_QUICK_WINDOW], fmt
+        assert parity["max_abs_diff"] <= parity["thresholds"]["max_abs_diff"], (fmt, parity)
+        assert parity["argmax_agreement"] >= parity["thresholds"]["min_agreement"], (fmt, parity)
+    assert setting["skipped_variants"] == {v: "runs on CUDA only (--device cpu)" for v in
+                                           ("AMP fp16", "TensorRT fp32", "TensorRT fp16")}
+    sides = section["result"]["sides"]
+    assert set(sides) == {"fp32, 6 mm", "TorchScript, 6 mm", "onnxruntime, 6 mm"}
+    intensity = torch.load(ckpt, map_location="cpu", weights_only=False)[
+        "datamodule_hyper_parameters"]["intensity"]
+    for name, side in sides.items():
+        assert side["roi_size"] == VISTA3D_QUICK_WINDOW and side["grid_mm"] == [6.0] * 3, name
+        assert side["intensity"] == intensity and side["window_s"] > 0, name
+    ratio = sides["TorchScript, 6 mm"]["window_s"] / sides["fp32, 6 mm"]["window_s"]
+    assert 0.25 <= ratio <= 4, ratio  # the same kernels (loaded CPU: a wide margin)
+    checks = section["result"]["agreement"]
+    assert set(checks) == {"TorchScript, 6 mm vs fp32", "onnxruntime, 6 mm vs fp32"}
+    assert all(c["threshold"] == 0.999 <= c["value"] for c in checks.values()), checks
+    rows = {g["goal"]: g for g in data["goals"] if g["goal"].startswith("VISTA3D")}
+    assert set(rows) == {
+        "VISTA3D automatic mode: export build seconds (torchscript, onnx, 6 mm)",
+        "VISTA3D automatic mode: torchscript parity, max logit difference (6 mm)",
+        "VISTA3D automatic mode: onnx parity, max logit difference (6 mm)"}
+    for fmt in ("torchscript", "onnx"):
+        row = rows[f"VISTA3D automatic mode: {fmt} parity, max logit difference (6 mm)"]
+        assert row["met"] and row["value"] == built["parity"][fmt]["max_abs_diff"]
+        assert f"| {row['goal']} | {row['value']:.3f} | yes |" in text
+    assert "TensorRT fp16: skipped (runs on CUDA only (--device cpu))" in section["tables"]
+
+
+def test_the_vista3d_export_without_a_checkpoint_is_skipped_and_says_how(tmp_path):
+    out = tmp_path / "report"
+    done = report(out, "--sections", "export_vista3d", timeout=120)
+    assert done.returncode == 0, done.stderr
+    section = json.loads((out / "gpu_report.json").read_text())["sections"]["export_vista3d"]
+    assert section == {"status": "skipped", "message": f"no VISTA3D checkpoint at {out.resolve()}"
+                       "/vista3d_automatic.ckpt: the point_stage section did not write one; give "
+                       "--vista3d-ckpt or run that section too"}
+    assert not list((out / "sections").iterdir())
+
+
+def test_a_missing_vista3d_checkpoint_is_refused_before_anything_runs(tmp_path):
+    out = tmp_path / "report"
+    done = report(out, "--vista3d-ckpt", str(tmp_path / "none.ckpt"), timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"error: --vista3d-ckpt {tmp_path / 'none.ckpt'}: no such file; give an automatic-mode "
+        "VISTA3D checkpoint (train.py experiment=vista3d_quick), or leave the option out and the "
+        "point_stage section trains one"]
+    assert not out.exists()
 
 
 @pytest.mark.slow
