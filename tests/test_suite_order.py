@@ -3,8 +3,8 @@ start last and keep one pytest-xdist worker busy while the other idles."""
 
 from __future__ import annotations
 
-from conftest import LONGEST_FIRST, TRAINED_FIXTURES
 from helpers import REPO
+from suite_schedule import LONGEST_FIRST, TRAINED_FIXTURES
 from test_commands_as_typed import PLAN, Run, chain
 
 
