@@ -443,12 +443,17 @@ CHAIN_OF_FIELD = {"train": "default_run", "best": "default_run", "train_b": "def
 TRAINS = re.compile(r"^python (train\.py|-m ctseg\.hparams_search) (?!--)")
 
 
+def as_typed(command: str) -> str:
+    """A planned command with its documented placeholders replaced (PLACEHOLDERS, in order)."""
+    for placeholder, value in PLACEHOLDERS.items():
+        command = command.replace(placeholder, value)
+    return command
+
+
 def fields_read(command: str) -> set[str]:
     """The `{name}` fields a planned command gives (SOURCES) or fills in (its placeholders and
     expected files)."""
-    typed = command
-    for placeholder, value in PLACEHOLDERS.items():
-        typed = typed.replace(placeholder, value)
+    typed = as_typed(command)
     files = PLAN[command].files if isinstance(PLAN[command], Run) else ()
     gives = {name for name, source in SOURCES.items() if source == command}
     return gives.union(re.findall(r"\{(\w+)\}", " ".join((typed, *files))))
@@ -517,9 +522,7 @@ class Workspace:
         assert isinstance(plan, Run), command
         for earlier in plan.after:
             self.run(earlier)
-        typed = command
-        for placeholder, value in PLACEHOLDERS.items():
-            typed = typed.replace(placeholder, value)
+        typed = as_typed(command)
         cwd = self.clone
         if plan.fresh:
             cwd = copy_clone(self.tmp / f"fresh{len(self.results)}" / "ctseg")
