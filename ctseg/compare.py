@@ -10,7 +10,12 @@ warning line says when they are too few. The cases are the out-of-fold ones when
 is a fold of a cross-validation (callbacks=cross_validation: evaluation/val/scores.csv, pooled as
 `python -m ctseg.evaluate cv=` pools them), else the test split (callbacks=native_evaluation:
 evaluation/scores.csv). When the runs logged to W&B (logger=wandb), the tables and the box plot
-are also logged as a W&B run of their project (job type `compare`), offline when they were."""
+are also logged as a W&B run of their project (job type `compare`), offline when they were.
+
+Given the output folders of interactive evaluations (`python -m ctseg.evaluate.interactive`)
+instead, it writes their Dice-per-click curves side by side (`CLICK_OUTPUTS`): overall Dice after
+each reported click count and the area under the curve, each with its CI, and a paired Wilcoxon
+test of the per-case area against the first folder's on the cases both clicked."""
 
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from omegaconf import OmegaConf
 from ctseg.atomic import swapped_folder
 from ctseg.data.folds import SPLITS_FILE, read_splits
 from ctseg.errors import ConfigError, blamed_on, reported
-from ctseg.evaluate import statistics
+from ctseg.evaluate import interactive_report, statistics
 from ctseg.figures import save_png
 from ctseg.logger.wandb_runs import ID_FILE
 
@@ -58,6 +63,8 @@ HEADINGS = {
 LINE_STYLES = ("-", "--", ":", "-.")
 # The output folder inside the first folder compared, when --out is not given.
 DEFAULT_OUT = "comparison"
+# The outputs of a comparison of interactive evaluations.
+CLICK_OUTPUTS = ("clicks_compare.md", "clicks_compare.csv", "dice_vs_clicks.png")
 # What a comparison keeps of the one it replaces: the W&B files it logged (maybe not yet synced).
 KEPT = ("wandb",)
 # Overrides that repeat a config (replicates) rather than change it.
@@ -453,6 +460,21 @@ def compare(folders: Sequence[str | Path], out: Path, seed: int = 0
     return runs, stats
 
 
+def compare_clicks(folders: Sequence[str | Path], out: Path, seed: int = 0) -> int:
+    """Write CLICK_OUTPUTS for the interactive evaluations in `folders` (named by folder) as the
+    whole content of folder `out`; the number of evaluations."""
+    check_out(out)
+    evaluations = [interactive_report.load_evaluation(Path(f), Path(f).name or str(f))
+                   for f in folders]
+    rows = interactive_report.comparison_rows(evaluations, seed)
+    text = interactive_report.comparison_markdown(evaluations, rows)
+    with swapped_folder(out, own=CLICK_OUTPUTS[0]) as staging:
+        (staging / CLICK_OUTPUTS[0]).write_text(text)
+        (staging / CLICK_OUTPUTS[1]).write_text(_csv(rows))
+        save_png(interactive_report.comparison_figure(evaluations), staging / CLICK_OUTPUTS[2])
+    return len(evaluations)
+
+
 def wandb_settings(runs: Sequence[Run]) -> dict[str, Any] | None:
     """Project and offline flag of the W&B logger of the first run that logged to W&B (its
     folder holds the run id file), None when none did."""
@@ -508,7 +530,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m ctseg.compare", description=__doc__.splitlines()[0].split(": ", 1)[-1])
     parser.add_argument("folders", nargs="+", help="run folders, multirun folders, or folders "
-                        "holding them (searched recursively)")
+                        "holding them (searched recursively); or the output folders of "
+                        "interactive evaluations (python -m ctseg.evaluate.interactive)")
     parser.add_argument("--out", type=Path, help="the folder the outputs go to, replaced as a "
                         f"whole (default: <first folder>/{DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence "
@@ -517,6 +540,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "W&B even when the runs logged there")
     args = parser.parse_args(argv)
     out = args.out or Path(args.folders[0]) / DEFAULT_OUT
+    clicked = [interactive_report.is_evaluation(Path(f)) for f in args.folders]
+    if any(clicked):
+        with reported("python -m ctseg.compare"):
+            if not all(clicked):
+                raise ConfigError("give either interactive evaluations (folders with "
+                                  f"{interactive_report.OUTPUTS[1]} and "
+                                  f"{interactive_report.CLICKS_FOLDER}/) or runs, not both: "
+                                  + ", ".join(f for f, c in zip(args.folders, clicked,
+                                                                strict=True) if not c)
+                                  + " is no interactive evaluation")
+            count = compare_clicks(args.folders, out, args.seed)
+        print((out / CLICK_OUTPUTS[0]).read_text())
+        print(f"{count} interactive evaluations; written "
+              + ", ".join(str(out / o) for o in CLICK_OUTPUTS))
+        return
     with reported("python -m ctseg.compare"):
         runs, stats = compare(args.folders, out, args.seed)
     print((out / OUTPUTS[0]).read_text())

@@ -390,7 +390,7 @@ class ClickSession:
                                                   label_dtype(max(names) + 1))
         self.prompt, self.names = prompt, names
         self.cache.trim()
-        log.info("click %d: %.2f s, %d encoder runs, cache %.1f MiB in %d windows",
+        log.debug("click %d: %.2f s, %d encoder runs, cache %.1f MiB in %d windows",
                  len(self.points), time.perf_counter() - start, self.cache.encoder_runs - runs,
                  self.cache_bytes / 2**20, self.cached_windows)
         return self.labels

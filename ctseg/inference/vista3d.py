@@ -21,13 +21,14 @@ its padding only after the windows.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
-from torch import Tensor
+from torch import Tensor, nn
 
 from ctseg.errors import ConfigError
 from ctseg.inference.prompts import CLICKED, Prompt, output_names, prompt_ids
@@ -37,6 +38,10 @@ from ctseg.sliding_window import Window, grid_windows
 from ctseg.vista3d_labels import LAST_SUPPORTED, vista3d_labels
 
 log = logging.getLogger(__name__)
+
+# The networks whose untrained point head was warned about (warn once per loaded model, as
+# `warnings`' "once" does; the set does not keep a network alive).
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -187,9 +192,12 @@ def _inside(point: Sequence[float], start: Sequence[int], roi: Sequence[int]) ->
 
 
 def warn_untrained_clicks(model: LoadedModel, source: object) -> None:
-    """Log a warning when `model` (loaded from `source`) records that no training step held
-    clicks: its point head is untrained, and clicks give near-random masks."""
-    if model.click_steps == 0:
+    """Log a warning, once per loaded network, when `model` (loaded from `source`) records that
+    no training step held clicks: its point head is untrained, and clicks give near-random
+    masks."""
+    if model.click_steps == 0 and (model.net is None or model.net not in _WARNED):
+        if model.net is not None:
+            _WARNED.add(model.net)
         log.warning("%s: this VISTA3D checkpoint was trained without clicks (0 training steps "
                     "with point prompts, e.g. experiment=vista3d_quick trains the automatic "
                     "branch only), so its point head is untrained and clicks give unreliable "
