@@ -68,12 +68,14 @@ class Target:
 @dataclass(frozen=True)
 class Step:
     """What one click gave: its number (1..), the click (None: the user stopped, no error left
-    after erosion; the Dice is the last click's), Dice and seconds."""
+    after erosion; the Dice is the last click's), Dice, seconds, and whether the mask holds the
+    clicked voxel (a positive click's hit; for a negative click, a miss is the hit)."""
 
     number: int
     click: Click | None
     dice: float
     seconds: float
+    holds_click: bool = False
 
 
 def simulate(segment: Callable[[Click], np.ndarray], truth: np.ndarray, budget: int,
@@ -99,7 +101,9 @@ def simulate(segment: Callable[[Click], np.ndarray], truth: np.ndarray, budget: 
             break
         start = time.perf_counter()
         predicted = np.asarray(segment(click), dtype=bool)
-        steps.append(Step(number, click, dice(predicted, truth), time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        steps.append(Step(number, click, dice(predicted, truth), seconds,
+                          bool(predicted[click.point])))
     return steps
 
 
@@ -225,6 +229,7 @@ def evaluate_case(model: Any, case: str, items: Sequence[Target], settings: Mapp
                 "vista3d_id": target.vista3d_id, "voxels": int(truth.sum()),
                 "clicks": [s.click.as_json() for s in steps if s.click is not None],
                 "dice": [s.dice for s in steps], "seconds": [s.seconds for s in steps],
+                "first_click_hit": steps[0].holds_click,
                 "encoder_runs": session.encoder_runs - runs}
     return {"case": case, "ct": str(items[0].ct), "settings": dict(settings),
             "structures": structures}

@@ -91,6 +91,7 @@ def summarise(records: Sequence[Mapping[str, Any]], report_at: Sequence[int],
     seconds["next_over_first"] = seconds["next"] / seconds["first"] if first else math.nan
     stopped = sum(len(e["clicks"]) < budget for e in entries)
     return {"settings": dict(settings), "cases": len(records), "structures": len(entries),
+            "first_click_hit_rate": float(np.mean([e["first_click_hit"] for e in entries])),
             "stopped_early": stopped, "dice_after": dice_after, "auc": auc, "curve": curve,
             "curve_ci": [[d["ci_low"], d["ci_high"]] for d in overall], "seconds": seconds}
 
@@ -120,7 +121,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
         cells = [_cell(summary["dice_after"][k][name]) for k in at]
         lines.append(f"| {name} | {auc['n']} | " + " | ".join(cells) + f" | {_cell(auc)} |")
     t = summary["seconds"]
-    timing = (f"Seconds per click (medians): first {t['first']:.2f}, next {t['next']:.2f} "
+    timing = (f"First click inside the mask it gave: {summary['first_click_hit_rate']:.0%} of "
+              f"structures. Seconds per click (medians): first {t['first']:.2f}, next "
+              f"{t['next']:.2f} "
               f"({t['next_over_first']:.2f} x); image encoder runs per structure "
               f"{t['encoder_runs_per_structure']:.1f}; structures where no error was left before "
               f"the budget: {summary['stopped_early']}.")
