@@ -2,10 +2,11 @@
 names the file or key, no traceback, and nothing created where the command would have written.
 
 The matrix: predict.py (20 cases), train.py (9), python -m ctseg.hparams_search (2),
-ctseg.data (3), ctseg.evaluate (4), ctseg.visualize (5), ctseg.export (4), ctseg.compare (3):
-50 cases x 8 command lines. Every command that reads a file meets it missing, empty and
-truncated. Other weights that do not fit, and checkpoints naming a class outside ctseg, are
-tests/models/test_loading.py's (in-process: the same CtsegError makes the one line).
+ctseg.data (3), ctseg.evaluate (4), ctseg.evaluate.interactive (6), ctseg.visualize (5),
+ctseg.export (4), ctseg.compare (3): 56 cases x 9 command lines. Every command that reads a file
+meets it missing, empty and truncated. Other weights that do not fit, and checkpoints naming a
+class outside ctseg, are tests/models/test_loading.py's (in-process: the same CtsegError makes
+the one line).
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(d / "truncated.nii.gz", d / "pred" / "s0001" / "labels.nii.gz")
     (d / "pred_empty" / "s0001").mkdir(parents=True)
     (d / "pred_empty" / "s0001" / "labels.nii.gz").write_bytes(b"")
+    (d / "liver_only" / "segmentations").mkdir(parents=True)
+    shutil.copy(ct, d / "liver_only" / "ct.nii.gz")
+    shutil.copy(CROP / "s0001" / "segmentations" / "liver.nii.gz",
+                d / "liver_only" / "segmentations")
     (d / "dicom").mkdir()
     (d / "dicom" / "IM0001.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
     for name, config, metrics in (("runs_yaml", "a: [unclosed\n", "epoch,val/mean_dice\n0,0.5\n"),
@@ -116,6 +121,9 @@ class Case:
 
 PREDICT = "predict.py ckpt={d}/tiny.ckpt input={d}/ct.nii.gz output={o}/pred"
 TRAIN = "train.py paths.log_dir={o}/logs paths.data_dir={d}/data"
+INTERACTIVE = ("-m ctseg.evaluate.interactive ckpt={d}/vista3d.ckpt gt={d}/liver_only "
+               "output={o}/clicks")
+LIVER = f"{INTERACTIVE} structures=[liver]"
 CASES = {
     "predict: checkpoint of another class count": Case(
         "predict.py ckpt={d}/classes118.ckpt input={d}/ct.nii.gz output={o}/pred",
@@ -229,6 +237,21 @@ CASES = {
     "evaluate: missing ground truth": Case(
         "-m ctseg.evaluate pred={d}/pred gt={d}/nope output={o}/evaluation",
         "gt={d}/nope: no such folder"),
+    "interactive: SegResNet checkpoint": Case(
+        f"{LIVER.replace('vista3d.ckpt', 'tiny.ckpt')}",
+        "interactive evaluation needs a VISTA3D checkpoint"),
+    "interactive: a structure the ground truth lacks": Case(
+        f"{INTERACTIVE} structures=[liver,spleen]",
+        "liver_only/segmentations/spleen.nii.gz: the ground truth lacks spleen"),
+    "interactive: a structure VISTA3D has no id for": Case(
+        f"{INTERACTIVE} structures=[heart_myocardium]",
+        "structures: VISTA3D has no id for 'heart_myocardium'"),
+    "interactive: click budget below one": Case(f"{LIVER} clicks=0",
+                                                "clicks must be an integer >= 1"),
+    "interactive: missing ground truth": Case(f"{LIVER.replace('liver_only', 'nope')}",
+                                              "gt={d}/nope: no such folder"),
+    "interactive: clicks_from without clicks": Case(f"{LIVER} clicks_from={{d}}",
+                                                    "clicks_from={d}: no clicks/ folder"),
     "visualize: truncated CT": Case(
         f"-m ctseg.visualize ct={{d}}/truncated.nii.gz labels={V2_MAP} version=v2 "
         "out={o}/overlay.png", "truncated.nii.gz: cannot read the CT's voxels"),

@@ -49,8 +49,8 @@ def test_every_file_is_covered() -> None:
     primary = sorted(p.name for p in files if p.parent == CONFIG_DIR)
     # predict.yaml: tests/inference; export.yaml, evaluate.yaml and visualize.yaml: below and in
     # their tests
-    assert primary == ["evaluate.yaml", "export.yaml", "predict.yaml", "train.yaml",
-                       "visualize.yaml"]
+    assert primary == ["evaluate.yaml", "export.yaml", "interactive.yaml", "predict.yaml",
+                       "train.yaml", "visualize.yaml"]
     elsewhere = [p for p in files if p.relative_to(CONFIG_DIR).parts[0] in COMPOSED_ELSEWHERE]
     assert len(GROUP_OPTIONS) + len(primary) + len(elsewhere) == len(files)
     assert all(name in globals() for name in COMPOSED_ELSEWHERE.values())
@@ -206,6 +206,17 @@ def test_evaluate_config_composes_with_its_defaults() -> None:
         cfg = compose("evaluate", overrides=["pred=p", "gt=g"])
     assert (cfg.version, cfg.split, cfg.tolerance_mm, cfg.output) == ("v1", None, 3.0,
                                                                        "p/evaluation")
+
+
+def test_interactive_config_composes_with_its_defaults() -> None:
+    from ctseg.evaluate.interactive import interactive_config
+
+    GlobalHydra.instance().clear()
+    cfg = interactive_config("ckpt=a.ckpt", "gt=g")
+    assert (cfg.clicks, list(cfg.report_at), cfg.next_click, cfg.with_id, cfg.point_window,
+            cfg.output, cfg.clicks_from) == (10, [1, 3, 5, 10], "random", False, True,
+                                             "interactive_evaluation", None)
+    assert list(cfg.structures) == ["liver", "spleen", "kidney_left", "kidney_right", "stomach"]
 
 
 def test_visualize_config_composes_with_its_defaults() -> None:

@@ -20,6 +20,7 @@ window). Written to `output`:
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import time
@@ -44,6 +45,7 @@ from ctseg.evaluate.metrics import dice
 from ctseg.inference.click_session import ClickSession
 from ctseg.inference.record import model_digest
 from ctseg.inference.vista3d import warn_untrained_clicks
+from ctseg.labels import label_names
 from ctseg.models.loading import load_model
 from ctseg.vista3d_labels import vista3d_ids, vista3d_labels
 
@@ -142,9 +144,13 @@ def structure_ids(structures: Sequence[str]) -> dict[str, int]:
     ids = dict(zip(structures, vista3d_ids(["background", *structures])[1:], strict=True))
     for name, label in ids.items():
         if label is None or label in table.unsupported:
+            known = [n for n in dict.fromkeys(label_names("v1") + label_names("v2"))
+                     if vista3d_ids(["background", n])[1] is not None]
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"structures: VISTA3D has no {'supported ' if label else ''}id for "
-                              f"{name!r}; give TotalSegmentator mask names VISTA3D knows (e.g. "
-                              "liver, spleen, kidney_left; the table: ctseg/reference)")
+                              f"{name!r}; {hint}give TotalSegmentator mask names VISTA3D knows "
+                              "(e.g. liver, spleen, kidney_left)")
     return {name: int(label) for name, label in ids.items() if label is not None}
 
 
@@ -243,28 +249,38 @@ def grouped(items: Sequence[Target]) -> Iterator[tuple[str, list[Target]]]:
     yield from cases.items()
 
 
+def interactive_config(*overrides: str) -> DictConfig:
+    """conf/interactive.yaml composed with `overrides` (e.g. "ckpt=last.ckpt", "gt=data"): the
+    command line's settings and defaults for `evaluate_clicks` called from Python."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose("interactive", overrides=list(overrides))
+
+
 def evaluate_clicks(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Check every input, click every case (keeping the cases an earlier run with the same
-    settings finished), write the outputs; the summary."""
-    budget = cfg.get("clicks")
+    """Check every input (`cfg`: conf/interactive.yaml's keys, `interactive_config`), click
+    every case (keeping the cases an earlier run with the same settings finished), write the
+    outputs; the summary."""
+    budget = cfg["clicks"]
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"clicks must be an integer >= 1 (the click budget per structure), "
                           f"got {budget!r}")
-    at = str(cfg.get("next_click", "random"))
+    at = str(cfg["next_click"])
     if at not in NEXT_CLICK:
         raise ConfigError(f"next_click must be one of {', '.join(NEXT_CLICK)}, got {at!r}")
-    structures = list(cfg.get("structures") or [])
+    structures = list(cfg["structures"] or [])
     if not structures:
         raise ConfigError("structures: give at least one, e.g. structures=[liver,spleen]")
     ckpt = Path(str(cfg["ckpt"]))
     if not ckpt.is_file():
         raise ConfigError(f"ckpt={ckpt}: no such file; give a VISTA3D checkpoint (.ckpt) or the "
                           "vista3d bundle's model.pt")
-    clicks_from = Path(str(cfg["clicks_from"])) if cfg.get("clicks_from") else None
+    clicks_from = Path(str(cfg["clicks_from"])) if cfg["clicks_from"] else None
     if clicks_from is not None and not (clicks_from / CLICKS_FOLDER).is_dir():
         raise ConfigError(f"clicks_from={clicks_from}: no {CLICKS_FOLDER}/ folder; give the "
                           "output folder of an earlier python -m ctseg.evaluate.interactive")
-    items = targets(case_folders(Path(str(cfg["gt"])), cfg.get("split")),
+    items = targets(case_folders(Path(str(cfg["gt"])), cfg["split"]),
                     structure_ids(structures))
     model = load_model(ckpt, {}, {})
     if model.kind != "vista3d" or model.net is None:
@@ -273,14 +289,14 @@ def evaluate_clicks(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                           f"{'export' if model.net is None else 'checkpoint'}")
     warn_untrained_clicks(model, ckpt)
     settings = {"model_sha256": model_digest(ckpt), "clicks": budget, "next_click": at,
-                "seed": int(cfg.get("seed", 0)), "with_id": bool(cfg.get("with_id", False)),
-                "point_window": bool(cfg.get("point_window", True)),
+                "seed": int(cfg["seed"]), "with_id": bool(cfg["with_id"]),
+                "point_window": bool(cfg["point_window"]),
                 "clicks_from": None if clicks_from is None else str(clicks_from)}
     out = Path(str(cfg["output"]))
     records = []
     cases = list(grouped(items))
     for case, case_items in track(cases, description="clicks",
-                                  disable=not cfg.get("progress", True)):
+                                  disable=not cfg["progress"]):
         path = out / CLICKS_FOLDER / f"{case}.json"
         if path.is_file():
             old = read_case(path)
@@ -291,7 +307,7 @@ def evaluate_clicks(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                 records.append(old)
                 continue
         log.info("%s: clicking %d structure(s), %d click(s) each", case, len(case_items), budget)
-        record = evaluate_case(model, case, case_items, settings, str(cfg.get("device", "cpu")),
+        record = evaluate_case(model, case, case_items, settings, str(cfg["device"]),
                                clicks_from)
         text = json.dumps(record, indent=1) + "\n"
         write_atomic(path, lambda tmp, text=text: tmp.write_text(text))
@@ -302,8 +318,8 @@ def evaluate_clicks(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     if not any(r["structures"] for r in records):
         raise DatasetError(Path(str(cfg["gt"])), f"none of {', '.join(structures)} has a voxel "
                            "in these cases; nothing was clicked")
-    summary = write_report(records, out, [int(k) for k in cfg.get("report_at") or [1]], settings,
-                           int(cfg.get("seed", 0)))
+    summary = write_report(records, out, [int(k) for k in cfg["report_at"] or []], settings,
+                           int(cfg["seed"]))
     summary["output"] = str(out)
     return summary
 
