@@ -44,7 +44,7 @@ HELP = (
     "python train.py --help", "python predict.py --help", "python -m ctseg.evaluate --help",
     "python -m ctseg.export --help", "python -m ctseg.visualize --help",
     "python -m ctseg.compare --help", "python -m ctseg.data --help",
-    "python -m ctseg.hparams_search --help",
+    "python -m ctseg.hparams_search --help", "python -m ctseg.evaluate.interactive --help",
 )
 
 # Size-shrinking overrides of a training run: one epoch of two steps (validated, so that it
@@ -184,6 +184,22 @@ def phantom_quick_resumed_in_place(ws: Workspace) -> None:
                if "resume changes" in line]
     assert len(changes) == 1 and changes[0].endswith(
         "resume changes trainer.max_epochs=2 (the run had trainer.max_epochs=1)"), changes
+
+
+CLICKS_ALONE = ("python -m ctseg.evaluate.interactive ckpt=run/checkpoints/last.ckpt "
+                "gt=/data/Totalsegmentator_dataset split=test structures=[liver,spleen] clicks=5 "
+                "output=clicks_alone")
+CLICKS_WITH_ID = ("python -m ctseg.evaluate.interactive ckpt=run/checkpoints/last.ckpt "
+                  "gt=/data/Totalsegmentator_dataset split=test structures=[liver,spleen] clicks=5 "
+                  "with_id=true clicks_from=clicks_alone output=clicks_with_id")
+
+
+def clicks_replayed(ws: Workspace) -> None:
+    """The evaluation with the structures' ids clicked where the one of clicks alone did."""
+    alone, with_id = (json.loads((ws.clone / name / "clicks/s0001.json").read_text())
+                      ["structures"] for name in ("clicks_alone", "clicks_with_id"))
+    assert set(alone) == set(with_id) == {"liver", "spleen"}
+    assert all(alone[s]["clicks"] == with_id[s]["clicks"] for s in alone)
 
 
 # A console line of Hydra's job logging (the root logger's handler): [time][logger][LEVEL] - text
@@ -378,6 +394,17 @@ PLAN: dict[str, Run | Skip] = {
     "'prompt.point_labels=[1,0]' 'prompt.labels=[1]'": Run(files=("pred/ct/labels.nii.gz",)),
     "python predict.py ckpt=... input=... output=... 'prompt.labels=[140]' "
     "'prompt.points=[[60,70,12]]' 'prompt.point_labels=[1]'": Run(files=("pred/ct/labels.nii.gz",)),
+    # docs/vista3d.md: interactive evaluation
+    "python -m ctseg.evaluate.interactive ckpt=run/checkpoints/last.ckpt gt=data/phantoms "
+    "split=test": Run(files=("interactive_evaluation/summary.json",
+                             "interactive_evaluation/clicks/*.json"), prints=("| overall |",)),
+    CLICKS_ALONE: Run(files=("clicks_alone/clicks.csv", "clicks_alone/clicks/s0001.json")),
+    CLICKS_WITH_ID: Run(files=("clicks_with_id/clicks.csv",), after=(CLICKS_ALONE,),
+                        check=clicks_replayed),
+    "python -m ctseg.compare clicks_alone clicks_with_id --out clicks_compared":
+        Run(files=("clicks_compared/clicks_compare.md", "clicks_compared/dice_vs_clicks.png"),
+            after=(CLICKS_WITH_ID,), prints=("2 interactive evaluations",)),
+    "python -m ctseg.evaluate.interactive --help": Run(prints=("clicks_from", "Dice after each")),
     # README: prediction
     "python predict.py ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt "
     "input=../shared/data/totalseg_mini/s0001/ct.nii.gz output=predictions":

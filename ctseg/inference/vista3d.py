@@ -148,8 +148,11 @@ def plan_case(net: torch.nn.Module, prompt: Prompt, known: Sequence[int],
         for image, window in zip(windows, batch, strict=True):
             coords = [(slice(None), slice(None), *(slice(a, b) for a, b in window))]
             device = image.device
-            out = net(image[None], point_coords=points[None].to(device),
-                      point_labels=point_labels[None].to(device),
+            inside, inside_labels = points, point_labels
+            if class_vector is not None:
+                inside, inside_labels = rounded_inside(points, point_labels, window)
+            out = net(image[None], point_coords=inside[None].to(device),
+                      point_labels=inside_labels[None].to(device),
                       class_vector=None if class_vector is None else class_vector.to(device),
                       prompt_class=None if prompt_class is None else prompt_class.to(device),
                       patch_coords=coords, transpose=True)
@@ -183,6 +186,19 @@ def plan_exported(runner: Callable[[Tensor], Tensor], prompt: Prompt, known: Seq
         return runner(windows)[:, channels.to(windows.device)]
 
     return Vista3DPlan(automatic, False, [0, *ids], output_names(ids))
+
+
+def rounded_inside(points: Tensor, labels: Tensor, window: Window) -> tuple[Tensor, Tensor]:
+    """The clicks (N, 3) and labels (N,) whose rounded voxel lies inside `window`. MONAI's
+    `connected_components_combine` (clicks with a class id) reads the class head's logits at the
+    rounded voxel of each click `update_point_to_patch` kept (those strictly inside the window);
+    a click within half a voxel of the window's far edge rounds onto the voxel after it, an
+    IndexError there, so such a click is left out of this window (the window centred on it, or
+    the next one of the grid, holds it)."""
+    start = np.array([a for a, _ in window], dtype=np.float64)
+    size = np.array([b - a for a, b in window])
+    keep = torch.from_numpy((np.round(points.double().numpy() - start) < size).all(axis=1))
+    return points[keep], labels[keep]
 
 
 def _inside(point: Sequence[float], start: Sequence[int], roi: Sequence[int]) -> bool:

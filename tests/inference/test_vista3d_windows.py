@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from ctseg.data.transforms import IMAGE, PipelineConfig, infer_transforms
 from ctseg.inference.runner import run
+from ctseg.inference.vista3d import rounded_inside
 from ctseg.labels import label_names
 from ctseg.models.vista3d import VISTA3DModule
 from ctseg.vista3d_labels import LAST_SUPPORTED
@@ -153,3 +154,28 @@ def test_clicks_equal_monai_point_inference(small_vista3d, tiled_ct, tmp_path, l
                     points=[list(c) for c in clicks], point_labels=point_labels,
                     point_window=point_window)
     assert np.array_equal(ours, expected), f"agreement {(ours == expected).mean():.5f}"
+
+
+def test_a_click_with_an_id_rounding_past_a_windows_far_edge_is_left_out_of_it():
+    """MONAI's VISTA3D keeps a click strictly inside a window (15.7 in a window of 16) and then,
+    with a class id, reads the class logits at its rounded voxel (16): an IndexError. ctseg leaves
+    such a click out of that window, and the window runs with the clicks it holds."""
+    torch.manual_seed(0)
+    net = VISTA3DModule(105, label_names("v1"), encoder_embed_dim=8, blocks_down=(1, 1, 1),
+                        roi_size=(16, 16, 16)).net.eval()
+    image = torch.randn(1, 1, 16, 16, 16)
+    window = ((16, 32), (0, 16), (0, 16))  # the second window along x of a padded image
+    coords = [(slice(None), slice(None), *(slice(a, b) for a, b in window))]
+    points = torch.tensor([[31.7, 8.0, 8.0], [24.0, 8.0, 8.0], [40.0, 8.0, 8.0]])
+    labels = torch.tensor([1, 0, 1])
+    ids = {"class_vector": torch.tensor([[1]]), "prompt_class": torch.tensor([[1]])}
+    with torch.no_grad(), pytest.raises(IndexError):
+        net(image, point_coords=points[None], point_labels=labels[None], patch_coords=coords,
+            transpose=True, **ids)
+    inside, inside_labels = rounded_inside(points, labels, window)
+    assert inside.tolist() == [[24.0, 8.0, 8.0]]  # 40 lies beyond the window: MONAI drops it too
+    assert inside_labels.tolist() == [0]
+    with torch.no_grad():
+        out = net(image, point_coords=inside[None], point_labels=inside_labels[None],
+                  patch_coords=coords, transpose=True, **ids)
+    assert out.shape == (1, 1, 16, 16, 16) and torch.isfinite(out).all()
