@@ -302,8 +302,9 @@ def main() -> None:
         side.pop("fresh", None)
         side.pop("evaluation", None)
     report = payload("point_stage", SPAN, args.repeats, setting, sides, checks)
+    # The comparison's heading goes three levels down, under the GPU report's section heading.
     print(report_text(report, "automatic", f"VISTA3D point stage, {args.device}") + "\n\n"
-          + table(report) + "\n\n" + comparison.strip())
+          + table(report) + "\n\n##" + comparison.strip())
     finish(report, args.out)
 
 
