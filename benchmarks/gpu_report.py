@@ -21,8 +21,10 @@ writes that script's JSON to `<out>/sections/<name>.json` and its output to
 - `point_stage`: benchmarks/point_stage.py, VISTA3D's point head trained for `--point-budget-s`
   seconds (default 60; the issue's 3 minutes with 180) from an automatic-mode checkpoint
   (`--vista3d-ckpt`, else experiment=vista3d_quick trained first and kept as
-  `<out>/vista3d_automatic.ckpt`), clicks on held-out phantoms (hit rate, Dice after 1 and 5
-  clicks);
+  `<out>/vista3d_automatic.ckpt`), both checkpoints measured on held-out phantoms by
+  interactive evaluation (`ctseg.evaluate.interactive`: hit rate, Dice after 1 and 5 clicks,
+  AUC, seconds per click), their evaluations and comparison in
+  `<out>/sections/point_stage_clicks/`;
 - `export`: benchmarks/export.py, AMP, TensorRT fp32 and fp16 of the bundle's SegResNet on the
   shared crop at 1.5 mm (one round; engine build time, the median time of 10 windows, parity,
   agreement; without torch-tensorrt the TensorRT variants are recorded as skipped);

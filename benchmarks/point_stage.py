@@ -2,7 +2,8 @@
 phantoms: do clicks learn?
 
     python benchmarks/point_stage.py [--ckpt automatic.ckpt] [--budget-s 180] [--max-steps N]
-                                     [--device cpu|cuda] [--clicks 5] [--repeats 1]
+                                     [--device cpu|cuda] [--clicks 5] [--cases 3]
+                                     [--structures NAME ...] [--repeats 1]
                                      [--save-automatic CKPT] [--out result.json]
 
 The automatic-mode checkpoint is `--ckpt`, else `python train.py experiment=vista3d_quick`
@@ -13,16 +14,21 @@ model.trainable=point_head model.drop_label_prob=1.0 model.drop_point_prob=0.0` 
 phantoms, for `--budget-s` seconds of training (`trainer.max_time`; `--max-steps` caps both runs,
 for a smoke test), without validation. `--device cuda` adds `trainer=gpu` (AMP) to both runs.
 
-Clicks, with the simplest protocol ctseg's tests use (to be replaced by the interactive-
-evaluation protocol of issue 37): on each phantom of the test split, for each structure of
-`CLICKED`, a click session without a class id (a window centred on each click, predict's
-default); the first click at the structure's deepest voxel (positive), each next click at the
-deepest voxel of the largest error of the last labels (positive in a missed part, negative in a
-false positive). Per checkpoint (`automatic`: its point head untrained; `point stage`: after the
-budget), each in its own process with the protocol of benchmarks/common.py (`--repeats` rounds,
-one warm-up of the whole evaluation, medians): the hit rate of the first click (its voxel
-labelled), the mean Dice after the first click and after `--clicks` clicks; span: the phantoms'
-files -> the labels of every click in memory.
+Clicks, measured by interactive evaluation (`ctseg.evaluate.interactive`, the protocol of
+docs/vista3d.md, its settings from conf/interactive.yaml): on the first `--cases` phantoms of the
+test split, for each structure of `--structures`, a click session without a class id (a window
+centred on each click); the first click at the voxel nearest the centre of the eroded structure
+(positive), each next one at a seeded random voxel of the largest eroded error of the last labels
+(positive in a missed part, negative in a false positive), up to `--clicks` clicks. Per checkpoint
+(`automatic`: its point head untrained; `point stage`: after the budget), each in its own process
+with the protocol of benchmarks/common.py (`--repeats` rounds, one warm-up of the whole
+evaluation, medians): the first-click hit rate (its voxel labelled), mean Dice after the first
+click and after `--clicks` clicks, the area under the Dice-per-click curve, seconds per first and
+next click; span: the phantoms' files -> every click's labels and Dice in memory; written
+(timed apart): the interactive evaluation's outputs. With `--out`, each checkpoint's outputs
+(clicks/<case>.json, clicks.csv, summary.json, summary.md, dice_vs_clicks.png) go to
+`<out stem>_clicks/<automatic|point_stage>/` and `python -m ctseg.compare` of the two to
+`<out stem>_clicks/compare/` (`<out stem>_clicks` is replaced as a whole).
 
 Agreement: the point-trained session's labels after the last click of the first structure equal
 a fresh `CasePredictor.segment` with the same clicks on >= 99.9 % of the voxels (a session that
@@ -32,15 +38,14 @@ lost or misplaced a click fails), else the script exits non-zero after writing t
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from common import (
     REPO,
@@ -57,10 +62,11 @@ from common import (
     timed_span,
     voxel_agreement,
 )
-from scipy import ndimage
 
-CLICKED = ("liver", "spleen", "kidney_left", "kidney_right", "stomach")
-SPAN = "phantom files -> labels of every click in memory"
+SPAN = "phantom files -> labels and Dice of every click in memory"
+# The comparison of the two evaluations inside the clicks folder: its table, which also marks
+# the folder as this script's output (it is replaced only then).
+COMPARISON = "compare/clicks_compare.md"
 # Least share of voxels where the session's labels after its last click equal a fresh predict run
 # with the same clicks (the session runs the same windows).
 THRESHOLD = 0.999
@@ -94,104 +100,84 @@ def max_time(seconds: float) -> str:
     return f"{total // 86400:02d}:{total // 3600 % 24:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
 
 
-def held_out(phantoms: Path) -> list[str]:
-    """The phantoms of the test split of `phantoms/meta.csv`."""
-    with (phantoms / "meta.csv").open() as f:
-        return [r["image_id"] for r in csv.DictReader(f, delimiter=";") if r["split"] == "test"]
-
-
-def deepest_voxel(mask: np.ndarray) -> tuple[int, int, int]:
-    """The voxel of `mask` farthest from its boundary."""
-    depth = ndimage.distance_transform_edt(mask)
-    return tuple(int(i) for i in np.unravel_index(np.argmax(depth), mask.shape))
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of `mask` (empty when `mask` is)."""
-    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    if not count:
-        return mask
-    sizes = ndimage.sum(mask, components, range(1, count + 1))
-    return components == 1 + int(np.argmax(sizes))
-
-
-def next_click(labels: np.ndarray, mask: np.ndarray) -> tuple[tuple[int, int, int], int]:
-    """The next click: the deepest voxel of the largest error, positive in a missed part (1),
-    negative in a false positive (0)."""
-    missed = largest_component(mask & ~labels)
-    extra = largest_component(labels & ~mask)
-    if missed.sum() >= extra.sum():
-        return deepest_voxel(missed), 1
-    return deepest_voxel(extra), 0
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1 when both are empty)."""
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+def clicks_folder(out: Path) -> Path:
+    """Where the interactive evaluations of a run writing `out` go: beside it."""
+    return out.with_name(f"{out.stem}_clicks")
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """One checkpoint's clicks on the held-out phantoms under the protocol: hit rate, Dice after
-    the first and the last click; the labels after the last click of the first structure."""
-    from ctseg.inference.click_session import ClickSession
+    """One checkpoint's interactive evaluation on the held-out phantoms under the protocol: its
+    summary's figures; the labels after the last click of the first structure."""
+    from ctseg.evaluate.interactive import (
+        evaluate_case,
+        grouped,
+        interactive_config,
+        prepare,
+        write_case,
+    )
+    from ctseg.evaluate.interactive_report import write_report
+    from ctseg.evaluate.statistics import OVERALL
     from ctseg.inference.inputs import Case
     from ctseg.inference.pipeline import CasePredictor, PredictOptions
-    from ctseg.models.loading import load_model
     from ctseg.models.vista3d import CLICK_STEPS_KEY
     from ctseg.models.weights import read_checkpoint
 
     phantoms = Path(args.phantoms)
-    model = load_model(args.ckpt, {}, {})
-    cases = held_out(phantoms)[:int(args.cases)]
-    clicks = int(args.clicks)
-    scores: dict = {}
-
-    def evaluate() -> dict:
-        hits, first, last, kept = [], [], [], {}
-        for case in cases:
-            folder = phantoms / case
-            with ClickSession.open(model, folder / "ct.nii.gz", device=args.device) as session:
-                for name in args.structures:
-                    mask = np.asarray(nib.load(folder / "segmentations" / f"{name}.nii.gz")
-                                      .dataobj) > 0
-                    session.reset()
-                    point, positive = deepest_voxel(mask), 1
-                    for k in range(clicks):
-                        labels = session.click([list(point)], [positive]) == 1
-                        if k == 0:
-                            hits.append(bool(labels[point]))
-                            first.append(dice(labels, mask))
-                        point, positive = next_click(labels, mask)
-                    last.append(dice(labels, mask))
-                    if not kept:
-                        kept = {"case": case, "prompt": session.prompt,
-                                "labels": session.labels.copy()}
-        scores.update(hit_rate=float(np.mean(hits)), dice_first=float(np.mean(first)),
-                      dice_last=float(np.mean(last)), structures=len(hits))
-        return kept
-
-    def write(kept: dict) -> None:
-        nib.save(nib.Nifti1Image(kept["labels"], nib.load(
-            phantoms / kept["case"] / "ct.nii.gz").affine),
-                 Path(args.workdir) / f"{slug(args.worker)}.nii.gz")
-
+    cfg = interactive_config(f"ckpt={args.ckpt}", f"gt={phantoms}", "split=test",
+                             f"structures=[{','.join(args.structures)}]",
+                             f"clicks={args.clicks}", f"device={args.device}",
+                             f"output={args.evaluation}", "progress=false")
+    plan = prepare(cfg)
+    cases = list(grouped(plan.items))[:int(args.cases)]
     kept: dict = {}
+    summary: dict = {}
 
-    def span() -> dict:
-        kept.update(evaluate())
-        return kept
+    def keep(target, session) -> None:
+        """The first structure's labels and prompt after its last click."""
+        if "labels" not in kept:
+            kept.update(case=target.case, prompt=session.prompt, labels=session.labels.copy())
 
-    result = timed_span(span, write, lambda k: k["labels"],
+    def span() -> list[dict]:
+        kept.clear()
+        return [evaluate_case(plan.model, case, items, plan.settings, args.device, None, keep)
+                for case, items in cases]
+
+    def write(records: list[dict]) -> None:
+        for record in records:
+            write_case(plan.output, record)
+        summary.update(write_report(records, plan.output, list(cfg.report_at), plan.settings,
+                                    int(cfg.seed)))
+
+    result = timed_span(span, write, lambda _: kept["labels"],
                         Path(args.workdir) / f"{slug(args.worker)}.npy")
-    options = PredictOptions(device=args.device, prompt=kept["prompt"])
-    with CasePredictor(model, options) as predictor:
+    with CasePredictor(plan.model, PredictOptions(device=args.device,
+                                                  prompt=kept["prompt"])) as predictor:
         fresh = predictor.segment(Case(kept["case"], phantoms / kept["case"] / "ct.nii.gz",
                                        "nifti")).labels
     np.save(Path(args.workdir) / f"{slug(args.worker)}_fresh.npy", fresh)
-    return {**result, **scores, "clicks": clicks,
+    seconds = summary["seconds"]
+    return {**result, "clicks": int(args.clicks), "structures": summary["structures"],
+            "hit_rate": summary["first_click_hit_rate"],
+            "dice_first": summary["dice_after"]["1"][OVERALL]["mean"],
+            "dice_last": summary["dice_after"][str(args.clicks)][OVERALL]["mean"],
+            "auc": summary["auc"][OVERALL]["mean"], "first_click_s": seconds["first"],
+            "next_click_s": seconds["next"], "stopped_early": summary["stopped_early"],
+            "evaluation": str(plan.output),
             "fresh": str(Path(args.workdir) / f"{slug(args.worker)}_fresh.npy"),
             "click_steps": read_checkpoint(args.ckpt).get(CLICK_STEPS_KEY)}
+
+
+def compare(sides: dict[str, dict], folder: Path) -> str:
+    """Put the sides' evaluations in `folder` (as `<side slug>/`) beside their comparison by
+    `python -m ctseg.compare` (`compare/`); the comparison's table."""
+    for name, side in sides.items():
+        shutil.copytree(side["evaluation"], folder / slug(name))
+    command = [sys.executable, "-m", "ctseg.compare", *(str(folder / slug(n)) for n in sides),
+               "--out", str(folder / "compare"), "--no-wandb"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command[1:])} failed:\n{done.stderr[-3000:]}")
+    return (folder / COMPARISON).read_text()
 
 
 def table(report: dict) -> str:
@@ -204,10 +190,12 @@ def table(report: dict) -> str:
     cap = "" if setting["max_steps"] is None else f", at most {setting['max_steps']} step(s)"
     lines = [f"Training processes: {trained} (point-stage budget {setting['budget_s']:g} s{cap}).",
              "", "| checkpoint | training steps with clicks | first-click hit rate | Dice, 1 click "
-             f"| Dice, {clicks} clicks |", "|---|---:|---:|---:|---:|"]
+             f"| Dice, {clicks} clicks | AUC | first click (s) | next click (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in report["sides"].items():
         lines.append(f"| {name} | {r['click_steps']} | {r['hit_rate']:.2f} | "
-                     f"{r['dice_first']:.3f} | {r['dice_last']:.3f} |")
+                     f"{r['dice_first']:.3f} | {r['dice_last']:.3f} | {r['auc']:.3f} | "
+                     f"{r['first_click_s']:.3f} | {r['next_click_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -226,21 +214,37 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--clicks", type=int, default=5, help="clicks per structure")
     parser.add_argument("--cases", type=int, default=3, help="held-out phantoms clicked (of 3)")
-    parser.add_argument("--structures", nargs="+", choices=CLICKED, default=list(CLICKED),
-                        help="structures clicked on each")
+    parser.add_argument("--structures", nargs="+", help="structures clicked on each "
+                        "(default: conf/interactive.yaml's)")
     add_repeats_option(parser, default=1)
     parser.add_argument("--save-automatic", type=Path, help="copy the automatic-mode checkpoint "
                         "here (trained or --ckpt)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    add_worker_options(parser, "--ckpt-json", "--phantoms")
+    add_worker_options(parser, "--ckpt-json", "--phantoms", "--evaluation")
     args = parser.parse_args()
     if args.worker:
         args.ckpt = args.ckpt_json
         serve_worker(worker, args)
         return
     configure_logging()
+    from ctseg.atomic import swapped_folder
+    from ctseg.errors import ConfigError
+    from ctseg.evaluate.interactive import interactive_config, structure_ids
     from ctseg.models.loading import DATA_HPARAMS
     from ctseg.models.weights import read_checkpoint
+
+    if args.clicks < 1 or args.cases < 1:
+        raise SystemExit(f"error: --clicks {args.clicks} --cases {args.cases}: give at least 1 "
+                         "of each")
+    args.structures = args.structures or list(interactive_config().structures)
+    try:
+        structure_ids(args.structures)
+    except ConfigError as err:
+        raise SystemExit(f"error: --structures {' '.join(args.structures)}: {err}") from None
+    folder = clicks_folder(args.out) if args.out else None
+    if folder is not None and folder.exists() and not (folder / COMPARISON).is_file():
+        raise SystemExit(f"error: --out {args.out}: {folder} exists and is not this script's "
+                         f"output (no {COMPARISON} in it); remove it or choose another --out")
 
     gpu = ["trainer=gpu"] if args.device == "cuda" else []
     steps = [f"trainer.max_steps={args.max_steps}"] if args.max_steps else []
@@ -268,23 +272,30 @@ def main() -> None:
         options = ["--phantoms", str(phantoms), "--device", args.device, "--clicks",
                    str(args.clicks), "--cases", str(args.cases), "--structures",
                    *args.structures]
-        sides = run_sides(__file__, {"automatic": [*options, "--ckpt-json", automatic],
-                                     "point stage": [*options, "--ckpt-json", pointed]},
-                          workdir, args.repeats)
+        ckpts = {"automatic": automatic, "point stage": pointed}
+        sides = run_sides(__file__, {name: [*options, "--ckpt-json", ckpt, "--evaluation",
+                                            str(work / "evaluations" / slug(name))]
+                                     for name, ckpt in ckpts.items()}, workdir, args.repeats)
+        with (nullcontext(work / "clicks") if folder is None
+              else swapped_folder(folder, own=COMPARISON)) as clicks:
+            comparison = compare(sides, clicks)
         trained = sides["point stage"]
         checks = {"point stage session vs fresh": agreement(
             "share of voxels with labels equal to a fresh predict run with the same clicks",
             voxel_agreement(trained["output"], trained["fresh"]), THRESHOLD)}
     setting = {"device": args.device, "budget_s": args.budget_s, "max_steps": args.max_steps,
                "clicks": args.clicks, "cases": args.cases, "structures": args.structures,
-               **times,
-               "click_protocol": "first click at the deepest voxel; next at the deepest voxel of "
-               "the largest error (tests' protocol; issue 37's will replace it)"}
+               **times, "click_protocol": "python -m ctseg.evaluate.interactive: first click "
+               "nearest the centre of the eroded structure, next at a seeded random voxel of the "
+               "largest eroded error, clicks alone, a window centred on each click",
+               "clicks_folder": None if folder is None else str(folder)}
     for side in sides.values():
         side.pop("fresh", None)
+        side.pop("evaluation", None)
     report = payload("point_stage", SPAN, args.repeats, setting, sides, checks)
+    # The comparison's heading goes three levels down, under the GPU report's section heading.
     print(report_text(report, "automatic", f"VISTA3D point stage, {args.device}") + "\n\n"
-          + table(report))
+          + table(report) + "\n\n##" + comparison.strip())
     finish(report, args.out)
 
 

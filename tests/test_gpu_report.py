@@ -105,6 +105,33 @@ def test_the_vista3d_checkpoints_the_report_writes_load(smoke):
 
 
 @pytest.mark.slow
+def test_the_point_stage_section_measures_with_interactive_evaluation(smoke, gpu_report_smoke):
+    """Each checkpoint's figures are those of its interactive evaluation's summary (kept beside
+    the section's JSON with every output of python -m ctseg.evaluate.interactive), and
+    python -m ctseg.compare puts the two side by side in the section's tables."""
+    section = smoke[0]["sections"]["point_stage"]
+    folder = gpu_report_smoke / "sections" / "point_stage_clicks"
+    assert section["result"]["setting"]["clicks_folder"] == str(folder)
+    for name, side in section["result"]["sides"].items():
+        evaluation = folder / name.replace(" ", "_")
+        assert {p.name for p in evaluation.iterdir()} == {
+            "clicks", "clicks.csv", "summary.json", "summary.md", "dice_vs_clicks.png"}
+        summary = json.loads((evaluation / "summary.json").read_text())
+        assert summary["settings"]["clicks"] == side["clicks"] == 2
+        assert summary["cases"] == 1 and summary["structures"] == side["structures"] == 1
+        assert side["hit_rate"] == summary["first_click_hit_rate"]
+        assert side["dice_first"] == summary["dice_after"]["1"]["overall"]["mean"]
+        assert side["dice_last"] == summary["dice_after"]["2"]["overall"]["mean"]
+        assert side["auc"] == summary["auc"]["overall"]["mean"]
+        assert side["first_click_s"] == summary["seconds"]["first"] > 0
+        record = json.loads(next((evaluation / "clicks").glob("*.json")).read_text())
+        assert record["structures"]["liver"]["clicks"][0]["label"] == 1
+    table = (folder / "compare" / "clicks_compare.md").read_text()
+    assert "| automatic | 1 |" in table and "| point_stage | 1 |" in table
+    assert table.strip() in section["tables"]
+
+
+@pytest.mark.slow
 def test_the_vista3d_export_rows_measure_its_automatic_mode(smoke, gpu_report_smoke):
     """export_vista3d exports the automatic-mode checkpoint the point_stage section trained, in
     the checkpoint's own window and preprocessing: TorchScript and ONNX within their parity

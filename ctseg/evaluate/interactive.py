@@ -206,8 +206,12 @@ def session_segmenter(session: Any, label: int | None) -> Callable[[Click], np.n
 
 
 def evaluate_case(model: Any, case: str, items: Sequence[Target], settings: Mapping[str, Any],
-                  device: str, clicks_from: Path | None) -> dict[str, Any]:
-    """Click every structure of one case through one click session; the case's record."""
+                  device: str, clicks_from: Path | None,
+                  clicked: Callable[[Target, ClickSession], None] | None = None
+                  ) -> dict[str, Any]:
+    """Click every structure of one case through one click session (`clicked(target,
+    session)` called after each structure's last click, its labels and prompt in the session);
+    the case's record."""
     structures: dict[str, Any] = {}
     ct = load_nifti(items[0].ct, "re-download it")
     spacing = tuple(float(s) for s in ct.header.get_zooms()[:3])
@@ -231,6 +235,8 @@ def evaluate_case(model: Any, case: str, items: Sequence[Target], settings: Mapp
                 structure_rng(settings["seed"], case, target.structure), spacing,
                 settings["next_click"],
                 None if clicks_from is None else replayed(clicks_from, case, target.structure))
+            if clicked is not None:
+                clicked(target, session)
             structures[target.structure] = {
                 "vista3d_id": target.vista3d_id, "voxels": int(truth.sum()),
                 "clicks": [s.click.as_json() for s in steps if s.click is not None],
@@ -251,17 +257,28 @@ def grouped(items: Sequence[Target]) -> Iterator[tuple[str, list[Target]]]:
 
 def interactive_config(*overrides: str) -> DictConfig:
     """conf/interactive.yaml composed with `overrides` (e.g. "ckpt=last.ckpt", "gt=data"): the
-    command line's settings and defaults for `evaluate_clicks` called from Python."""
+    command line's settings and defaults for `prepare` / `evaluate_clicks` called from Python."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         return compose("interactive", overrides=list(overrides))
 
 
-def evaluate_clicks(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Check every input (`cfg`: conf/interactive.yaml's keys, `interactive_config`), click
-    every case (keeping the cases an earlier run with the same settings finished), write the
-    outputs; the summary."""
+@dataclass(frozen=True)
+class Prepared:
+    """An evaluation with every input checked: the model, the targets, the settings its clicks
+    JSONs record, the evaluation it replays (or None) and the output folder."""
+
+    model: Any
+    items: list[Target]
+    settings: dict[str, Any]
+    clicks_from: Path | None
+    output: Path
+
+
+def prepare(cfg: DictConfig | Mapping[str, Any]) -> Prepared:
+    """Check every input of `cfg` (conf/interactive.yaml's keys, `interactive_config`) and load
+    the model."""
     budget = cfg["clicks"]
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"clicks must be an integer >= 1 (the click budget per structure), "
@@ -292,9 +309,24 @@ def evaluate_clicks(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                 "seed": int(cfg["seed"]), "with_id": bool(cfg["with_id"]),
                 "point_window": bool(cfg["point_window"]),
                 "clicks_from": None if clicks_from is None else str(clicks_from)}
-    out = Path(str(cfg["output"]))
+    return Prepared(model, items, settings, clicks_from, Path(str(cfg["output"])))
+
+
+def write_case(out: Path, record: Mapping[str, Any]) -> None:
+    """Write one case's record as `out`/clicks/<case>.json (atomically)."""
+    text = json.dumps(record, indent=1) + "\n"
+    write_atomic(out / CLICKS_FOLDER / f"{record['case']}.json",
+                 lambda tmp: tmp.write_text(text))
+
+
+def evaluate_clicks(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Check every input, click every case (keeping the cases an earlier run with the same
+    settings finished), write the outputs; the summary."""
+    plan = prepare(cfg)
+    settings, out = plan.settings, plan.output
+    structures = list(cfg["structures"])
     records = []
-    cases = list(grouped(items))
+    cases = list(grouped(plan.items))
     for case, case_items in track(cases, description="clicks",
                                   disable=not cfg["progress"]):
         path = out / CLICKS_FOLDER / f"{case}.json"
@@ -306,11 +338,11 @@ def evaluate_clicks(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                 log.info("%s: clicked by an earlier run with these settings, kept", case)
                 records.append(old)
                 continue
-        log.info("%s: clicking %d structure(s), %d click(s) each", case, len(case_items), budget)
-        record = evaluate_case(model, case, case_items, settings, str(cfg["device"]),
-                               clicks_from)
-        text = json.dumps(record, indent=1) + "\n"
-        write_atomic(path, lambda tmp, text=text: tmp.write_text(text))
+        log.info("%s: clicking %d structure(s), %d click(s) each", case, len(case_items),
+                 settings["clicks"])
+        record = evaluate_case(plan.model, case, case_items, settings,
+                               str(cfg["device"]), plan.clicks_from)
+        write_case(out, record)
         records.append(record)
     wanted = set(structures)
     for record in records:
