@@ -68,6 +68,8 @@ def test_interactive_evaluation_measures_its_untrained_point_head(vista3d_quick_
          "split=test", "clicks=5"], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # the untrained point head is warned of once, not once per case's click session
+    assert (result.stdout + result.stderr).count("trained without clicks") == 1, result.stdout
     summary = json.loads((tmp_path / "interactive_evaluation" / "summary.json").read_text())
     assert (summary["cases"], summary["structures"]) == (3, 15)
     measured = {k: round(summary["dice_after"][k]["overall"]["mean"], 3) for k in CLICK_DICE}

@@ -42,11 +42,9 @@ from ctseg.errors import ConfigError, DatasetError, run_cli
 from ctseg.evaluate.clicks import NEXT_CLICK, Click, first_click, next_click
 from ctseg.evaluate.interactive_report import CLICKS_FOLDER, OUTPUTS, markdown, write_report
 from ctseg.evaluate.metrics import dice
-from ctseg.inference.click_session import ClickSession
+from ctseg.inference.click_session import ClickSession, vista3d_model
 from ctseg.inference.record import model_digest
-from ctseg.inference.vista3d import warn_untrained_clicks
 from ctseg.labels import label_names
-from ctseg.models.loading import load_model
 from ctseg.vista3d_labels import vista3d_ids, vista3d_labels
 
 log = logging.getLogger(__name__)
@@ -299,12 +297,7 @@ def prepare(cfg: DictConfig | Mapping[str, Any]) -> Prepared:
                           "output folder of an earlier python -m ctseg.evaluate.interactive")
     items = targets(case_folders(Path(str(cfg["gt"])), cfg["split"]),
                     structure_ids(structures))
-    model = load_model(ckpt, {}, {})
-    if model.kind != "vista3d" or model.net is None:
-        raise ConfigError(f"ckpt={ckpt}: interactive evaluation needs a VISTA3D checkpoint "
-                          f"(.ckpt or the bundle's model.pt), this is a {model.kind} "
-                          f"{'export' if model.net is None else 'checkpoint'}")
-    warn_untrained_clicks(model, ckpt)
+    model = vista3d_model(ckpt, f"ckpt={ckpt}: interactive evaluation")
     settings = {"model_sha256": model_digest(ckpt), "clicks": budget, "next_click": at,
                 "seed": int(cfg["seed"]), "with_id": bool(cfg["with_id"]),
                 "point_window": bool(cfg["point_window"]),

@@ -252,6 +252,20 @@ class SessionVISTA3D(VISTA3D):
         return out
 
 
+def vista3d_model(model: LoadedModel | str | Path, needed_by: str) -> LoadedModel:
+    """`model` (a VISTA3D `.ckpt`, the bundle's `model.pt` or a `LoadedModel`) loaded, its
+    untrained point head warned of (once); ConfigError naming `needed_by` for any other model."""
+    source = model if isinstance(model, (str, Path)) else "the checkpoint"
+    if isinstance(model, (str, Path)):
+        model = load_model(model, {}, {})
+    if model.kind != "vista3d" or model.net is None:
+        raise ConfigError(f"{needed_by} needs a VISTA3D checkpoint (.ckpt or the bundle's "
+                          f"model.pt), got a {model.kind} "
+                          f"{'export' if model.net is None else 'checkpoint'}")
+    warn_untrained_clicks(model, source)
+    return model
+
+
 def _one_case(image: str | Path) -> Case:
     """The one case (NIfTI file or DICOM series folder) at `image`."""
     cases = discover_cases(image)
@@ -299,14 +313,7 @@ class ClickSession:
         if refused:
             raise ConfigError(f"ClickSession.open: {', '.join(refused)} cannot be set; clicks "
                               "come with click(), and a session runs the torch network")
-        source = model if isinstance(model, (str, Path)) else "the checkpoint"
-        if isinstance(model, (str, Path)):
-            model = load_model(model, {}, {})
-        if model.kind != "vista3d" or model.net is None:
-            raise ConfigError(f"a click session needs a VISTA3D checkpoint (.ckpt or the "
-                              f"bundle's model.pt), got a {model.kind} "
-                              f"{'export' if model.net is None else 'checkpoint'}")
-        warn_untrained_clicks(model, source)
+        model = vista3d_model(model, "a click session")
         case = image if isinstance(image, Case) else _one_case(image)
         cache = WindowCache(cache_dtype, None if max_cache_mb is None
                             else int(max_cache_mb * 2**20))
