@@ -362,6 +362,12 @@ def main() -> int:
               "VISTA3D checkpoint (train.py experiment=vista3d_quick), or leave the option out and "
               "the point_stage section trains one", file=sys.stderr)
         return 1
+    missing = [member for member in args.members or () if not member.is_file()]
+    if missing:
+        print(f"error: --members {missing[0]}: no such file; give trained checkpoints (paths "
+              "from the folder the report is run in), or leave the option out and the ensemble "
+              "section trains two", file=sys.stderr)
+        return 1
     if args.device == "cuda":
         import torch
 
@@ -370,6 +376,7 @@ def main() -> int:
             return 0
     args.out = args.out.resolve()
     args.vista3d_ckpt = args.vista3d_ckpt and args.vista3d_ckpt.resolve()
+    args.members = args.members and [member.resolve() for member in args.members]
     for folder in ("sections", "logs"):
         (args.out / folder).mkdir(parents=True, exist_ok=True)
     if "point_stage" in args.sections and not args.vista3d_ckpt:  # never an earlier run's

@@ -200,6 +200,21 @@ def test_a_missing_vista3d_checkpoint_is_refused_before_anything_runs(tmp_path):
     assert not out.exists()
 
 
+def test_members_are_read_from_the_callers_folder_and_a_missing_one_is_refused(tmp_path):
+    """The sections run in the clone; --members given relative to the caller's folder are
+    found there (a.ckpt), and a missing one is one error line before anything runs."""
+    (tmp_path / "a.ckpt").write_bytes(b"")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPORT), "--device", "cpu", "--smoke", "--out",
+                           "report", "--members", "a.ckpt", "b.ckpt"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: --members b.ckpt: no such file; give trained checkpoints (paths from the folder "
+        "the report is run in), or leave the option out and the ensemble section trains two"]
+    assert not (tmp_path / "report").exists()
+
+
 @pytest.mark.slow
 def test_a_broken_agreement_exits_1_after_writing_the_report(tmp_path):
     out = tmp_path / "report"
