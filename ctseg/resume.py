@@ -138,8 +138,10 @@ def resume_arguments(args: Sequence[str]) -> Resume:
         return unchanged
     recorded = {key(o): o for o in recorded_overrides(folder)}
     arguments = [*flags, *(o.input_line for name, o in recorded.items() if name not in given)]
+    settings = [o.input_line for name, o in recorded.items()
+                if name != "ckpt_path" and not o.is_hydra_override()]
     notes = [f"resuming {folder} with the overrides it was started with: "
-             f"{' '.join(o.input_line for o in recorded.values()) or '(none)'}"]
+             f"{' '.join(settings) or '(none)'}"]
     for name, override in given.items():
         before = recorded.get(name)
         line = override.input_line

@@ -84,6 +84,18 @@ def test_a_command_resuming_no_run_folder_keeps_its_arguments(tmp_path: Path, ar
     assert (resume.arguments, resume.folder, resume.notes) == (typed, None, [])
 
 
+def test_the_settings_a_resume_logs_leave_out_an_earlier_resumes_checkpoint(tmp_path: Path):
+    """A run resumed once records that resume's ckpt_path and run folder among its overrides;
+    resuming it again logs the run's settings without them."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / OVERRIDES).write_text(f"- experiment=phantom_quick\n- ckpt_path={run}/checkpoints/"
+                                 f"last.ckpt\n- trainer.max_epochs=2\n- hydra.run.dir={run}\n")
+    resume = resume_arguments([f"ckpt_path={run}", "trainer.max_epochs=3"])
+    assert resume.notes[0] == (f"resuming {run} with the overrides it was started with: "
+                               "experiment=phantom_quick trainer.max_epochs=2")
+
+
 def test_the_resume_command_wins_over_the_runs_overrides_key_by_key(tmp_path: Path):
     run = tmp_path / "my run"
     (run / ".hydra").mkdir(parents=True)
