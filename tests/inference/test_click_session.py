@@ -243,7 +243,7 @@ def test_documented_click_session_runs_as_printed(ckpt, shared_ct, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     code = snippet.replace('"run/checkpoints/last.ckpt"', repr(str(ckpt))).replace(
         '"ct.nii.gz"', repr(str(shared_ct)))
-    caplog.set_level(logging.INFO, logger="ctseg.inference.click_session")
+    caplog.set_level(logging.DEBUG, logger="ctseg.inference.click_session")
     exec(compile(code, "docs/vista3d.md", "exec"), {})
     first, second = (r.getMessage() for r in caplog.records if r.getMessage().startswith("click"))
     assert ", 4 encoder runs" in first and ", 0 encoder runs" in second  # the second: heads only
