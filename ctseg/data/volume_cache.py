@@ -19,9 +19,10 @@ succeed and one result stays.
 An entry whose files do not match its `meta.json` (a truncated copy, an interrupted disk) is moved
 aside and rebuilt.
 
-float16 suffices for the image: both intensity schemes end in [-1, 1] (segresnet) or [0, 1]
-(hu_window), where float16 rounds by at most 2**-12 (half its spacing just below 1), about 0.5 HU
-of the hu_window scheme's 2,017 HU window; it stores 3 bytes per voxel with the label instead of 5.
+A float16 image: both intensity schemes end in [-1, 1] (segresnet) or [0, 1] (hu_window), where
+float16 rounds by at most 2**-12 (half its spacing just below 1), about 0.5 HU of the hu_window
+scheme's 2,017 HU window; 3 bytes per voxel with the label instead of 5 (docs/dataset.md says why
+float32 stays the default).
 """
 
 from __future__ import annotations
