@@ -129,6 +129,13 @@ def test_the_hu_window_is_the_same_in_every_data_config_and_in_code(compose_cfg)
     assert PipelineConfig().hu_window == HU_WINDOW
 
 
+def test_the_disk_caches_image_dtype_is_the_codes_default(compose_cfg) -> None:
+    from ctseg.data.volume_cache import DEFAULT_IMAGE_DTYPE
+
+    for overrides in (("data=totalseg_v1",), ("data=totalseg_v2",), ("data/cache=disk",)):
+        assert compose_cfg(*overrides).data.cache_image_dtype == DEFAULT_IMAGE_DTYPE
+
+
 def test_v2_data_gives_118_channels(compose_cfg) -> None:
     cfg = compose_cfg("data=totalseg_v2")
     assert cfg.model.num_classes == 118

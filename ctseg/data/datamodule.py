@@ -41,7 +41,13 @@ from ctseg.data.transforms import (
     eval_transforms,
     train_transforms,
 )
-from ctseg.data.volume_cache import CachedPatches, CachedVolumes, VolumeCache
+from ctseg.data.volume_cache import (
+    DEFAULT_IMAGE_DTYPE,
+    CachedPatches,
+    CachedVolumes,
+    VolumeCache,
+    image_dtype,
+)
 from ctseg.errors import ConfigError, blamed_on
 from ctseg.label_space import LabelSpace
 from ctseg.labels import label_names
@@ -280,6 +286,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
         cache: str = "disk",
         cache_rate: float = 1.0,
         cache_dir: str | None = None,
+        cache_image_dtype: str = DEFAULT_IMAGE_DTYPE,
         prepared_dir: str | None = None,
         patch_size: int | Sequence[int] = (96, 96, 96),
         batch_size: int = 2,
@@ -306,6 +313,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
             raise ValueError(f"unknown cache {cache!r}; choose one of {', '.join(CACHES)}")
         if not 0 < cache_rate <= 1:
             raise ValueError(f"cache_rate must be in (0, 1], got {cache_rate}")
+        image_dtype(cache_image_dtype)
         if batch_size < 1 or num_workers < 0 or prepare_workers < 1:
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, prepare_workers >= 1; got "
                              f"{batch_size}, {num_workers}, {prepare_workers}")
@@ -330,6 +338,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
             "version": version, "spacing": plain(spacing), "intensity": intensity,
             "hu_window": plain(hu_window), "cache": cache, "cache_rate": cache_rate,
             "cache_dir": None if cache_dir is None else str(cache_dir),
+            "cache_image_dtype": cache_image_dtype,
             "prepared_dir": None if prepared_dir is None else str(prepared_dir),
             "patch_size": plain(patch_size), "batch_size": batch_size,
             "samples_per_volume": samples_per_volume, "num_workers": num_workers,
@@ -362,7 +371,7 @@ class TotalSegmentatorDataModule(LightningDataModule):
     def volume_cache(self) -> VolumeCache:
         """The disk cache of this pipeline's preprocessed volumes (`cache=disk`)."""
         base = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir()
-        return VolumeCache(base, self.pipeline)
+        return VolumeCache(base, self.pipeline, self.hparams.cache_image_dtype)
 
     @property
     def tensor_cache_dir(self) -> Path:

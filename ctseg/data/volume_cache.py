@@ -2,19 +2,27 @@
 uncompressed arrays and read through memory maps, so a training patch reads only its own voxels
 and throughput does not depend on the size of the volume.
 
-An entry is a folder `<cache root>/<key>/` holding `image.npy` (float32, (1, D, H, W)),
-`label.npy` (uint8), `locations.npz` (for each class present, up to `MAX_INDICES_PER_CLASS` voxel
-indices drawn with a fixed seed: patch centres for the `classes` sampler) and `meta.json`, written
-last with the byte size of every file and the box of the image's own voxels (the volume is padded
-to whole patches for training; evaluation reads the box only, as prediction sees the image).
+An entry is a folder `<cache root>/<key>/` holding `image.npy` ((1, D, H, W), stored as one of
+`IMAGE_DTYPES`, read back as float32), `label.npy` (uint8), `locations.npz` (for each class
+present, up to `MAX_INDICES_PER_CLASS` voxel indices drawn with a fixed seed: patch centres for
+the `classes` sampler) and `meta.json`, written last with the entry's format version, the image's
+dtype, the byte size of every file and the box of the image's own voxels (the volume is padded to
+whole patches for training; evaluation reads the box only, as prediction sees the image). An
+entry of another format or image dtype is rebuilt, so a cache serves only the dtype asked for.
 The key hashes the record's paths and the size and modification time of its CT and label map;
 the cache root is named by the pipeline's fingerprint, so a change of any preprocessing setting
 or of a file never serves stale data.
 
 Entries are built in a private temporary folder and renamed into place: two processes (DDP ranks,
-DataLoader workers, concurrent runs) building the same entry both succeed and one result stays.
+DataLoader workers, concurrent runs) building the same entry with the same image dtype both
+succeed and one result stays.
 An entry whose files do not match its `meta.json` (a truncated copy, an interrupted disk) is moved
 aside and rebuilt.
+
+A float16 image: both intensity schemes end in [-1, 1] (segresnet) or [0, 1] (hu_window), where
+float16 rounds by at most 2**-12 (half its spacing just below 1), about 0.5 HU of the hu_window
+scheme's 2,017 HU window; 3 bytes per voxel with the label instead of 5 (docs/dataset.md says why
+float32 stays the default).
 """
 
 from __future__ import annotations
@@ -49,14 +57,26 @@ from ctseg.data.transforms import (
     PipelineConfig,
     volume_transforms,
 )
-from ctseg.errors import blamed_on
+from ctseg.errors import ConfigError, blamed_on
 
 log = logging.getLogger(__name__)
 
-# Bump when the layout of an entry changes.
-CACHE_FORMAT = 2
+# Bump when the layout of an entry changes (3: the image's dtype is a setting, in meta.json).
+CACHE_FORMAT = 3
+# The dtypes the image array may be stored in (the label is always uint8), and the default.
+IMAGE_DTYPES = ("float16", "float32")
+DEFAULT_IMAGE_DTYPE = "float32"
 IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE, META_FILE = (
     "image.npy", "label.npy", "locations.npz", "meta.json")
+
+
+def image_dtype(name: str) -> np.dtype:
+    """The numpy dtype of cache image dtype `name`; ConfigError naming data.cache_image_dtype
+    when it is not one of IMAGE_DTYPES."""
+    if name not in IMAGE_DTYPES:
+        raise ConfigError(f"data.cache_image_dtype={name!r}: the disk cache stores images as "
+                          f"{' or '.join(IMAGE_DTYPES)}; choose one of those")
+    return np.dtype(name)
 
 
 def record_key(record: dict[str, Any]) -> str:
@@ -93,7 +113,7 @@ class CachedVolume:
     valid: tuple[tuple[int, ...], tuple[int, ...]]
 
     def image(self) -> np.ndarray:
-        """The (1, D, H, W) float32 image, memory-mapped read-only."""
+        """The (1, D, H, W) image as stored (float16 or float32), memory-mapped read-only."""
         return np.load(self.folder / IMAGE_FILE, mmap_mode="r")
 
     def label(self) -> np.ndarray:
@@ -108,25 +128,28 @@ class CachedVolume:
 
     def read(self, start: Sequence[int] | None = None, size: Sequence[int] | None = None
              ) -> dict[str, torch.Tensor]:
-        """Image and label of the box `start` + `size` (the whole volume by default), copied out
-        of the memory maps as tensors."""
+        """Image (float32, whatever the stored dtype) and label of the box `start` + `size` (the
+        whole volume by default), copied out of the memory maps as tensors."""
         start = start or (0, 0, 0)
         size = size or self.shape
         box = (slice(None), *(slice(int(a), int(a) + int(s)) for a, s in zip(start, size,
                                                                              strict=True)))
-        return {IMAGE: torch.from_numpy(np.array(self.image()[box])),
+        return {IMAGE: torch.from_numpy(np.array(self.image()[box], dtype=np.float32)),
                 LABEL: torch.from_numpy(np.array(self.label()[box]))}
 
 
 class VolumeCache:
     """Preprocessed volumes of one pipeline under `root/<fingerprint>/`, built on first use."""
 
-    def __init__(self, root: str | os.PathLike[str], pipeline: PipelineConfig) -> None:
-        """Entries of `pipeline` under `root/<fingerprint>`; the patch sampler is not part of
-        an entry (every entry stores the class locations), so both samplers share it."""
+    def __init__(self, root: str | os.PathLike[str], pipeline: PipelineConfig,
+                 dtype: str = DEFAULT_IMAGE_DTYPE) -> None:
+        """Entries of `pipeline` under `root/<fingerprint>` with images stored as `dtype` (one
+        of IMAGE_DTYPES); the patch sampler is not part of an entry (every entry stores the class
+        locations), so both samplers share it."""
         if pipeline.num_classes is None:
             raise ValueError("the volume cache needs the pipeline's num_classes (class locations)")
         self.pipeline = pipeline
+        self.dtype = image_dtype(dtype)
         # Built without MONAI's per-class index lists: the entry keeps its own locations.
         self._volumes = dataclasses.replace(pipeline, sampler="random")
         self.root = Path(root) / pipeline.fingerprint()
@@ -134,11 +157,11 @@ class VolumeCache:
     def entry(self, record: dict[str, Any]) -> CachedVolume:
         """The cache entry of `record`, built (or rebuilt, when damaged) if needed."""
         folder = self.root / record_key(record)
-        volume = self._valid(folder)
-        if volume is None:
+        volume = self._inspect(folder)
+        if not isinstance(volume, CachedVolume):
             if folder.exists():
-                log.warning("%s: cache entry of %s is incomplete or damaged; rebuilding it",
-                            folder, record[IMAGE])
+                log.warning("%s: cache entry of %s %s; rebuilding it", folder, record[IMAGE],
+                            volume)
                 self._discard(folder)
             self._build(record, folder)
             volume = self._valid(folder)
@@ -184,18 +207,25 @@ class VolumeCache:
         return sum(p.stat().st_size for p in self.root.glob("*/*") if p.is_file()
                    and not p.parent.name.startswith("."))
 
-    @staticmethod
-    def _valid(folder: Path) -> CachedVolume | None:
-        """The entry in `folder` if its meta.json is readable and every file has its size."""
+    def _valid(self, folder: Path) -> CachedVolume | None:
+        """The entry in `folder` if it serves this cache (`_inspect`), else None."""
+        volume = self._inspect(folder)
+        return volume if isinstance(volume, CachedVolume) else None
+
+    def _inspect(self, folder: Path) -> CachedVolume | str:
+        """The entry in `folder` if its meta.json is readable, of this format and image dtype,
+        and every file has its recorded size; else why not (for the log)."""
         try:
             meta = json.loads((folder / META_FILE).read_text())
             if meta.get("format") != CACHE_FORMAT:
-                return None
+                return f"is of cache format {meta.get('format')}, not {CACHE_FORMAT}"
+            if meta["dtype"] != self.dtype.name:
+                return f"holds {meta['dtype']} images, not {self.dtype.name}"
             for name, size in meta["bytes"].items():
                 if (folder / name).stat().st_size != size:
-                    return None
+                    return "is incomplete or damaged"
         except (OSError, ValueError, KeyError):
-            return None
+            return "is incomplete or damaged"
         start, size = meta["valid"]
         return CachedVolume(folder, tuple(meta["shape"]), (tuple(start), tuple(size)))
 
@@ -213,7 +243,7 @@ class VolumeCache:
         (`swapped_folder`; a concurrent builder's finished entry is kept)."""
         data = volume_transforms(self._volumes)({IMAGE: record[IMAGE], LABEL: record[LABEL]})
         start, stop = generate_spatial_bounding_box(data[VALID])
-        image = np.ascontiguousarray(data[IMAGE].numpy(), dtype=np.float32)
+        image = np.ascontiguousarray(data[IMAGE].numpy(), dtype=self.dtype)
         label = np.ascontiguousarray(data[LABEL].numpy(), dtype=np.uint8)
         locations = class_locations(label[0], self.pipeline.num_classes)
         try:
@@ -223,7 +253,8 @@ class VolumeCache:
                 np.savez(tmp / LOCATIONS_FILE, **{f"c{c}": v for c, v in locations.items()})
                 sizes = {name: (tmp / name).stat().st_size
                          for name in (IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE)}
-                meta = {"format": CACHE_FORMAT, "shape": list(image.shape[1:]), "bytes": sizes,
+                meta = {"format": CACHE_FORMAT, "dtype": self.dtype.name,
+                        "shape": list(image.shape[1:]), "bytes": sizes,
                         "valid": [list(start), [b - a for a, b in zip(start, stop, strict=True)]],
                         "image": str(record[IMAGE]), "label": str(record[LABEL]),
                         "affine": np.asarray(data[IMAGE].affine).tolist()}

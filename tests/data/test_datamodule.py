@@ -19,6 +19,7 @@ from ctseg.data.layout import read_meta
 from ctseg.data.merge import prepare
 from ctseg.data.phantoms import write_phantoms
 from ctseg.data.volume_cache import CachedVolumes
+from ctseg.errors import ConfigError
 from ctseg.labels import num_classes
 
 PATCH = 32
@@ -101,7 +102,7 @@ def test_phantom_module_batches(tmp_path: Path, tree_digest) -> None:
 def test_cache_modes_give_identical_tensors(phantom_root: Path, tmp_path: Path) -> None:
     items = {}
     for cache in ("none", "memory", "disk"):
-        dm = _module(phantom_root, tmp_path, cache=cache)
+        dm = _module(phantom_root, tmp_path, cache=cache, cache_image_dtype="float32")
         dm.setup("validate")
         items[cache] = dm.datasets["val"][0]
     assert isinstance(dm.datasets["val"], CachedVolumes)
@@ -115,6 +116,13 @@ def test_cache_modes_give_identical_tensors(phantom_root: Path, tmp_path: Path) 
             assert torch.equal(torch.as_tensor(items[cache][key]), reference), (cache, key)
         assert torch.equal(torch.as_tensor(again[key]), reference)
     assert items["disk"]["label"].dtype == torch.uint8
+    # float16 on disk: the same entry rebuilt, read back as the float32 image rounded to float16.
+    half = _module(phantom_root, tmp_path, cache="disk", cache_image_dtype="float16")
+    half.setup("validate")
+    item, none = half.datasets["val"][0], items["none"]
+    assert half.tensor_cache_dir == dm.tensor_cache_dir
+    assert torch.equal(item["label"], torch.as_tensor(none["label"]))
+    assert torch.equal(item["image"], torch.as_tensor(none["image"]).half().float())
 
 
 def test_disk_cache_folder_follows_spacing(phantom_root: Path, tmp_path: Path) -> None:
@@ -255,6 +263,9 @@ def test_disk_cache_serves_both_samplers_from_one_entry(phantom_root: Path,
 def test_invalid_settings_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="disk, memory, none"):
         _module(tmp_path, tmp_path, cache="ram")
+    with pytest.raises(ConfigError, match=r"data\.cache_image_dtype='float64': the disk cache "
+                                          r"stores images as float16 or float32"):
+        _module(tmp_path, tmp_path, cache="disk", cache_image_dtype="float64")
     with pytest.raises(ValueError, match="v1, v2"):
         _module(tmp_path, tmp_path, version="v3")
     with pytest.raises(ValueError, match="val_fraction"):

@@ -1,8 +1,10 @@
 """The volume cache: equal to the MONAI pipeline, patches by memory map, invalidation, concurrent
-writers, damaged entries, and patch sampling that reaches every class."""
+writers, damaged entries, entries of another format or image dtype, float16 patches against
+float32 ones, and patch sampling that reaches every class."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -13,15 +15,20 @@ import pytest
 import torch
 from monai.transforms.utils import generate_spatial_bounding_box
 
+from ctseg.data.merge import prepare
 from ctseg.data.transforms import VALID, PipelineConfig, eval_transforms, volume_transforms
 from ctseg.data.volume_cache import (
+    CACHE_FORMAT,
+    IMAGE_DTYPES,
     IMAGE_FILE,
+    LABEL_FILE,
+    META_FILE,
     CachedPatches,
     CachedVolumes,
     VolumeCache,
     patch_start,
 )
-from ctseg.errors import DatasetError
+from ctseg.errors import ConfigError, DatasetError
 from ctseg.labels import num_classes
 
 PATCH = 16
@@ -33,6 +40,13 @@ def records(phantom_records: list[dict]) -> list[dict]:
     return [{"image": r["image"], "label": r["label"]} for r in phantom_records[:2]]
 
 
+@pytest.fixture(scope="module")
+def real_record(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Image and merged v1 label of the shared real crop."""
+    record = prepare(shared_data, out=tmp_path_factory.mktemp("prepared_real")).records[0]
+    return {"image": record["image"], "label": record["label"]}
+
+
 def _pipeline(**kwargs) -> PipelineConfig:
     """A 3 mm pipeline with 16^3 patches and the v1 class count."""
     return PipelineConfig(**{"spacing": 3.0, "patch_size": PATCH, "num_classes": num_classes("v1"),
@@ -40,7 +54,7 @@ def _pipeline(**kwargs) -> PipelineConfig:
 
 
 def test_entry_equals_the_monai_pipeline_and_patches_are_its_slices(records, tmp_path):
-    cache = VolumeCache(tmp_path, _pipeline())
+    cache = VolumeCache(tmp_path, _pipeline(), "float32")
     volume = cache.entry(records[0])
     reference = volume_transforms(_pipeline())(dict(records[0]))
     whole = volume.read()
@@ -144,3 +158,75 @@ def test_warm_builds_in_parallel_and_names_a_bad_file(records, tmp_path):
     Path(broken["image"]).write_bytes(Path(records[0]["image"]).read_bytes()[:3000])
     with pytest.raises(DatasetError, match=r"broken\.nii\.gz: cannot preprocess this subject"):
         cache.warm([broken, records[1]], workers=2)
+
+
+def _no_leftovers(cache: VolumeCache) -> bool:
+    """No temporary or trash folder of a builder is left in the cache root."""
+    return not [p for p in cache.root.iterdir() if p.name.startswith(".")]
+
+
+def test_image_dtype_option_stores_float16_and_reads_float32(records, tmp_path):
+    half, full = (VolumeCache(tmp_path / d, _pipeline(), d) for d in ("float16", "float32"))
+    assert half.root.name == full.root.name  # the dtype is not a preprocessing setting
+    for cache, dtype, width in ((half, np.float16, 2), (full, np.float32, 4)):
+        volume = cache.entry(records[0])
+        stored = np.load(volume.folder / IMAGE_FILE, mmap_mode="r")
+        assert stored.dtype == dtype
+        assert json.loads((volume.folder / META_FILE).read_text())["dtype"] == dtype.__name__
+        voxels = int(np.prod(volume.shape))
+        # Bytes per voxel on disk: the image's width plus the uint8 label (+ .npy headers).
+        assert (volume.folder / IMAGE_FILE).stat().st_size - voxels * width <= 128
+        assert (volume.folder / LABEL_FILE).stat().st_size - voxels <= 128
+        assert volume.read()["image"].dtype == torch.float32
+    with pytest.raises(ConfigError, match=r"data\.cache_image_dtype='bfloat16': .* float16 or "
+                                          r"float32"):
+        VolumeCache(tmp_path, _pipeline(), "bfloat16")
+
+
+def test_entry_of_another_dtype_or_an_older_format_is_rebuilt(records, tmp_path, caplog):
+    full = VolumeCache(tmp_path, _pipeline(), "float32")
+    folder = full.entry(records[0]).folder
+    expected = full.entry(records[0]).read()["image"]
+    # Asked for float16, the float32 entry is rebuilt as float16 in the same place.
+    half = VolumeCache(tmp_path, _pipeline(), "float16")
+    rebuilt = half.entry(records[0])
+    assert "holds float32 images, not float16; rebuilding it" in caplog.text
+    assert rebuilt.folder == folder and rebuilt.image().dtype == np.float16
+    assert torch.equal(rebuilt.read()["image"], expected.half().float())
+    assert _no_leftovers(half)
+    # An entry written by the previous format (format 2: float32 image, no dtype in meta.json)
+    # is rebuilt, by warm() as by entry().
+    full.warm(records)
+    for record in records:
+        meta_file = full.entry(record).folder / META_FILE
+        meta = json.loads(meta_file.read_text())
+        del meta["dtype"]
+        meta_file.write_text(json.dumps({**meta, "format": 2}))
+    caplog.clear()
+    full.warm(records)
+    assert caplog.text.count(f"is of cache format 2, not {CACHE_FORMAT}; rebuilding it") == 2
+    for record in records:
+        meta = json.loads((full.entry(record).folder / META_FILE).read_text())
+        assert (meta["format"], meta["dtype"]) == (CACHE_FORMAT, "float32")
+    assert _no_leftovers(full)
+
+
+@pytest.mark.parametrize("intensity", ["segresnet", "hu_window"])
+def test_float16_patches_agree_with_float32(records, real_record, tmp_path, intensity):
+    """The same sampled training patches from a float16 and a float32 cache: labels equal,
+    images float32 in both, each float16 voxel the float32 one rounded to nearest, so no voxel
+    of the network input differs by more than 2**-12 (values lie in [-1, 1])."""
+    pipeline = _pipeline(intensity=intensity, sampler="classes", samples_per_volume=8)
+    worst = 0.0
+    for record in [*records, real_record]:
+        patches = {}
+        for dtype in IMAGE_DTYPES:
+            torch.manual_seed(0)
+            patches[dtype] = CachedPatches(VolumeCache(tmp_path / dtype, pipeline, dtype),
+                                           [record])[0]
+        for half, full in zip(patches["float16"], patches["float32"], strict=True):
+            assert half["image"].dtype == full["image"].dtype == torch.float32
+            assert torch.equal(half["label"], full["label"])
+            assert torch.equal(half["image"], full["image"].half().float())
+            worst = max(worst, float((half["image"] - full["image"]).abs().max()))
+    assert 0 < worst <= 2 ** -12
