@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig
 from rich.progress import track
@@ -211,10 +212,11 @@ def evaluate_case(model: Any, case: str, items: Sequence[Target], settings: Mapp
     session)` called after each structure's last click, its labels and prompt in the session);
     the case's record."""
     structures: dict[str, Any] = {}
-    ct = load_nifti(items[0].ct, "re-download it")
-    spacing = tuple(float(s) for s in ct.header.get_zooms()[:3])
+    empty: list[str] = []
     with ClickSession.open(model, items[0].ct, device=device,
                            point_window=settings["point_window"]) as session:
+        ct = nib.load(items[0].ct)  # its header: the session has read and checked the voxels
+        spacing = tuple(float(s) for s in ct.header.get_zooms()[:3])
         for target in items:
             image = load_nifti(target.mask, "re-download it")
             if not same_grid(image, ct):
@@ -224,6 +226,7 @@ def evaluate_case(model: Any, case: str, items: Sequence[Target], settings: Mapp
             if not truth.any():
                 log.info("%s: %s is empty in the ground truth, not clicked", case,
                          target.structure)
+                empty.append(target.structure)
                 continue
             session.reset()
             runs = session.encoder_runs
@@ -242,7 +245,7 @@ def evaluate_case(model: Any, case: str, items: Sequence[Target], settings: Mapp
                 "first_click_hit": steps[0].holds_click,
                 "encoder_runs": session.encoder_runs - runs}
     return {"case": case, "ct": str(items[0].ct), "settings": dict(settings),
-            "structures": structures}
+            "structures": structures, "empty": empty}
 
 
 def grouped(items: Sequence[Target]) -> Iterator[tuple[str, list[Target]]]:
@@ -327,7 +330,8 @@ def evaluate_clicks(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             old = read_case(path)
             if {k: old.get("settings", {}).get(k) for k in SETTINGS} == \
                     {k: settings[k] for k in SETTINGS} and \
-                    set(old["structures"]) >= {t.structure for t in case_items}:
+                    {*old["structures"], *old.get("empty", ())} >= \
+                    {t.structure for t in case_items}:
                 log.info("%s: clicked by an earlier run with these settings, kept", case)
                 records.append(old)
                 continue

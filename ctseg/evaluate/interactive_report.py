@@ -72,15 +72,14 @@ def summarise(records: Sequence[Mapping[str, Any]], report_at: Sequence[int],
     first and next click (medians over structures and clicks)."""
     budget = int(settings["clicks"])
     at = sorted({k for k in report_at if 1 <= k <= budget} | {1, budget})
-    dice_after = {str(k): {name: describe(list(v.values()), seed) for name, v in per_case(
-        records, lambda e, k=k: e["dice"][k - 1]).items()} for k in at}
+    by_click = [per_case(records, lambda e, k=k: e["dice"][k]) for k in range(budget)]
+    dice_after = {str(k): {name: describe(list(v.values()), seed)
+                           for name, v in by_click[k - 1].items()} for k in at}
     auc = {name: describe(list(v.values()), seed)
            for name, v in per_case(records, lambda e: area(e["dice"])).items()}
-    curve = {name: [float(np.mean(list(per_case(records, lambda e, k=k: e["dice"][k]
-                                                )[name].values()))) for k in range(budget)]
+    curve = {name: [float(np.mean(list(click[name].values()))) for click in by_click]
              for name in auc}
-    overall = [describe(list(per_case(records, lambda e, k=k: e["dice"][k])[OVERALL].values()),
-                        seed) for k in range(budget)]
+    overall = [describe(list(click[OVERALL].values()), seed) for click in by_click]
     entries = [e for r in records for e in r["structures"].values()]
     first = [e["seconds"][0] for e in entries]
     later = [s for e in entries for s in e["seconds"][1:len(e["clicks"])]]
