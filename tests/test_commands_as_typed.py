@@ -295,6 +295,9 @@ PLAN: dict[str, Run | Skip] = {
     "python -m ctseg.data phantoms data/phantoms --n 12 --seed 0":
         Run(("--shape", "24", "24", "16"),
             ("data/phantoms/meta.csv", "data/phantoms/s0011/ct.nii.gz"), fresh=True),
+    "python -m ctseg.data phantoms data/simulated_v2 --n 20 --size wholebody":
+        Run(("--n", "2", "--scale", "0.0625"),
+            ("data/simulated_v2/meta.csv", "data/simulated_v2/s0002/segmentations/brain.nii.gz")),
     # docs/dataset.md: your own datasets
     NNUNET_PHANTOMS: Run(("--shape", "24", "24", "16"), ("data/phantoms_nnunet/dataset.json",
                                                          "data/phantoms_nnunet/labelsTs/*.nii.gz")),

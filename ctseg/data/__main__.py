@@ -16,6 +16,10 @@ from ctseg.data.phantoms import LAYOUTS, phantom_defaults
 from ctseg.errors import CtsegError
 from ctseg.labels import VERSIONS, label_names
 
+# The class table of prepare, check and the small phantoms when --version is not given.
+DEFAULT_VERSION = "v1"
+# Sizes of `phantoms`: the small phantoms (the default), a simulated download at full size.
+SIZES = ("phantom", "wholebody")
 console = Console()
 # errors go to stderr, as every other ctseg CLI writes them
 error_console = Console(stderr=True)
@@ -104,10 +108,28 @@ def _report(problems: list[str], count: int, root: Path, verdict: str) -> int:
 
 
 def _phantoms(args: argparse.Namespace) -> int:
-    """Write synthetic CT phantoms in the TotalSegmentator layout."""
+    """Write synthetic CT phantoms in the TotalSegmentator layout (or nnU-Net's), or with `--size
+    wholebody` a simulated download at a real CT's size."""
+    if args.size == "wholebody":
+        from ctseg.data.simulated_download import WHOLEBODY_VERSION, write_wholebody_phantoms
+
+        default = phantom_defaults()
+        given = [option for option, value, unset in (
+            ("--shape", tuple(args.shape), tuple(default.shape)),
+            ("--spacing", args.spacing, default.spacing), ("--structures", args.structures, None),
+            ("--layout nnunet", args.layout, "totalseg")) if value != unset]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not with --size wholebody, whose grids are a "
+                             "real CT's (shrink them with --scale)")
+        write_wholebody_phantoms(args.out, n=args.n, seed=args.seed,
+                                 version=args.version or WHOLEBODY_VERSION,
+                                 scale=1.0 if args.scale is None else args.scale, progress=True)
+        return 0
     from ctseg.data.phantoms import write_phantoms
 
-    write_phantoms(args.out, n=args.n, seed=args.seed, version=args.version,
+    if args.scale is not None:
+        raise ValueError("--scale: only with --size wholebody (phantoms take --shape)")
+    write_phantoms(args.out, n=args.n, seed=args.seed, version=args.version or DEFAULT_VERSION,
                    shape=tuple(args.shape), spacing=args.spacing, progress=True,
                    layout=args.layout, structures=args.structures)
     return 0
@@ -119,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ctseg.data", description="Prepare, check and synthesise datasets "
         "(TotalSegmentator downloads, nnU-Net raw datasets). The raw data is only ever read.")
     sub = parser.add_subparsers(dest="command", required=True)
-    version = {"choices": VERSIONS, "default": "v1",
-               "help": "TotalSegmentator class table: v1 (104 classes) or v2 (117); default v1"}
+    version = {"choices": VERSIONS, "default": DEFAULT_VERSION,
+               "help": f"TotalSegmentator class table: v1 (104 classes) or v2 (117); default "
+               f"{DEFAULT_VERSION}"}
 
     p = sub.add_parser("prepare", help="merge per-structure masks into label maps (cached)")
     p.add_argument("roots", nargs="+", type=Path,
@@ -146,12 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"number of phantoms (default {default.n})")
     g.add_argument("--seed", type=int, default=default.seed,
                    help=f"random seed (default {default.seed})")
-    g.add_argument("--version", **version)
+    g.add_argument("--version", choices=VERSIONS, default=None,
+                   help=f"TotalSegmentator class table: v1 (104 classes) or v2 (117); default "
+                   f"{DEFAULT_VERSION}, with --size wholebody v2")
+    g.add_argument("--size", choices=SIZES, default=SIZES[0],
+                   help="phantom (default: small abdomen phantoms, --shape and --spacing) or "
+                   "wholebody (a simulated download at a real CT's size: 512 x 512 x 200-800 "
+                   "voxels at 0.7-0.9 mm in-plane and 1.5-5 mm slices, flipped axes, every mask "
+                   "of the version, most empty, the v2 meta.csv; about 200 MB per subject)")
+    g.add_argument("--scale", type=float, default=None,
+                   help="with --size wholebody: voxel counts times SCALE, in (0, 1], the voxel "
+                   "sizes kept (default 1; 0.0625 writes 32 x 32 x 16-50 for tests)")
     g.add_argument("--shape", type=int, nargs=3, default=list(default.shape),
-                   metavar=("X", "Y", "Z"),
-                   help=f"voxels per axis (default {' '.join(map(str, default.shape))})")
+                   metavar=("X", "Y", "Z"), help=f"voxels per axis of a phantom (default "
+                   f"{' '.join(map(str, default.shape))})")
     g.add_argument("--spacing", type=float, default=default.spacing,
-                   help=f"voxel size in mm (default {default.spacing})")
+                   help=f"voxel size of a phantom in mm (default {default.spacing})")
     g.add_argument("--layout", choices=LAYOUTS, default="totalseg",
                    help="totalseg (the download's folders, default) or nnunet (dataset.json, "
                    "imagesTr, labelsTr, imagesTs, labelsTs)")

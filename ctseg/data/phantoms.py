@@ -95,7 +95,7 @@ class Blob:
 _VERTEBRAE = ("vertebrae_T11", "vertebrae_T12", "vertebrae_L1", "vertebrae_L2", "vertebrae_L3")
 _TUBE = float("inf")
 # Drawing order matters: a later structure overwrites an earlier one where they touch.
-_ANATOMY: tuple[Blob, ...] = (
+ANATOMY: tuple[Blob, ...] = (
     Blob("lung_lower_lobe_right", (0.42, -0.05, 0.95), (0.36, 0.55, 0.6), -850.0),
     Blob("lung_lower_lobe_left", (-0.42, -0.05, 0.95), (0.34, 0.55, 0.55), -850.0),
     Blob("autochthon_right", (0.2, -0.8, 0.0), (0.13, 0.13, _TUBE), 50.0),
@@ -112,7 +112,7 @@ _ANATOMY: tuple[Blob, ...] = (
     *(Blob(name, (0.0, -0.55, 0.8 - 0.4 * i), (0.13, 0.17, 0.16), 300.0, shell_hu=700.0)
       for i, name in enumerate(_VERTEBRAE)),
 )
-PHANTOM_STRUCTURES: tuple[str, ...] = tuple(blob.name for blob in _ANATOMY)
+PHANTOM_STRUCTURES: tuple[str, ...] = tuple(blob.name for blob in ANATOMY)
 # Lesions no TotalSegmentator version has, each inside an organ, drawn only into phantom sets
 # that label them (a class to add to a trained model with data.extra_classes); label values
 # follow PHANTOM_STRUCTURES'.
@@ -155,12 +155,12 @@ def phantom_record(n: int | None = None, seed: int | None = None, version: str =
             "layout": layout, "structures": chosen}
 
 
-def _record_bytes(record: dict[str, Any]) -> bytes:
+def record_bytes(record: dict[str, Any]) -> bytes:
     """The RECORD file's content."""
     return json.dumps(record, indent=1).encode()
 
 
-def _check_overwrite(out: Path) -> None:
+def check_overwrite(out: Path) -> None:
     """Refuse to write into a folder whose meta.csv was not written by write_phantoms."""
     meta = out / META
     if not meta.is_file():
@@ -238,7 +238,7 @@ def render_subject(shape: tuple[int, int, int], affine: np.ndarray, rng: np.rand
     hu[radius <= (1 - fat) ** 2] = MUSCLE_HU
     hu[radius <= (1 - fat - 0.05) ** 2] = TISSUE_HU
     labels = np.zeros(shape, np.uint8)
-    for index, blob in enumerate(_ANATOMY, start=1):
+    for index, blob in enumerate(ANATOMY, start=1):
         jitter = rng.normal(0, 0.03, 3)
         scale = rng.uniform(0.85, 1.15, 3)
         offset = float(rng.normal(0, 8))
@@ -252,7 +252,7 @@ def render_subject(shape: tuple[int, int, int], affine: np.ndarray, rng: np.rand
         hu[inside] = blob.hu + offset
         if blob.shell_hu is not None:
             hu[inside & (dist > 0.55)] = blob.shell_hu + offset
-    for index, (blob, organ) in enumerate(_LESIONS, start=len(_ANATOMY) + 1):
+    for index, (blob, organ) in enumerate(_LESIONS, start=len(ANATOMY) + 1):
         if blob.name not in lesions:
             continue
         cu, cv, ct = (float(c) for c in np.add(blob.center, rng.normal(0, 0.05, 3)))
@@ -265,14 +265,14 @@ def render_subject(shape: tuple[int, int, int], affine: np.ndarray, rng: np.rand
     return np.clip(np.rint(hu), *HU_RANGE).astype(np.int16), labels
 
 
-def _nifti_gz(data: np.ndarray, affine: np.ndarray) -> bytes:
+def nifti_gz(data: np.ndarray, affine: np.ndarray) -> bytes:
     """Gzipped NIfTI-1 bytes of `data` on `affine`, byte-identical for identical input (mtime 0)."""
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
     return gzip.compress(img.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
 
 
-def _write_bytes(path: Path, blob: bytes) -> None:
+def write_bytes(path: Path, blob: bytes) -> None:
     """Write `blob` to `path` atomically."""
     write_atomic(path, partial(Path.write_bytes, data=blob))
 
@@ -280,21 +280,21 @@ def _write_bytes(path: Path, blob: bytes) -> None:
 def write_subject(folder: Path, version: str, hu: np.ndarray, labels: np.ndarray,
                   affine: np.ndarray) -> None:
     """Write ct.nii.gz and one mask per structure of `version` (empty where not drawn)."""
-    _write_bytes(folder / "ct.nii.gz", _nifti_gz(hu, affine))
+    write_bytes(folder / "ct.nii.gz", nifti_gz(hu, affine))
     seg = folder / "segmentations"
-    empty = _nifti_gz(np.zeros(labels.shape, np.uint8), affine)
+    empty = nifti_gz(np.zeros(labels.shape, np.uint8), affine)
     drawn = {name: index for index, name in enumerate(PHANTOM_STRUCTURES, start=1)}
     for name in class_names(version).values():
         index = drawn.get(name)
         mask = None if index is None else (labels == index)
-        blob = empty if mask is None or not mask.any() else _nifti_gz(mask.astype(np.uint8), affine)
-        _write_bytes(seg / f"{name}.nii.gz", blob)
+        blob = empty if mask is None or not mask.any() else nifti_gz(mask.astype(np.uint8), affine)
+        write_bytes(seg / f"{name}.nii.gz", blob)
 
 
-def _meta_text(rows: list[dict[str, str]]) -> str:
-    """meta.csv content, `;`-separated like the TotalSegmentator download."""
+def meta_text(rows: list[dict[str, str]], columns: Sequence[str] = META_COLUMNS) -> str:
+    """meta.csv content with `columns`, `;`-separated like the TotalSegmentator download."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=META_COLUMNS, delimiter=";", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, delimiter=";", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -321,7 +321,7 @@ def write_phantoms(out: str | Path, n: int | None = None, seed: int | None = Non
     n, seed, spacing = record["n"], record["seed"], record["spacing"]
     shape = (record["shape"][0], record["shape"][1], record["shape"][2])
     out = Path(out)
-    _check_overwrite(out)
+    check_overwrite(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)
     (out / RECORD).unlink(missing_ok=True)
@@ -336,8 +336,8 @@ def write_phantoms(out: str | Path, n: int | None = None, seed: int | None = Non
         rows.append({"image_id": image_id, "age": str(int(rng.integers(25, 90))),
                      "gender": str(rng.choice(["m", "f"])), "institute": "ctseg",
                      "study_type": PHANTOM_STUDY, "split": splits[i]})
-    _write_bytes(out / RECORD, _record_bytes(record))
-    _write_bytes(out / META, _meta_text(rows).encode())
+    write_bytes(out / RECORD, record_bytes(record))
+    write_bytes(out / META, meta_text(rows).encode())
     logger.info("wrote %d %s phantoms of shape %s to %s in %.1f s", n, version, shape, out,
                 time.perf_counter() - started)
     return folders
@@ -391,13 +391,13 @@ def write_nnunet_phantoms(out: str | Path, n: int | None = None, seed: int | Non
         part = "Ts" if splits[i] == "test" else "Tr"
         case = f"phantom_{i + 1:04d}"
         images.append(out / f"images{part}" / f"{case}_0000.nii.gz")
-        _write_bytes(images[-1], _nifti_gz(hu, affine))
-        _write_bytes(out / f"labels{part}" / f"{case}.nii.gz", _nifti_gz(lut[labels], affine))
+        write_bytes(images[-1], nifti_gz(hu, affine))
+        write_bytes(out / f"labels{part}" / f"{case}.nii.gz", nifti_gz(lut[labels], affine))
     dataset = {"name": "phantoms", "description": PHANTOM_STUDY, "channel_names": {"0": "CT"},
                "labels": {"background": 0, **values}, "file_ending": ".nii.gz",
                "numTraining": sum(split != "test" for split in splits)}
-    _write_bytes(out / RECORD, _record_bytes(record))
-    _write_bytes(description, json.dumps(dataset, indent=1).encode())
+    write_bytes(out / RECORD, record_bytes(record))
+    write_bytes(description, json.dumps(dataset, indent=1).encode())
     logger.info("wrote %d phantoms (nnU-Net layout, %d structures) to %s", n, len(chosen), out)
     return images
 
