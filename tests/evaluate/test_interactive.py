@@ -32,6 +32,8 @@ from ctseg.models.vista3d import VISTA3DModule
 pytestmark = pytest.mark.slow
 CROP = SHARED_DATA / "totalseg_mini"
 STRUCTURES = ("liver", "spleen")
+EMPTY = "brain"  # asked too, but empty in the crop's ground truth: recorded, never clicked
+ASKED = f"structures=[{','.join((*STRUCTURES, EMPTY))}]"
 CLICKS = 3
 USER_ENV = {k: v for k, v in os.environ.items() if not k.startswith("CTSEG_")}
 
@@ -56,7 +58,7 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "version": "v1", "spacing": 6.0, "intensity": "hu_window", "smooth_sigma": 0.0,
         "patch_size": [32, 32, 24]})
     result = command(folder, "ctseg.evaluate.interactive", "ckpt=vista3d.ckpt", f"gt={CROP}",
-                     "split=test", f"structures=[{','.join(STRUCTURES)}]", f"clicks={CLICKS}")
+                     "split=test", ASKED, f"clicks={CLICKS}")
     (folder / "first_run.log").write_text(result.stdout + result.stderr)
     return folder
 
@@ -74,6 +76,7 @@ def test_outputs_hold_every_click_of_every_structure(user):
         (s, k) for s in STRUCTURES for k in range(1, CLICKS + 1)]
     assert {r["case"] for r in rows} == {"s0001"}
     record = json.loads((out / "clicks" / "s0001.json").read_text())
+    assert record["empty"] == [EMPTY] and EMPTY not in record["structures"]
     shape = nib.load(CROP / "s0001" / "ct.nii.gz").shape
     for name in STRUCTURES:
         entry = record["structures"][name]
@@ -116,11 +119,12 @@ def test_a_rerun_keeps_the_case_and_another_mode_replays_the_clicks(user):
     out = user / "interactive_evaluation"
     before = (out / "clicks" / "s0001.json").read_text()
     rerun = command(user, "ctseg.evaluate.interactive", "ckpt=vista3d.ckpt", f"gt={CROP}",
-                    "split=test", f"structures=[{','.join(STRUCTURES)}]", f"clicks={CLICKS}")
+                    "split=test", ASKED, f"clicks={CLICKS}")
     assert "s0001: clicked by an earlier run with these settings, kept" in rerun.stdout
+    assert f"{EMPTY} is empty in the ground truth" not in rerun.stdout + rerun.stderr
     assert (out / "clicks" / "s0001.json").read_text() == before
     command(user, "ctseg.evaluate.interactive", "ckpt=vista3d.ckpt", f"gt={CROP}", "split=test",
-            f"structures=[{','.join(STRUCTURES)}]", f"clicks={CLICKS}", "with_id=true",
+            ASKED, f"clicks={CLICKS}", "with_id=true",
             "clicks_from=interactive_evaluation", "output=with_id")
     first = json.loads(before)["structures"]
     replayed = json.loads((user / "with_id" / "clicks" / "s0001.json").read_text())["structures"]
