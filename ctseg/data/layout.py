@@ -166,13 +166,27 @@ def check_grid(ct: nib.Nifti1Image, mask: nib.Nifti1Image, mask_path: Path) -> N
             f"mask\n{np.round(mask.affine, 4)}\nct\n{np.round(ct.affine, 4)}")
 
 
+def is_binary(data: np.ndarray) -> bool:
+    """Whether every value of `data` is 0 or 1, in one pass without sorting: an integer array's
+    values lie in {0, 1} exactly when its minimum is >= 0 and its maximum <= 1 (and an unsigned
+    one's minimum always is); a float one's when each equals 0 or 1 (NaN equals neither)."""
+    if data.size == 0 or data.dtype == np.bool_:
+        return True
+    if np.issubdtype(data.dtype, np.unsignedinteger):
+        return bool(data.max() <= 1)
+    if np.issubdtype(data.dtype, np.integer):
+        return bool(data.min() >= 0 and data.max() <= 1)
+    return bool(np.logical_or(data == 0, data == 1).all())
+
+
 def check_binary(data: np.ndarray, mask_path: Path) -> None:
-    """Raise DatasetError unless the mask holds only 0 and 1."""
+    """Raise DatasetError unless the mask holds only 0 and 1 (naming the values it holds)."""
+    if is_binary(data):
+        return
     values = np.unique(data)
-    if not np.isin(values, (0, 1)).all():
-        shown = ", ".join(f"{v:g}" for v in values[:8])
-        raise DatasetError(mask_path, f"mask is not binary; values found: {shown}"
-                                      f"{' ...' if len(values) > 8 else ''}")
+    shown = ", ".join(f"{v:g}" for v in values[:8])
+    raise DatasetError(mask_path, f"mask is not binary; values found: {shown}"
+                                  f"{' ...' if len(values) > 8 else ''}")
 
 
 def subject_problems(subject: Subject, version: str) -> list[str]:

@@ -89,7 +89,9 @@ def merge_subject(subject: Subject, version: str, out_path: Path,
     wins); return voxels per class."""
     ct = load_nifti(subject.ct)
     dtype = label_map_dtype(num_classes(version))
-    label = np.zeros(ct.shape, dtype=dtype)
+    # NIfTI's (Fortran) voxel order, as nibabel reads the masks: merging and writing stay in
+    # memory order instead of striding across the volume.
+    label = np.zeros(ct.shape, dtype=dtype, order="F")
     for index, name in sorted(class_names(version).items()):
         if masks is not None and name not in masks:
             continue
@@ -102,13 +104,32 @@ def merge_subject(subject: Subject, version: str, out_path: Path,
         check_grid(ct, mask, path)
         data = np.asanyarray(mask.dataobj)
         check_binary(data, path)
-        label[data > 0] = index
+        if data.any():
+            np.copyto(label, index, where=mask_voxels(data))
     img = nib.Nifti1Image(label, ct.affine, ct.header)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1, 0)
     img.header["descrip"] = f"ctseg TotalSegmentator {version} label map".encode()[:80]
     save_nifti_atomic(img, out_path)
-    return np.bincount(label.ravel(), minlength=num_classes(version)).tolist()
+    return class_voxels(label, num_classes(version))
+
+
+def mask_voxels(data: np.ndarray) -> np.ndarray:
+    """The voxels set in a binary mask (values 0 and 1) as booleans: a view of a one-byte
+    integer mask (its bytes are valid booleans), else `data > 0`."""
+    if data.dtype in (np.uint8, np.int8):
+        return data.view(np.bool_)
+    return data > 0
+
+
+def class_voxels(label: np.ndarray, classes: int, chunk: int = 1 << 20) -> list[int]:
+    """Voxels per class index of a label map (at least `classes` entries), counted `chunk`
+    voxels at a time (np.bincount widens its input to 8-byte integers)."""
+    flat = label.reshape(-1, order="A")
+    counts = np.zeros(max(classes, int(flat.max(initial=0)) + 1), dtype=np.int64)
+    for start in range(0, flat.size, chunk):
+        counts += np.bincount(flat[start:start + chunk], minlength=len(counts))
+    return counts.tolist()
 
 
 @dataclass(frozen=True)

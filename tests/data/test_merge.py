@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import multiprocessing as mp
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +14,7 @@ import pytest
 
 from ctseg.atomic import TEMP_MARK
 from ctseg.data.layout import DatasetError, read_meta
-from ctseg.data.merge import default_prepared_dir, prepare
+from ctseg.data.merge import default_prepared_dir, merge_subject, prepare
 from ctseg.labels import class_names
 
 V1 = class_names("v1")
@@ -267,3 +268,54 @@ def test_comma_separated_meta_is_accepted(mini_copy: Path) -> None:
 def test_unknown_version(mini_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown TotalSegmentator version 'v3'; choose one of"):
         prepare(mini_copy, out=tmp_path / "prep", version="v3")
+
+
+def _synthetic_subject(root: Path, shape: tuple[int, int, int],
+                       masks: dict[str, tuple[np.ndarray, type]]) -> None:
+    """One subject `s0001` under `root`: a CT of `shape` and the masks given (name -> voxels,
+    stored dtype), in Fortran order as nibabel reads them."""
+    seg = root / "s0001" / "segmentations"
+    seg.mkdir(parents=True)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    ct = np.zeros(shape, np.int16, order="F")
+    nib.save(nib.Nifti1Image(ct, affine), root / "s0001" / "ct.nii.gz")
+    for name, (voxels, dtype) in masks.items():
+        nib.save(nib.Nifti1Image(voxels.astype(dtype), affine), seg / f"{name}.nii.gz")
+    (root / "meta.csv").write_text("image_id;split\ns0001;train\n")
+
+
+def test_masks_of_any_stored_type_merge_as_combine_masks(tmp_path: Path) -> None:
+    shape = (20, 16, 12)
+    rng = np.random.default_rng(0)
+    drawn = {name: rng.random(shape) < 0.3 for name in ("spleen", "liver", "aorta", "brain")}
+    stored = dict(zip(drawn, (np.uint8, np.int16, np.float32, np.float64), strict=True))
+    _synthetic_subject(tmp_path / "raw", shape,
+                       {name: (voxels, stored[name]) for name, voxels in drawn.items()})
+    dataset = prepare(tmp_path / "raw", out=tmp_path / "prep", version="v2", masks=list(drawn))
+    # TotalSegmentator's combine_masks: in class order, each mask's voxels > 0.5 set to its index
+    reference = np.zeros(shape, np.uint8)
+    for index, name in sorted(V2.items()):
+        if name in drawn:
+            reference[drawn[name] > 0.5] = index
+    np.testing.assert_array_equal(np.asanyarray(_label(dataset).dataobj), reference)
+    assert dataset.records[0]["voxels"] == np.bincount(reference.ravel(), minlength=118).tolist()
+
+
+def test_merging_holds_at_most_a_few_bytes_per_voxel(tmp_path: Path) -> None:
+    shape = (128, 128, 160)
+    liver = np.zeros(shape, bool)
+    liver[30:90, 20:100, 40:120] = True
+    _synthetic_subject(tmp_path / "raw", shape, {"liver": (liver, np.uint8),
+                                                 "spleen": (np.zeros(shape, bool), np.uint8)})
+    subject = read_meta(tmp_path / "raw")[0]
+    tracemalloc.start()
+    try:
+        voxels = merge_subject(subject, "v2", tmp_path / "label.nii.gz", masks=["liver", "spleen"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert voxels[next(i for i, n in V2.items() if n == "liver")] == liver.sum()
+    # the CT (2 bytes per voxel), the label map (1) and one mask (1) at a time, plus the gzip
+    # reader's copies of the file being read (~7 at its peak, reading the CT); a whole-volume
+    # np.bincount alone widens the label map to 8 bytes per voxel
+    assert peak / liver.size < 9
