@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -33,6 +34,8 @@ PREPARED_MANIFEST = "manifest.json"
 # by the process writing its label map.
 RECORDS = ".records"
 CLAIMS = ".claims"
+# Seconds between two looks at the claims of subjects other processes are writing.
+CLAIM_POLL_S = 0.1
 # Bump when the merged output changes for the same inputs, so old prepared folders are redone.
 MERGE_FORMAT = 1
 
@@ -254,8 +257,8 @@ def run_label_jobs(root: Path, folder: Path, jobs: list[LabelJob], workers: int,
     Each label map is followed by its record, so a killed run's finished subjects are kept by
     the next. Processes preparing one folder at once (DDP ranks, nodes on a shared file system)
     share the work: each subject is claimed with a non-blocking lock by the one that writes it;
-    the others move on, then wait for the subjects claimed elsewhere (at most one subject's
-    merge; a claim dies with its process, and the waiter then writes that subject) and read
+    the others move on, then poll the subjects claimed elsewhere (at most one subject's merge;
+    a claim dies with its process, and the next to take it then writes that subject) and read
     them. The records are folded into the manifest at the end, so a prepared folder is one
     read at start-up."""
     check_outside(root, folder.parent)
@@ -311,9 +314,10 @@ def _fold(root: Path, folder: Path, jobs: list[LabelJob], done: dict[str, list[i
 def _run(todo: list[LabelJob], claims: Path, finished: _Finished, workers: int, progress: bool
          ) -> tuple[dict[str, list[int]], dict[str, list[int]], list[DatasetError]]:
     """Write the label maps of `todo` not claimed by another process (in a process pool when
-    workers > 1), then wait for those that were and read them (or write them when their claim
-    ended without one); voxel counts of the subjects written here and of those read, by id,
-    and the errors of the others."""
+    workers > 1), then poll the claims of those that were until each is free, and read them
+    (or write them when their claim ended without one); voxel counts of the subjects written
+    here and of those read, by id, and the errors of the others. A process never waits for a
+    claim while holding one, so two processes never wait for each other."""
     from rich.progress import Progress
 
     merged: dict[str, list[int]] = {}
@@ -343,12 +347,12 @@ def _run(todo: list[LabelJob], claims: Path, finished: _Finished, workers: int, 
                 claim.release()
             bar.advance(task)
 
-    def start(job: LabelJob, block: bool) -> bool:
+    def start(job: LabelJob) -> bool:
         """Claim `job` and write it (read it when it was finished meanwhile); False when another
-        process holds its claim and `block` is off."""
+        process holds its claim."""
         claim = FileLock(str(claims / f"{job.image_id}.lock"), thread_local=False)
         try:
-            claim.acquire(blocking=block)
+            claim.acquire(blocking=False)
         except Timeout:
             return False
         voxels = finished.voxels(job, fresh=True)
@@ -373,9 +377,11 @@ def _run(todo: list[LabelJob], claims: Path, finished: _Finished, workers: int, 
     with Progress(disable=not progress) as bar:
         task = bar.add_task(f"writing {len(todo)} label maps", total=len(todo))
         try:
-            elsewhere = [job for job in todo if not start(job, block=False)]
-            for job in elsewhere:
-                start(job, block=True)
+            elsewhere = [job for job in todo if not start(job)]
+            while elsewhere:
+                time.sleep(CLAIM_POLL_S)
+                collect(block=False)
+                elsewhere = [job for job in elsewhere if not start(job)]
             while running:
                 collect(block=True)
         finally:
