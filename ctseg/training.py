@@ -203,7 +203,7 @@ def build_trainer(trainer_cfg: DictConfig, model: L.LightningModule,
     the other ranks (ctseg's key, not a Trainer argument), checkpoints are written atomically
     unless plugins are configured."""
     settings = OmegaConf.to_container(trainer_cfg, resolve=True)
-    timeout = settings.pop(DDP_TIMEOUT_KEY)
+    timeout = settings.pop(DDP_TIMEOUT_KEY, None)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise ConfigError(f"trainer.{DDP_TIMEOUT_KEY}={timeout}: give the minutes a DDP rank "
                           "waits for the others, a number > 0 (e.g. 240 for hours-long caching)")
