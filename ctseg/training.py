@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import wandb
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from ctseg.atomic import remove_leftovers, temp_prefix, write_atomic
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Lightning's DDP strategies that have a `<name>_find_unused_parameters_true` variant.
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+# The key of conf/trainer that is ctseg's, not a Trainer argument: a DDP rank's wait limit.
+DDP_TIMEOUT_KEY = "ddp_timeout_min"
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path | None = None) -> str | None:
@@ -175,15 +179,40 @@ def preflight(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.Light
     return RunPlan(ckpt_path, test)
 
 
-def ddp_strategy(strategy: Any, model: L.LightningModule) -> Any:
+def ddp_strategy(strategy: Any, model: L.LightningModule, timeout_min: float | None = None
+                 ) -> Any:
     """`strategy`, or its find-unused-parameters variant for a model whose steps can leave
     parameters without a gradient (VISTA3D: a step without clicks skips the point head), as the
-    MONAI vista3d bundle wraps its network (`find_unused_parameters: true`)."""
+    MONAI vista3d bundle wraps its network (`find_unused_parameters: true`); with `timeout_min`,
+    a DDP strategy is built whose process group waits that long for the other ranks at every
+    collective (its start, barriers, gradient syncs) before it fails."""
+    name = strategy
     if getattr(model, "leaves_parameters_unused", False) and strategy in DDP_STRATEGIES:
         log.info("trainer.strategy=%s: using %s_find_unused_parameters_true (%s can leave "
                  "parameters unused in a step)", strategy, strategy, type(model).__name__)
-        return f"{strategy}_find_unused_parameters_true"
-    return strategy
+        name = f"{strategy}_find_unused_parameters_true"
+    if timeout_min is None or strategy not in DDP_STRATEGIES:
+        return name
+    entry = StrategyRegistry[name]
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(minutes=timeout_min))
+
+
+def build_trainer(trainer_cfg: DictConfig, model: L.LightningModule,
+                  callbacks: Sequence[Callback] = (), loggers: Sequence[Any] = ()) -> L.Trainer:
+    """The Trainer of a `trainer` config: a DDP strategy waits `ddp_timeout_min` minutes for
+    the other ranks (ctseg's key, not a Trainer argument), checkpoints are written atomically
+    unless plugins are configured."""
+    settings = OmegaConf.to_container(trainer_cfg, resolve=True)
+    timeout = settings.pop(DDP_TIMEOUT_KEY, None)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"trainer.{DDP_TIMEOUT_KEY}={timeout}: give the minutes a DDP rank "
+                          "waits for the others, a number > 0 (e.g. 240 for hours-long caching)")
+    strategy = settings.get("strategy")
+    if strategy is not None:
+        settings["strategy"] = ddp_strategy(strategy, model, timeout)
+    if not settings.get("plugins"):
+        settings["plugins"] = [AtomicCheckpointIO()]
+    return instantiate(settings, callbacks=list(callbacks), logger=list(loggers) or False)
 
 
 @contextmanager
@@ -223,12 +252,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
     model: L.LightningModule = instantiate(cfg.model)
     callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"))
-    strategy = cfg.trainer.get("strategy")
-    chosen = {"strategy": ddp_strategy(strategy, model)} if strategy is not None else {}
-    if not cfg.trainer.get("plugins"):
-        chosen["plugins"] = [AtomicCheckpointIO()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     **chosen)
+    trainer = build_trainer(cfg.trainer, model, callbacks, loggers)
     checkpoint_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or output_dir)
     plan = preflight(cfg, datamodule, model, trainer, checkpoint_dir)
     config_path = checkpoint_dir / "config.yaml"

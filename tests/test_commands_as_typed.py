@@ -99,6 +99,7 @@ PLACEHOLDERS = {
     "gt=<folder of <case>.nii.gz label maps>": "gt={label_maps}",
     "/data/dicom/study": "dicom_study",
     "/data/Dataset017_BTCV": "data/phantoms_nnunet",
+    "/shared/ctseg": "cluster_fs",
     "outputs/phantom_quick/runs/<run>/checkpoints/epoch_129.ckpt":
         "outputs/phantom_quick/runs/{phantom}/checkpoints/last.ckpt",
     "series_uid=1.2.840...": "series_uid={series_uid}",
@@ -292,6 +293,18 @@ PLAN: dict[str, Run | Skip] = {
     "python -m ctseg.data check /data/Totalsegmentator_dataset": Run(prints=("1 subject",)),
     "python -m ctseg.data prepare /data/Totalsegmentator_dataset --version v1 --workers 8":
         Run(files=("home/.cache/ctseg/prepared/totalseg_mini-*/v1/manifest.json",)),
+    # docs/cluster.md: the full dataset on a cluster (the crop stands for the download)
+    "python -m ctseg.data prepare /data/Totalsegmentator_dataset --version v1 --workers 16 "
+    "--out /shared/ctseg/prepared":
+        Run(files=("cluster_fs/prepared/v1/s0001.nii.gz", "cluster_fs/prepared/v1/manifest.json")),
+    "torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=<host>:29400 "
+    "--rdzv-id=wb2 train.py experiment=wholebody_highres trainer=ddp trainer.devices=4 "
+    "trainer.num_nodes=2 data.root=/data/Totalsegmentator_dataset "
+    "data.prepared_dir=/shared/ctseg/prepared data.cache_dir=/shared/ctseg/tensors "
+    "trainer.ddp_timeout_min=240": Skip("needs two nodes with 4 GPUs each and the download; "
+                                        "tests/test_scale_out.py runs torchrun on 2 CPU "
+                                        "processes, tests/test_configs.py builds the strategy "
+                                        "with trainer.ddp_timeout_min"),
     "python -m ctseg.data phantoms data/phantoms --n 12 --seed 0":
         Run(("--shape", "24", "24", "16"),
             ("data/phantoms/meta.csv", "data/phantoms/s0011/ct.nii.gz"), fresh=True),

@@ -6,6 +6,7 @@ import functools
 import inspect
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -16,10 +17,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from ctseg.config import CONFIG_DIR, instantiate_group, plain
+from ctseg.errors import ConfigError
+from ctseg.training import build_trainer
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
 # Groups that train.yaml does not use, and the test that composes them.
@@ -87,8 +91,25 @@ def test_experiment_composes_and_instantiates(compose_cfg, name: str) -> None:
     assert model.hparams.num_classes == datamodule.num_classes
     callbacks = instantiate_group(cfg.callbacks)
     loggers = instantiate_group(cfg.logger)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = build_trainer(cfg.trainer, model, callbacks, loggers)
     assert isinstance(trainer, L.Trainer)
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu"])
+def test_the_ddp_wait_limit_reaches_the_strategy(compose_cfg, trainer: str) -> None:
+    model = instantiate(compose_cfg().model)
+    cpu = ("trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32")
+    default = build_trainer(compose_cfg(f"trainer={trainer}", *cpu).trainer, model)
+    assert default.strategy._timeout == timedelta(minutes=30)  # Lightning's default_pg_timeout
+    built = build_trainer(compose_cfg(f"trainer={trainer}", *cpu,
+                                      "trainer.ddp_timeout_min=240").trainer, model)
+    assert isinstance(built.strategy, DDPStrategy)
+    assert built.strategy._timeout == timedelta(hours=4)
+    assert built.strategy._start_method == {"ddp": "popen", "ddp_cpu": "spawn"}[trainer]
+    for bad in (0, "4h"):
+        with pytest.raises(ConfigError, match=rf"trainer.ddp_timeout_min={bad}: give the "):
+            build_trainer(compose_cfg(f"trainer={trainer}", *cpu,
+                                      f"trainer.ddp_timeout_min={bad}").trainer, model)
 
 
 def test_bundle_recipes_match_the_bundle(compose_cfg) -> None:
@@ -200,8 +221,9 @@ def test_common_trainer_arguments_override_without_plus(compose_cfg) -> None:
     for trainer in ("cpu", "gpu", "ddp", "ddp_cpu"):
         cfg = compose_cfg(f"trainer={trainer}", *(f"trainer.{k}={v}" for k, v in overrides.items()))
         assert {k: cfg.trainer[k] for k in overrides} == overrides
-    trainer = instantiate(compose_cfg("trainer.max_steps=3", "trainer.accumulate_grad_batches=2",
-                                      "trainer.gradient_clip_val=0.5").trainer)
+    cfg = compose_cfg("trainer.max_steps=3", "trainer.accumulate_grad_batches=2",
+                      "trainer.gradient_clip_val=0.5")
+    trainer = build_trainer(cfg.trainer, instantiate(cfg.model))
     assert (trainer.max_steps, trainer.accumulate_grad_batches, trainer.gradient_clip_val) == (
         3, 2, 0.5)
 

@@ -7,8 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,7 +18,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from ctseg.atomic import make_folder, remove_leftovers, save_nifti_atomic, write_atomic
 from ctseg.data.file_stamp import file_stamp
@@ -28,6 +29,13 @@ from ctseg.labels import check_version, class_names, label_map_dtype, num_classe
 log = logging.getLogger(__name__)
 
 PREPARED_MANIFEST = "manifest.json"
+# Subfolders of a prepared folder: one record per label map written since the manifest was last
+# written (folded into it at the end of a run), and one lock file per subject, the claim held
+# by the process writing its label map.
+RECORDS = ".records"
+CLAIMS = ".claims"
+# Seconds between two looks at the claims of subjects other processes are writing.
+CLAIM_POLL_S = 0.1
 # Bump when the merged output changes for the same inputs, so old prepared folders are redone.
 MERGE_FORMAT = 1
 
@@ -144,11 +152,21 @@ class LabelJob:
     build: Callable[[Path], list[int]]
 
 
+def record_path(label: Path) -> Path:
+    """Where the record of label map `label` (its fingerprint and voxels per class) is written
+    right after it, until the manifest takes it in."""
+    return label.parent / RECORDS / f"{label.name.removesuffix('.nii.gz')}.json"
+
+
 def _run_job(job: LabelJob) -> list[int]:
-    """Process-pool entry point of a job; any failure becomes a DatasetError naming the job's
-    subject, so the parent process reports it as the single-process path does."""
+    """Process-pool entry point of a job: write its label map, then its record, so a kill
+    between the two only redoes this subject; any failure becomes a DatasetError naming the
+    job's subject, so the parent process reports it as the single-process path does."""
     with blamed_on(job.blame, "cannot write this subject's label map"):
-        return job.build(job.out)
+        voxels = job.build(job.out)
+        record = {"fingerprint": job.fingerprint, "voxels": voxels}
+        write_atomic(record_path(job.out), lambda tmp: tmp.write_text(json.dumps(record)))
+        return voxels
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -173,8 +191,8 @@ def prepare(
     `masks` names the structures a download that is not complete annotates (the others are
     then not annotated rather than missing; records carry the "annotated" flags), merged into
     `<out>/<version>-<hash of the names>/`. Subjects whose inputs are unchanged since the
-    manifest was written are skipped. Two processes preparing the same folder serialise on a file
-    lock. The raw dataset is only read.
+    manifest was written are skipped; processes preparing the same folder at once share the
+    subjects (`run_label_jobs`). The raw dataset is only read.
     """
     check_version(version)
     root = Path(root).resolve()
@@ -210,80 +228,187 @@ def check_outside(root: Path, out: Path) -> None:
                                 "(ctseg never writes into a download); choose another --out")
 
 
+class _Finished:
+    """Which label maps of a prepared folder are complete for their inputs: a subject's record,
+    else its manifest entry (the manifest read again whenever it was replaced)."""
+
+    def __init__(self, folder: Path) -> None:
+        """Read `folder`'s manifest."""
+        self.path = folder / PREPARED_MANIFEST
+        self.stamp: tuple[int, int] | None = None
+        self.entries: dict[str, Any] = {}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Read the manifest again if it was replaced since the last read."""
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_ino, stat.st_mtime_ns)
+        except OSError:
+            stamp = None
+        if stamp != self.stamp:
+            self.stamp, self.entries = stamp, _read_manifest(self.path)
+
+    def voxels(self, job: LabelJob, fresh: bool = False) -> list[int] | None:
+        """Voxels per class of `job`'s label map when it is complete for `job`'s inputs, else
+        None; `fresh`: also look at records and manifest written since the start (the record
+        first: a manifest is written before the records it takes in are deleted)."""
+        if not job.out.is_file():
+            return None
+        if fresh:
+            try:
+                record = json.loads(record_path(job.out).read_text())
+            except (OSError, ValueError):
+                record = None
+            if record and record.get("fingerprint") == job.fingerprint:
+                return record["voxels"]
+            self._refresh()
+        entry = self.entries.get(job.image_id)
+        if entry and entry.get("fingerprint") == job.fingerprint and "voxels" in entry:
+            return entry["voxels"]
+        return None if fresh else self.voxels(job, fresh=True)
+
+
 def run_label_jobs(root: Path, folder: Path, jobs: list[LabelJob], workers: int,
                    progress: bool) -> dict[str, tuple[Path, list[int]]]:
     """Write the label map of every job whose inputs changed since `folder`'s manifest into
     `folder/<image_id>.nii.gz` (a no-op when none did); label path and voxels per class by
-    subject. Two processes preparing one folder serialise on a file lock."""
+    subject.
+
+    Each label map is followed by its record, so a killed run's finished subjects are kept by
+    the next. Processes preparing one folder at once (DDP ranks, nodes on a shared file system)
+    share the work: each subject is claimed with a non-blocking lock by the one that writes it;
+    the others move on, then poll the subjects claimed elsewhere (at most one subject's merge;
+    a claim dies with its process, and the next to take it then writes that subject) and read
+    them. The records are folded into the manifest at the end, so a prepared folder is one
+    read at start-up."""
     check_outside(root, folder.parent)
     folder = make_folder(folder)
-    remove_leftovers(folder)
-    manifest_path = folder / PREPARED_MANIFEST
-    with FileLock(str(folder / ".lock")):
-        done = _read_manifest(manifest_path)
-        entries: dict[str, dict[str, Any]] = {}
-        todo: list[LabelJob] = []
-        for job in jobs:
-            out = folder / f"{job.image_id}.nii.gz"
-            entry = done.get(job.image_id)
-            if entry and entry.get("fingerprint") == job.fingerprint and out.is_file():
-                entries[job.image_id] = entry
-            else:
-                todo.append(dataclasses.replace(job, out=out))
-                entries[job.image_id] = {"fingerprint": job.fingerprint}
-        if todo:
-            log.info("writing %d of %d label maps of %s into %s", len(todo), len(jobs), root,
-                     folder)
-        merged, failures = _run(todo, workers, progress)
-        for image_id in {job.image_id for job in todo} - set(merged):
-            del entries[image_id]  # failed: left out of the manifest, redone by the next run
-        for image_id, voxels in merged.items():
-            entries[image_id]["voxels"] = voxels
-        if merged or set(done) != set(entries):
-            manifest = {"format": MERGE_FORMAT, "root": str(root), "subjects": entries}
-            write_atomic(manifest_path,
-                         lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    for leftovers in (folder, folder / RECORDS):
+        remove_leftovers(leftovers)
+    finished = _Finished(folder)
+    done: dict[str, list[int]] = {}
+    todo: list[LabelJob] = []
+    for job in jobs:
+        job = dataclasses.replace(job, out=folder / f"{job.image_id}.nii.gz")
+        voxels = finished.voxels(job)
+        if voxels is None:
+            todo.append(job)
+        else:
+            done[job.image_id] = voxels
+    failures: list[DatasetError] = []
+    if todo:
+        log.info("%d of %d label maps of %s to write into %s (shared with any other process "
+                 "preparing it)", len(todo), len(jobs), root, folder)
+        make_folder(folder / CLAIMS)
+        make_folder(folder / RECORDS)
+        merged, read, failures = _run(todo, folder / CLAIMS, finished, workers, progress)
+        log.info("wrote %d label maps into %s; %d were written by other processes", len(merged),
+                 folder, len(read))
+        done |= merged | read
+    if todo or finished.entries.keys() != {job.image_id for job in jobs}:
+        _fold(root, folder, jobs, done)
     if failures:
         first = failures[0]
         more = (f" (and {len(failures) - 1} more subject(s); `python -m ctseg.data check "
                 f"{root}` lists every problem)") if len(failures) > 1 else ""
         raise DatasetError(first.path, first.problem + more)
-    return {job.image_id: (folder / f"{job.image_id}.nii.gz", entries[job.image_id]["voxels"])
+    return {job.image_id: (folder / f"{job.image_id}.nii.gz", done[job.image_id])
             for job in jobs}
 
 
-def _run(todo: list[LabelJob], workers: int, progress: bool
-         ) -> tuple[dict[str, list[int]], list[DatasetError]]:
-    """Run the jobs in `todo` (in a process pool when workers > 1) with a progress bar; voxel
-    counts of the written subjects by id, and the errors of the others."""
-    from rich.progress import track
+def _fold(root: Path, folder: Path, jobs: list[LabelJob], done: dict[str, list[int]]) -> None:
+    """Write the manifest of `jobs` whose label maps are `done` (unless it holds just that),
+    then delete their records; failed or removed subjects are left out, so the next run redoes
+    them."""
+    manifest = {"format": MERGE_FORMAT, "root": str(root), "subjects": {
+        job.image_id: {"fingerprint": job.fingerprint, "voxels": done[job.image_id]}
+        for job in jobs if job.image_id in done}}
+    path = folder / PREPARED_MANIFEST
+    with FileLock(str(folder / ".lock")):
+        if _read_manifest(path) != manifest["subjects"]:
+            write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    for image_id in done:
+        record_path(folder / f"{image_id}.nii.gz").unlink(missing_ok=True)
+
+
+def _run(todo: list[LabelJob], claims: Path, finished: _Finished, workers: int, progress: bool
+         ) -> tuple[dict[str, list[int]], dict[str, list[int]], list[DatasetError]]:
+    """Write the label maps of `todo` not claimed by another process (in a process pool when
+    workers > 1), then poll the claims of those that were until each is free, and read them
+    (or write them when their claim ended without one); voxel counts of the subjects written
+    here and of those read, by id, and the errors of the others. A process never waits for a
+    claim while holding one, so two processes never wait for each other."""
+    from rich.progress import Progress
 
     merged: dict[str, list[int]] = {}
+    read: dict[str, list[int]] = {}
     failures: list[DatasetError] = []
-    if not todo:
-        return merged, failures
-    description = f"writing {len(todo)} label maps"
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            futures: list[Future] = [pool.submit(_run_job, job) for job in todo]
+    running: dict[Future, tuple[LabelJob, FileLock]] = {}
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo))) \
+        if workers > 1 and len(todo) > 1 else None
+
+    def collect(block: bool) -> None:
+        """Harvest finished jobs (wait for one when `block`), releasing their claims."""
+        if not running:
+            return
+        ready, _ = wait(running, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in ready:
+            job, claim = running.pop(future)
             try:
-                for job, future in track(zip(todo, futures, strict=True), total=len(todo),
-                                         description=description, disable=not progress):
-                    try:
-                        merged[job.image_id] = future.result()
-                    except DatasetError as err:
-                        failures.append(err)
+                merged[job.image_id] = future.result()
+                log.info("%s: label map written", job.out)
+            except DatasetError as err:
+                failures.append(err)
             except BrokenProcessPool as err:
                 raise CtsegError(f"a worker writing label maps died (killed, or out of memory) "
-                                 f"after {len(merged)} of {len(todo)} subjects; rerun with "
-                                 "fewer workers (--workers 1 / data.prepare_workers=1)") from err
+                                 f"after {len(merged)} of {len(todo)} subjects; rerun with fewer"
+                                 " workers (--workers 1 / data.prepare_workers=1)") from err
             finally:
-                for future in futures:
-                    future.cancel()
-        return merged, failures
-    for job in track(todo, description=description, disable=not progress):
+                claim.release()
+            bar.advance(task)
+
+    def start(job: LabelJob) -> bool:
+        """Claim `job` and write it (read it when it was finished meanwhile); False when another
+        process holds its claim."""
+        claim = FileLock(str(claims / f"{job.image_id}.lock"), thread_local=False)
         try:
-            merged[job.image_id] = _run_job(job)
-        except DatasetError as err:
-            failures.append(err)
-    return merged, failures
+            claim.acquire(blocking=False)
+        except Timeout:
+            return False
+        voxels = finished.voxels(job, fresh=True)
+        if voxels is not None:
+            claim.release()
+            read[job.image_id] = voxels
+            bar.advance(task)
+            return True
+        future: Future = Future()
+        if pool is None:
+            try:
+                future.set_result(_run_job(job))
+            except DatasetError as err:
+                future.set_exception(err)
+        else:
+            future = pool.submit(_run_job, job)
+        running[future] = (job, claim)
+        while len(running) >= max(workers, 1):
+            collect(block=True)
+        return True
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"writing {len(todo)} label maps", total=len(todo))
+        try:
+            elsewhere = [job for job in todo if not start(job)]
+            while elsewhere:
+                time.sleep(CLAIM_POLL_S)
+                collect(block=False)
+                elsewhere = [job for job in elsewhere if not start(job)]
+            while running:
+                collect(block=True)
+        finally:
+            for future, (_, claim) in running.items():
+                future.cancel()
+                claim.release()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    return merged, read, failures

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import multiprocessing as mp
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -131,31 +130,6 @@ def test_default_prepared_dir_follows_ctseg_cache(monkeypatch, tmp_path: Path) -
         tmp_path / "b" / "ds")
     assert first.parent == tmp_path / "c" / "prepared"
     assert first.name.startswith("ds-") and first != second
-
-
-def _prepare_in_process(root: str, out: str, queue) -> None:
-    """Child process body of the lock test."""
-    dataset = prepare(root, out=out)
-    queue.put(dataset.records[0]["label"])
-
-
-def test_two_processes_share_one_result(mini_copy: Path, tmp_path: Path) -> None:
-    out = tmp_path / "prep"
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_prepare_in_process, args=(str(mini_copy), str(out), queue))
-             for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    paths = {queue.get(timeout=5) for _ in procs}
-    assert len(paths) == 1
-    label = nib.load(paths.pop())
-    assert label.shape == (122, 101, 30)
-    assert len(np.unique(np.asanyarray(label.dataobj))) == 41
-    assert not [p for p in (out / "v1").iterdir() if TEMP_MARK in p.name]
 
 
 def _corrupt(path: Path) -> None:
