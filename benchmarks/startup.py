@@ -16,9 +16,9 @@ meta.json) is what a real prepared root holds. Sides, each in its own process, m
 - `command`: the whole `python train.py ...` process with one training step (no validation,
   test, checkpoint or logger work), from its start to its exit, with the NIfTI files it
   opened (an audit hook);
-- `stages`: the same config's DataModule in one process: `prepare_data` (meta.csv, the
-  manifest, the fingerprints' file stats), `setup("fit")` (splits, shards, cache entry
-  checks) and the first training batch.
+- `stages`: the same config's DataModule in one process: importing ctseg and composing the
+  config, `prepare_data` (meta.csv, the manifest, the fingerprints' file stats),
+  `setup("fit")` (splits, shards, cache entry checks) and the first training batch.
 Agreement: the command opens no NIfTI file (start-up needs none on a cached root).
 """
 
@@ -194,6 +194,8 @@ def stages(args: argparse.Namespace) -> dict:
     times = {}
     start = time.perf_counter()
     dm = datamodule(args.root)
+    times["imports, config, DataModule"] = time.perf_counter() - start
+    start = time.perf_counter()
     dm.prepare_data()
     times["prepare_data"] = time.perf_counter() - start
     start = time.perf_counter()
