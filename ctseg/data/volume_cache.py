@@ -59,7 +59,7 @@ from ctseg.data.transforms import (
     PipelineConfig,
     volume_transforms,
 )
-from ctseg.errors import NO_ROOM, ConfigError, OutputError, blamed_on
+from ctseg.errors import ConfigError, NoRoomError, blamed_on, no_room_error
 
 log = logging.getLogger(__name__)
 
@@ -280,14 +280,12 @@ class VolumeCache:
         except OutputExists:
             if self._valid(folder) is None:
                 raise  # not a concurrent builder's finished entry: a real failure
-        except OutputError as err:
-            cause = err.__cause__
-            if not (isinstance(cause, OSError) and cause.errno in NO_ROOM):
-                raise
-            raise OutputError(f"{self.root}: no room to write the volume cache ({cause.strerror});"
-                              " free space there or raise the file-size limit, or set "
-                              "data.cache_dir (or CTSEG_CACHE) to a folder with room; a rerun "
-                              "keeps the finished entries and builds the rest") from err
+        except NoRoomError as err:
+            raise no_room_error(
+                f"{self.root}: no room to write the volume cache ({err.reason}); free space "
+                "there or raise the file-size limit, or set data.cache_dir (or CTSEG_CACHE) to a "
+                "folder with room; a rerun keeps the finished entries and builds the rest",
+                err.reason) from err
 
 
 def patch_start(volume: CachedVolume, size: Sequence[int], sampler: str) -> tuple[int, ...]:

@@ -1,7 +1,9 @@
 """train.py when the disk fills while it builds the volume cache: a real kernel write failure
 (a file-size limit, `ulimit -f`: writes past it fail with EFBIG, as ENOSPC on a full disk) ends it
 with one `error:` line naming the cache folder, the cause and the setting that moves the cache;
-no partial entry is left, and the same command with room continues, the finished entries kept."""
+no partial entry is left, and the same command with room continues, the finished entries kept.
+`python -m ctseg.data prepare` likewise names the prepared folder and the settings that move it,
+leaves no partial label map, and the same command with room finishes."""
 
 from __future__ import annotations
 
@@ -35,10 +37,17 @@ def command(tmp: Path) -> list[str]:
             f"paths.data_dir={tmp / 'data'}", f"paths.log_dir={tmp / 'outputs'}"]
 
 
-def limit_file_size() -> None:
-    """In the child: writes past FILE_LIMIT bytes fail with EFBIG (SIGXFSZ ignored)."""
+def limit_file_size(limit: int = FILE_LIMIT) -> None:
+    """In the child: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored)."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def write_phantoms(folder: Path) -> None:
+    """PHANTOMS phantoms (train.py's settings) written into `folder` without a limit."""
+    run = subprocess.run([sys.executable, "-m", "ctseg.data", "phantoms", str(folder), "--n",
+                          str(PHANTOMS)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def entries(cache: Path) -> dict[Path, tuple[int, int]]:
@@ -56,10 +65,7 @@ def entries(cache: Path) -> dict[Path, tuple[int, int]]:
 
 
 def test_a_full_disk_while_caching_is_one_error_line_and_the_rerun_continues(tmp_path):
-    phantoms = subprocess.run([sys.executable, "-m", "ctseg.data", "phantoms",
-                               str(tmp_path / "data" / "phantoms"), "--n", str(PHANTOMS)],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert phantoms.returncode == 0, phantoms.stderr[-3000:]
+    write_phantoms(tmp_path / "data" / "phantoms")
     cache = tmp_path / "cache"
 
     full = subprocess.run(command(tmp_path), cwd=REPO, capture_output=True, text=True,
@@ -85,3 +91,26 @@ def test_a_full_disk_while_caching_is_one_error_line_and_the_rerun_continues(tmp
     rebuilt = entries(cache)
     assert len(rebuilt) == len(fitted)  # each train and val subject cached once
     assert {entry: rebuilt[entry] for entry in kept} == kept  # finished entries not rewritten
+
+
+def test_a_full_disk_while_preparing_is_one_error_line_and_the_rerun_finishes(tmp_path):
+    write_phantoms(tmp_path / "phantoms")
+    prepare = [sys.executable, "-m", "ctseg.data", "prepare", str(tmp_path / "phantoms"),
+               "--out", str(tmp_path / "prepared"), "--workers", "2"]
+    # The phantoms' label maps take 5.8-7.1 kB gzipped: none fits.
+    full = subprocess.run(prepare, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: limit_file_size(3000))
+    assert full.returncode == 1, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    folder = tmp_path / "prepared" / "v1"
+    assert errors == [line for line in full.stderr.splitlines() if line.strip()][-1:]
+    assert "Traceback" not in full.stderr
+    assert errors[0].startswith(f"error: {folder}: no room to write the prepared label maps "
+                                "(File too large); "), errors[0]
+    assert all(key in errors[0] for key in ("--out", "data.prepared_dir", "CTSEG_CACHE"))
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # nothing partial
+
+    again = subprocess.run(prepare, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in folder.glob("*.nii.gz")) == [
+        f"s{i:04d}.nii.gz" for i in range(1, PHANTOMS + 1)]
