@@ -17,7 +17,10 @@ _spec = importlib.util.spec_from_file_location("benchmarks_startup",
                                                REPO / "benchmarks" / "startup.py")
 startup = importlib.util.module_from_spec(_spec)
 sys.path.insert(0, str(REPO / "benchmarks"))  # startup.py imports common.py beside it
-_spec.loader.exec_module(startup)
+try:
+    _spec.loader.exec_module(startup)
+finally:
+    sys.path.remove(str(REPO / "benchmarks"))
 SUBJECTS = 100
 
 
