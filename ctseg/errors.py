@@ -52,13 +52,31 @@ class OutputError(CtsegError, OSError):
 NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
+class NoRoomError(OutputError):
+    """An OutputError because the disk is full, a quota or a file-size limit is reached;
+    `reason` is the system's words for which (kept when it crosses a process boundary)."""
+
+    reason = ""
+
+    def __reduce__(self) -> tuple[Callable[[str, str], NoRoomError], tuple[str, str]]:
+        """Pickle as (message, reason), so process pools re-create the same error."""
+        return no_room_error, (str(self), self.reason)
+
+
+def no_room_error(message: str, reason: str) -> NoRoomError:
+    """A NoRoomError saying `message`, caused by `reason` (e.g. "No space left on device")."""
+    error = NoRoomError(message)
+    error.reason = reason
+    return error
+
+
 def output_error(path: str | Path, err: OSError) -> OutputError:
-    """An OutputError naming `path` for `err`, with the fix."""
+    """An OutputError naming `path` for `err`, with the fix (a NoRoomError for no room)."""
+    reason = err.strerror or str(err)
     if err.errno in NO_ROOM:
-        fix = "free disk space, raise the file-size limit, or write elsewhere"
-    else:
-        fix = "choose a writable folder"
-    return OutputError(f"{path}: cannot write ({err.strerror or err}); {fix}")
+        return no_room_error(f"{path}: cannot write ({reason}); free disk space, raise the "
+                             "file-size limit, or write elsewhere", reason)
+    return OutputError(f"{path}: cannot write ({reason}); choose a writable folder")
 
 
 class DatasetError(CtsegError, ValueError):

@@ -42,9 +42,14 @@ class Subject:
         """The subject's CT volume."""
         return self.folder / "ct.nii.gz"
 
+    @property
+    def masks_folder(self) -> Path:
+        """The folder of the subject's masks."""
+        return self.folder / "segmentations"
+
     def mask(self, name: str) -> Path:
         """The binary mask of structure `name`."""
-        return self.folder / "segmentations" / f"{name}.nii.gz"
+        return self.masks_folder / f"{name}.nii.gz"
 
 
 def _sniff_delimiter(header: str) -> str:

@@ -23,7 +23,14 @@ from filelock import FileLock, Timeout
 from ctseg.atomic import make_folder, remove_leftovers, save_nifti_atomic, write_atomic
 from ctseg.data.file_stamp import file_stamp
 from ctseg.data.layout import Subject, check_binary, check_grid, load_nifti, read_meta
-from ctseg.errors import ConfigError, CtsegError, DatasetError, blamed_on
+from ctseg.errors import (
+    ConfigError,
+    CtsegError,
+    DatasetError,
+    NoRoomError,
+    blamed_on,
+    no_room_error,
+)
 from ctseg.labels import check_version, class_names, label_map_dtype, num_classes
 
 log = logging.getLogger(__name__)
@@ -85,9 +92,13 @@ def fingerprint(subject: Subject, version: str, masks: Sequence[str] | None = No
     """Hash of the size and modification time of a subject's CT and masks (all of the version's,
     or `masks`), and the merge format."""
     names = class_names(version).values() if masks is None else masks
-    paths = [subject.ct, *(subject.mask(n) for n in names)]
+    # Plain strings, not Paths: at 117 masks x 1,228 subjects, building Path objects took most
+    # of a prepared download's start-up.
+    masks_folder = str(subject.masks_folder)
+    files = {"ct.nii.gz": str(subject.ct),
+             **{f"{n}.nii.gz": os.path.join(masks_folder, f"{n}.nii.gz") for n in names}}
     header = (f"format={MERGE_FORMAT}", f"version={version}")
-    return file_stamp({p.name: p for p in paths},
+    return file_stamp(files,
                       header=header if masks is None else (*header, f"masks={sorted(masks)}"))
 
 
@@ -214,7 +225,14 @@ def prepare(
                                   for i in range(num_classes(version))]
     jobs = [LabelJob(s.image_id, fingerprint(s, version, masks), Path(), s.folder,
                      partial(merge_subject, s, version, masks=masks)) for s in subjects]
-    labels = run_label_jobs(root, folder, jobs, workers, progress)
+    try:
+        labels = run_label_jobs(root, folder, jobs, workers, progress)
+    except NoRoomError as err:
+        raise no_room_error(
+            f"{folder}: no room to write the prepared label maps ({err.reason}); free space "
+            "there or raise the file-size limit, or write them to a folder with room (--out of "
+            "`python -m ctseg.data prepare`, data.prepared_dir of train.py, or CTSEG_CACHE for "
+            "the default folder), then run the same command again", err.reason) from err
     records = [{"image_id": s.image_id, "split": s.split, "image": str(s.ct),
                 "label": str(labels[s.image_id][0]), "voxels": labels[s.image_id][1],
                 **annotated} for s in subjects]

@@ -17,7 +17,9 @@ Entries are built in a private temporary folder and renamed into place: two proc
 DataLoader workers, concurrent runs) building the same entry with the same image dtype both
 succeed and one result stays.
 An entry whose files do not match its `meta.json` (a truncated copy, an interrupted disk) is moved
-aside and rebuilt.
+aside and rebuilt. No room to write an entry (disk full, quota, file-size limit) is an OutputError
+naming the cache folder, the cause and the setting that moves it; the entry's temporary folder
+goes, finished entries stay, and the next run builds only the missing ones.
 
 A float16 image: both intensity schemes end in [-1, 1] (segresnet) or [0, 1] (hu_window), where
 float16 rounds by at most 2**-12 (half its spacing just below 1), about 0.5 HU of the hu_window
@@ -39,7 +41,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -57,7 +59,7 @@ from ctseg.data.transforms import (
     PipelineConfig,
     volume_transforms,
 )
-from ctseg.errors import ConfigError, blamed_on
+from ctseg.errors import ConfigError, NoRoomError, blamed_on, no_room_error
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,22 @@ def image_dtype(name: str) -> np.dtype:
 def record_key(record: dict[str, Any]) -> str:
     """Cache key of a record: its CT and label paths with their size and modification time."""
     return file_stamp({str(record[key]): Path(record[key]) for key in (IMAGE, LABEL)})[:24]
+
+
+class _Stream:
+    """A file seen by numpy as a plain stream (only `write`), so np.save writes through Python's
+    file object and a failed write raises the kernel's error (ENOSPC, EDQUOT, EFBIG); numpy's
+    own writer (`tofile`) reports a short write as an OSError without its errno."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        """Wrap `file`, open for writing."""
+        self.write = file.write
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """np.save `array` to `path` (.npy), a failed write raising the kernel's error."""
+    with open(path, "wb") as file:
+        np.save(_Stream(file), array)
 
 
 def class_locations(label: np.ndarray, num_classes: int, seed: int = 0,
@@ -248,8 +266,8 @@ class VolumeCache:
         locations = class_locations(label[0], self.pipeline.num_classes)
         try:
             with swapped_folder(folder, replace=False) as tmp:
-                np.save(tmp / IMAGE_FILE, image)
-                np.save(tmp / LABEL_FILE, label)
+                save_array(tmp / IMAGE_FILE, image)
+                save_array(tmp / LABEL_FILE, label)
                 np.savez(tmp / LOCATIONS_FILE, **{f"c{c}": v for c, v in locations.items()})
                 sizes = {name: (tmp / name).stat().st_size
                          for name in (IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE)}
@@ -262,6 +280,12 @@ class VolumeCache:
         except OutputExists:
             if self._valid(folder) is None:
                 raise  # not a concurrent builder's finished entry: a real failure
+        except NoRoomError as err:
+            raise no_room_error(
+                f"{self.root}: no room to write the volume cache ({err.reason}); free space "
+                "there or raise the file-size limit, or set data.cache_dir (or CTSEG_CACHE) to a "
+                "folder with room; a rerun keeps the finished entries and builds the rest",
+                err.reason) from err
 
 
 def patch_start(volume: CachedVolume, size: Sequence[int], sampler: str) -> tuple[int, ...]:
