@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,7 @@ class DataSettings:
 
     def hparams(self) -> dict[str, Any]:
         """The settings as plain hyper-parameters (predict reads them from the checkpoint)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__
-                if self.__dataclass_fields__[name].init}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
 def missing_extra_roots(roots: Sequence[str]) -> None:
