@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -307,19 +308,14 @@ class PhantomDataModule(SegmentationDataModule):
     optional `extra_roots` (e.g. the real crop), whose subjects join their meta.csv split, or
     `extra_split` for all of them, `extra_repeat` times in training."""
 
-    def __init__(self, root: str, n_phantoms: int | None = None,
-                 phantom_seed: int | None = None, phantom_shape: Sequence[int] | None = None,
-                 phantom_spacing: float | None = None, extra_roots: Sequence[str] = (),
-                 extra_split: str | None = None, extra_repeat: int = 1,
-                 masks: Sequence[str] | None = None, **settings: Any) -> None:
-        """Check the phantom settings (`PhantomSourceSettings`; None: the defaults,
-        conf/data/phantoms.yaml's; `masks`: the structures the phantoms count as annotated,
-        default all); other settings go to SegmentationDataModule."""
+    def __init__(self, root: str, **settings: Any) -> None:
+        """Check the phantom settings (`PhantomSourceSettings`: each key and its default, None
+        for conf/data/phantoms.yaml's); the other settings go to SegmentationDataModule."""
+        own = {f.name for f in fields(PhantomSourceSettings)}
         self.phantoms = PhantomSourceSettings(
-            root=root, n_phantoms=n_phantoms, phantom_seed=phantom_seed,
-            phantom_shape=phantom_shape, phantom_spacing=phantom_spacing, extra_roots=extra_roots,
-            extra_split=extra_split, extra_repeat=extra_repeat, masks=masks)
-        super().__init__(root=self.phantoms.roots, **settings)
+            root=root, **{k: v for k, v in settings.items() if k in own})
+        super().__init__(root=self.phantoms.roots,
+                         **{k: v for k, v in settings.items() if k not in own})
         self.phantom_shape = tuple(self.phantoms.phantom_shape)
         # root is rebuilt from the phantom root and extra_roots; keeping it would pass it twice.
         self.remove_ignored_hparams(["root"])
