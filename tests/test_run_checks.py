@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from helpers import truncate
 
-from ctseg.data.datamodule import TotalSegmentatorDataModule
+from ctseg.data.datamodule import SegmentationDataModule
 from ctseg.errors import (
     CheckpointError,
     ConfigError,
@@ -62,7 +62,7 @@ def test_user_message_finds_the_error_of_a_spawned_process(tmp_path: Path) -> No
 
 def test_dataloader_workers_name_the_bad_file(two_subjects: Path, tmp_path: Path) -> None:
     # Default worker count and cache; the CT breaks after the run was prepared.
-    dm = TotalSegmentatorDataModule(root=str(two_subjects), spacing=6.0, patch_size=16,
+    dm = SegmentationDataModule(root=str(two_subjects), spacing=6.0, patch_size=16,
                                     prepared_dir=str(tmp_path / "prepared"),
                                     cache_dir=str(tmp_path / "tensors"))
     assert dm.hparams.num_workers > 0 and dm.hparams.prepare_workers > 1

@@ -23,8 +23,8 @@ from lightning import Trainer
 from omegaconf import OmegaConf
 
 from ctseg.compare import main as compare_main
-from ctseg.data.datamodule import shard
 from ctseg.data.phantoms import write_phantoms
+from ctseg.data.sampling import shard
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny phantoms: 17 give 11 train, 3 val, 3 test subjects (3 val on 2 ranks: one rank has 2).

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import yaml
+from filelock import FileLock
 from rich.progress import track
 
 from ctseg.atomic import write_atomic
@@ -412,3 +414,22 @@ def phantoms_current(root: str | Path, record: dict[str, Any]) -> bool:
     except (OSError, ValueError):
         return False
     return done.is_file() and written == record
+
+
+def ensure_phantoms(root: str | os.PathLike[str], layout: str, version: str,
+                    n: int | None = None, seed: int | None = None,
+                    shape: Sequence[int] | None = None, structures: Sequence[str] | None = None,
+                    spacing: float | None = None) -> bool:
+    """Write phantoms into `root` unless it holds phantoms written with the same settings (every
+    one that changes their files: `phantom_record`; None: the defaults); whether it wrote them.
+    A file lock beside `root` lets the nodes of a multi-node job (one shared filesystem) prepare
+    at the same time."""
+    record = phantom_record(n, seed, version, shape, spacing, layout, structures)
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        if phantoms_current(root, record):
+            return False
+        write_phantoms(root, n, seed=seed, version=version, shape=shape, spacing=spacing,
+                       layout=layout, structures=structures)
+        return True

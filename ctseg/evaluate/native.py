@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ctseg.atomic import make_folder, save_nifti_atomic
-from ctseg.data.datamodule import SUBJECT
 from ctseg.data.layout import load_nifti, stored_labels
+from ctseg.data.records import SUBJECT
 from ctseg.data.transforms import ANNOTATED, DATASET, IMAGE, LABEL, PipelineConfig
 from ctseg.errors import DatasetError
 from ctseg.evaluate.metrics import case_rows, mapped, names_lookup

@@ -14,10 +14,11 @@ from monai.data import CacheDataset
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 from torch.utils.data import DistributedSampler
 
-from ctseg.data.datamodule import PhantomDataModule, TotalSegmentatorDataModule, shard
+from ctseg.data.datamodule import PhantomDataModule, SegmentationDataModule
 from ctseg.data.layout import read_meta
 from ctseg.data.merge import prepare
 from ctseg.data.phantoms import write_phantoms
+from ctseg.data.sampling import shard
 from ctseg.data.volume_cache import CachedVolumes
 from ctseg.errors import ConfigError
 from ctseg.labels import num_classes
@@ -34,11 +35,11 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _module(root: Path | list, tmp_path: Path, **kwargs) -> TotalSegmentatorDataModule:
+def _module(root: Path | list, tmp_path: Path, **kwargs) -> SegmentationDataModule:
     """A fast DataModule whose prepared labels and tensor cache live in tmp_path."""
     settings = {**FAST, "cache": "none", "prepared_dir": str(tmp_path / "prepared"),
                 "cache_dir": str(tmp_path / "tensors"), **kwargs}
-    return TotalSegmentatorDataModule(root=root if isinstance(root, list) else str(root),
+    return SegmentationDataModule(root=root if isinstance(root, list) else str(root),
                                       **settings)
 
 

@@ -20,7 +20,7 @@ from lightning import Trainer
 from omegaconf import OmegaConf
 
 from ctseg.config import CONFIG_DIR, register_resolvers
-from ctseg.data.datamodule import PhantomDataModule, TotalSegmentatorDataModule
+from ctseg.data.datamodule import PhantomDataModule, SegmentationDataModule
 from ctseg.data.phantoms import write_phantoms
 from ctseg.data.transforms import ANNOTATED, DATASET, LABEL
 from ctseg.errors import ConfigError
@@ -44,9 +44,9 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def module(roots: tuple[Path, Path], tmp_path: Path, cache: str, **kwargs
-           ) -> TotalSegmentatorDataModule:
+           ) -> SegmentationDataModule:
     """The download plus the nnU-Net dataset, named `half`."""
-    return TotalSegmentatorDataModule(
+    return SegmentationDataModule(
         root=str(roots[0]), datasets=[{"name": "half", "root": str(roots[1])}], cache=cache,
         prepared_dir=str(tmp_path / "prepared"), cache_dir=str(tmp_path / "tensors"),
         **{**FAST, **kwargs})
@@ -79,8 +79,8 @@ def test_mixed_layouts_train_with_the_classes_each_sample_annotates(roots, tmp_p
 
 
 def test_fully_labelled_datasets_add_no_flags_and_extra_classes_extend_the_space(roots, tmp_path):
-    def datamodule(*extra_classes: str) -> TotalSegmentatorDataModule:
-        dm = TotalSegmentatorDataModule(
+    def datamodule(*extra_classes: str) -> SegmentationDataModule:
+        dm = SegmentationDataModule(
             root=str(roots[0]), datasets=[{"name": "again", "root": str(roots[0]),
                                            "layout": "totalseg"}],
             cache="none", prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"),
@@ -139,7 +139,7 @@ def test_bad_dataset_weights_are_one_error(roots, tmp_path, weights, message):
 ])
 def test_a_bad_dataset_entry_is_one_error_naming_it(roots, entry, message):
     with pytest.raises(ConfigError, match=message):
-        TotalSegmentatorDataModule(root=str(roots[0]), datasets=[entry], **FAST)
+        SegmentationDataModule(root=str(roots[0]), datasets=[entry], **FAST)
 
 
 def test_the_model_gets_the_extra_classes_from_the_config():
@@ -190,7 +190,7 @@ def test_a_download_with_some_masks_annotates_those(roots, tmp_path):
     for mask in (tmp_path / "organs").glob("s*/segmentations/*.nii.gz"):
         if mask.name.split(".")[0] not in HALF:
             mask.unlink()  # a download that holds only the HALF masks
-    dm = TotalSegmentatorDataModule(
+    dm = SegmentationDataModule(
         root=str(roots[0]), datasets=[{"name": "organs", "root": str(tmp_path / "organs"),
                                        "masks": list(HALF)}],
         cache="none", prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"), **FAST)
@@ -209,7 +209,7 @@ def test_a_download_with_some_masks_annotates_those(roots, tmp_path):
         if theirs is not None:
             assert np.array_equal(ours, np.where(np.isin(theirs, half), theirs, 0))
     with pytest.raises(ConfigError, match="masks: livr is not a TotalSegmentator v1 structure"):
-        TotalSegmentatorDataModule(
+        SegmentationDataModule(
             root=str(roots[0]), datasets=[{"name": "organs", "root": str(tmp_path / "organs"),
                                            "masks": ["livr"]}], cache="none",
             prepared_dir=str(tmp_path / "p"), cache_dir=str(tmp_path / "t"), **FAST).setup("fit")

@@ -14,7 +14,7 @@ import pytest
 from helpers import REPO
 from sklearn.model_selection import KFold
 
-from ctseg.data.datamodule import TotalSegmentatorDataModule
+from ctseg.data.datamodule import SegmentationDataModule
 from ctseg.data.folds import NNUNET_SEED, make_folds, read_splits, write_splits
 from ctseg.data.phantoms import write_phantoms
 from ctseg.errors import ConfigError
@@ -73,13 +73,13 @@ def pool_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def module(root: Path, tmp_path: Path, **kwargs) -> TotalSegmentatorDataModule:
+def module(root: Path, tmp_path: Path, **kwargs) -> SegmentationDataModule:
     """A fast DataModule over `root` whose prepared labels live in tmp_path."""
-    return TotalSegmentatorDataModule(root=str(root), prepared_dir=str(tmp_path / "prepared"),
+    return SegmentationDataModule(root=str(root), prepared_dir=str(tmp_path / "prepared"),
                                       **FAST, **kwargs)
 
 
-def subjects(dm: TotalSegmentatorDataModule, split: str) -> list[str]:
+def subjects(dm: SegmentationDataModule, split: str) -> list[str]:
     """The subject ids of `split` after setup."""
     return sorted(r["subject"] for r in dm.records[split])
 

@@ -11,9 +11,14 @@ import pytest
 
 from ctseg.atomic import TEMP_MARK
 from ctseg.data.__main__ import build_parser
-from ctseg.data.datamodule import PhantomDataModule, ensure_phantoms
+from ctseg.data.datamodule import PhantomDataModule
 from ctseg.data.layout import by_split, read_meta, subject_problems
-from ctseg.data.phantoms import PHANTOM_STRUCTURES, split_assignment, write_phantoms
+from ctseg.data.phantoms import (
+    PHANTOM_STRUCTURES,
+    ensure_phantoms,
+    split_assignment,
+    write_phantoms,
+)
 from ctseg.labels import VERSIONS, class_names
 
 SHAPE = (48, 48, 32)
