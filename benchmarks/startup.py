@@ -51,7 +51,8 @@ from ctseg.data.merge import PREPARED_MANIFEST, default_prepared_dir, prepare
 from ctseg.data.simulated_download import WHOLEBODY_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
-SPAN = "train.py start to its first training step, on a prepared and cached root"
+SPAN = ("train.py start to exit after one training step (command), or to the first batch "
+        "(stages), on a prepared and cached root")
 DOWNLOAD_SUBJECTS = 1228
 # Every 14th subject is a test subject, every 20th of the others a val subject (about v2's
 # shares: 89 test, 57 val of 1,228).

@@ -31,9 +31,11 @@ SMALLEST = {
                  {"train.py train=false test=true", "predict.py"}),
     "dataset_scale": (["--subjects", "2", "--scale", "0.0625"],
                       {"check", "prepare", "cache 1.5 mm", "cache 3 mm"}),
+    "startup": (["--subjects", "20"], {"command", "stages"}),
 }
-# The benchmarks whose span includes writing (no separate write time).
-WRITING_IN_SPAN = {"training", "dataset_scale"}
+# The benchmarks without a separate write time (their span includes writing, or nothing is
+# written).
+WRITING_IN_SPAN = {"training", "dataset_scale", "startup"}
 # The benchmarks the GPU report's smoke run ran at their smallest settings: its section and the
 # sides they compare.
 REPORTED = {
@@ -171,3 +173,15 @@ def test_disagreement_exits_non_zero_after_writing(tmp_path: Path) -> None:
     assert "0.9 < 0.999" in message and "other" not in message and "\n" not in message
     assert json.loads(out.read_text())["agreement"] == checks
     common.finish({"agreement": {"other": checks["other"]}}, None)  # all passed: returns
+
+
+def test_startup_reports_where_its_seconds_go(reports: dict[str, dict]) -> None:
+    """The start-up benchmark's stages are the DataModule's, in order, and sum to its side's
+    seconds; the command it timed opened no NIfTI file."""
+    report = reports["startup"]
+    assert report["setting"] == {"subjects": 20}
+    stages = report["sides"]["stages"]["stages"]
+    assert list(stages) == ["imports, config, DataModule", "prepare_data", "setup",
+                            "first batch"]
+    assert sum(stages.values()) == pytest.approx(report["sides"]["stages"]["seconds"])
+    assert report["sides"]["command"]["nifti_opened"] == 0
