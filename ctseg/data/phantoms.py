@@ -162,17 +162,22 @@ def record_bytes(record: dict[str, Any]) -> bytes:
     return json.dumps(record, indent=1).encode()
 
 
-def check_overwrite(out: Path) -> None:
-    """Refuse to write into a folder whose meta.csv was not written by write_phantoms."""
+def open_download(out: str | Path) -> Path:
+    """`out` ready for a phantom download: refused when its meta.csv was not written by
+    write_phantoms, created, its meta.csv and record removed (both are written last)."""
+    out = Path(out)
     meta = out / META
-    if not meta.is_file():
-        return
-    text = meta.read_text(encoding="utf-8-sig", errors="replace")
-    rows = list(csv.DictReader(text.splitlines(), delimiter=";"))
-    if not rows or any(row.get("study_type") != PHANTOM_STUDY for row in rows):
-        raise ValueError(f"{meta}: this folder holds a dataset not written by write_phantoms "
-                         "(study_type is not 'synthetic phantom'); refusing to overwrite it, "
-                         "choose an empty output folder")
+    if meta.is_file():
+        text = meta.read_text(encoding="utf-8-sig", errors="replace")
+        rows = list(csv.DictReader(text.splitlines(), delimiter=";"))
+        if not rows or any(row.get("study_type") != PHANTOM_STUDY for row in rows):
+            raise ValueError(f"{meta}: this folder holds a dataset not written by "
+                             "write_phantoms (study_type is not 'synthetic phantom'); refusing "
+                             "to overwrite it, choose an empty output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    meta.unlink(missing_ok=True)
+    (out / RECORD).unlink(missing_ok=True)
+    return out
 
 
 def split_assignment(n: int, rng: np.random.Generator) -> list[str]:
@@ -322,11 +327,7 @@ def write_phantoms(out: str | Path, n: int | None = None, seed: int | None = Non
                          "subset with layout nnunet")
     n, seed, spacing = record["n"], record["seed"], record["spacing"]
     shape = (record["shape"][0], record["shape"][1], record["shape"][2])
-    out = Path(out)
-    check_overwrite(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META).unlink(missing_ok=True)
-    (out / RECORD).unlink(missing_ok=True)
+    out = open_download(out)
     started = time.perf_counter()
     splits = split_assignment(n, np.random.default_rng([seed, n, 1_000_004]))
     rows: list[dict[str, str]] = []

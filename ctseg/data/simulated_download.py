@@ -29,8 +29,8 @@ from ctseg.data.phantoms import (
     PHANTOM_STUDY,
     RECORD,
     TISSUE_HU,
-    check_overwrite,
     meta_text,
+    open_download,
     phantom_record,
     record_bytes,
     split_assignment,
@@ -191,11 +191,7 @@ def write_wholebody_phantoms(out: str | Path, n: int | None = None, seed: int | 
     """
     record = wholebody_record(n, seed, version, scale)
     n, seed = int(record["n"]), int(record["seed"])
-    out = Path(out)
-    check_overwrite(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META).unlink(missing_ok=True)
-    (out / RECORD).unlink(missing_ok=True)
+    out = open_download(out)
     started = time.perf_counter()
     splits = split_assignment(n, np.random.default_rng([seed, n, 1_000_004]))
     cycle = np.random.default_rng([seed, 1_000_005]).permutation(ORIENTATIONS)
