@@ -272,7 +272,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
 
     if plan.test:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-        if best is None:
+        if not cfg.get("train") and plan.ckpt_path is not None:
+            best = plan.ckpt_path  # train=false ckpt_path=...: test the checkpoint it names
+            log.info("testing %s", best)
+        elif best is None:
             log.warning("no best checkpoint was saved; testing the current weights")
         with interruptible(trainer, output_dir, checkpoint_dir):
             trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
