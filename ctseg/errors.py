@@ -56,25 +56,21 @@ class NoRoomError(OutputError):
     """An OutputError because the disk is full, a quota or a file-size limit is reached;
     `reason` is the system's words for which (kept when it crosses a process boundary)."""
 
-    reason = ""
+    def __init__(self, message: str, reason: str) -> None:
+        """`message`, caused by `reason` (e.g. "No space left on device")."""
+        super().__init__(message)
+        self.reason = reason
 
-    def __reduce__(self) -> tuple[Callable[[str, str], NoRoomError], tuple[str, str]]:
+    def __reduce__(self) -> tuple[type[NoRoomError], tuple[str, str]]:
         """Pickle as (message, reason), so process pools re-create the same error."""
-        return no_room_error, (str(self), self.reason)
-
-
-def no_room_error(message: str, reason: str) -> NoRoomError:
-    """A NoRoomError saying `message`, caused by `reason` (e.g. "No space left on device")."""
-    error = NoRoomError(message)
-    error.reason = reason
-    return error
+        return type(self), (str(self), self.reason)
 
 
 def output_error(path: str | Path, err: OSError) -> OutputError:
     """An OutputError naming `path` for `err`, with the fix (a NoRoomError for no room)."""
     reason = err.strerror or str(err)
     if err.errno in NO_ROOM:
-        return no_room_error(f"{path}: cannot write ({reason}); free disk space, raise the "
+        return NoRoomError(f"{path}: cannot write ({reason}); free disk space, raise the "
                              "file-size limit, or write elsewhere", reason)
     return OutputError(f"{path}: cannot write ({reason}); choose a writable folder")
 

@@ -29,7 +29,6 @@ from ctseg.errors import (
     DatasetError,
     NoRoomError,
     blamed_on,
-    no_room_error,
 )
 from ctseg.labels import check_version, class_names, label_map_dtype, num_classes
 
@@ -228,7 +227,7 @@ def prepare(
     try:
         labels = run_label_jobs(root, folder, jobs, workers, progress)
     except NoRoomError as err:
-        raise no_room_error(
+        raise NoRoomError(
             f"{folder}: no room to write the prepared label maps ({err.reason}); free space "
             "there or raise the file-size limit, or write them to a folder with room (--out of "
             "`python -m ctseg.data prepare`, data.prepared_dir of train.py, or CTSEG_CACHE for "

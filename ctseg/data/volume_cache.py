@@ -59,7 +59,7 @@ from ctseg.data.transforms import (
     PipelineConfig,
     volume_transforms,
 )
-from ctseg.errors import ConfigError, NoRoomError, blamed_on, no_room_error
+from ctseg.errors import ConfigError, NoRoomError, blamed_on
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class VolumeCache:
             if self._valid(folder) is None:
                 raise  # not a concurrent builder's finished entry: a real failure
         except NoRoomError as err:
-            raise no_room_error(
+            raise NoRoomError(
                 f"{self.root}: no room to write the volume cache ({err.reason}); free space "
                 "there or raise the file-size limit, or set data.cache_dir (or CTSEG_CACHE) to a "
                 "folder with room; a rerun keeps the finished entries and builds the rest",
